@@ -1,0 +1,201 @@
+//! What a ring needs from below: share pages with a peer domain, map a
+//! peer's pages, and doorbells.
+//!
+//! Two backends implement [`Hypervisor`]:
+//! - [`host`]: pages shared between processes of one kernel (processes,
+//!   containers, VMs emulated as network namespaces). A directory stands for
+//!   "the hypervisor of one physical host". The embedded default.
+//! - [`xen`]: Xen grant tables and event channels through `/dev/xen`.
+//!
+//! The trait is deliberately narrow: a region of bytes shared by reference
+//! (an opaque descriptor the peer can map), and a doorbell per side. The
+//! ring and channel layers know nothing else about the backend.
+
+pub mod host;
+pub mod xen;
+
+use crate::error::{Error, Result};
+use std::fmt;
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which backend shares the pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum BackendKind {
+    /// Shared memory between processes of one kernel.
+    Host = 1,
+    /// Xen grant tables and event channels.
+    Xen = 2,
+}
+
+impl BackendKind {
+    /// From the wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(BackendKind::Host),
+            2 => Some(BackendKind::Xen),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Host => "host",
+            BackendKind::Xen => "xen",
+        })
+    }
+}
+
+/// Which backend a node should use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendChoice {
+    /// `xen` when the Xen devices exist, `host` otherwise.
+    #[default]
+    Auto,
+    /// Force the host backend.
+    Host,
+    /// Force the xen backend (fails where there is no Xen).
+    Xen,
+    /// No shared pages at all: every peer over TCP.
+    None,
+}
+
+impl std::str::FromStr for BackendChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "host" => Ok(BackendChoice::Host),
+            "xen" => Ok(BackendChoice::Xen),
+            "none" | "tcp" => Ok(BackendChoice::None),
+            _ => Err(Error::Invalid(format!(
+                "backend '{s}' (expected auto, host, xen or none)"
+            ))),
+        }
+    }
+}
+
+/// Memory shared with (or mapped from) a peer domain.
+pub trait Region: Send + Sync {
+    /// Start of the mapping, page aligned.
+    fn as_ptr(&self) -> *mut u8;
+    /// Length of the mapping in bytes.
+    fn len(&self) -> usize;
+    /// True for an empty mapping (never for a live region).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The peer has proved that it mapped the region: drop whatever name
+    /// still lets a third party find it.
+    fn peer_attached(&self) {}
+}
+
+/// The two 32-bit words of a channel that a memory-based doorbell may use:
+/// the one this side sleeps on and the one it bumps to wake the peer. Both
+/// live in the control pages of the shared region.
+#[derive(Clone, Copy)]
+pub struct BellWords {
+    /// Word this side waits on.
+    pub wait: *const AtomicU32,
+    /// Word this side bumps to wake the peer.
+    pub ring: *const AtomicU32,
+}
+
+// SAFETY: the pointers refer to shared memory that the channel keeps mapped
+// for as long as the doorbell lives; atomics on it are valid from any thread.
+unsafe impl Send for BellWords {}
+// SAFETY: as above.
+unsafe impl Sync for BellWords {}
+
+/// A doorbell: this side can sleep on it; the peer can ring it.
+pub trait Doorbell: Send + Sync {
+    /// Snapshot taken *before* the final "is there work?" check; pass it to
+    /// [`Doorbell::wait`] so that a ring between the check and the wait is
+    /// not lost.
+    fn prepare(&self) -> u64;
+    /// Sleeps until the peer rings (after `token` was taken) or `timeout`
+    /// passes. Spurious returns are allowed.
+    fn wait(&self, token: u64, timeout: Duration) -> Result<()>;
+    /// Wakes the peer.
+    fn notify(&self) -> Result<()>;
+}
+
+/// A hypervisor backend.
+pub trait Hypervisor: Send + Sync {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+    /// This domain's id (Xen domid; for the host backend the process id).
+    fn domain_id(&self) -> u32;
+    /// Identifies the physical host as far as the backend can tell; two
+    /// domains with the same kind and host id are ring candidates.
+    fn host_id(&self) -> [u8; 16];
+    /// Shares `len` bytes (a multiple of the page size) with domain `peer`.
+    /// Returns the local mapping and the descriptor the peer maps it by.
+    fn share(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)>;
+    /// Maps `len` bytes that domain `peer` shared under `desc`.
+    fn map(&self, peer: u32, desc: &[u8], len: usize) -> Result<Box<dyn Region>>;
+    /// Creates the offering side's doorbell; returns it and its descriptor.
+    fn bell_offer(&self, peer: u32, words: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)>;
+    /// Connects to the doorbell the peer offered under `desc`.
+    fn bell_accept(&self, peer: u32, desc: &[u8], words: BellWords) -> Result<Box<dyn Doorbell>>;
+    /// Human-readable location (directory, device), for messages.
+    fn describe(&self) -> String;
+    /// Largest region [`Hypervisor::share`] can provide (the channel shrinks
+    /// its rings to fit).
+    fn max_share(&self) -> usize {
+        usize::MAX
+    }
+}
+
+/// Options of the backends.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// Hypervisor directory of the host backend (default: `$IVCOM_HOST_DIR`
+    /// or `/dev/shm/ivcom`).
+    pub host_dir: Option<std::path::PathBuf>,
+}
+
+/// Opens the backend `choice` asks for. `Ok(None)` for [`BackendChoice::None`].
+/// With [`BackendChoice::Auto`], `xen` is chosen when `/dev/xen` offers the
+/// grant and event-channel devices, `host` otherwise; if the Xen devices are
+/// only partly there, the error names what is missing and `host` is not used
+/// as a silent substitute for a Xen guest.
+pub fn open(choice: BackendChoice, opts: &BackendOptions) -> Result<Option<Arc<dyn Hypervisor>>> {
+    match choice {
+        BackendChoice::None => Ok(None),
+        BackendChoice::Host => Ok(Some(Arc::new(host::HostBackend::open(opts)?))),
+        BackendChoice::Xen => Ok(Some(Arc::new(xen::XenBackend::open()?))),
+        BackendChoice::Auto => {
+            if xen::is_xen_guest() {
+                Ok(Some(Arc::new(xen::XenBackend::open()?)))
+            } else {
+                Ok(Some(Arc::new(host::HostBackend::open(opts)?)))
+            }
+        }
+    }
+}
+
+/// 16 random bytes from the kernel.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    let mut got = 0;
+    while got < N {
+        // SAFETY: writes at most N - got bytes into buf[got..].
+        let r = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), N - got, 0) };
+        if r > 0 {
+            got += r as usize;
+        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            panic!("getrandom failed: {}", std::io::Error::last_os_error());
+        }
+    }
+    buf
+}
+
+/// A random 64-bit value.
+pub fn random_u64() -> u64 {
+    u64::from_le_bytes(random_bytes::<8>())
+}

@@ -1,0 +1,634 @@
+//! Single-producer/single-consumer record ring laid out in shared pages.
+//!
+//! The wire format is documented in `docs/ring-format.md`. In short: one
+//! 4 KiB control page (header, producer line, consumer line, doorbell line,
+//! each on its own 64-byte cache line) followed by a power-of-two data area of
+//! 8-byte aligned records `{len: u32, type: u8, tag: u8, reserved: u16}` plus
+//! payload padded to 8 bytes. Records never wrap: a padding record fills the
+//! end of the data area when the next record does not fit before it.
+//!
+//! Indices are free-running 64-bit byte counts (`index % size` is the
+//! offset). Each side keeps its own index locally (the shared copy is only
+//! published, never read back) and caches the peer's, reloading it only when
+//! the ring looks full (producer) or empty (consumer).
+//!
+//! Everything in the shared pages is hostile input: every value read from
+//! them is read once into a local and checked before use; a violation breaks
+//! the ring for good and is reported as [`Error::Broken`].
+
+use crate::error::{Error, Result, Violation};
+use crate::protocol;
+use std::ptr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// `"IVCR"` little-endian.
+pub const MAGIC: u32 = 0x5243_5649;
+/// Wire-format version of this implementation.
+pub const VERSION: u16 = 1;
+/// Size of the control page that precedes each ring's data area.
+pub const CTRL_BYTES: usize = 4096;
+/// Size of a record header.
+pub const RECORD_HEADER: usize = 8;
+/// Smallest data area.
+pub const MIN_DATA: usize = 4096;
+/// Largest data area (1 GiB).
+pub const MAX_DATA: usize = 1 << 30;
+
+const OFF_MAGIC: usize = 0x00; // magic u32, version u16, ctrl_pages u16
+const OFF_GEOMETRY: usize = 0x08; // data_size u32, max_record u32
+const OFF_NONCE: usize = 0x10; // u64, written by the creator for the probe
+const OFF_PROD: usize = 0x40;
+const OFF_PROD_WAITING: usize = 0x48;
+const OFF_CLOSED: usize = 0x50;
+const OFF_CONS: usize = 0x80;
+const OFF_CONS_WAITING: usize = 0x88;
+/// Offset of the 32-bit doorbell word (host backend futex) that wakes the
+/// consumer of this ring.
+pub const OFF_BELL: usize = 0xC0;
+
+/// Record types.
+pub mod kind {
+    /// A whole message.
+    pub const MSG: u8 = 1;
+    /// First fragment of a message larger than a record: payload starts with
+    /// the message length as a little-endian u64.
+    pub const FIRST: u8 = 2;
+    /// A further fragment.
+    pub const MORE: u8 = 3;
+    /// Control record of the layer above (close, credits, ...).
+    pub const CTRL: u8 = 4;
+    /// Padding to the end of the data area; never surfaces.
+    pub const PAD: u8 = 0x7f;
+
+    pub(crate) fn valid(k: u8) -> bool {
+        matches!(k, MSG | FIRST | MORE | CTRL)
+    }
+}
+
+#[inline]
+const fn align8(n: usize) -> usize {
+    (n + 7) & !7
+}
+
+/// Geometry of one ring, agreed by both sides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes in the data area (power of two).
+    pub data_size: u32,
+    /// Largest record payload.
+    pub max_record: u32,
+}
+
+impl Geometry {
+    /// A geometry with `data_size` bytes of data and the largest record a
+    /// quarter of it (so that a streaming producer keeps several records in
+    /// flight).
+    pub fn new(data_size: usize) -> Result<Self> {
+        Self::with_max_record(data_size, data_size / 4 - RECORD_HEADER)
+    }
+
+    /// A geometry with an explicit largest record.
+    pub fn with_max_record(data_size: usize, max_record: usize) -> Result<Self> {
+        if !data_size.is_power_of_two() || !(MIN_DATA..=MAX_DATA).contains(&data_size) {
+            return Err(Error::Invalid(format!(
+                "ring size {data_size} must be a power of two in [{MIN_DATA}, {MAX_DATA}]"
+            )));
+        }
+        if align8(max_record) + RECORD_HEADER > data_size / 2 {
+            return Err(Error::Invalid(format!(
+                "largest record {max_record} must fit in half the ring ({data_size})"
+            )));
+        }
+        Ok(Geometry {
+            data_size: data_size as u32,
+            max_record: max_record as u32,
+        })
+    }
+
+    /// Bytes of shared memory one ring occupies (control page + data).
+    pub fn ring_bytes(&self) -> usize {
+        CTRL_BYTES + self.data_size as usize
+    }
+
+    fn header_word(&self) -> u64 {
+        MAGIC as u64 | (VERSION as u64) << 32 | ((CTRL_BYTES / 4096) as u64) << 48
+    }
+
+    fn geometry_word(&self) -> u64 {
+        self.data_size as u64 | (self.max_record as u64) << 32
+    }
+}
+
+/// Writes a fresh control page at `base` (the side that created the pages).
+///
+/// # Safety
+/// `base` must point to `geo.ring_bytes()` writable bytes, 64-byte aligned,
+/// that no one else uses yet.
+pub unsafe fn init(base: *mut u8, geo: Geometry, nonce: u64) {
+    // SAFETY: the caller guarantees a private, aligned control page.
+    unsafe {
+        ptr::write_bytes(base, 0, CTRL_BYTES);
+        ptr::write_volatile(base.add(OFF_MAGIC) as *mut u64, geo.header_word());
+        ptr::write_volatile(base.add(OFF_GEOMETRY) as *mut u64, geo.geometry_word());
+        ptr::write_volatile(base.add(OFF_NONCE) as *mut u64, nonce);
+    }
+}
+
+/// Reads the probe nonce from a ring's control page.
+///
+/// # Safety
+/// `base` must point to a mapped control page.
+pub unsafe fn read_nonce(base: *const u8) -> u64 {
+    // SAFETY: in bounds of the control page; any bit pattern is a valid u64.
+    unsafe { ptr::read_volatile(base.add(OFF_NONCE) as *const u64) }
+}
+
+/// Checks a control page written by the peer against the agreed geometry.
+///
+/// # Safety
+/// `base` must point to a mapped control page.
+pub unsafe fn check(base: *const u8, geo: Geometry) -> Result<()> {
+    // SAFETY: in bounds of the control page.
+    let (h, g) = unsafe {
+        (
+            ptr::read_volatile(base.add(OFF_MAGIC) as *const u64),
+            ptr::read_volatile(base.add(OFF_GEOMETRY) as *const u64),
+        )
+    };
+    check_words(h, g, geo)
+}
+
+fn check_words(h: u64, g: u64, geo: Geometry) -> Result<()> {
+    if h as u32 != MAGIC {
+        return Err(Violation::BadMagic.into());
+    }
+    if h != geo.header_word() {
+        return Err(Violation::BadVersion.into());
+    }
+    if g != geo.geometry_word() {
+        return Err(Violation::BadGeometry.into());
+    }
+    Ok(())
+}
+
+/// Raw view of one ring in mapped memory. Holds no ownership: whoever
+/// creates a `Producer` or `Consumer` keeps the mapping alive.
+#[derive(Clone, Copy)]
+struct View {
+    base: *mut u8,
+    geo: Geometry,
+}
+
+impl View {
+    #[inline(always)]
+    fn word(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: `off` is one of the 8-aligned offsets inside the control
+        // page, which is mapped for as long as the view is used; AtomicU64 has
+        // the layout of u64 and atomics are valid on shared memory.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    #[inline(always)]
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the data area follows the control page inside the mapping.
+        unsafe { self.base.add(CTRL_BYTES) }
+    }
+
+    #[inline(always)]
+    fn size(&self) -> u64 {
+        self.geo.data_size as u64
+    }
+
+    /// Re-checks the header words: a peer that rewrites them mid-stream (a
+    /// changed version, say) breaks the ring.
+    #[inline]
+    fn recheck(&self) -> Result<()> {
+        let h = self.word(OFF_MAGIC).load(Ordering::Relaxed);
+        let g = self.word(OFF_GEOMETRY).load(Ordering::Relaxed);
+        check_words(h, g, self.geo)
+    }
+
+    fn bell(&self) -> *const AtomicU32 {
+        // SAFETY: in bounds of the control page, 4-aligned.
+        unsafe { self.base.add(OFF_BELL) as *const AtomicU32 }
+    }
+}
+
+/// The writing end of a ring.
+pub struct Producer {
+    v: View,
+    /// Local, authoritative producer index (may include an unpublished pad).
+    prod: u64,
+    /// Last producer index made visible to the consumer.
+    published: u64,
+    /// Cached consumer index.
+    cons: u64,
+    /// Outstanding reservation: payload capacity.
+    reserved: Option<usize>,
+    broken: Option<Violation>,
+}
+
+// SAFETY: the producer is the only writer of its side of the ring; the raw
+// pointer refers to a shared mapping that is valid from any thread.
+unsafe impl Send for Producer {}
+
+impl Producer {
+    /// The producing end of the ring at `base`.
+    ///
+    /// # Safety
+    /// `base` must point to `geo.ring_bytes()` mapped bytes, 64-byte aligned,
+    /// valid for the lifetime of the producer, with exactly one producer.
+    pub unsafe fn new(base: *mut u8, geo: Geometry) -> Result<Self> {
+        // SAFETY: forwarded contract.
+        unsafe { check(base, geo)? };
+        let v = View { base, geo };
+        // The consumer side starts at zero on a fresh ring.
+        Ok(Producer {
+            v,
+            prod: 0,
+            published: 0,
+            cons: 0,
+            reserved: None,
+            broken: None,
+        })
+    }
+
+    /// The ring geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.v.geo
+    }
+
+    /// Largest payload of one record.
+    pub fn max_record(&self) -> usize {
+        self.v.geo.max_record as usize
+    }
+
+    fn fail(&mut self, v: Violation) -> Error {
+        self.broken = Some(v);
+        Error::Broken(v)
+    }
+
+    /// Reloads the consumer index from the shared page, validating it.
+    fn reload_cons(&mut self) -> Result<()> {
+        if let Err(Error::Broken(v)) = self.v.recheck() {
+            return Err(self.fail(v));
+        }
+        let c = self.v.word(OFF_CONS).load(Ordering::Acquire);
+        let size = self.v.size();
+        if c.wrapping_sub(self.cons) > size || self.published.wrapping_sub(c) > size {
+            return Err(self.fail(Violation::BadIndex));
+        }
+        // The consumer cannot have consumed what was never published.
+        if c.wrapping_sub(self.cons) > self.published.wrapping_sub(self.cons) {
+            return Err(self.fail(Violation::BadIndex));
+        }
+        self.cons = c;
+        Ok(())
+    }
+
+    /// Reserves room for a record of `len` payload bytes and returns a
+    /// pointer to its payload in ring space, or `None` when the ring is full.
+    /// At most one reservation is outstanding; a second call replaces it.
+    pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
+        let max = self.max_record();
+        if len > max {
+            return Err(Error::TooLarge { len, max });
+        }
+        let size = self.v.size();
+        let total = (RECORD_HEADER + align8(len)) as u64;
+        let pos = self.prod & (size - 1);
+        let contig = size - pos;
+        let need = if total <= contig { total } else { contig + total };
+        if size - self.prod.wrapping_sub(self.cons) < need {
+            self.reload_cons()?;
+            if size - self.prod.wrapping_sub(self.cons) < need {
+                self.reserved = None;
+                return Ok(None);
+            }
+        }
+        if total > contig {
+            // Fill the end of the data area with a padding record.
+            let pad = (contig - RECORD_HEADER as u64) | (kind::PAD as u64) << 32;
+            // SAFETY: pos + 8 <= size since pos and size are multiples of 8 and
+            // pos < size; the space is free (checked above).
+            unsafe { ptr::write_volatile(self.v.data().add(pos as usize) as *mut u64, pad) };
+            self.prod += contig;
+        }
+        self.reserved = Some(len);
+        let pos = (self.prod & (size - 1)) as usize;
+        // SAFETY: pos + total <= size (no wrap by construction).
+        Ok(Some(unsafe { self.v.data().add(pos + RECORD_HEADER) }))
+    }
+
+    /// Commits the outstanding reservation with `len` payload bytes (at most
+    /// the reserved length). Returns `true` when the consumer sleeps and the
+    /// caller must ring the doorbell.
+    pub fn commit(&mut self, len: usize, kind: u8, tag: u8) -> bool {
+        let cap = self.reserved.take().expect("commit without reserve");
+        assert!(len <= cap, "commit of {len} bytes exceeds reservation of {cap}");
+        let pos = (self.prod & (self.v.size() - 1)) as usize;
+        let hdr = len as u64 | (kind as u64) << 32 | (tag as u64) << 40;
+        // SAFETY: the header slot of the reserved record, in bounds.
+        unsafe { ptr::write_volatile(self.v.data().add(pos) as *mut u64, hdr) };
+        self.prod += (RECORD_HEADER + align8(len)) as u64;
+        self.published = self.prod;
+        protocol::publish(
+            self.v.word(OFF_PROD),
+            self.prod,
+            self.v.word(OFF_CONS_WAITING),
+        )
+    }
+
+    /// Drops the outstanding reservation.
+    pub fn cancel(&mut self) {
+        self.reserved = None;
+    }
+
+    /// Copies `parts` into one record. `Ok(None)` when the ring is full;
+    /// `Ok(Some(notify))` otherwise.
+    pub fn push(&mut self, kind: u8, tag: u8, parts: &[&[u8]]) -> Result<Option<bool>> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let Some(dst) = self.reserve(len)? else {
+            return Ok(None);
+        };
+        let mut off = 0;
+        for p in parts {
+            // SAFETY: dst has room for `len` bytes; parts do not overlap ring
+            // space we reserved (they are caller memory).
+            unsafe { ptr::copy_nonoverlapping(p.as_ptr(), dst.add(off), p.len()) };
+            off += p.len();
+        }
+        Ok(Some(self.commit(len, kind, tag)))
+    }
+
+    /// True when a record of `len` bytes fits without waiting.
+    pub fn fits(&mut self, len: usize) -> Result<bool> {
+        let size = self.v.size();
+        let total = (RECORD_HEADER + align8(len)) as u64;
+        let contig = size - (self.prod & (size - 1));
+        let need = if total <= contig { total } else { contig + total };
+        if size - self.prod.wrapping_sub(self.cons) >= need {
+            return Ok(true);
+        }
+        self.reload_cons()?;
+        Ok(size - self.prod.wrapping_sub(self.cons) >= need)
+    }
+
+    /// Announces that the producer is about to sleep until the consumer frees
+    /// space. Returns `false` when space was freed meanwhile (do not sleep).
+    pub fn prepare_sleep(&mut self) -> Result<bool> {
+        let seen = self.cons;
+        let sleep = protocol::prepare_sleep(
+            self.v.word(OFF_PROD_WAITING),
+            self.v.word(OFF_CONS),
+            seen,
+        );
+        if !sleep {
+            self.reload_cons()?;
+        }
+        Ok(sleep)
+    }
+
+    /// Withdraws the sleep announcement.
+    pub fn finish_sleep(&mut self) {
+        protocol::finish_sleep(self.v.word(OFF_PROD_WAITING));
+    }
+
+    /// Marks the ring closed: the consumer sees [`Error::Closed`] once it has
+    /// drained what was committed. Returns whether the consumer sleeps.
+    pub fn close(&mut self) -> bool {
+        self.v.word(OFF_CLOSED).store(1, Ordering::Release);
+        protocol::publish(
+            self.v.word(OFF_PROD),
+            self.published,
+            self.v.word(OFF_CONS_WAITING),
+        )
+    }
+
+    /// Bytes committed but not yet consumed (from the cached index).
+    pub fn in_flight(&self) -> u64 {
+        self.published.wrapping_sub(self.cons)
+    }
+
+    /// The doorbell word that wakes this ring's consumer (host backend).
+    pub fn bell(&self) -> *const AtomicU32 {
+        self.v.bell()
+    }
+}
+
+/// A record seen in place in ring space.
+#[derive(Debug, Clone, Copy)]
+pub struct Record {
+    /// Payload in ring space. The peer can still write it (it is shared
+    /// memory); its bytes are data, never trusted as structure.
+    pub ptr: *const u8,
+    /// Payload length (validated against the ring).
+    pub len: usize,
+    /// Record type (one of [`kind`]).
+    pub kind: u8,
+    /// Tag of the layer above.
+    pub tag: u8,
+}
+
+impl Record {
+    /// The payload as a byte slice.
+    ///
+    /// # Safety
+    /// Valid only until the record is released; the caller must not hold it
+    /// beyond that.
+    pub unsafe fn bytes<'a>(&self) -> &'a [u8] {
+        // SAFETY: ptr/len were validated to lie inside the data area, which
+        // stays mapped while the consumer exists.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// The reading end of a ring.
+pub struct Consumer {
+    v: View,
+    /// Local, authoritative consumer index.
+    cons: u64,
+    /// Last consumer index made visible to the producer.
+    published: u64,
+    /// Cached producer index.
+    prod: u64,
+    /// Size of the record returned by the last `peek`, if not yet released.
+    current: Option<u64>,
+    broken: Option<Violation>,
+}
+
+// SAFETY: as for Producer.
+unsafe impl Send for Consumer {}
+
+impl Consumer {
+    /// The consuming end of the ring at `base`.
+    ///
+    /// # Safety
+    /// As for [`Producer::new`], with exactly one consumer.
+    pub unsafe fn new(base: *mut u8, geo: Geometry) -> Result<Self> {
+        // SAFETY: forwarded contract.
+        unsafe { check(base, geo)? };
+        Ok(Consumer {
+            v: View { base, geo },
+            cons: 0,
+            published: 0,
+            prod: 0,
+            current: None,
+            broken: None,
+        })
+    }
+
+    /// The ring geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.v.geo
+    }
+
+    fn fail(&mut self, v: Violation) -> Error {
+        self.broken = Some(v);
+        Error::Broken(v)
+    }
+
+    fn reload_prod(&mut self) -> Result<()> {
+        if let Err(Error::Broken(v)) = self.v.recheck() {
+            return Err(self.fail(v));
+        }
+        let p = self.v.word(OFF_PROD).load(Ordering::Acquire);
+        let size = self.v.size();
+        if p.wrapping_sub(self.prod) > size || p.wrapping_sub(self.cons) > size || p & 7 != 0 {
+            return Err(self.fail(Violation::BadIndex));
+        }
+        self.prod = p;
+        Ok(())
+    }
+
+    /// True when a record is waiting (reloads the producer index if needed).
+    pub fn has_data(&mut self) -> Result<bool> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
+        if self.prod == self.cons {
+            self.reload_prod()?;
+        }
+        Ok(self.prod != self.cons)
+    }
+
+    /// The next record in place, or `None` when the ring is empty. The
+    /// record stays valid until [`Consumer::release`]. Calling `peek` again
+    /// without releasing returns the same record.
+    pub fn peek(&mut self) -> Result<Option<Record>> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
+        let size = self.v.size();
+        loop {
+            if self.prod == self.cons {
+                self.reload_prod()?;
+                if self.prod == self.cons {
+                    if self.v.word(OFF_CLOSED).load(Ordering::Acquire) != 0 {
+                        // Re-read the index: records published before the
+                        // close flag must still be delivered.
+                        self.reload_prod()?;
+                        if self.prod == self.cons {
+                            return Err(Error::Closed);
+                        }
+                        continue;
+                    }
+                    return Ok(None);
+                }
+            }
+            let avail = self.prod.wrapping_sub(self.cons);
+            let pos = self.cons & (size - 1);
+            let contig = size - pos;
+            // One read of the header into a local: no double fetch.
+            // SAFETY: pos is 8-aligned and pos + 8 <= size.
+            let hdr = unsafe { ptr::read_volatile(self.v.data().add(pos as usize) as *const u64) };
+            let len = (hdr & 0xffff_ffff) as usize;
+            let k = (hdr >> 32) as u8;
+            let tag = (hdr >> 40) as u8;
+            if k == kind::PAD {
+                if len as u64 + RECORD_HEADER as u64 != contig || avail < contig {
+                    return Err(self.fail(Violation::BadPadding));
+                }
+                self.cons += contig;
+                continue;
+            }
+            if !kind::valid(k) {
+                return Err(self.fail(Violation::BadType));
+            }
+            if len > self.v.geo.max_record as usize {
+                return Err(self.fail(Violation::BadLength));
+            }
+            let total = (RECORD_HEADER + align8(len)) as u64;
+            if total > contig || total > avail {
+                return Err(self.fail(Violation::BadLength));
+            }
+            self.current = Some(total);
+            return Ok(Some(Record {
+                // SAFETY: pos + total <= size, checked above.
+                ptr: unsafe { self.v.data().add(pos as usize + RECORD_HEADER) },
+                len,
+                kind: k,
+                tag,
+            }));
+        }
+    }
+
+    /// Releases the record returned by the last `peek` locally. The space is
+    /// handed back to the producer by [`Consumer::flush`] (call it once per
+    /// batch, or use [`Consumer::release_flush`]).
+    pub fn release(&mut self) {
+        if let Some(total) = self.current.take() {
+            self.cons += total;
+        }
+    }
+
+    /// Publishes the consumer index. Returns `true` when the producer sleeps
+    /// waiting for space and the caller must ring the doorbell.
+    pub fn flush(&mut self) -> bool {
+        if self.published == self.cons {
+            return false;
+        }
+        self.published = self.cons;
+        protocol::publish(
+            self.v.word(OFF_CONS),
+            self.cons,
+            self.v.word(OFF_PROD_WAITING),
+        )
+    }
+
+    /// `release` then `flush`.
+    pub fn release_flush(&mut self) -> bool {
+        self.release();
+        self.flush()
+    }
+
+    /// Announces that the consumer is about to sleep until data arrives.
+    /// Returns `false` when data arrived meanwhile (do not sleep).
+    pub fn prepare_sleep(&mut self) -> Result<bool> {
+        if self.v.word(OFF_CLOSED).load(Ordering::Acquire) != 0 {
+            return Ok(false);
+        }
+        let sleep = protocol::prepare_sleep(
+            self.v.word(OFF_CONS_WAITING),
+            self.v.word(OFF_PROD),
+            self.prod,
+        );
+        if !sleep {
+            self.reload_prod()?;
+        }
+        Ok(sleep)
+    }
+
+    /// Withdraws the sleep announcement.
+    pub fn finish_sleep(&mut self) {
+        protocol::finish_sleep(self.v.word(OFF_CONS_WAITING));
+    }
+
+    /// The doorbell word that wakes this ring's consumer (host backend).
+    pub fn bell(&self) -> *const AtomicU32 {
+        self.v.bell()
+    }
+}
