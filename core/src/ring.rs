@@ -34,14 +34,14 @@ pub const MIN_DATA: usize = 4096;
 /// Largest data area (1 GiB).
 pub const MAX_DATA: usize = 1 << 30;
 
-const OFF_MAGIC: usize = 0x00; // magic u32, version u16, ctrl_pages u16
-const OFF_GEOMETRY: usize = 0x08; // data_size u32, max_record u32
-const OFF_NONCE: usize = 0x10; // u64, written by the creator for the probe
-const OFF_PROD: usize = 0x40;
-const OFF_PROD_WAITING: usize = 0x48;
-const OFF_CLOSED: usize = 0x50;
-const OFF_CONS: usize = 0x80;
-const OFF_CONS_WAITING: usize = 0x88;
+pub const OFF_MAGIC: usize = 0x00; // magic u32, version u16, ctrl_pages u16
+pub const OFF_GEOMETRY: usize = 0x08; // data_size u32, max_record u32
+pub const OFF_NONCE: usize = 0x10; // u64, written by the creator for the probe
+pub const OFF_PROD: usize = 0x40;
+pub const OFF_PROD_WAITING: usize = 0x48;
+pub const OFF_CLOSED: usize = 0x50;
+pub const OFF_CONS: usize = 0x80;
+pub const OFF_CONS_WAITING: usize = 0x88;
 /// Offset of the 32-bit doorbell word (host backend futex) that wakes the
 /// consumer of this ring.
 pub const OFF_BELL: usize = 0xC0;

@@ -1,0 +1,288 @@
+//! `ivcom-xfer`: two processes exchange checksummed messages over an ivcom
+//! link. Used by the core's process tests and by the Xen lab.
+//!
+//! ```text
+//! ivcom-xfer listen  [--card-file F] [options]      # side B: waits for one peer
+//! ivcom-xfer connect (--card-file F | --addr IP:PORT) [options]   # side A
+//! options: --count N (messages A->B, 0 = until killed)  --max-size BYTES
+//!          --echo N (round trips first)  --seed S  --backend auto|host|xen|none
+//!          --host-dir DIR  --ring-size BYTES  --listen-ip IP  --expect-path ring|tcp
+//!          --timeout SECS (default 600)
+//! ```
+//! Every message starts with its index and length; the payload is a
+//! pseudo-random stream. Both sides hash every byte moved; at the end B
+//! sends its digest and A compares. Prints `RESULT PASS ...` or exits
+//! non-zero with the reason.
+
+use ivcom_core::{BackendChoice, Card, Config, Link, Node, PathKind};
+use std::process::exit;
+use std::time::{Duration, Instant};
+
+struct Opts {
+    role: String,
+    card_file: Option<String>,
+    addr: Option<String>,
+    count: u64,
+    max_size: usize,
+    echo: u64,
+    seed: u64,
+    expect: Option<PathKind>,
+    cfg: Config,
+    timeout: Duration,
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("ivcom-xfer: {msg}");
+    exit(2)
+}
+
+fn parse() -> Opts {
+    let mut a = std::env::args().skip(1);
+    let role = a.next().unwrap_or_else(|| die("usage: ivcom-xfer listen|connect [options]"));
+    let mut o = Opts {
+        role,
+        card_file: None,
+        addr: None,
+        count: 1000,
+        max_size: 1 << 20,
+        echo: 100,
+        seed: 1,
+        expect: None,
+        cfg: Config::default(),
+        timeout: Duration::from_secs(600),
+    };
+    while let Some(k) = a.next() {
+        let mut v = || a.next().unwrap_or_else(|| die(&format!("{k} needs a value")));
+        let num = |s: String| s.parse::<u64>().unwrap_or_else(|_| die(&format!("bad number {s}")));
+        match k.as_str() {
+            "--card-file" => o.card_file = Some(v()),
+            "--addr" => o.addr = Some(v()),
+            "--count" => o.count = num(v()),
+            "--max-size" => o.max_size = num(v()) as usize,
+            "--echo" => o.echo = num(v()),
+            "--seed" => o.seed = num(v()),
+            "--backend" => o.cfg.backend = v().parse::<BackendChoice>().unwrap_or_else(|e| die(&e.to_string())),
+            "--host-dir" => o.cfg.host_dir = Some(v().into()),
+            "--ring-size" => o.cfg.ring_size = num(v()) as usize,
+            "--listen-ip" => o.cfg.listen = Some(v().parse().unwrap_or_else(|_| die("bad ip"))),
+            "--timeout" => o.timeout = Duration::from_secs(num(v())),
+            "--expect-path" => {
+                o.expect = Some(match v().as_str() {
+                    "ring" => PathKind::Ring,
+                    "tcp" => PathKind::Tcp,
+                    x => die(&format!("bad path {x}")),
+                })
+            }
+            "--verbose" => o.cfg.log = Some(std::sync::Arc::new(|m: &str| eprintln!("[ivcom] {m}"))),
+            _ => die(&format!("unknown option {k}")),
+        }
+    }
+    o
+}
+
+/// Word-wise digest of a byte stream (fast, order-sensitive).
+#[derive(Default, Clone, Copy, PartialEq, Eq, Debug)]
+struct Digest {
+    h: u64,
+    bytes: u64,
+    msgs: u64,
+}
+
+impl Digest {
+    fn add(&mut self, b: &[u8]) {
+        let mut h = self.h ^ (b.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut chunks = b.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes(c.try_into().unwrap());
+            h = (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        }
+        for &x in chunks.remainder() {
+            h = (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.h = h;
+        self.bytes += b.len() as u64;
+        self.msgs += 1;
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Size of message `i`: edge sizes first, then mostly small messages with a
+/// tail of large ones up to `max`.
+fn size_of(i: u64, rng: &mut Rng, max: usize) -> usize {
+    let edges = [0usize, 1, 7, 8, 9, 4095, 4096, 4097, 65535, 65536, 65537, max / 2, max];
+    if (i as usize) < edges.len() {
+        return edges[i as usize].min(max);
+    }
+    let cap = if rng.next() % 10 == 0 { max } else { max.min(64 << 10) };
+    let bits = 64 - (cap as u64).leading_zeros() as u64;
+    let e = rng.next() % (bits + 1);
+    ((rng.next() & ((1u64 << e) - 1)) as usize).min(cap)
+}
+
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut r = Rng(seed | 1);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for c in &mut chunks {
+        c.copy_from_slice(&r.next().to_le_bytes());
+    }
+    for x in chunks.into_remainder() {
+        *x = r.next() as u8;
+    }
+}
+
+const TAG_DATA: u8 = 1;
+const TAG_ECHO: u8 = 2;
+const TAG_DONE: u8 = 3;
+
+fn check_path(o: &Opts, l: &Link) {
+    println!("PATH {} reason=\"{}\"", l.path(), l.reason());
+    if let Some(p) = o.expect {
+        if l.path() != p {
+            eprintln!("ivcom-xfer: expected path {p}, got {} ({})", l.path(), l.reason());
+            exit(4);
+        }
+    }
+}
+
+fn fail(e: ivcom_core::Error) -> ! {
+    println!("RESULT FAIL {e}");
+    eprintln!("ivcom-xfer: {e}");
+    exit(3)
+}
+
+fn main() {
+    let o = parse();
+    let node = Node::new(o.cfg.clone()).unwrap_or_else(|e| die(&e.to_string()));
+    let deadline = Some(Instant::now() + o.timeout);
+    match o.role.as_str() {
+        "listen" => {
+            println!("CARD {}", node.card());
+            if let Some(f) = &o.card_file {
+                let tmp = format!("{f}.tmp");
+                std::fs::write(&tmp, node.card().to_string()).unwrap_or_else(|e| die(&e.to_string()));
+                std::fs::rename(&tmp, f).unwrap_or_else(|e| die(&e.to_string()));
+            }
+            let mut l = match node.accept(o.timeout) {
+                Ok(Some(l)) => l,
+                Ok(None) => die("no peer connected"),
+                Err(e) => fail(e),
+            };
+            check_path(&o, &l);
+            let mut d = Digest::default();
+            let mut buf = Vec::new();
+            loop {
+                let tag = l.recv(&mut buf, deadline).unwrap_or_else(|e| fail(e));
+                match tag {
+                    TAG_ECHO => l.send(TAG_ECHO, &buf).unwrap_or_else(|e| fail(e)),
+                    TAG_DATA => {
+                        if buf.len() < 16 {
+                            fail(ivcom_core::Error::Protocol("short data message".into()));
+                        }
+                        let idx = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                        let len = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+                        if idx != d.msgs || len != buf.len() as u64 {
+                            fail(ivcom_core::Error::Protocol(format!(
+                                "message {idx} (len {len}) arrived as number {} with {} bytes",
+                                d.msgs,
+                                buf.len()
+                            )));
+                        }
+                        d.add(&buf);
+                    }
+                    TAG_DONE => {
+                        let mut r = Vec::new();
+                        for x in [d.h, d.bytes, d.msgs] {
+                            r.extend_from_slice(&x.to_le_bytes());
+                        }
+                        l.send(TAG_DONE, &r).unwrap_or_else(|e| fail(e));
+                        println!("RESULT PASS received msgs={} bytes={} digest={:016x}", d.msgs, d.bytes, d.h);
+                        let s = l.stats();
+                        println!("STATS rx_msgs={} rx_bytes={} tx_doorbells={} rx_doorbells={}", s.rx_msgs, s.rx_bytes, s.tx_doorbells, s.rx_doorbells);
+                        // Wait for the peer to close so it can read our digest.
+                        let _ = l.recv(&mut buf, Some(Instant::now() + Duration::from_secs(10)));
+                        return;
+                    }
+                    t => fail(ivcom_core::Error::Protocol(format!("unexpected tag {t}"))),
+                }
+            }
+        }
+        "connect" => {
+            let mut l = if let Some(a) = &o.addr {
+                node.connect(a.parse().unwrap_or_else(|_| die("bad --addr")))
+            } else {
+                let f = o.card_file.as_ref().unwrap_or_else(|| die("--card-file or --addr needed"));
+                let t0 = Instant::now();
+                let s = loop {
+                    match std::fs::read_to_string(f) {
+                        Ok(s) => break s,
+                        Err(_) if t0.elapsed() < o.timeout => std::thread::sleep(Duration::from_millis(20)),
+                        Err(e) => die(&format!("{f}: {e}")),
+                    }
+                };
+                let card = Card::parse(s.trim()).unwrap_or_else(|e| die(&e.to_string()));
+                node.link(&card)
+            }
+            .unwrap_or_else(|e| fail(e));
+            check_path(&o, &l);
+            let mut rng = Rng(o.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+            let mut buf = vec![0u8; o.max_size.max(16)];
+            let mut back = Vec::new();
+            let t0 = Instant::now();
+            for i in 0..o.echo {
+                let n = 1 + (rng.next() % 4096) as usize;
+                fill(&mut buf[..n], rng.next());
+                l.send(TAG_ECHO, &buf[..n]).unwrap_or_else(|e| fail(e));
+                let t = l.recv(&mut back, deadline).unwrap_or_else(|e| fail(e));
+                if t != TAG_ECHO || back != buf[..n] {
+                    fail(ivcom_core::Error::Protocol(format!("echo {i} came back different")));
+                }
+            }
+            let echo_t = t0.elapsed();
+            let mut d = Digest::default();
+            let t1 = Instant::now();
+            let mut i = 0u64;
+            while o.count == 0 || i < o.count {
+                let n = size_of(i, &mut rng, o.max_size).max(16);
+                let m = &mut buf[..n];
+                fill(&mut m[16..], rng.next());
+                m[..8].copy_from_slice(&i.to_le_bytes());
+                m[8..16].copy_from_slice(&(n as u64).to_le_bytes());
+                d.add(m);
+                l.send_deadline(TAG_DATA, m, deadline).unwrap_or_else(|e| fail(e));
+                i += 1;
+            }
+            l.send(TAG_DONE, &[]).unwrap_or_else(|e| fail(e));
+            let t = l.recv(&mut back, deadline).unwrap_or_else(|e| fail(e));
+            let stream_t = t1.elapsed();
+            let w = |k: usize| u64::from_le_bytes(back[8 * k..8 * k + 8].try_into().unwrap());
+            if t != TAG_DONE || back.len() != 24 {
+                fail(ivcom_core::Error::Protocol("bad digest reply".into()));
+            }
+            let theirs = Digest { h: w(0), bytes: w(1), msgs: w(2) };
+            if theirs != d {
+                println!("RESULT FAIL digest mismatch: sent {d:?}, peer got {theirs:?}");
+                exit(5);
+            }
+            let s = l.stats();
+            println!(
+                "RESULT PASS sent msgs={} bytes={} digest={:016x} echo_rtt_us={:.2} stream_MBps={:.0}",
+                d.msgs,
+                d.bytes,
+                d.h,
+                echo_t.as_secs_f64() * 1e6 / o.echo.max(1) as f64,
+                d.bytes as f64 / stream_t.as_secs_f64() / 1e6
+            );
+            println!("STATS tx_msgs={} tx_bytes={} tx_doorbells={} rx_doorbells={}", s.tx_msgs, s.tx_bytes, s.tx_doorbells, s.rx_doorbells);
+        }
+        r => die(&format!("unknown role {r}")),
+    }
+}

@@ -1,0 +1,505 @@
+//! A duplex link made of two rings in one shared region, plus a doorbell per
+//! side.
+//!
+//! Region layout: ring 0 (offerer to acceptor), then ring 1 (acceptor to
+//! offerer), each a control page and a data area (`docs/ring-format.md`).
+//! The doorbell word in a ring's control page wakes that ring's consumer.
+//!
+//! Polling first: a doorbell is rung only when the other side announced that
+//! it is about to sleep. Blocking calls spin briefly, then yield, then sleep
+//! on the doorbell in slices, checking the caller's liveness probe between
+//! slices; they never spin forever.
+
+use crate::error::{Error, Result};
+use crate::frame::{fragment, Delivery, Reassembly, Stats};
+use crate::hypervisor::{BellWords, Doorbell, Hypervisor, Region};
+use crate::ring::{self, kind, Consumer, Geometry, Producer, Record};
+use std::time::{Duration, Instant};
+
+/// How long a blocking wait spins before yielding, yields before sleeping,
+/// and sleeps per slice between liveness checks.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitPolicy {
+    /// Busy-poll this long first.
+    pub spin: Duration,
+    /// Then `sched_yield` this long.
+    pub yield_for: Duration,
+    /// Then sleep on the doorbell in slices of this length.
+    pub slice: Duration,
+}
+
+impl Default for WaitPolicy {
+    fn default() -> Self {
+        WaitPolicy {
+            spin: Duration::from_micros(20),
+            yield_for: Duration::from_micros(200),
+            slice: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A liveness probe called between sleep slices: `Err` aborts the wait.
+pub type Alive<'a> = &'a mut dyn FnMut() -> Result<()>;
+
+/// The offering side's half-built channel, waiting for the acceptor.
+pub struct Offer {
+    /// The channel, usable once the acceptor proved its mapping.
+    pub channel: Channel,
+    /// Descriptor of the shared region, for the acceptor.
+    pub grant: Vec<u8>,
+    /// Descriptor of the offerer's doorbell, for the acceptor.
+    pub bell: Vec<u8>,
+}
+
+/// One side of a ring channel.
+pub struct Channel {
+    tx: Producer,
+    rx: Consumer,
+    // Field order matters: the doorbell may point into the region, so it is
+    // dropped first.
+    bell: Box<dyn Doorbell>,
+    region: Box<dyn Region>,
+    geo: Geometry,
+    reasm: Reassembly,
+    /// Counters of both directions.
+    pub stats: Stats,
+    /// Wait policy of blocking calls.
+    pub policy: WaitPolicy,
+    closed: bool,
+}
+
+fn words(region: &dyn Region, geo: Geometry, offerer: bool) -> (*mut u8, *mut u8, BellWords) {
+    let base = region.as_ptr();
+    // SAFETY: the region holds two rings of geo.ring_bytes() each.
+    let r1 = unsafe { base.add(geo.ring_bytes()) };
+    let (tx, rx) = if offerer { (base, r1) } else { (r1, base) };
+    // SAFETY: OFF_BELL lies within each control page.
+    let w = unsafe {
+        BellWords {
+            wait: rx.add(ring::OFF_BELL).cast(),
+            ring: tx.add(ring::OFF_BELL).cast(),
+        }
+    };
+    (tx, rx, w)
+}
+
+/// Bytes of shared memory a channel with `geo` rings needs.
+pub fn region_bytes(geo: Geometry) -> usize {
+    2 * geo.ring_bytes()
+}
+
+impl Channel {
+    /// Shares a new region with domain `peer`, writes both control pages
+    /// (with `nonce` for the probe) and creates this side's doorbell.
+    pub fn offer(hv: &dyn Hypervisor, peer: u32, geo: Geometry, nonce: u64) -> Result<Offer> {
+        let len = region_bytes(geo);
+        if len > hv.max_share() {
+            return Err(Error::Backend(format!(
+                "{len} bytes exceed what {} can share ({})",
+                hv.describe(),
+                hv.max_share()
+            )));
+        }
+        let (region, grant) = hv.share(peer, len)?;
+        let (tx, rx, w) = words(&*region, geo, true);
+        // SAFETY: a fresh private region of two rings; nobody else maps it yet.
+        let (txp, rxc) = unsafe {
+            ring::init(tx, geo, nonce);
+            ring::init(rx, geo, nonce);
+            (Producer::new(tx, geo)?, Consumer::new(rx, geo)?)
+        };
+        let (bell, bell_desc) = hv.bell_offer(peer, w)?;
+        Ok(Offer {
+            channel: Channel::assemble(txp, rxc, bell, region, geo),
+            grant,
+            bell: bell_desc,
+        })
+    }
+
+    /// Maps the region domain `peer` offered and connects to its doorbell.
+    /// Returns the channel and the nonce read from the shared page.
+    pub fn accept(
+        hv: &dyn Hypervisor,
+        peer: u32,
+        geo: Geometry,
+        grant: &[u8],
+        bell: &[u8],
+    ) -> Result<(Channel, u64)> {
+        let region = hv.map(peer, grant, region_bytes(geo))?;
+        let (tx, rx, w) = words(&*region, geo, false);
+        // SAFETY: the mapping holds two rings of `geo`; check() validates the
+        // peer-written control pages before use.
+        let (txp, rxc, nonce) = unsafe {
+            let n0 = ring::read_nonce(rx);
+            let n1 = ring::read_nonce(tx);
+            if n0 != n1 {
+                return Err(Error::Protocol("control pages disagree".into()));
+            }
+            (Producer::new(tx, geo)?, Consumer::new(rx, geo)?, n0)
+        };
+        let bell = hv.bell_accept(peer, bell, w)?;
+        Ok((Channel::assemble(txp, rxc, bell, region, geo), nonce))
+    }
+
+    fn assemble(
+        tx: Producer,
+        rx: Consumer,
+        bell: Box<dyn Doorbell>,
+        region: Box<dyn Region>,
+        geo: Geometry,
+    ) -> Channel {
+        Channel {
+            tx,
+            rx,
+            bell,
+            region,
+            geo,
+            reasm: Reassembly::new(crate::DEFAULT_MAX_MESSAGE),
+            stats: Stats::default(),
+            policy: WaitPolicy::default(),
+            closed: false,
+        }
+    }
+
+    /// The peer proved its mapping: the offerer drops any name of the region.
+    pub fn peer_attached(&self) {
+        self.region.peer_attached();
+    }
+
+    /// Geometry of both rings.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// Largest payload of one record (a message up to this size travels in
+    /// one record and is delivered in place).
+    pub fn max_record(&self) -> usize {
+        self.geo.max_record as usize
+    }
+
+    /// Sets the largest message accepted from the peer.
+    pub fn set_max_message(&mut self, max: usize) {
+        self.reasm.max_message = max;
+    }
+
+    fn ring_tx(&mut self, notify: bool) -> Result<()> {
+        if notify {
+            self.stats.tx_doorbells += 1;
+            self.bell.notify()?;
+        }
+        Ok(())
+    }
+
+    /// Reserves ring space for a one-record message of `len` bytes and
+    /// returns a pointer to write it in place; `None` when the ring is full.
+    pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
+        self.tx.reserve(len)
+    }
+
+    /// Sends the reserved record with `len` bytes and `tag`.
+    pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
+        let n = self.tx.commit(len, kind::MSG, tag);
+        self.stats.tx_msgs += 1;
+        self.stats.tx_bytes += len as u64;
+        self.ring_tx(n)
+    }
+
+    /// Drops the reservation.
+    pub fn cancel(&mut self) {
+        self.tx.cancel()
+    }
+
+    /// Sends a message that fits in one record, gathered from `parts`,
+    /// without blocking. `Ok(false)` when the ring is full.
+    pub fn try_send_parts(&mut self, tag: u8, parts: &[&[u8]]) -> Result<bool> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        match self.tx.push(kind::MSG, tag, parts)? {
+            None => Ok(false),
+            Some(n) => {
+                self.stats.tx_msgs += 1;
+                self.stats.tx_bytes += len as u64;
+                self.ring_tx(n)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Sends `msg` of any size, blocking while the ring is full. Messages
+    /// larger than a record are fragmented.
+    pub fn send(&mut self, tag: u8, msg: &[u8], deadline: Option<Instant>, alive: Alive) -> Result<()> {
+        let max = self.max_record();
+        let mut sent = 0;
+        loop {
+            let (tx, bell, stats) = (&mut self.tx, &*self.bell, &mut self.stats);
+            let done = fragment(tag, msg, max, &mut sent, |k, t, parts| {
+                match tx.push(k, t, parts)? {
+                    None => Ok(false),
+                    Some(n) => {
+                        if n {
+                            stats.tx_doorbells += 1;
+                            bell.notify()?;
+                        }
+                        Ok(true)
+                    }
+                }
+            })?;
+            if done {
+                self.stats.tx_msgs += 1;
+                self.stats.tx_bytes += msg.len() as u64;
+                return Ok(());
+            }
+            let need = (msg.len() - sent).min(max) + 8;
+            self.wait_writable(need, deadline, alive)?;
+        }
+    }
+
+    /// Delivers up to `max` complete messages to `f(tag, bytes)` without
+    /// blocking. Whole-record messages are handed over in place (the slice
+    /// points into ring space and is valid only during the call). Returns how
+    /// many messages were delivered.
+    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
+        let mut n = 0;
+        let res = self.poll_inner(max, &mut n, f);
+        if self.rx.flush() {
+            self.stats.rx_doorbells += 1;
+            self.bell.notify()?;
+        }
+        res.map(|_| n)
+    }
+
+    fn poll_inner(&mut self, max: usize, n: &mut usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<()> {
+        while *n < max {
+            let rec: Record = match self.rx.peek() {
+                Ok(Some(r)) => r,
+                Ok(None) => return Ok(()),
+                Err(Error::Closed) if self.reasm.active() => {
+                    return Err(Error::PeerGone("closed mid-message".into()))
+                }
+                Err(e) => return Err(e),
+            };
+            // SAFETY: valid until release below; not retained past it.
+            let data = unsafe { rec.bytes() };
+            if rec.kind == kind::CTRL {
+                self.rx.release();
+                continue;
+            }
+            match self.reasm.feed(rec.kind, rec.tag, data)? {
+                Delivery::Message(tag, m) => {
+                    self.stats.rx_msgs += 1;
+                    self.stats.rx_bytes += m.len() as u64;
+                    f(tag, m);
+                    *n += 1;
+                }
+                Delivery::Partial => {}
+            }
+            self.rx.release();
+        }
+        Ok(())
+    }
+
+    /// Receives one message into `out` (replacing its contents), blocking
+    /// until one arrives, the deadline passes or `alive` fails. Returns the
+    /// message's tag.
+    pub fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>, alive: Alive) -> Result<u8> {
+        loop {
+            let mut tag = 0;
+            let got = self.poll(1, &mut |t, m| {
+                tag = t;
+                out.clear();
+                out.extend_from_slice(m);
+            })?;
+            if got == 1 {
+                return Ok(tag);
+            }
+            self.wait_readable(deadline, alive)?;
+        }
+    }
+
+    /// Waits until a record is readable (or the ring is closed).
+    pub fn wait_readable(&mut self, deadline: Option<Instant>, alive: Alive) -> Result<()> {
+        let policy = self.policy;
+        let start = Instant::now();
+        loop {
+            if self.rx.has_data()? {
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            if waited < policy.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            if waited < policy.spin + policy.yield_for {
+                std::thread::yield_now();
+                continue;
+            }
+            let slice = slice_until(policy.slice, deadline)?;
+            let token = self.bell.prepare();
+            if self.rx.prepare_sleep()? {
+                let r = self.bell.wait(token, slice);
+                self.rx.finish_sleep();
+                r?;
+            } else if self.closed_flag_only()? {
+                return Ok(());
+            }
+            alive()?;
+        }
+    }
+
+    /// True when the consumer saw no data but prepare_sleep declined to
+    /// sleep because the peer closed: the next poll reports it.
+    fn closed_flag_only(&mut self) -> Result<bool> {
+        match self.rx.peek() {
+            Err(Error::Closed) => Ok(true),
+            Err(e) => Err(e),
+            Ok(_) => Ok(true),
+        }
+    }
+
+    /// Waits until `need` bytes (one record incl. header) fit in the tx ring.
+    pub fn wait_writable(&mut self, need: usize, deadline: Option<Instant>, alive: Alive) -> Result<()> {
+        let policy = self.policy;
+        let start = Instant::now();
+        loop {
+            if self.tx.fits(need)? {
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            if waited < policy.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            if waited < policy.spin + policy.yield_for {
+                std::thread::yield_now();
+                continue;
+            }
+            let slice = slice_until(policy.slice, deadline)?;
+            let token = self.bell.prepare();
+            if self.tx.prepare_sleep()? {
+                let r = self.bell.wait(token, slice);
+                self.tx.finish_sleep();
+                r?;
+            }
+            alive()?;
+        }
+    }
+
+    /// True when a record is waiting.
+    pub fn has_data(&mut self) -> Result<bool> {
+        self.rx.has_data()
+    }
+
+    /// Closes the sending direction: the peer drains what was sent, then
+    /// sees [`Error::Closed`].
+    pub fn close(&mut self) {
+        if !self.closed {
+            self.closed = true;
+            if self.tx.close() {
+                let _ = self.bell.notify();
+            }
+        }
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn slice_until(slice: Duration, deadline: Option<Instant>) -> Result<Duration> {
+    match deadline {
+        None => Ok(slice),
+        Some(d) => {
+            let now = Instant::now();
+            if now >= d {
+                Err(Error::Timeout)
+            } else {
+                Ok(slice.min(d - now))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::host::HostBackend;
+
+    fn pair(data: usize) -> (Channel, Channel, tempdir::Dir) {
+        let dir = tempdir::Dir::new();
+        let hv = HostBackend::open_dir(dir.path()).unwrap();
+        let geo = Geometry::new(data).unwrap();
+        let off = Channel::offer(&hv, 0, geo, 0x1234).unwrap();
+        let (acc, nonce) = Channel::accept(&hv, 0, geo, &off.grant, &off.bell).unwrap();
+        assert_eq!(nonce, 0x1234);
+        off.channel.peer_attached();
+        (off.channel, acc, dir)
+    }
+
+    mod tempdir {
+        pub struct Dir(std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let p = std::env::temp_dir().join(format!(
+                    "ivcom-test-{}",
+                    crate::hypervisor::host::hex(&crate::hypervisor::random_bytes::<8>())
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+            pub fn path(&self) -> &std::path::Path {
+                &self.0
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn round_trip_and_no_leftovers() {
+        let (mut a, mut b, dir) = pair(8192);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let mut ok = || Ok(());
+        for len in [0usize, 1, 8, 100, 2000, 5000, 100_000] {
+            let msg: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut out = Vec::new();
+            // Interleave so that fragmented messages wait for space.
+            let t = std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    let mut ok = || Ok(());
+                    b.recv(&mut out, None, &mut ok).unwrap()
+                });
+                a.send(3, &msg, None, &mut ok).unwrap();
+                h.join().unwrap()
+            });
+            assert_eq!(t, 3);
+            assert_eq!(out, msg);
+        }
+        a.close();
+        let mut out = Vec::new();
+        assert!(matches!(b.recv(&mut out, None, &mut ok), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn zero_copy_reserve_commit() {
+        let (mut a, mut b, _dir) = pair(4096);
+        let p = a.reserve(10).unwrap().unwrap();
+        // SAFETY: 10 reserved bytes.
+        unsafe { std::ptr::copy_nonoverlapping(b"0123456789".as_ptr(), p, 10) };
+        a.commit(10, 7).unwrap();
+        let mut seen = Vec::new();
+        b.poll(8, &mut |t, m| seen.push((t, m.to_vec()))).unwrap();
+        assert_eq!(seen, vec![(7, b"0123456789".to_vec())]);
+    }
+
+    #[test]
+    fn timeout_when_idle() {
+        let (_a, mut b, _dir) = pair(4096);
+        let mut out = Vec::new();
+        let d = Instant::now() + Duration::from_millis(100);
+        assert!(matches!(b.recv(&mut out, Some(d), &mut || Ok(())), Err(Error::Timeout)));
+    }
+}

@@ -1,0 +1,186 @@
+//! Message framing shared by the ring and TCP paths: a message that does not
+//! fit in one record travels as a `FIRST` record (payload: the message length
+//! as a little-endian u64, then data) followed by `MORE` records.
+
+use crate::error::{Error, Result, Violation};
+use crate::ring::kind;
+
+/// Per-direction counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages sent.
+    pub tx_msgs: u64,
+    /// Payload bytes sent.
+    pub tx_bytes: u64,
+    /// Doorbells rung to wake the receiver.
+    pub tx_doorbells: u64,
+    /// Messages received.
+    pub rx_msgs: u64,
+    /// Payload bytes received.
+    pub rx_bytes: u64,
+    /// Doorbells rung to wake a sender waiting for space.
+    pub rx_doorbells: u64,
+}
+
+/// Splits a message into records of at most `max` payload bytes (`max` >
+/// 8), calling `emit(kind, tag, parts)` for each. `sent` counts the bytes of
+/// `msg` already emitted (start at 0); when `emit` returns `Ok(false)` (no
+/// room) the function returns `Ok(false)` and the caller resumes later with
+/// the same `sent`. Returns `Ok(true)` once the whole message is emitted.
+pub fn fragment(
+    tag: u8,
+    msg: &[u8],
+    max: usize,
+    sent: &mut usize,
+    mut emit: impl FnMut(u8, u8, &[&[u8]]) -> Result<bool>,
+) -> Result<bool> {
+    if *sent == 0 && msg.len() <= max {
+        return emit(kind::MSG, tag, &[msg]).inspect(|&ok| {
+            if ok {
+                *sent = msg.len();
+            }
+        });
+    }
+    if *sent == 0 {
+        let hdr = (msg.len() as u64).to_le_bytes();
+        let n = max - 8;
+        if !emit(kind::FIRST, tag, &[&hdr, &msg[..n]])? {
+            return Ok(false);
+        }
+        *sent = n;
+    }
+    while *sent < msg.len() {
+        let n = (msg.len() - *sent).min(max);
+        if !emit(kind::MORE, tag, &[&msg[*sent..*sent + n]])? {
+            return Ok(false);
+        }
+        *sent += n;
+    }
+    Ok(true)
+}
+
+/// What a record means to the receiver.
+pub enum Delivery<'a> {
+    /// A complete message, in place (whole-record messages) or reassembled.
+    Message(u8, &'a [u8]),
+    /// A fragment was absorbed; nothing to deliver yet.
+    Partial,
+}
+
+/// Reassembles fragmented messages.
+#[derive(Default)]
+pub struct Reassembly {
+    buf: Vec<u8>,
+    total: usize,
+    tag: u8,
+    active: bool,
+    /// Largest message accepted (a hostile FIRST could ask for anything).
+    pub max_message: usize,
+}
+
+impl Reassembly {
+    /// A reassembler accepting messages up to `max_message` bytes.
+    pub fn new(max_message: usize) -> Self {
+        Reassembly {
+            max_message,
+            ..Default::default()
+        }
+    }
+
+    /// Feeds one record. `data` is the record payload.
+    pub fn feed<'a>(&'a mut self, k: u8, tag: u8, data: &'a [u8]) -> Result<Delivery<'a>> {
+        match k {
+            kind::MSG if !self.active => Ok(Delivery::Message(tag, data)),
+            kind::FIRST if !self.active => {
+                if data.len() < 8 {
+                    return Err(Violation::BadLength.into());
+                }
+                let total = u64::from_le_bytes(data[..8].try_into().expect("8 bytes")) as usize;
+                let body = &data[8..];
+                if total > self.max_message || total <= body.len() {
+                    return Err(if total > self.max_message {
+                        Error::TooLarge {
+                            len: total,
+                            max: self.max_message,
+                        }
+                    } else {
+                        Violation::BadLength.into()
+                    });
+                }
+                self.buf.clear();
+                self.buf.reserve(total);
+                self.buf.extend_from_slice(body);
+                self.total = total;
+                self.tag = tag;
+                self.active = true;
+                Ok(Delivery::Partial)
+            }
+            kind::MORE if self.active => {
+                if self.buf.len() + data.len() > self.total {
+                    return Err(Violation::BadLength.into());
+                }
+                self.buf.extend_from_slice(data);
+                if self.buf.len() == self.total {
+                    self.active = false;
+                    Ok(Delivery::Message(self.tag, &self.buf))
+                } else {
+                    Ok(Delivery::Partial)
+                }
+            }
+            _ => Err(Violation::BadSequence.into()),
+        }
+    }
+
+    /// True while a fragmented message is incomplete.
+    pub fn active(&self) -> bool {
+        self.active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments_reassemble() {
+        for len in [0usize, 1, 63, 64, 65, 200, 1000] {
+            let msg: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut recs: Vec<(u8, u8, Vec<u8>)> = Vec::new();
+            let mut sent = 0;
+            let done = fragment(9, &msg, 64, &mut sent, |k, t, parts| {
+                recs.push((k, t, parts.concat()));
+                Ok(true)
+            })
+            .unwrap();
+            assert!(done);
+            assert_eq!(sent, len);
+            let mut r = Reassembly::new(1 << 20);
+            let mut got = None;
+            for (k, t, d) in &recs {
+                assert!(d.len() <= 64);
+                if let Delivery::Message(tag, m) = r.feed(*k, *t, d).unwrap() {
+                    got = Some((tag, m.to_vec()));
+                }
+            }
+            assert_eq!(got, Some((9, msg)));
+        }
+    }
+
+    #[test]
+    fn hostile_sequences_rejected() {
+        let mut r = Reassembly::new(100);
+        assert!(r.feed(kind::MORE, 0, b"x").is_err());
+        let mut r = Reassembly::new(100);
+        assert!(r.feed(kind::FIRST, 0, &1000u64.to_le_bytes()).is_err());
+        let mut r = Reassembly::new(100);
+        assert!(r.feed(kind::FIRST, 0, &[1, 2]).is_err());
+        let mut r = Reassembly::new(100);
+        let mut first = 10u64.to_le_bytes().to_vec();
+        first.extend_from_slice(b"abc");
+        assert!(matches!(r.feed(kind::FIRST, 0, &first), Ok(Delivery::Partial)));
+        assert!(r.feed(kind::MSG, 0, b"x").is_err());
+        let mut r2 = Reassembly::new(100);
+        r2.feed(kind::FIRST, 0, &first).ok();
+        assert!(r2.feed(kind::MORE, 0, &[0u8; 8]).is_err());
+    }
+}

@@ -1,0 +1,825 @@
+//! A node: one process's end of ivcom. It publishes a [`Card`], listens for
+//! peers on TCP, and hands out one [`Link`] per peer, on the shared ring when
+//! the peer is co-resident and the probe succeeds, on TCP otherwise.
+//!
+//! Wire-up (DESIGN.md, "Choosing the path for a peer"):
+//! 1. The initiator connects to the peer's TCP address and sends `HELLO`
+//!    with its card; the acceptor answers `ACK` with its own card, or
+//!    `REJECT` when the two sides connected to each other at the same moment
+//!    and this connection loses (the connection opened by the lower card id
+//!    wins; both sides apply the same rule, so exactly one survives).
+//! 2. If the cards are ring candidates (same backend, same host id), the
+//!    initiator shares a region, writes a random nonce into its control
+//!    pages and sends `OFFER` (geometry, grant and doorbell descriptors).
+//!    Otherwise it sends `TCPONLY` with the reason.
+//! 3. The acceptor maps the region and echoes the nonce it read from the
+//!    shared page (`MAPPED`), or says why it could not (`REFUSED`).
+//! 4. The initiator compares the nonce and sends `SWITCH` (both sides use
+//!    the ring) or `ABORT` (both stay on TCP). No data flows before this
+//!    exchange ends, so no message can overtake another during the switch.
+//!
+//! On the ring path the TCP connection stays open as the control plane: its
+//! end of file tells that the peer died.
+
+use crate::card::Card;
+use crate::channel::{Channel, WaitPolicy};
+use crate::error::{Error, Result};
+use crate::frame::Stats;
+use crate::hypervisor::{self, BackendChoice, BackendOptions, Hypervisor};
+use crate::netif::{self, IfSpec};
+use crate::ring::{kind, Geometry, RECORD_HEADER};
+use crate::tcp::{self, TcpLink};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A sink for verbose messages.
+pub type LogFn = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Configuration of a node. `Default` works without tuning.
+#[derive(Clone)]
+pub struct Config {
+    /// Backend choice (`auto`: xen on a Xen guest, host otherwise).
+    pub backend: BackendChoice,
+    /// Hypervisor directory of the host backend.
+    pub host_dir: Option<PathBuf>,
+    /// Data bytes of each ring direction (power of two).
+    pub ring_size: usize,
+    /// Largest record payload (default: a quarter of the ring).
+    pub max_record: Option<usize>,
+    /// Interfaces or subnets to publish an address from.
+    pub if_include: Vec<IfSpec>,
+    /// Interfaces or subnets never to publish.
+    pub if_exclude: Vec<IfSpec>,
+    /// Explicit address to listen on (overrides the interface lists).
+    pub listen: Option<IpAddr>,
+    /// Time allowed for connecting and the handshake.
+    pub connect_timeout: Duration,
+    /// Largest TCP frame payload.
+    pub tcp_frame: usize,
+    /// Largest message accepted from a peer.
+    pub max_message: usize,
+    /// Wait policy of blocking calls.
+    pub wait: WaitPolicy,
+    /// Where verbose messages go (none: silent).
+    pub log: Option<LogFn>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            backend: BackendChoice::Auto,
+            host_dir: None,
+            ring_size: 1 << 20,
+            max_record: None,
+            if_include: Vec::new(),
+            if_exclude: Vec::new(),
+            listen: None,
+            connect_timeout: Duration::from_secs(30),
+            tcp_frame: tcp::DEFAULT_FRAME,
+            max_message: crate::DEFAULT_MAX_MESSAGE,
+            wait: WaitPolicy::default(),
+            log: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("backend", &self.backend)
+            .field("host_dir", &self.host_dir)
+            .field("ring_size", &self.ring_size)
+            .field("max_record", &self.max_record)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    fn geometry(&self) -> Result<Geometry> {
+        match self.max_record {
+            Some(m) => Geometry::with_max_record(self.ring_size, m),
+            None => Geometry::new(self.ring_size),
+        }
+    }
+}
+
+/// The path a link took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// Shared ring.
+    Ring,
+    /// TCP.
+    Tcp,
+}
+
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PathKind::Ring => "ring",
+            PathKind::Tcp => "tcp",
+        })
+    }
+}
+
+enum Imp {
+    Ring(Box<Channel>),
+    Tcp(TcpLink),
+}
+
+/// A link to one peer, on whichever path was chosen.
+pub struct Link {
+    peer: Card,
+    path: PathKind,
+    reason: String,
+    imp: Imp,
+    /// Control connection of the ring path (liveness).
+    ctl: Option<TcpStream>,
+    idle_polls: u32,
+    policy: WaitPolicy,
+}
+
+/// Empty polls between two liveness checks of the control connection.
+const ALIVE_EVERY: u32 = 4096;
+
+impl Link {
+    /// The peer's card.
+    pub fn peer(&self) -> &Card {
+        &self.peer
+    }
+
+    /// The path this link uses.
+    pub fn path(&self) -> PathKind {
+        self.path
+    }
+
+    /// Why this path was chosen.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Counters of both directions.
+    pub fn stats(&self) -> Stats {
+        match &self.imp {
+            Imp::Ring(c) => c.stats,
+            Imp::Tcp(t) => t.stats,
+        }
+    }
+
+    /// Largest message that travels as one record or frame (and so is
+    /// delivered in place and may be sent with `try_send`/`reserve`).
+    pub fn max_inline(&self) -> usize {
+        match &self.imp {
+            Imp::Ring(c) => c.max_record(),
+            Imp::Tcp(t) => t.max_frame(),
+        }
+    }
+
+    /// File descriptor to poll for input on the TCP path.
+    pub fn tcp_fd(&self) -> Option<i32> {
+        match &self.imp {
+            Imp::Ring(_) => None,
+            Imp::Tcp(t) => Some(t.fd()),
+        }
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        match &self.ctl {
+            Some(s) => tcp::check_alive(s),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a message of any size, blocking until it is in the ring or has
+    /// left the process.
+    pub fn send(&mut self, tag: u8, msg: &[u8]) -> Result<()> {
+        self.send_deadline(tag, msg, None)
+    }
+
+    /// [`Link::send`] with a deadline.
+    pub fn send_deadline(&mut self, tag: u8, msg: &[u8], deadline: Option<Instant>) -> Result<()> {
+        match &mut self.imp {
+            Imp::Ring(c) => {
+                let ctl = &self.ctl;
+                let mut alive = || ctl.as_ref().map_or(Ok(()), tcp::check_alive);
+                c.send(tag, msg, deadline, &mut alive)
+            }
+            Imp::Tcp(t) => t.send(tag, msg, deadline),
+        }
+    }
+
+    /// Sends a message of at most [`Link::max_inline`] bytes, gathered from
+    /// `parts`, without blocking. `Ok(false)` when the ring is full (the TCP
+    /// path queues instead and always accepts).
+    pub fn try_send(&mut self, tag: u8, parts: &[&[u8]]) -> Result<bool> {
+        match &mut self.imp {
+            Imp::Ring(c) => c.try_send_parts(tag, parts),
+            Imp::Tcp(t) => t.send_nb(tag, parts).map(|_| true),
+        }
+    }
+
+    /// Reserves ring space for a message of `len` bytes (at most
+    /// [`Link::max_inline`]) to be written in place. `Ok(None)` when the ring
+    /// is full or the link is on TCP.
+    pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
+        match &mut self.imp {
+            Imp::Ring(c) => c.reserve(len),
+            Imp::Tcp(_) => Ok(None),
+        }
+    }
+
+    /// Sends the reserved message.
+    pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
+        match &mut self.imp {
+            Imp::Ring(c) => c.commit(len, tag),
+            Imp::Tcp(_) => Err(Error::Invalid("commit without reservation".into())),
+        }
+    }
+
+    /// Drops a reservation.
+    pub fn cancel(&mut self) {
+        if let Imp::Ring(c) = &mut self.imp {
+            c.cancel()
+        }
+    }
+
+    /// Delivers up to `max` messages to `f(tag, bytes)` without blocking
+    /// (in place where possible: the slice is valid only during the call),
+    /// and pushes queued TCP output. Returns how many were delivered.
+    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
+        let n = match &mut self.imp {
+            Imp::Ring(c) => c.poll(max, f)?,
+            Imp::Tcp(t) => t.poll(max, f)?,
+        };
+        if n == 0 && self.ctl.is_some() {
+            self.idle_polls += 1;
+            if self.idle_polls >= ALIVE_EVERY {
+                self.idle_polls = 0;
+                self.check_alive()?;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Receives one message into `out` (blocking until `deadline`); returns
+    /// its tag.
+    pub fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<u8> {
+        match &mut self.imp {
+            Imp::Ring(c) => {
+                let ctl = &self.ctl;
+                let mut alive = || ctl.as_ref().map_or(Ok(()), tcp::check_alive);
+                c.recv(out, deadline, &mut alive)
+            }
+            Imp::Tcp(t) => t.recv(out, deadline, &mut || Ok(())),
+        }
+    }
+
+    /// Bytes queued on the TCP path and not yet written to the socket.
+    pub fn queued(&self) -> usize {
+        match &self.imp {
+            Imp::Ring(_) => 0,
+            Imp::Tcp(t) => t.queued(),
+        }
+    }
+
+    /// Closes the link: the peer drains what was sent, then sees
+    /// [`Error::Closed`].
+    pub fn close(&mut self) {
+        match &mut self.imp {
+            Imp::Ring(c) => c.close(),
+            Imp::Tcp(t) => t.close(),
+        }
+    }
+
+    /// The wait policy of blocking calls.
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.policy
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.peer.to_string())
+            .field("path", &self.path)
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
+enum Peer {
+    Connecting { by_acceptor: bool },
+    Ready(Box<Link>),
+    Taken,
+    Failed(String),
+}
+
+struct Inner {
+    cfg: Config,
+    hv: Option<Arc<dyn Hypervisor>>,
+    no_ring: String,
+    card: Card,
+    peers: Mutex<HashMap<u64, Peer>>,
+    cv: Condvar,
+    stop: AtomicBool,
+    ready: AtomicUsize,
+}
+
+/// One process's end of ivcom.
+pub struct Node {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+// Handshake messages (CTRL frames on the TCP connection).
+const HELLO: u8 = 1;
+const ACK: u8 = 2;
+const REJECT: u8 = 3;
+const OFFER: u8 = 4;
+const TCPONLY: u8 = 5;
+const MAPPED: u8 = 6;
+const REFUSED: u8 = 7;
+const SWITCH: u8 = 8;
+const ABORT: u8 = 9;
+const MAX_CTL: usize = 1 << 20;
+
+fn ctl_send(s: &mut TcpStream, tag: u8, payload: &[u8]) -> Result<()> {
+    let h = (payload.len() as u64 | (kind::CTRL as u64) << 32 | (tag as u64) << 40).to_le_bytes();
+    let mut v = Vec::with_capacity(8 + payload.len());
+    v.extend_from_slice(&h);
+    v.extend_from_slice(payload);
+    s.write_all(&v)?;
+    Ok(())
+}
+
+fn ctl_recv(s: &mut TcpStream) -> Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; RECORD_HEADER];
+    s.read_exact(&mut h)?;
+    let (len, k, tag) = tcp::parse_header(h, MAX_CTL)?;
+    if k != kind::CTRL {
+        return Err(Error::Protocol("expected a control frame".into()));
+    }
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p)?;
+    Ok((tag, p))
+}
+
+fn expect(s: &mut TcpStream, want: &[u8]) -> Result<(u8, Vec<u8>)> {
+    let (t, p) = ctl_recv(s)?;
+    if !want.contains(&t) {
+        return Err(Error::Protocol(format!("unexpected control message {t}")));
+    }
+    Ok((t, p))
+}
+
+struct Reader<'a>(&'a [u8]);
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        if self.0.len() < n {
+            return Err(Error::Protocol("short offer".into()));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn blob(&mut self) -> Result<&[u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+}
+
+enum Initiated {
+    Link(Box<Link>),
+    Rejected,
+}
+
+impl Node {
+    /// Starts a node: opens the backend (a failure leaves the node TCP-only
+    /// and is reported by [`Node::ring_status`]), binds the TCP listener on
+    /// the selected interface and starts the acceptor thread.
+    pub fn new(cfg: Config) -> Result<Self> {
+        cfg.geometry()?;
+        let (hv, no_ring) = match hypervisor::open(
+            cfg.backend,
+            &BackendOptions {
+                host_dir: cfg.host_dir.clone(),
+            },
+        ) {
+            Ok(Some(hv)) => (Some(hv), String::new()),
+            Ok(None) => (None, "shared rings disabled (backend none)".to_string()),
+            Err(e) => (None, format!("no shared-memory backend: {e}")),
+        };
+        let ip = match cfg.listen {
+            Some(ip) => ip,
+            None => netif::select(&cfg.if_include, &cfg.if_exclude)?,
+        };
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let card = Card {
+            id: hypervisor::random_u64() | 1,
+            backend: hv.as_ref().map(|h| h.kind()),
+            host_id: hv.as_ref().map_or([0; 16], |h| h.host_id()),
+            domain: hv.as_ref().map_or(0, |h| h.domain_id()),
+            addr,
+        };
+        let inner = Arc::new(Inner {
+            cfg,
+            hv,
+            no_ring,
+            card,
+            peers: Mutex::new(HashMap::new()),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            ready: AtomicUsize::new(0),
+        });
+        if !inner.no_ring.is_empty() {
+            inner.log(&inner.no_ring.clone());
+        }
+        let i2 = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("ivcom-accept".into())
+            .spawn(move || acceptor(i2, listener))?;
+        Ok(Node {
+            inner,
+            thread: Some(thread),
+        })
+    }
+
+    /// This node's card.
+    pub fn card(&self) -> &Card {
+        &self.inner.card
+    }
+
+    /// `Ok(description)` of the backend, or `Err(reason)` why this node
+    /// cannot offer or accept rings.
+    pub fn ring_status(&self) -> std::result::Result<String, String> {
+        match &self.inner.hv {
+            Some(h) => Ok(h.describe()),
+            None => Err(self.inner.no_ring.clone()),
+        }
+    }
+
+    /// The link to `peer`: established now (as initiator) or taken from the
+    /// acceptor if the peer connected first. Both sides may call this at the
+    /// same moment; exactly one connection survives.
+    pub fn link(&self, peer: &Card) -> Result<Link> {
+        let inner = &self.inner;
+        if peer.id == inner.card.id {
+            return Err(Error::Invalid("cannot link to self".into()));
+        }
+        let deadline = Instant::now() + inner.cfg.connect_timeout;
+        {
+            let mut peers = inner.lock();
+            match peers.get(&peer.id) {
+                Some(Peer::Ready(_)) => return Ok(inner.take(&mut peers, peer.id)),
+                Some(Peer::Taken) => {
+                    return Err(Error::Invalid(format!("already linked to {peer}")))
+                }
+                Some(Peer::Connecting { .. }) => {
+                    drop(peers);
+                    return inner.wait_ready(peer.id, deadline);
+                }
+                Some(Peer::Failed(_)) | None => {
+                    peers.insert(peer.id, Peer::Connecting { by_acceptor: false });
+                }
+            }
+        }
+        match inner.initiate(peer.addr, Some(peer), deadline) {
+            Ok(Initiated::Link(l)) => {
+                inner.lock().insert(peer.id, Peer::Taken);
+                Ok(*l)
+            }
+            Ok(Initiated::Rejected) => inner.wait_ready(peer.id, deadline),
+            Err(e) => {
+                let mut peers = inner.lock();
+                if let Some(Peer::Connecting { by_acceptor: false }) = peers.get(&peer.id) {
+                    peers.insert(peer.id, Peer::Failed(e.to_string()));
+                }
+                inner.cv.notify_all();
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects to a node known only by its address (its card is learned in
+    /// the handshake).
+    pub fn connect(&self, addr: SocketAddr) -> Result<Link> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.cfg.connect_timeout;
+        match inner.initiate(addr, None, deadline)? {
+            Initiated::Link(l) => {
+                inner.lock().insert(l.peer.id, Peer::Taken);
+                Ok(*l)
+            }
+            Initiated::Rejected => Err(Error::Protocol("peer rejected the connection".into())),
+        }
+    }
+
+    /// Number of links that peers established with this node and that were
+    /// not taken yet (cheap: one atomic load).
+    pub fn pending(&self) -> usize {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    /// Takes a link that a peer established, waiting up to `timeout`.
+    pub fn accept(&self, timeout: Duration) -> Result<Option<Link>> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + timeout;
+        let mut peers = inner.lock();
+        loop {
+            let id = peers
+                .iter()
+                .find(|(_, p)| matches!(p, Peer::Ready(_)))
+                .map(|(id, _)| *id);
+            if let Some(id) = id {
+                return Ok(Some(inner.take(&mut peers, id)));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            peers = inner
+                .cv
+                .wait_timeout(peers, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log(&self, msg: &str) {
+        if let Some(l) = &self.cfg.log {
+            l(msg);
+        }
+    }
+
+    fn take(&self, peers: &mut HashMap<u64, Peer>, id: u64) -> Link {
+        match peers.insert(id, Peer::Taken) {
+            Some(Peer::Ready(l)) => {
+                self.ready.fetch_sub(1, Ordering::AcqRel);
+                *l
+            }
+            _ => unreachable!("take of a peer that is not ready"),
+        }
+    }
+
+    fn wait_ready(&self, id: u64, deadline: Instant) -> Result<Link> {
+        let mut peers = self.lock();
+        loop {
+            match peers.get(&id) {
+                Some(Peer::Ready(_)) => return Ok(self.take(&mut peers, id)),
+                Some(Peer::Failed(e)) => return Err(Error::PeerGone(e.clone())),
+                Some(Peer::Taken) => return Err(Error::Invalid("link already taken".into())),
+                _ => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout);
+            }
+            peers = self
+                .cv
+                .wait_timeout(peers, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn make_link(&self, peer: Card, path: PathKind, reason: String, sock: TcpStream, ch: Option<Channel>) -> Result<Link> {
+        sock.set_read_timeout(None)?;
+        let (imp, ctl) = match ch {
+            Some(mut c) => {
+                c.policy = self.cfg.wait;
+                c.set_max_message(self.cfg.max_message);
+                sock.set_nonblocking(true)?;
+                (Imp::Ring(Box::new(c)), Some(sock))
+            }
+            None => {
+                let mut t = TcpLink::new(sock, self.cfg.tcp_frame)?;
+                t.set_max_message(self.cfg.max_message);
+                (Imp::Tcp(t), None)
+            }
+        };
+        self.log(&format!("peer {peer}: path {path}: {reason}"));
+        Ok(Link {
+            peer,
+            path,
+            reason,
+            imp,
+            ctl,
+            idle_polls: 0,
+            policy: self.cfg.wait,
+        })
+    }
+
+    /// The initiator's side of the handshake.
+    fn initiate(&self, addr: SocketAddr, expect_peer: Option<&Card>, deadline: Instant) -> Result<Initiated> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // A listener that is not up yet (peer still starting): retry.
+        let mut sock = loop {
+            match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(Error::PeerGone(format!("connect {addr}: {e}"))),
+            }
+        };
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(left.max(Duration::from_millis(100))))?;
+        ctl_send(&mut sock, HELLO, &self.card.to_bytes())?;
+        let (t, p) = expect(&mut sock, &[ACK, REJECT])?;
+        if t == REJECT {
+            return Ok(Initiated::Rejected);
+        }
+        let peer = Card::from_bytes(&p)?;
+        if let Some(e) = expect_peer {
+            if e.id != peer.id {
+                return Err(Error::Protocol(format!("{addr} answered as {peer}, expected {e}")));
+            }
+        }
+        // Decide the path.
+        let hv = match (&self.hv, self.card.ring_candidate(&peer)) {
+            (Some(hv), true) => hv.clone(),
+            (None, _) => {
+                let why = format!("tcp: {}", self.no_ring);
+                ctl_send(&mut sock, TCPONLY, why.as_bytes())?;
+                return self.make_link(peer, PathKind::Tcp, why, sock, None).map(|l| Initiated::Link(Box::new(l)));
+            }
+            (Some(_), false) => {
+                let why = if peer.backend.is_none() {
+                    "tcp: peer has no shared-memory backend".to_string()
+                } else if peer.backend != self.card.backend {
+                    format!("tcp: peer backend {:?} differs from ours", peer.backend)
+                } else {
+                    "tcp: peer is on another host".to_string()
+                };
+                ctl_send(&mut sock, TCPONLY, why.as_bytes())?;
+                return self.make_link(peer, PathKind::Tcp, why, sock, None).map(|l| Initiated::Link(Box::new(l)));
+            }
+        };
+        let geo = self.cfg.geometry()?;
+        let nonce = hypervisor::random_u64();
+        let offer = match Channel::offer(&*hv, peer.domain, geo, nonce) {
+            Ok(o) => o,
+            Err(e) => {
+                let why = format!("tcp: could not share a ring: {e}");
+                ctl_send(&mut sock, TCPONLY, why.as_bytes())?;
+                return self.make_link(peer, PathKind::Tcp, why, sock, None).map(|l| Initiated::Link(Box::new(l)));
+            }
+        };
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&geo.data_size.to_le_bytes());
+        msg.extend_from_slice(&geo.max_record.to_le_bytes());
+        for blob in [&offer.grant, &offer.bell] {
+            msg.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+            msg.extend_from_slice(blob);
+        }
+        ctl_send(&mut sock, OFFER, &msg)?;
+        let (t, p) = expect(&mut sock, &[MAPPED, REFUSED])?;
+        let (path, why, ch) = if t == REFUSED {
+            let why = format!("tcp: peer could not map the ring: {}", String::from_utf8_lossy(&p));
+            (PathKind::Tcp, why, None)
+        } else if Reader(&p).u64()? != nonce {
+            let why = "tcp: nonce read by the peer differs (not the same memory)".to_string();
+            ctl_send(&mut sock, ABORT, why.as_bytes())?;
+            (PathKind::Tcp, why, None)
+        } else {
+            ctl_send(&mut sock, SWITCH, &[])?;
+            offer.channel.peer_attached();
+            let why = format!("ring: co-resident, mapping proved ({})", hv.describe());
+            (PathKind::Ring, why, Some(offer.channel))
+        };
+        self.make_link(peer, path, why, sock, ch).map(|l| Initiated::Link(Box::new(l)))
+    }
+
+    /// The acceptor's side of the handshake.
+    fn serve(&self, mut sock: TcpStream) -> Result<()> {
+        sock.set_nodelay(true)?;
+        sock.set_read_timeout(Some(self.cfg.connect_timeout))?;
+        let (_, p) = expect(&mut sock, &[HELLO])?;
+        let peer = Card::from_bytes(&p)?;
+        {
+            let mut peers = self.lock();
+            let accept = match peers.get(&peer.id) {
+                None | Some(Peer::Failed(_)) => true,
+                Some(Peer::Connecting { by_acceptor: false }) => peer.id < self.card.id,
+                _ => false,
+            };
+            if !accept {
+                drop(peers);
+                return ctl_send(&mut sock, REJECT, &[]);
+            }
+            peers.insert(peer.id, Peer::Connecting { by_acceptor: true });
+        }
+        let id = peer.id;
+        let r = self.serve_accepted(&mut sock, peer);
+        let mut peers = self.lock();
+        let out = match r {
+            Ok(l) => {
+                peers.insert(id, Peer::Ready(Box::new(l)));
+                self.ready.fetch_add(1, Ordering::AcqRel);
+                Ok(())
+            }
+            Err(e) => {
+                peers.insert(id, Peer::Failed(e.to_string()));
+                Err(e)
+            }
+        };
+        self.cv.notify_all();
+        out
+    }
+
+    fn serve_accepted(&self, sock: &mut TcpStream, peer: Card) -> Result<Link> {
+        ctl_send(sock, ACK, &self.card.to_bytes())?;
+        let (t, p) = expect(sock, &[OFFER, TCPONLY])?;
+        let s2 = sock.try_clone()?;
+        if t == TCPONLY {
+            let why = String::from_utf8_lossy(&p).into_owned();
+            return self.make_link(peer, PathKind::Tcp, why, s2, None);
+        }
+        let mut r = Reader(&p);
+        let data_size = r.u32()? as usize;
+        let max_record = r.u32()? as usize;
+        let grant = r.blob()?.to_vec();
+        let bell = r.blob()?.to_vec();
+        let mapped = (|| {
+            let hv = self.hv.as_ref().ok_or_else(|| Error::Backend(self.no_ring.clone()))?;
+            if data_size > self.cfg.ring_size.max(1 << 20) * 16 {
+                return Err(Error::Invalid(format!("offered ring of {data_size} bytes is too large")));
+            }
+            let geo = Geometry::with_max_record(data_size, max_record)?;
+            Channel::accept(&**hv, peer.domain, geo, &grant, &bell)
+        })();
+        match mapped {
+            Err(e) => {
+                let why = format!("tcp: could not map the offered ring: {e}");
+                ctl_send(sock, REFUSED, e.to_string().as_bytes())?;
+                self.make_link(peer, PathKind::Tcp, why, s2, None)
+            }
+            Ok((ch, nonce)) => {
+                ctl_send(sock, MAPPED, &nonce.to_le_bytes())?;
+                let (t, p) = expect(sock, &[SWITCH, ABORT])?;
+                if t == SWITCH {
+                    let why = format!(
+                        "ring: co-resident, mapping proved ({})",
+                        self.hv.as_ref().map_or(String::new(), |h| h.describe())
+                    );
+                    self.make_link(peer, PathKind::Ring, why, s2, Some(ch))
+                } else {
+                    let why = String::from_utf8_lossy(&p).into_owned();
+                    drop(ch);
+                    self.make_link(peer, PathKind::Tcp, why, s2, None)
+                }
+            }
+        }
+    }
+}
+
+fn acceptor(inner: Arc<Inner>, listener: TcpListener) {
+    let fd = listener.as_raw_fd();
+    while !inner.stop.load(Ordering::Acquire) {
+        let _ = tcp::wait_fd(fd, libc::POLLIN, Some(Instant::now() + Duration::from_millis(100)));
+        match listener.accept() {
+            Ok((sock, _)) => {
+                let i2 = inner.clone();
+                let _ = std::thread::Builder::new()
+                    .name("ivcom-handshake".into())
+                    .spawn(move || {
+                        if let Err(e) = sock.set_nonblocking(false).map_err(Error::from).and_then(|_| i2.serve(sock)) {
+                            i2.log(&format!("incoming connection failed: {e}"));
+                        }
+                    });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
