@@ -66,6 +66,8 @@ pub struct Channel {
     /// Wait policy of blocking calls.
     pub policy: WaitPolicy,
     closed: bool,
+    /// A message handed out in place is not released yet.
+    in_place: bool,
 }
 
 fn words(region: &dyn Region, geo: Geometry, offerer: bool) -> (*mut u8, *mut u8, BellWords) {
@@ -158,6 +160,7 @@ impl Channel {
             stats: Stats::default(),
             policy: WaitPolicy::default(),
             closed: false,
+            in_place: false,
         }
     }
 
@@ -253,48 +256,80 @@ impl Channel {
         }
     }
 
-    /// Delivers up to `max` complete messages to `f(tag, bytes)` without
-    /// blocking. Whole-record messages are handed over in place (the slice
-    /// points into ring space and is valid only during the call). Returns how
-    /// many messages were delivered.
-    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
-        let mut n = 0;
-        let res = self.poll_inner(max, &mut n, f);
-        if self.rx.flush() {
-            self.stats.rx_doorbells += 1;
-            self.bell.notify()?;
+    /// The next complete message, without blocking: `(tag, pointer, len)`.
+    /// A whole-record message points into ring space; a reassembled one into
+    /// the channel's buffer. Valid until [`Channel::release_msg`], which must
+    /// be called before the next `peek_msg`. No borrow of the channel is held
+    /// meanwhile, so the caller may send on this channel while it looks at
+    /// the message (but not poll it again).
+    pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        if self.in_place {
+            return Err(Error::Invalid("peek_msg before release_msg".into()));
         }
-        res.map(|_| n)
-    }
-
-    fn poll_inner(&mut self, max: usize, n: &mut usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<()> {
-        while *n < max {
+        loop {
             let rec: Record = match self.rx.peek() {
                 Ok(Some(r)) => r,
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(None),
                 Err(Error::Closed) if self.reasm.active() => {
                     return Err(Error::PeerGone("closed mid-message".into()))
                 }
                 Err(e) => return Err(e),
             };
-            // SAFETY: valid until release below; not retained past it.
-            let data = unsafe { rec.bytes() };
             if rec.kind == kind::CTRL {
                 self.rx.release();
                 continue;
             }
-            match self.reasm.feed(rec.kind, rec.tag, data)? {
-                Delivery::Message(tag, m) => {
-                    self.stats.rx_msgs += 1;
-                    self.stats.rx_bytes += m.len() as u64;
-                    f(tag, m);
-                    *n += 1;
-                }
-                Delivery::Partial => {}
+            if rec.kind == kind::MSG && !self.reasm.active() {
+                self.in_place = true;
+                self.stats.rx_msgs += 1;
+                self.stats.rx_bytes += rec.len as u64;
+                return Ok(Some((rec.tag, rec.ptr, rec.len)));
             }
+            // SAFETY: valid until the release below; copied by feed().
+            let data = unsafe { rec.bytes() };
+            let got = match self.reasm.feed(rec.kind, rec.tag, data)? {
+                Delivery::Message(tag, m) => Some((tag, m.as_ptr(), m.len())),
+                Delivery::Partial => None,
+            };
+            self.rx.release();
+            if let Some((tag, p, len)) = got {
+                self.stats.rx_msgs += 1;
+                self.stats.rx_bytes += len as u64;
+                return Ok(Some((tag, p, len)));
+            }
+        }
+    }
+
+    /// Hands the space of the message returned by `peek_msg` back to the
+    /// sender (ringing its doorbell if it sleeps for space).
+    pub fn release_msg(&mut self) -> Result<()> {
+        if self.in_place {
+            self.in_place = false;
             self.rx.release();
         }
+        if self.rx.flush() {
+            self.stats.rx_doorbells += 1;
+            self.bell.notify()?;
+        }
         Ok(())
+    }
+
+    /// Delivers up to `max` complete messages to `f(tag, bytes)` without
+    /// blocking (in place where possible: the slice is valid only during the
+    /// call). Returns how many messages were delivered.
+    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
+        let mut n = 0;
+        while n < max {
+            let Some((tag, p, len)) = self.peek_msg()? else { break };
+            // SAFETY: p/len describe the message until release_msg.
+            f(tag, unsafe { std::slice::from_raw_parts(p, len) });
+            self.release_msg()?;
+            n += 1;
+        }
+        if n == 0 {
+            self.release_msg()?;
+        }
+        Ok(n)
     }
 
     /// Receives one message into `out` (replacing its contents), blocking

@@ -268,6 +268,37 @@ impl Link {
         Ok(n)
     }
 
+    /// The next complete message without blocking, as `(tag, pointer,
+    /// len)`, valid until [`Link::release_msg`] (which must come before the
+    /// next `peek_msg`). No borrow is held meanwhile: the caller may send on
+    /// this link while it handles the message (the Open MPI receive upcall
+    /// does), but must not poll it again.
+    pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.peek_msg()?,
+            Imp::Tcp(t) => t.peek_msg()?,
+        };
+        if r.is_none() && self.ctl.is_some() {
+            self.idle_polls += 1;
+            if self.idle_polls >= ALIVE_EVERY {
+                self.idle_polls = 0;
+                self.check_alive()?;
+            }
+        }
+        Ok(r)
+    }
+
+    /// Releases the message returned by [`Link::peek_msg`].
+    pub fn release_msg(&mut self) -> Result<()> {
+        match &mut self.imp {
+            Imp::Ring(c) => c.release_msg(),
+            Imp::Tcp(t) => {
+                t.release_msg();
+                Ok(())
+            }
+        }
+    }
+
     /// Receives one message into `out` (blocking until `deadline`); returns
     /// its tag.
     pub fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<u8> {

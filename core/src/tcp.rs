@@ -53,6 +53,8 @@ pub struct TcpLink {
     pub stats: Stats,
     closed: bool,
     bye_seen: bool,
+    /// Frame bytes of a message handed out in place, not yet released.
+    pending: usize,
 }
 
 impl TcpLink {
@@ -72,6 +74,7 @@ impl TcpLink {
             stats: Stats::default(),
             closed: false,
             bye_seen: false,
+            pending: 0,
         })
     }
 
@@ -171,25 +174,86 @@ impl TcpLink {
         Ok(())
     }
 
-    /// Reads what the socket has and delivers up to `max` complete messages
-    /// to `f(tag, bytes)` (in place from the receive buffer where possible).
-    /// Also pushes queued output. Never blocks.
-    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
+    /// The next complete message, without blocking: `(tag, pointer, len)`
+    /// into the receive buffer (or the reassembly buffer), valid until
+    /// [`TcpLink::release_msg`], which must be called before the next
+    /// `peek_msg`. Sending on this link meanwhile is allowed. Also pushes
+    /// queued output.
+    pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        if self.pending > 0 {
+            return Err(Error::Invalid("peek_msg before release_msg".into()));
+        }
         if self.queued() > 0 {
             self.flush()?;
         }
-        let mut n = 0;
         loop {
-            n += self.deliver(max - n, f)?;
-            if n >= max || self.bye_seen {
-                break;
+            let avail = self.in_end - self.in_start;
+            if avail >= RECORD_HEADER {
+                let h: [u8; 8] = self.inbuf[self.in_start..self.in_start + 8]
+                    .try_into()
+                    .expect("8 bytes");
+                let (len, k, tag) = parse_header(h, self.max_frame)?;
+                if avail >= RECORD_HEADER + len {
+                    let a = self.in_start + RECORD_HEADER;
+                    if k == kind::CTRL {
+                        if tag == CTRL_BYE {
+                            self.bye_seen = true;
+                        }
+                        self.in_start = a + len;
+                        continue;
+                    }
+                    if k == kind::MSG && !self.reasm.active() {
+                        self.pending = RECORD_HEADER + len;
+                        self.stats.rx_msgs += 1;
+                        self.stats.rx_bytes += len as u64;
+                        return Ok(Some((tag, self.inbuf[a..].as_ptr(), len)));
+                    }
+                    let got = match self.reasm.feed(k, tag, &self.inbuf[a..a + len])? {
+                        Delivery::Message(t, m) => Some((t, m.as_ptr(), m.len())),
+                        Delivery::Partial => None,
+                    };
+                    self.in_start = a + len;
+                    if let Some((t, p, l)) = got {
+                        self.stats.rx_msgs += 1;
+                        self.stats.rx_bytes += l as u64;
+                        return Ok(Some((t, p, l)));
+                    }
+                    continue;
+                }
+            }
+            if self.bye_seen {
+                return if avail == 0 {
+                    Err(Error::Closed)
+                } else {
+                    Err(Error::PeerGone("closed mid-frame".into()))
+                };
             }
             if !self.fill()? {
-                break;
+                return Ok(None);
             }
         }
-        if n == 0 && self.bye_seen && self.in_start == self.in_end {
-            return Err(Error::Closed);
+    }
+
+    /// Consumes the message returned by `peek_msg`.
+    pub fn release_msg(&mut self) {
+        self.in_start += self.pending;
+        self.pending = 0;
+        if self.in_start == self.in_end {
+            self.in_start = 0;
+            self.in_end = 0;
+        }
+    }
+
+    /// Delivers up to `max` complete messages to `f(tag, bytes)` without
+    /// blocking. Returns how many were delivered.
+    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
+        let mut n = 0;
+        while n < max {
+            let Some((tag, p, len)) = self.peek_msg()? else { break };
+            // SAFETY: p/len describe the message until release_msg.
+            f(tag, unsafe { std::slice::from_raw_parts(p, len) });
+            self.release_msg();
+            n += 1;
         }
         Ok(n)
     }
@@ -218,37 +282,6 @@ impl TcpLink {
                 Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    fn deliver(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
-        let mut n = 0;
-        while n < max && self.in_end - self.in_start >= RECORD_HEADER {
-            let h: [u8; 8] = self.inbuf[self.in_start..self.in_start + 8]
-                .try_into()
-                .expect("8 bytes");
-            let (len, k, tag) = parse_header(h, self.max_frame)?;
-            if self.in_end - self.in_start < RECORD_HEADER + len {
-                break;
-            }
-            let a = self.in_start + RECORD_HEADER;
-            let data = &self.inbuf[a..a + len];
-            if k == kind::CTRL {
-                if tag == CTRL_BYE {
-                    self.bye_seen = true;
-                }
-            } else if let Delivery::Message(t, m) = self.reasm.feed(k, tag, data)? {
-                self.stats.rx_msgs += 1;
-                self.stats.rx_bytes += m.len() as u64;
-                f(t, m);
-                n += 1;
-            }
-            self.in_start = a + len;
-        }
-        if self.in_start == self.in_end {
-            self.in_start = 0;
-            self.in_end = 0;
-        }
-        Ok(n)
     }
 
     /// Receives one message into `out`, blocking. Returns its tag.
