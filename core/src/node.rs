@@ -312,6 +312,18 @@ impl Link {
         }
     }
 
+    /// Pushes queued TCP output without blocking; returns the bytes still
+    /// queued.
+    pub fn flush(&mut self) -> Result<usize> {
+        match &mut self.imp {
+            Imp::Ring(_) => Ok(0),
+            Imp::Tcp(t) => {
+                t.flush()?;
+                Ok(t.queued())
+            }
+        }
+    }
+
     /// Bytes queued on the TCP path and not yet written to the socket.
     pub fn queued(&self) -> usize {
         match &self.imp {
