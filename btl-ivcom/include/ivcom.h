@@ -302,6 +302,15 @@ size_t ivcom_link_peer_card(const ivcom_link *link, uint8_t *buf, size_t len);
 int ivcom_link_path(const ivcom_link *link);
 
 /**
+ * 1 when the peer was a ring candidate but the ring could not be set up
+ * (the link works over TCP; tell the user once), 0 otherwise.
+ *
+ * # Safety
+ * `link` valid.
+ */
+int ivcom_link_degraded(const ivcom_link *link);
+
+/**
  * Why the link took its path; returns the text length.
  *
  * # Safety

@@ -503,6 +503,17 @@ pub unsafe extern "C" fn ivcom_link_path(link: *const ivcom_link) -> c_int {
     }
 }
 
+/// 1 when the peer was a ring candidate but the ring could not be set up
+/// (the link works over TCP; tell the user once), 0 otherwise.
+///
+/// # Safety
+/// `link` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_degraded(link: *const ivcom_link) -> c_int {
+    // SAFETY: valid handle.
+    unsafe { &*link }.link.degraded() as c_int
+}
+
 /// Why the link took its path; returns the text length.
 ///
 /// # Safety

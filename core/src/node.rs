@@ -144,6 +144,7 @@ pub struct Link {
     ctl: Option<TcpStream>,
     idle_polls: u32,
     policy: WaitPolicy,
+    degraded: bool,
 }
 
 /// Empty polls between two liveness checks of the control connection.
@@ -163,6 +164,13 @@ impl Link {
     /// Why this path was chosen.
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// True when the peer was a ring candidate but setting up the ring
+    /// failed (no space, map refused, nonce mismatch): the link works, on
+    /// TCP, and users should be told once.
+    pub fn degraded(&self) -> bool {
+        self.degraded
     }
 
     /// Counters of both directions.
@@ -671,7 +679,9 @@ impl Inner {
             }
         };
         self.log(&format!("peer {peer}: path {path}: {reason}"));
+        let degraded = path == PathKind::Tcp && self.hv.is_some() && self.card.ring_candidate(&peer);
         Ok(Link {
+            degraded,
             peer,
             path,
             reason,

@@ -1,0 +1,336 @@
+/*
+ * btl/ivcom: component (parameters, init, modex).
+ */
+#include "opal_config.h"
+
+#include <dlfcn.h>
+#include <libgen.h>
+#include <stdarg.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "opal/mca/btl/base/base.h"
+#include "opal/mca/pmix/pmix.h"
+#include "opal/runtime/opal.h"
+#include "opal/util/output.h"
+#include "opal/util/show_help.h"
+
+#include "btl_ivcom.h"
+
+static int ivcom_register(void);
+static int ivcom_open(void);
+static int ivcom_close(void);
+static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_threads,
+                                          bool enable_mpi_threads);
+
+mca_btl_ivcom_component_t mca_btl_ivcom_component = {
+    .super = {
+        .btl_version = {
+            MCA_BTL_DEFAULT_VERSION("ivcom"),
+            .mca_open_component = ivcom_open,
+            .mca_close_component = ivcom_close,
+            .mca_register_component_params = ivcom_register,
+        },
+        .btl_data = {
+            .param_field = MCA_BASE_METADATA_PARAM_NONE,
+        },
+        .btl_init = ivcom_init,
+        .btl_progress = mca_btl_ivcom_progress,
+    },
+};
+
+/* Defaults: a 2 MiB ring per direction (512 KiB records), 8 KiB eager
+ * messages, 256 KiB fragments for large messages. */
+#define IVCOM_DEFAULT_RING (2UL << 20)
+
+static bool help_dir_added;
+
+/* show_help with our help file, found beside the component (installed or
+ * not); a plain message if the file is missing. */
+void mca_btl_ivcom_help(const char *topic, const char *fallback, ...)
+{
+    va_list ap;
+    if (!help_dir_added) {
+        Dl_info info;
+        help_dir_added = true;
+        if (dladdr((void *) &mca_btl_ivcom_component, &info) && info.dli_fname) {
+            char *copy = strdup(info.dli_fname);
+            if (copy) {
+                opal_show_help_add_dir(dirname(copy));
+                free(copy);
+            }
+        }
+    }
+    char path[4096];
+    bool have = false;
+    Dl_info info;
+    if (dladdr((void *) &mca_btl_ivcom_component, &info) && info.dli_fname) {
+        char *copy = strdup(info.dli_fname);
+        if (copy) {
+            snprintf(path, sizeof(path), "%s/help-mpi-btl-ivcom.txt", dirname(copy));
+            have = access(path, R_OK) == 0;
+            free(copy);
+        }
+    }
+    va_start(ap, fallback);
+    if (have) {
+        opal_show_vhelp("help-mpi-btl-ivcom.txt", topic, true, ap);
+    } else {
+        char *msg = NULL;
+        if (vasprintf(&msg, fallback, ap) >= 0) {
+            opal_output(0, "btl/ivcom: %s", msg);
+            free(msg);
+        }
+    }
+    va_end(ap);
+}
+
+static int reg_string(const char *name, const char *desc, char **storage, const char *def)
+{
+    *storage = (char *) def;
+    return mca_base_component_var_register(&mca_btl_ivcom_component.super.btl_version, name, desc,
+                                           MCA_BASE_VAR_TYPE_STRING, NULL, 0, 0, OPAL_INFO_LVL_4,
+                                           MCA_BASE_VAR_SCOPE_READONLY, storage);
+}
+
+static int reg_ulong(const char *name, const char *desc, unsigned long *storage, unsigned long def)
+{
+    *storage = def;
+    return mca_base_component_var_register(&mca_btl_ivcom_component.super.btl_version, name, desc,
+                                           MCA_BASE_VAR_TYPE_UNSIGNED_LONG, NULL, 0, 0,
+                                           OPAL_INFO_LVL_4, MCA_BASE_VAR_SCOPE_READONLY, storage);
+}
+
+static int reg_int(const char *name, const char *desc, int *storage, int def)
+{
+    *storage = def;
+    return mca_base_component_var_register(&mca_btl_ivcom_component.super.btl_version, name, desc,
+                                           MCA_BASE_VAR_TYPE_INT, NULL, 0, 0, OPAL_INFO_LVL_4,
+                                           MCA_BASE_VAR_SCOPE_READONLY, storage);
+}
+
+static int ivcom_register(void)
+{
+    mca_btl_ivcom_component_t *c = &mca_btl_ivcom_component;
+    mca_btl_base_module_t *m = &mca_btl_ivcom_module.super;
+
+    reg_string("backend",
+               "How co-resident peers share memory: auto (xen on a Xen guest with /dev/xen, "
+               "host otherwise), host (shared memory of one kernel: processes, containers, "
+               "network-namespace VMs), xen (grant tables and event channels), none (TCP for "
+               "every peer)",
+               &c->backend, "auto");
+    reg_string("host_dir",
+               "Hypervisor directory of the host backend: processes that see the same "
+               "directory are co-resident (default: $IVCOM_HOST_DIR or /dev/shm/ivcom)",
+               &c->host_dir, "");
+    reg_ulong("ring_size",
+              "Bytes of each ring direction between two co-resident peers (power of two, "
+              "4096 to 1073741824)",
+              &c->ring_size, IVCOM_DEFAULT_RING);
+    reg_ulong("max_record",
+              "Largest ring record in bytes (0: a quarter of btl_ivcom_ring_size); must hold "
+              "btl_ivcom_max_send_size",
+              &c->max_record, 0);
+    reg_string("if_include",
+               "Comma-separated interfaces or IPv4 subnets (CIDR) whose address this process "
+               "publishes for TCP and the ring handshake (like btl_tcp_if_include)",
+               &c->if_include, "");
+    reg_string("if_exclude",
+               "Comma-separated interfaces or IPv4 subnets never to publish (ignored when "
+               "btl_ivcom_if_include is set)",
+               &c->if_exclude, "");
+    reg_int("verbose",
+            "0: quiet; 1: print the path chosen for each peer and why, and per-peer counters "
+            "at finalize; 2: also the core's connection messages",
+            &c->verbose, 0);
+    reg_int("connect_timeout", "Seconds allowed to connect to a peer and agree on a path",
+            &c->connect_timeout, 30);
+
+    /* Module defaults, then the generic BTL parameters (btl_ivcom_eager_limit,
+     * btl_ivcom_max_send_size, btl_ivcom_exclusivity, ...). */
+    m->btl_exclusivity = MCA_BTL_EXCLUSIVITY_DEFAULT;
+    m->btl_eager_limit = 8 * 1024;
+    m->btl_rndv_eager_limit = 8 * 1024;
+    m->btl_max_send_size = 256 * 1024;
+    m->btl_rdma_pipeline_send_length = 256 * 1024;
+    m->btl_rdma_pipeline_frag_size = 256 * 1024;
+    m->btl_min_rdma_pipeline_size = 0;
+    m->btl_flags = MCA_BTL_FLAGS_SEND;
+    m->btl_latency = 1;
+    m->btl_bandwidth = 40000;
+    return mca_btl_base_param_register(&c->super.btl_version, m);
+}
+
+static int ivcom_open(void)
+{
+    mca_btl_ivcom_component_t *c = &mca_btl_ivcom_component;
+    c->node = NULL;
+    c->eps = NULL;
+    c->neps = c->cap_eps = 0;
+    c->orphans = NULL;
+    c->norphans = c->cap_orphans = 0;
+    c->in_progress = false;
+    c->warned_degraded = false;
+    c->error_cb = NULL;
+    OBJ_CONSTRUCT(&c->frags, opal_free_list_t);
+    return OPAL_SUCCESS;
+}
+
+static int ivcom_close(void)
+{
+    mca_btl_ivcom_close_all();
+    OBJ_DESTRUCT(&mca_btl_ivcom_component.frags);
+    return OPAL_SUCCESS;
+}
+
+static void ivcom_log(void *ctx, const char *msg)
+{
+    (void) ctx;
+    opal_output(0, "[ivcom] %s", msg);
+}
+
+static int parse_backend(const char *s)
+{
+    if (0 == strcmp(s, "auto")) return IVCOM_BACKEND_AUTO;
+    if (0 == strcmp(s, "host")) return IVCOM_BACKEND_HOST;
+    if (0 == strcmp(s, "xen")) return IVCOM_BACKEND_XEN;
+    if (0 == strcmp(s, "none") || 0 == strcmp(s, "tcp")) return IVCOM_BACKEND_NONE;
+    return -1;
+}
+
+static bool bad(const char *param, const char *value, const char *problem)
+{
+    mca_btl_ivcom_help("bad param", "invalid value '%s' of %s: %s", param, value, problem);
+    return false;
+}
+
+/* Checks every parameter; reports the first bad one by name. */
+static bool check_params(ivcom_config *cfg)
+{
+    mca_btl_ivcom_component_t *c = &mca_btl_ivcom_component;
+    mca_btl_base_module_t *m = &mca_btl_ivcom_module.super;
+    char buf[64], err[512];
+
+    if (parse_backend(c->backend ? c->backend : "auto") < 0) {
+        return bad("btl_ivcom_backend", c->backend, "expected auto, host, xen or none");
+    }
+    cfg->ring_size = c->ring_size;
+    cfg->max_record = 0;
+    if (IVCOM_OK != ivcom_config_check(cfg)) {
+        ivcom_last_error(err, sizeof(err));
+        snprintf(buf, sizeof(buf), "%lu", c->ring_size);
+        return bad("btl_ivcom_ring_size", buf, err);
+    }
+    cfg->max_record = c->max_record;
+    if (IVCOM_OK != ivcom_config_check(cfg)) {
+        ivcom_last_error(err, sizeof(err));
+        snprintf(buf, sizeof(buf), "%lu", c->max_record);
+        return bad("btl_ivcom_max_record", buf, err);
+    }
+    size_t max_record = ivcom_config_max_record(cfg);
+    if (m->btl_max_send_size > max_record || m->btl_max_send_size < 1024) {
+        snprintf(buf, sizeof(buf), "%zu", m->btl_max_send_size);
+        snprintf(err, sizeof(err), "must be between 1024 and the largest ring record (%zu bytes)",
+                 max_record);
+        return bad("btl_ivcom_max_send_size", buf, err);
+    }
+    if (m->btl_eager_limit > m->btl_max_send_size || m->btl_eager_limit < 64) {
+        snprintf(buf, sizeof(buf), "%zu", m->btl_eager_limit);
+        snprintf(err, sizeof(err), "must be between 64 and btl_ivcom_max_send_size (%zu)",
+                 m->btl_max_send_size);
+        return bad("btl_ivcom_eager_limit", buf, err);
+    }
+    if (m->btl_rndv_eager_limit > m->btl_eager_limit) {
+        m->btl_rndv_eager_limit = m->btl_eager_limit;
+    }
+    if (c->connect_timeout <= 0 || c->connect_timeout > 3600) {
+        snprintf(buf, sizeof(buf), "%d", c->connect_timeout);
+        return bad("btl_ivcom_connect_timeout", buf, "must be 1 to 3600 seconds");
+    }
+    if (c->verbose < 0) {
+        snprintf(buf, sizeof(buf), "%d", c->verbose);
+        return bad("btl_ivcom_verbose", buf, "must be 0 or more");
+    }
+    return true;
+}
+
+static const char *nonempty(const char *s)
+{
+    return (s && *s) ? s : NULL;
+}
+
+static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_threads,
+                                          bool enable_mpi_threads)
+{
+    mca_btl_ivcom_component_t *c = &mca_btl_ivcom_component;
+    mca_btl_base_module_t **btls;
+    ivcom_config cfg;
+    int rc;
+
+    (void) enable_progress_threads;
+    (void) enable_mpi_threads;
+    *num_btls = 0;
+
+    ivcom_config_default(&cfg);
+    cfg.host_dir = nonempty(c->host_dir);
+    cfg.if_include = nonempty(c->if_include);
+    cfg.if_exclude = nonempty(c->if_include) ? NULL : nonempty(c->if_exclude);
+    if (!check_params(&cfg)) {
+        return NULL;
+    }
+    cfg.backend = parse_backend(c->backend ? c->backend : "auto");
+    cfg.connect_timeout_ms = (uint32_t) c->connect_timeout * 1000u;
+    if (c->verbose >= 2) {
+        cfg.log = ivcom_log;
+    }
+
+    rc = ivcom_node_new(&cfg, &c->node);
+    if (IVCOM_OK != rc) {
+        char err[512];
+        ivcom_last_error(err, sizeof(err));
+        mca_btl_ivcom_help("node failed", "cannot start on %s: %s",
+                           opal_process_info.nodename, err);
+        return NULL;
+    }
+
+    char status[512];
+    if (0 == ivcom_node_ring_status(c->node, status, sizeof(status))
+        && IVCOM_BACKEND_NONE != cfg.backend) {
+        mca_btl_ivcom_help("no ring backend", "no shared rings on %s: %s (TCP for every peer)",
+                           opal_process_info.nodename, status);
+    } else {
+        IVCOM_VERBOSE(2, "[ivcom] rank=%u backend %s", OPAL_PROC_MY_NAME.vpid, status);
+    }
+
+    size_t len = ivcom_node_card(c->node, NULL, 0);
+    uint8_t *card = malloc(len);
+    if (NULL == card) {
+        return NULL;
+    }
+    ivcom_node_card(c->node, card, len);
+    OPAL_MODEX_SEND(rc, OPAL_PMIX_GLOBAL, &c->super.btl_version, card, len);
+    free(card);
+    if (OPAL_SUCCESS != rc) {
+        ivcom_node_free(c->node);
+        c->node = NULL;
+        return NULL;
+    }
+
+    rc = opal_free_list_init(&c->frags, sizeof(mca_btl_ivcom_frag_t), opal_cache_line_size,
+                             OBJ_CLASS(mca_btl_ivcom_frag_t), 0, opal_cache_line_size, 16, -1, 16,
+                             NULL, 0, NULL, NULL, NULL);
+    if (OPAL_SUCCESS != rc) {
+        ivcom_node_free(c->node);
+        c->node = NULL;
+        return NULL;
+    }
+
+    btls = malloc(sizeof(*btls));
+    if (NULL == btls) {
+        return NULL;
+    }
+    btls[0] = &mca_btl_ivcom_module.super;
+    *num_btls = 1;
+    return btls;
+}
