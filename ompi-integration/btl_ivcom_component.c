@@ -73,8 +73,12 @@ void mca_btl_ivcom_help(const char *topic, const char *fallback, ...)
         }
     }
     va_start(ap, fallback);
-    if (have) {
-        opal_show_vhelp("help-mpi-btl-ivcom.txt", topic, true, ap);
+    /* Rendered here and printed directly: forwarding through the runtime's
+     * show_help aggregation fails for messages raised during MPI_Init. */
+    char *text = have ? opal_show_help_vstring("help-mpi-btl-ivcom.txt", topic, true, ap) : NULL;
+    if (NULL != text) {
+        opal_output(0, "%s", text);
+        free(text);
     } else {
         char *msg = NULL;
         if (vasprintf(&msg, fallback, ap) >= 0) {

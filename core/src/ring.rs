@@ -84,7 +84,7 @@ impl Geometry {
     /// quarter of it (so that a streaming producer keeps several records in
     /// flight).
     pub fn new(data_size: usize) -> Result<Self> {
-        Self::with_max_record(data_size, data_size / 4 - RECORD_HEADER)
+        Self::with_max_record(data_size, data_size / 4)
     }
 
     /// A geometry with an explicit largest record.
