@@ -1,8 +1,9 @@
 //! Single-producer/single-consumer record ring laid out in shared pages.
 //!
 //! The wire format is documented in `docs/ring-format.md`. In short: one
-//! 4 KiB control page (header, producer line, consumer line, doorbell line,
-//! each on its own 64-byte cache line) followed by a power-of-two data area of
+//! 4 KiB control page (header, producer index, consumer index, doorbell,
+//! the two sleep flags and the close flag, each on its own 64-byte cache
+//! line) followed by a power-of-two data area of
 //! 8-byte aligned records `{len: u32, type: u8, tag: u8, reserved: u16}` plus
 //! payload padded to 8 bytes. Records never wrap: a padding record fills the
 //! end of the data area when the next record does not fit before it.
@@ -37,14 +38,20 @@ pub const MAX_DATA: usize = 1 << 30;
 pub const OFF_MAGIC: usize = 0x00; // magic u32, version u16, ctrl_pages u16
 pub const OFF_GEOMETRY: usize = 0x08; // data_size u32, max_record u32
 pub const OFF_NONCE: usize = 0x10; // u64, written by the creator for the probe
+/// Producer index: written by the producer on every commit.
 pub const OFF_PROD: usize = 0x40;
-pub const OFF_PROD_WAITING: usize = 0x48;
-pub const OFF_CLOSED: usize = 0x50;
+/// Consumer index: written by the consumer on every release batch.
 pub const OFF_CONS: usize = 0x80;
-pub const OFF_CONS_WAITING: usize = 0x88;
 /// Offset of the 32-bit doorbell word (host backend futex) that wakes the
 /// consumer of this ring.
 pub const OFF_BELL: usize = 0xC0;
+/// "Producer sleeps waiting for space": its own line, so that reading it on
+/// every release costs no transfer of a line the producer keeps writing.
+pub const OFF_PROD_WAITING: usize = 0x100;
+/// "Consumer sleeps waiting for data": its own line, likewise.
+pub const OFF_CONS_WAITING: usize = 0x140;
+/// Set by the producer when it closes the ring.
+pub const OFF_CLOSED: usize = 0x180;
 
 /// Record types.
 pub mod kind {
