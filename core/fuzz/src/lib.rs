@@ -1,0 +1,3 @@
+//! Support code of the ivcom-core fuzz targets.
+
+pub mod script;

@@ -1,0 +1,626 @@
+//! The ring under a hostile peer: proptest drives a real `Producer` and
+//! `Consumer` on one ring while writing arbitrary bytes into the data area
+//! and arbitrary values into the control page (torn headers, garbage
+//! indices, lengths past the end, padding in the wrong place, a version,
+//! magic or geometry changed mid-stream).
+//!
+//! The script interpreter and its checks live in `core/fuzz/src/script.rs`,
+//! shared with the `ring_consumer` fuzz target; see that file for the list
+//! of properties. This file adds the strategies, a round-trip property for
+//! well-formed streams (including the notify protocol as seen from one
+//! thread) and the mid-stream header change.
+
+#[path = "../fuzz/src/script.rs"]
+mod script;
+
+use ivcom_core::ring::{self, kind, Consumer, Geometry, Producer, RECORD_HEADER};
+use ivcom_core::{Error, Violation};
+use proptest::prelude::*;
+use script::{Anchor, Harness, Op, Word, DATA};
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::collections::VecDeque;
+
+// ---------------------------------------------------------------------------
+// Strategies
+
+/// Mostly the indices: header words get their own ops.
+fn word() -> impl Strategy<Value = Word> {
+    prop_oneof![
+        6 => Just(Word::Prod),
+        4 => Just(Word::Cons),
+        1 => Just(Word::Closed),
+        1 => Just(Word::ProdWaiting),
+        1 => Just(Word::ConsWaiting),
+        1 => Just(Word::Nonce),
+        1 => prop::sample::select(vec![Word::Magic, Word::Geometry]),
+    ]
+}
+
+fn index_value() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        any::<u64>(),
+        (0u64..(3 * DATA as u64 / 8)).prop_map(|x| x * 8),
+        0u64..(2 * DATA as u64),
+        (0u64..64).prop_map(|x| u64::MAX - x),
+        (0u64..64).prop_map(|x| (1u64 << 32) + 8 * x),
+    ]
+}
+
+fn record_kind() -> impl Strategy<Value = u8> {
+    prop_oneof![
+        4 => prop::sample::select(vec![kind::MSG, kind::FIRST, kind::MORE, kind::CTRL]),
+        2 => Just(kind::PAD),
+        1 => any::<u8>(),
+    ]
+}
+
+fn header_len() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        0u32..64,
+        0u32..(DATA as u32),
+        (0u32..16).prop_map(|x| DATA as u32 - RECORD_HEADER as u32 - 8 * x),
+        (0u32..16).prop_map(|x| u32::MAX - x),
+        any::<u32>(),
+    ]
+}
+
+fn anchor() -> impl Strategy<Value = Anchor> {
+    prop_oneof![
+        (0u32..DATA as u32).prop_map(Anchor::At),
+        Just(Anchor::ConsumerNext),
+        Just(Anchor::ProdWord),
+        Just(Anchor::ConsWord),
+    ]
+}
+
+fn hostile_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u32..DATA as u32, prop::collection::vec(any::<u8>(), 1..24))
+            .prop_map(|(off, data)| Op::Bytes { off, data }),
+        8 => (anchor(), -4i8..4, header_len(), record_kind(), any::<u8>()).prop_map(
+            |(at, delta, len, kind, tag)| Op::Header { at, delta, len, kind, tag }
+        ),
+        4 => (word(), index_value()).prop_map(|(word, value)| Op::Set { word, value }),
+        6 => (word(), prop_oneof![(-64i64..64).prop_map(|d| d * 8), -100i64..100])
+            .prop_map(|(word, delta)| Op::Nudge { word, delta }),
+        1 => (0u16..3, 0u16..3).prop_map(|(version, ctrl_pages)| Op::Version { version, ctrl_pages }),
+        1 => (prop_oneof![Just(DATA as u32), any::<u32>()], 0u32..4096)
+            .prop_map(|(data_size, max_record)| Op::Geometry { data_size, max_record }),
+    ]
+}
+
+fn api_op() -> impl Strategy<Value = Op> {
+    let len = || prop_oneof![0u32..64, 0u32..(DATA as u32 / 2 + 16)];
+    prop_oneof![
+        6 => Just(Op::Peek),
+        3 => Just(Op::Release),
+        2 => Just(Op::Flush),
+        3 => Just(Op::ReleaseFlush),
+        1 => Just(Op::HasData),
+        1 => Just(Op::ConsumerSleep),
+        1 => Just(Op::ConsumerWake),
+        4 => len().prop_map(|len| Op::Reserve { len }),
+        4 => (len(), any::<u8>(), any::<u8>()).prop_map(|(len, k, tag)| Op::Commit {
+            len,
+            kind: [kind::MSG, kind::FIRST, kind::MORE, kind::CTRL][k as usize % 4],
+            tag
+        }),
+        1 => Just(Op::Cancel),
+        3 => (len(), record_kind(), any::<u8>()).prop_map(|(len, kind, tag)| Op::Push { len, kind, tag }),
+        1 => len().prop_map(|len| Op::Fits { len }),
+        1 => Just(Op::ProducerSleep),
+        1 => Just(Op::ProducerWake),
+        1 => Just(Op::Close),
+    ]
+}
+
+fn max_record() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        Just(DATA / 4),
+        Just(0usize),
+        Just(DATA / 2 - RECORD_HEADER),
+        0usize..=(DATA / 2 - RECORD_HEADER),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// Hostile pages
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Heavy corruption: about a third of the steps are hostile writes.
+    #[test]
+    fn hostile_pages_never_break_the_contract(
+        max in max_record(),
+        ops in prop::collection::vec(prop_oneof![1 => hostile_op(), 2 => api_op()], 1..300),
+    ) {
+        Harness::new(max).run(&ops);
+    }
+
+    /// Rare corruption in an otherwise busy stream, so that the corruption
+    /// lands in the middle of live records and indices.
+    #[test]
+    fn rare_corruption_in_a_live_stream(
+        max in max_record(),
+        ops in prop::collection::vec(prop_oneof![1 => hostile_op(), 30 => api_op()], 1..600),
+    ) {
+        Harness::new(max).run(&ops);
+    }
+
+    /// Only the consumer's view: an arbitrary data area with a chain of
+    /// mostly plausible headers from offset 0, and a producer index that is
+    /// either the end of the chain or arbitrary, read with peek/release
+    /// until it breaks or runs dry.
+    #[test]
+    fn arbitrary_data_area_and_index(
+        max in max_record(),
+        data in prop::collection::vec(any::<u8>(), DATA),
+        chain in prop::collection::vec(
+            (prop_oneof![4 => 0u32..1100, 1 => header_len()], record_kind()), 0..24),
+        prod in prop_oneof![3 => Just(None), 1 => index_value().prop_map(Some)],
+    ) {
+        let mut h = Harness::new(max);
+        h.write_data(0, &data);
+        let mut pos: u64 = 0;
+        for &(len, k) in &chain {
+            // A padding record is made to fit the end of the ring (or not).
+            let len = if k == kind::PAD && len % 2 == 0 {
+                (DATA as u64 - pos % DATA as u64 - 8) as u32
+            } else {
+                len
+            };
+            if pos >= DATA as u64 {
+                break;
+            }
+            h.step(&Op::Header { at: Anchor::At(pos as u32), delta: 0, len, kind: k, tag: 0 });
+            pos = (pos + 8 + (len as u64).min(DATA as u64).div_ceil(8) * 8).min(DATA as u64);
+        }
+        h.write_word(Word::Prod, prod.unwrap_or(pos));
+        for _ in 0..DATA / 8 + 2 {
+            h.step(&Op::Peek);
+            h.step(&Op::ReleaseFlush);
+        }
+        // A ring read to its end either broke or ran dry.
+        h.step(&Op::HasData);
+    }
+}
+
+/// The fuzz decoder is exercised too (and a few fixed scripts stay as
+/// regression inputs).
+#[test]
+fn fuzz_decoder_smoke() {
+    script::run_bytes(&[]);
+    script::run_bytes(&[0xff; 64]);
+    script::run_bytes(&(0u8..=255).collect::<Vec<_>>());
+    let mut x: u32 = 1;
+    for _ in 0..200 {
+        let v: Vec<u8> = (0..512)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        script::run_bytes(&v);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Well-formed streams
+
+/// One ring in private aligned memory, for the tests below.
+struct Mem {
+    base: *mut u8,
+    layout: Layout,
+}
+
+impl Mem {
+    fn new(geo: Geometry) -> Mem {
+        let layout = Layout::from_size_align(geo.ring_bytes(), 4096).unwrap();
+        // SAFETY: non-zero size.
+        let base = unsafe { alloc_zeroed(layout) };
+        assert!(!base.is_null());
+        // SAFETY: fresh private memory of ring_bytes(), 4096-aligned.
+        unsafe { ring::init(base, geo, 7) };
+        Mem { base, layout }
+    }
+
+    fn ends(&self, geo: Geometry) -> (Producer, Consumer) {
+        // SAFETY: the mapping outlives both ends (they are dropped first in
+        // every test); one producer and one consumer.
+        unsafe {
+            (
+                Producer::new(self.base, geo).unwrap(),
+                Consumer::new(self.base, geo).unwrap(),
+            )
+        }
+    }
+
+    fn set_word(&self, off: usize, v: u64) {
+        // SAFETY: an 8-aligned word of the control page.
+        unsafe { std::ptr::write_volatile(self.base.add(off) as *mut u64, v) }
+    }
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this layout.
+        unsafe { dealloc(self.base, self.layout) }
+    }
+}
+
+fn payload(seq: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seq as u8).wrapping_mul(31) ^ (i as u8) ^ ((i >> 8) as u8).wrapping_mul(7))
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Produce one record: reserve `cap >= len` bytes, commit `len`.
+    Produce {
+        len: u32,
+        extra: u32,
+        kind: u8,
+        tag: u8,
+    },
+    /// Produce one record with `push`.
+    Push {
+        len: u32,
+        kind: u8,
+        tag: u8,
+    },
+    /// Consume up to `n` records (peeking each twice).
+    Consume {
+        n: u8,
+        flush_each: bool,
+    },
+    Flush,
+    /// Consumer finds the ring empty and goes to sleep (if it is empty).
+    ConsumerSleep,
+    /// Consumer wakes up on its own (time-out).
+    ConsumerWake,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let len = || prop_oneof![0u32..16, 0u32..=(DATA as u32 / 2)];
+    let k = || prop::sample::select(vec![kind::MSG, kind::FIRST, kind::MORE, kind::CTRL]);
+    prop_oneof![
+        4 => (len(), 0u32..64, k(), any::<u8>())
+            .prop_map(|(len, extra, kind, tag)| Step::Produce { len, extra, kind, tag }),
+        2 => (len(), k(), any::<u8>()).prop_map(|(len, kind, tag)| Step::Push { len, kind, tag }),
+        4 => (1u8..8, any::<bool>()).prop_map(|(n, flush_each)| Step::Consume { n, flush_each }),
+        1 => Just(Step::Flush),
+        1 => Just(Step::ConsumerSleep),
+        1 => Just(Step::ConsumerWake),
+    ]
+}
+
+struct Stream {
+    tx: Producer,
+    rx: Consumer,
+    max: usize,
+    seq: u64,
+    expected: VecDeque<(u8, u8, Vec<u8>)>,
+    consumer_sleeps: bool,
+    producer_sleeps: bool,
+    unflushed: bool,
+    delivered: u64,
+}
+
+impl Stream {
+    fn new(tx: Producer, rx: Consumer) -> Stream {
+        let max = tx.max_record();
+        Stream {
+            tx,
+            rx,
+            max,
+            seq: 0,
+            expected: VecDeque::new(),
+            consumer_sleeps: false,
+            producer_sleeps: false,
+            unflushed: false,
+            delivered: 0,
+        }
+    }
+
+    fn committed(&mut self, notify: bool) {
+        assert_eq!(
+            notify, self.consumer_sleeps,
+            "commit must ring exactly when the consumer announced sleep"
+        );
+        self.consumer_sleeps = false;
+    }
+
+    /// A smaller record fitted while the producer had announced sleep: it
+    /// carries on without waiting and withdraws the announcement.
+    fn woke(&mut self) {
+        if self.producer_sleeps {
+            self.tx.finish_sleep();
+            self.producer_sleeps = false;
+        }
+    }
+
+    fn full(&mut self) {
+        // The producer found the ring full: it announces sleep. Nothing
+        // moved since reserve reloaded the consumer index, so it may sleep.
+        assert!(self.tx.prepare_sleep().unwrap(), "full ring, but no sleep");
+        self.producer_sleeps = true;
+    }
+
+    fn produce(&mut self, len: usize, cap: usize, k: u8, tag: u8) {
+        let cap = cap.min(self.max);
+        let len = len.min(cap);
+        match self.tx.reserve(cap).unwrap() {
+            Some(p) => {
+                self.woke();
+                let data = payload(self.seq, len);
+                // SAFETY: reserve returned room for cap >= len bytes.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, len) };
+                let notify = self.tx.commit(len, k, tag);
+                self.committed(notify);
+                self.expected.push_back((k, tag, data));
+                self.seq += 1;
+            }
+            None => self.full(),
+        }
+    }
+
+    fn push(&mut self, len: usize, k: u8, tag: u8) {
+        let len = len.min(self.max);
+        let data = payload(self.seq, len);
+        let (a, b) = data.split_at(len / 2);
+        match self.tx.push(k, tag, &[a, &[], b]).unwrap() {
+            Some(notify) => {
+                self.woke();
+                self.committed(notify);
+                self.expected.push_back((k, tag, data));
+                self.seq += 1;
+            }
+            None => self.full(),
+        }
+    }
+
+    fn flush(&mut self) {
+        let notify = self.rx.flush();
+        assert_eq!(
+            notify,
+            self.producer_sleeps && self.unflushed,
+            "flush must ring exactly when it frees space for a sleeping producer"
+        );
+        if notify {
+            // The producer wakes up; the flag was cleared by the flush.
+            self.tx.finish_sleep();
+            self.producer_sleeps = false;
+        }
+        self.unflushed = false;
+    }
+
+    /// Consumes one record; false when the ring is empty.
+    fn consume(&mut self, flush: bool) -> bool {
+        let first = self.rx.peek().unwrap();
+        let Some(rec) = first else {
+            assert!(
+                self.expected.is_empty(),
+                "peek saw nothing, but records are committed"
+            );
+            return false;
+        };
+        // A second peek without release returns the same record.
+        let again = self.rx.peek().unwrap().unwrap();
+        assert_eq!((again.ptr, again.len), (rec.ptr, rec.len));
+        let (k, tag, data) = self
+            .expected
+            .pop_front()
+            .expect("record that was never sent");
+        assert_eq!((rec.kind, rec.tag, rec.len), (k, tag, data.len()));
+        // SAFETY: valid until release.
+        assert_eq!(unsafe { rec.bytes() }, &data[..], "payload differs");
+        self.rx.release();
+        self.unflushed = true;
+        self.delivered += 1;
+        if flush {
+            self.flush();
+        }
+        true
+    }
+
+    fn run(&mut self, s: &Step) {
+        match *s {
+            Step::Produce {
+                len,
+                extra,
+                kind,
+                tag,
+            } => self.produce(len as usize, len as usize + extra as usize, kind, tag),
+            Step::Push { len, kind, tag } => self.push(len as usize, kind, tag),
+            Step::Consume { n, flush_each } => {
+                for _ in 0..n {
+                    if !self.consume(flush_each) {
+                        break;
+                    }
+                }
+            }
+            Step::Flush => self.flush(),
+            Step::ConsumerSleep => {
+                if self.expected.is_empty() && !self.consumer_sleeps {
+                    assert!(self.rx.peek().unwrap().is_none());
+                    assert!(self.rx.prepare_sleep().unwrap(), "empty ring, but no sleep");
+                    self.consumer_sleeps = true;
+                }
+            }
+            Step::ConsumerWake => {
+                self.rx.finish_sleep();
+                self.consumer_sleeps = false;
+            }
+        }
+    }
+
+    /// Drains everything, closes and checks the close is seen.
+    fn finish(mut self) -> u64 {
+        while self.consume(false) {}
+        self.flush();
+        assert!(self.expected.is_empty());
+        let notify = self.tx.close();
+        self.committed(notify);
+        assert!(matches!(self.rx.peek(), Err(Error::Closed)));
+        self.delivered
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Records of random sizes 0..=max_record written by a real producer,
+    /// with a random interleaving of produce and consume steps, are read back
+    /// exactly, in order; the doorbell is asked for exactly when the other
+    /// side announced sleep.
+    #[test]
+    fn well_formed_stream_round_trips(
+        max in max_record(),
+        steps in prop::collection::vec(step(), 1..400),
+    ) {
+        let geo = Geometry::with_max_record(DATA, max).unwrap();
+        let mem = Mem::new(geo);
+        let (tx, rx) = mem.ends(geo);
+        let mut s = Stream::new(tx, rx);
+        for st in &steps {
+            s.run(st);
+        }
+        s.finish();
+        drop(mem);
+    }
+
+    /// A header word changed mid-stream (version, magic or geometry) breaks
+    /// both ends with the matching violation: the consumer once it has used
+    /// up the producer index it already saw, the producer once it needs to
+    /// reload the consumer index. Records delivered before are intact.
+    #[test]
+    fn header_change_mid_stream_breaks_the_ring(
+        steps in prop::collection::vec(step(), 0..100),
+        which in 0u8..3,
+    ) {
+        let geo = Geometry::new(DATA).unwrap();
+        let mem = Mem::new(geo);
+        let (tx, rx) = mem.ends(geo);
+        let mut s = Stream::new(tx, rx);
+        for st in &steps {
+            s.run(st);
+        }
+        let header = ring::MAGIC as u64 | (ring::VERSION as u64) << 32 | 1u64 << 48;
+        let geometry = geo.data_size as u64 | (geo.max_record as u64) << 32;
+        let want = match which {
+            0 => {
+                mem.set_word(ring::OFF_MAGIC, header + (1 << 32));
+                Violation::BadVersion
+            }
+            1 => {
+                mem.set_word(ring::OFF_MAGIC, header ^ 0x20);
+                Violation::BadMagic
+            }
+            _ => {
+                mem.set_word(ring::OFF_GEOMETRY, geometry * 2);
+                Violation::BadGeometry
+            }
+        };
+        // Consumer: at most the already-committed records, then the error.
+        let mut seen = 0;
+        let limit = s.expected.len() + 1;
+        let err = loop {
+            match s.rx.peek() {
+                Ok(Some(rec)) => {
+                    let (k, tag, data) = s.expected.pop_front().expect("never sent");
+                    prop_assert_eq!((rec.kind, rec.tag), (k, tag));
+                    // SAFETY: valid until release.
+                    prop_assert_eq!(unsafe { rec.bytes() }, &data[..]);
+                    s.rx.release();
+                    seen += 1;
+                    prop_assert!(seen <= limit);
+                }
+                Ok(None) => prop_assert!(false, "changed header not noticed"),
+                Err(e) => break e,
+            }
+        };
+        prop_assert!(matches!(err, Error::Broken(v) if v == want), "{:?}", err);
+        prop_assert!(matches!(s.rx.peek(), Err(Error::Broken(v)) if v == want));
+        prop_assert!(matches!(s.rx.has_data(), Err(Error::Broken(v)) if v == want));
+        s.rx.flush();
+        // Producer: fill the ring with empty records until it must reload.
+        let mut n = 0;
+        let perr = loop {
+            match s.tx.reserve(0) {
+                Ok(Some(_)) => {
+                    s.tx.commit(0, kind::MSG, 0);
+                }
+                Ok(None) => prop_assert!(false, "full ring without noticing"),
+                Err(e) => break e,
+            }
+            n += 1;
+            prop_assert!(n <= DATA / 8 + 1);
+        };
+        prop_assert!(matches!(perr, Error::Broken(v) if v == want), "{:?}", perr);
+        prop_assert!(matches!(s.tx.reserve(0), Err(Error::Broken(v)) if v == want));
+        prop_assert!(matches!(s.tx.push(kind::MSG, 0, &[]), Err(Error::Broken(v)) if v == want));
+    }
+}
+
+/// The plain case: a version word changed between two records.
+#[test]
+fn changed_version_mid_stream_is_bad_version() {
+    let geo = Geometry::new(DATA).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    tx.push(kind::MSG, 1, &[b"first"]).unwrap().unwrap();
+    let r = rx.peek().unwrap().unwrap();
+    // SAFETY: valid until release.
+    assert_eq!(unsafe { r.bytes() }, b"first");
+    rx.release_flush();
+    // The peer now speaks version 2.
+    let v2 = ring::MAGIC as u64 | ((ring::VERSION as u64 + 1) << 32) | 1u64 << 48;
+    mem.set_word(ring::OFF_MAGIC, v2);
+    tx.push(kind::MSG, 2, &[b"second"]).unwrap().unwrap();
+    assert!(matches!(
+        rx.peek(),
+        Err(Error::Broken(Violation::BadVersion))
+    ));
+    assert!(matches!(
+        rx.peek(),
+        Err(Error::Broken(Violation::BadVersion))
+    ));
+    assert!(matches!(
+        rx.has_data(),
+        Err(Error::Broken(Violation::BadVersion))
+    ));
+}
+
+/// Long well-formed streams through every record size, wrapping the ring
+/// many times.
+#[test]
+fn every_size_round_trips() {
+    for max in [0, 8, 100, DATA / 4, DATA / 2 - RECORD_HEADER] {
+        let geo = Geometry::with_max_record(DATA, max).unwrap();
+        let mem = Mem::new(geo);
+        let (tx, rx) = mem.ends(geo);
+        let mut s = Stream::new(tx, rx);
+        for len in 0..=max.min(1500) {
+            s.produce(len, len, kind::MSG, len as u8);
+            if len % 3 == 0 {
+                s.run(&Step::Consume {
+                    n: 3,
+                    flush_each: len % 2 == 0,
+                });
+            }
+            if s.producer_sleeps {
+                s.run(&Step::Consume {
+                    n: 8,
+                    flush_each: false,
+                });
+                s.flush();
+            }
+        }
+        let n = s.finish();
+        assert!(n > 0);
+    }
+}
