@@ -70,6 +70,8 @@ typedef struct mca_btl_ivcom_component_t {
     ivcom_link **orphans;            /* links from peers not added yet */
     int norphans, cap_orphans;
     bool in_progress;
+    unsigned progress_calls;
+    int neps_linked;                 /* endpoints with a link */
     bool warned_degraded;
     mca_btl_base_module_error_cb_fn_t error_cb;
 } mca_btl_ivcom_component_t;

@@ -175,6 +175,8 @@ static int ivcom_open(void)
     c->orphans = NULL;
     c->norphans = c->cap_orphans = 0;
     c->in_progress = false;
+    c->progress_calls = 0;
+    c->neps_linked = 0;
     c->warned_degraded = false;
     c->error_cb = NULL;
     OBJ_CONSTRUCT(&c->frags, opal_free_list_t);

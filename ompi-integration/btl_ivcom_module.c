@@ -100,6 +100,7 @@ static void attach(mca_btl_base_endpoint_t *ep, ivcom_link *link)
 {
     char reason[512];
     ep->link = link;
+    C->neps_linked++;
     ivcom_link_reason(link, reason, sizeof(reason));
     IVCOM_VERBOSE(1, "[ivcom] path rank=%u peer=%u path=%s reason=\"%s\"", my_rank(),
                   peer_rank(ep), IVCOM_PATH_RING == ivcom_link_path(link) ? "ring" : "tcp",
@@ -500,7 +501,9 @@ int mca_btl_ivcom_progress(void)
         return 0;
     }
     C->in_progress = true;
-    if (ivcom_node_pending(C->node) > 0) {
+    /* Links that peers opened: checked every 16th call (an FFI call and an
+     * atomic load), and on every call while we have no link at all. */
+    if ((0 == (++C->progress_calls & 15) || 0 == C->neps_linked) && ivcom_node_pending(C->node) > 0) {
         accept_incoming();
     }
     for (int i = 0; i < C->neps; i++) {
@@ -589,6 +592,7 @@ static void release_endpoint(mca_btl_base_endpoint_t *ep)
         }
         ivcom_link_free(ep->link);
         ep->link = NULL;
+        C->neps_linked--;
     }
     OBJ_RELEASE(ep);
 }

@@ -170,7 +170,11 @@ unsafe fn opt_str(p: *const c_char) -> Result<Option<String>, Error> {
     let s = unsafe { CStr::from_ptr(p) }
         .to_str()
         .map_err(|_| Error::Invalid("string is not UTF-8".into()))?;
-    Ok(if s.is_empty() { None } else { Some(s.to_string()) })
+    Ok(if s.is_empty() {
+        None
+    } else {
+        Some(s.to_string())
+    })
 }
 
 struct LogSink {
@@ -308,7 +312,10 @@ pub unsafe extern "C" fn ivcom_config_max_record(cfg: *const ivcom_config) -> us
 /// `cfg` valid; `out` writable. The log callback may be called from a
 /// library thread.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_node_new(cfg: *const ivcom_config, out: *mut *mut ivcom_node) -> c_int {
+pub unsafe extern "C" fn ivcom_node_new(
+    cfg: *const ivcom_config,
+    out: *mut *mut ivcom_node,
+) -> c_int {
     guard(|| {
         if cfg.is_null() || out.is_null() {
             return fail(Error::Invalid("null argument".into()));
@@ -350,7 +357,11 @@ pub unsafe extern "C" fn ivcom_node_free(node: *mut ivcom_node) {
 /// # Safety
 /// `node` valid; `buf` has `len` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_node_card(node: *const ivcom_node, buf: *mut u8, len: usize) -> usize {
+pub unsafe extern "C" fn ivcom_node_card(
+    node: *const ivcom_node,
+    buf: *mut u8,
+    len: usize,
+) -> usize {
     // SAFETY: valid handle per contract.
     let b = unsafe { &*node }.node.card().to_bytes();
     if !buf.is_null() && len >= b.len() {
@@ -366,7 +377,12 @@ pub unsafe extern "C" fn ivcom_node_card(node: *const ivcom_node, buf: *mut u8, 
 /// # Safety
 /// `card` has `card_len` readable bytes; `buf` has `len` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_card_describe(card: *const u8, card_len: usize, buf: *mut c_char, len: usize) -> c_int {
+pub unsafe extern "C" fn ivcom_card_describe(
+    card: *const u8,
+    card_len: usize,
+    buf: *mut c_char,
+    len: usize,
+) -> c_int {
     guard(|| {
         // SAFETY: readable per contract.
         let b = unsafe { std::slice::from_raw_parts(card, card_len) };
@@ -384,7 +400,11 @@ pub unsafe extern "C" fn ivcom_card_describe(card: *const u8, card_len: usize, b
 /// # Safety
 /// `node` valid; `buf` has `len` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_node_ring_status(node: *const ivcom_node, buf: *mut c_char, len: usize) -> c_int {
+pub unsafe extern "C" fn ivcom_node_ring_status(
+    node: *const ivcom_node,
+    buf: *mut c_char,
+    len: usize,
+) -> c_int {
     // SAFETY: valid handle per contract.
     let st = unsafe { &*node }.node.ring_status();
     let (r, s) = match st {
@@ -412,7 +432,10 @@ pub unsafe extern "C" fn ivcom_node_pending(node: *const ivcom_node) -> usize {
 /// # Safety
 /// `node` valid; `out` writable.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_node_accept(node: *const ivcom_node, out: *mut *mut ivcom_link) -> c_int {
+pub unsafe extern "C" fn ivcom_node_accept(
+    node: *const ivcom_node,
+    out: *mut *mut ivcom_link,
+) -> c_int {
     guard(|| {
         // SAFETY: valid handle per contract.
         match unsafe { &*node }.node.accept(Duration::ZERO) {
@@ -480,7 +503,11 @@ pub unsafe extern "C" fn ivcom_link_free(link: *mut ivcom_link) {
 /// # Safety
 /// `link` valid; `buf` has `len` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_link_peer_card(link: *const ivcom_link, buf: *mut u8, len: usize) -> usize {
+pub unsafe extern "C" fn ivcom_link_peer_card(
+    link: *const ivcom_link,
+    buf: *mut u8,
+    len: usize,
+) -> usize {
     // SAFETY: valid handle.
     let b = unsafe { &*link }.link.peer().to_bytes();
     if !buf.is_null() && len >= b.len() {
@@ -519,7 +546,11 @@ pub unsafe extern "C" fn ivcom_link_degraded(link: *const ivcom_link) -> c_int {
 /// # Safety
 /// `link` valid; `buf` has `len` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_link_reason(link: *const ivcom_link, buf: *mut c_char, len: usize) -> usize {
+pub unsafe extern "C" fn ivcom_link_reason(
+    link: *const ivcom_link,
+    buf: *mut c_char,
+    len: usize,
+) -> usize {
     // SAFETY: valid handle; writable buffer.
     unsafe { write_str((*link).link.reason(), buf, len) }
 }
@@ -541,10 +572,19 @@ pub unsafe extern "C" fn ivcom_link_max_inline(link: *const ivcom_link) -> usize
 /// # Safety
 /// `link` valid; `iov` has `n` entries describing readable memory.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_link_try_send(link: *mut ivcom_link, tag: u8, iov: *const ivcom_iov, n: usize) -> c_int {
+pub unsafe extern "C" fn ivcom_link_try_send(
+    link: *mut ivcom_link,
+    tag: u8,
+    iov: *const ivcom_iov,
+    n: usize,
+) -> c_int {
     guard(|| {
         // SAFETY: iov has n entries (contract).
-        let iov = if n == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(iov, n) } };
+        let iov = if n == 0 {
+            &[][..]
+        } else {
+            unsafe { std::slice::from_raw_parts(iov, n) }
+        };
         let parts: Vec<&[u8]> = iov
             .iter()
             .map(|v| {
@@ -570,11 +610,22 @@ pub unsafe extern "C" fn ivcom_link_try_send(link: *mut ivcom_link, tag: u8, iov
 /// # Safety
 /// `link` valid; `data` has `len` readable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_link_send(link: *mut ivcom_link, tag: u8, data: *const u8, len: usize, timeout_ms: u32) -> c_int {
+pub unsafe extern "C" fn ivcom_link_send(
+    link: *mut ivcom_link,
+    tag: u8,
+    data: *const u8,
+    len: usize,
+    timeout_ms: u32,
+) -> c_int {
     guard(|| {
-        let d = (timeout_ms != 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
+        let d =
+            (timeout_ms != 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
         // SAFETY: readable per contract.
-        let msg = if len == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(data, len) } };
+        let msg = if len == 0 {
+            &[][..]
+        } else {
+            unsafe { std::slice::from_raw_parts(data, len) }
+        };
         // SAFETY: valid handle.
         match unsafe { &mut *link }.link.send_deadline(tag, msg, d) {
             Ok(()) => IVCOM_OK,
@@ -590,7 +641,11 @@ pub unsafe extern "C" fn ivcom_link_send(link: *mut ivcom_link, tag: u8, data: *
 /// # Safety
 /// `link` valid; `ptr` writable.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_link_reserve(link: *mut ivcom_link, len: usize, ptr: *mut *mut u8) -> c_int {
+pub unsafe extern "C" fn ivcom_link_reserve(
+    link: *mut ivcom_link,
+    len: usize,
+    ptr: *mut *mut u8,
+) -> c_int {
     guard(|| {
         // SAFETY: valid handle.
         match unsafe { &mut *link }.link.reserve(len) {
@@ -640,7 +695,16 @@ pub unsafe extern "C" fn ivcom_link_cancel(link: *mut ivcom_link) {
 /// # Safety
 /// `link` valid. `cb` may send on this link but must not poll it.
 #[no_mangle]
-pub unsafe extern "C" fn ivcom_link_poll(link: *mut ivcom_link, max: usize, cb: ivcom_recv_fn, ctx: *mut c_void) -> c_int {
+pub unsafe extern "C" fn ivcom_link_poll(
+    link: *mut ivcom_link,
+    max: usize,
+    cb: ivcom_recv_fn,
+    ctx: *mut c_void,
+) -> c_int {
+    // SAFETY: valid handle (contract); fast path with no borrow held after.
+    if !unsafe { &mut *link }.link.worth_polling() {
+        return 0;
+    }
     guard(|| {
         let mut n = 0usize;
         while n < max {

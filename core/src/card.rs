@@ -71,7 +71,9 @@ impl Card {
         let host_id: [u8; 16] = b[24..40].try_into().map_err(|_| bad("length"))?;
         let ip = match (b[6], b.len()) {
             (4, 44) => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&b[40..44]).expect("4"))),
-            (6, 56) => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&b[40..56]).expect("16"))),
+            (6, 56) => IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(&b[40..56]).expect("16"),
+            )),
             _ => return Err(bad("address")),
         };
         Ok(Card {

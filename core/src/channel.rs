@@ -229,7 +229,13 @@ impl Channel {
 
     /// Sends `msg` of any size, blocking while the ring is full. Messages
     /// larger than a record are fragmented.
-    pub fn send(&mut self, tag: u8, msg: &[u8], deadline: Option<Instant>, alive: Alive) -> Result<()> {
+    pub fn send(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        deadline: Option<Instant>,
+        alive: Alive,
+    ) -> Result<()> {
         let max = self.max_record();
         let mut sent = 0;
         loop {
@@ -320,7 +326,9 @@ impl Channel {
     pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
         let mut n = 0;
         while n < max {
-            let Some((tag, p, len)) = self.peek_msg()? else { break };
+            let Some((tag, p, len)) = self.peek_msg()? else {
+                break;
+            };
             // SAFETY: p/len describe the message until release_msg.
             f(tag, unsafe { std::slice::from_raw_parts(p, len) });
             self.release_msg()?;
@@ -335,7 +343,12 @@ impl Channel {
     /// Receives one message into `out` (replacing its contents), blocking
     /// until one arrives, the deadline passes or `alive` fails. Returns the
     /// message's tag.
-    pub fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>, alive: Alive) -> Result<u8> {
+    pub fn recv(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+        alive: Alive,
+    ) -> Result<u8> {
         loop {
             let mut tag = 0;
             let got = self.poll(1, &mut |t, m| {
@@ -391,7 +404,12 @@ impl Channel {
     }
 
     /// Waits until `need` bytes (one record incl. header) fit in the tx ring.
-    pub fn wait_writable(&mut self, need: usize, deadline: Option<Instant>, alive: Alive) -> Result<()> {
+    pub fn wait_writable(
+        &mut self,
+        need: usize,
+        deadline: Option<Instant>,
+        alive: Alive,
+    ) -> Result<()> {
         let policy = self.policy;
         let start = Instant::now();
         loop {
@@ -416,6 +434,12 @@ impl Channel {
             }
             alive()?;
         }
+    }
+
+    /// Cheap hint for pollers: nothing new arrived and nothing is held.
+    #[inline]
+    pub fn looks_idle(&self) -> bool {
+        !self.in_place && self.rx.looks_empty()
     }
 
     /// True when a record is waiting.
@@ -515,7 +539,10 @@ mod tests {
         }
         a.close();
         let mut out = Vec::new();
-        assert!(matches!(b.recv(&mut out, None, &mut ok), Err(Error::Closed)));
+        assert!(matches!(
+            b.recv(&mut out, None, &mut ok),
+            Err(Error::Closed)
+        ));
     }
 
     #[test]
@@ -535,6 +562,9 @@ mod tests {
         let (_a, mut b, _dir) = pair(4096);
         let mut out = Vec::new();
         let d = Instant::now() + Duration::from_millis(100);
-        assert!(matches!(b.recv(&mut out, Some(d), &mut || Ok(())), Err(Error::Timeout)));
+        assert!(matches!(
+            b.recv(&mut out, Some(d), &mut || Ok(())),
+            Err(Error::Timeout)
+        ));
     }
 }

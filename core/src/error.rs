@@ -83,7 +83,10 @@ impl Error {
 
     /// True when the link can never carry another message.
     pub fn is_fatal(&self) -> bool {
-        !matches!(self, Error::Timeout | Error::TooLarge { .. } | Error::Invalid(_))
+        !matches!(
+            self,
+            Error::Timeout | Error::TooLarge { .. } | Error::Invalid(_)
+        )
     }
 }
 

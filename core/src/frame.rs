@@ -177,7 +177,10 @@ mod tests {
         let mut r = Reassembly::new(100);
         let mut first = 10u64.to_le_bytes().to_vec();
         first.extend_from_slice(b"abc");
-        assert!(matches!(r.feed(kind::FIRST, 0, &first), Ok(Delivery::Partial)));
+        assert!(matches!(
+            r.feed(kind::FIRST, 0, &first),
+            Ok(Delivery::Partial)
+        ));
         assert!(r.feed(kind::MSG, 0, b"x").is_err());
         let mut r2 = Reassembly::new(100);
         r2.feed(kind::FIRST, 0, &first).ok();

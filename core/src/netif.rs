@@ -43,7 +43,11 @@ pub fn interfaces() -> Result<Vec<IfAddr>> {
             let m = if ifa.ifa_netmask.is_null() {
                 0
             } else {
-                u32::from_be((*(ifa.ifa_netmask as *const libc::sockaddr_in)).sin_addr.s_addr)
+                u32::from_be(
+                    (*(ifa.ifa_netmask as *const libc::sockaddr_in))
+                        .sin_addr
+                        .s_addr,
+                )
             };
             (
                 Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
@@ -161,6 +165,8 @@ mod tests {
         };
         assert!(IfSpec::parse("127.0.0.0/8").unwrap().matches(&lo));
         assert!(!IfSpec::parse("10.0.0.0/8").unwrap().matches(&lo));
-        assert!(select(&[IfSpec::Name("lo".into())], &[]).unwrap().is_loopback());
+        assert!(select(&[IfSpec::Name("lo".into())], &[])
+            .unwrap()
+            .is_loopback());
     }
 }

@@ -276,6 +276,23 @@ impl Link {
         Ok(n)
     }
 
+    /// Cheap test for pollers: `false` when a full poll would certainly find
+    /// nothing (ring path: one load). Every few thousand idle answers it
+    /// returns `true` anyway, so that the full poll checks the peer's close
+    /// flag and the control connection.
+    #[inline]
+    pub fn worth_polling(&mut self) -> bool {
+        match &self.imp {
+            Imp::Ring(c) if c.looks_idle() => {
+                self.idle_polls += 1;
+                // Let the full poll look at the close flag and the control
+                // connection now and then.
+                self.idle_polls >= ALIVE_EVERY
+            }
+            _ => true,
+        }
+    }
+
     /// The next complete message without blocking, as `(tag, pointer,
     /// len)`, valid until [`Link::release_msg`] (which must come before the
     /// next `peek_msg`). No borrow is held meanwhile: the caller may send on
@@ -663,7 +680,14 @@ impl Inner {
         }
     }
 
-    fn make_link(&self, peer: Card, path: PathKind, reason: String, sock: TcpStream, ch: Option<Channel>) -> Result<Link> {
+    fn make_link(
+        &self,
+        peer: Card,
+        path: PathKind,
+        reason: String,
+        sock: TcpStream,
+        ch: Option<Channel>,
+    ) -> Result<Link> {
         sock.set_read_timeout(None)?;
         let (imp, ctl) = match ch {
             Some(mut c) => {
@@ -679,7 +703,8 @@ impl Inner {
             }
         };
         self.log(&format!("peer {peer}: path {path}: {reason}"));
-        let degraded = path == PathKind::Tcp && self.hv.is_some() && self.card.ring_candidate(&peer);
+        let degraded =
+            path == PathKind::Tcp && self.hv.is_some() && self.card.ring_candidate(&peer);
         Ok(Link {
             degraded,
             peer,
@@ -693,13 +718,21 @@ impl Inner {
     }
 
     /// The initiator's side of the handshake.
-    fn initiate(&self, addr: SocketAddr, expect_peer: Option<&Card>, deadline: Instant) -> Result<Initiated> {
+    fn initiate(
+        &self,
+        addr: SocketAddr,
+        expect_peer: Option<&Card>,
+        deadline: Instant,
+    ) -> Result<Initiated> {
         let left = deadline.saturating_duration_since(Instant::now());
         // A listener that is not up yet (peer still starting): retry.
         let mut sock = loop {
             match TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(1))) {
                 Ok(s) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => return Err(Error::PeerGone(format!("connect {addr}: {e}"))),
@@ -715,7 +748,9 @@ impl Inner {
         let peer = Card::from_bytes(&p)?;
         if let Some(e) = expect_peer {
             if e.id != peer.id {
-                return Err(Error::Protocol(format!("{addr} answered as {peer}, expected {e}")));
+                return Err(Error::Protocol(format!(
+                    "{addr} answered as {peer}, expected {e}"
+                )));
             }
         }
         // Decide the path.
@@ -724,7 +759,9 @@ impl Inner {
             (None, _) => {
                 let why = format!("tcp: {}", self.no_ring);
                 ctl_send(&mut sock, TCPONLY, why.as_bytes())?;
-                return self.make_link(peer, PathKind::Tcp, why, sock, None).map(|l| Initiated::Link(Box::new(l)));
+                return self
+                    .make_link(peer, PathKind::Tcp, why, sock, None)
+                    .map(|l| Initiated::Link(Box::new(l)));
             }
             (Some(_), false) => {
                 let why = if peer.backend.is_none() {
@@ -735,7 +772,9 @@ impl Inner {
                     "tcp: peer is on another host".to_string()
                 };
                 ctl_send(&mut sock, TCPONLY, why.as_bytes())?;
-                return self.make_link(peer, PathKind::Tcp, why, sock, None).map(|l| Initiated::Link(Box::new(l)));
+                return self
+                    .make_link(peer, PathKind::Tcp, why, sock, None)
+                    .map(|l| Initiated::Link(Box::new(l)));
             }
         };
         let geo = self.cfg.geometry()?;
@@ -745,7 +784,9 @@ impl Inner {
             Err(e) => {
                 let why = format!("tcp: could not share a ring: {e}");
                 ctl_send(&mut sock, TCPONLY, why.as_bytes())?;
-                return self.make_link(peer, PathKind::Tcp, why, sock, None).map(|l| Initiated::Link(Box::new(l)));
+                return self
+                    .make_link(peer, PathKind::Tcp, why, sock, None)
+                    .map(|l| Initiated::Link(Box::new(l)));
             }
         };
         let mut msg = Vec::new();
@@ -758,7 +799,10 @@ impl Inner {
         ctl_send(&mut sock, OFFER, &msg)?;
         let (t, p) = expect(&mut sock, &[MAPPED, REFUSED])?;
         let (path, why, ch) = if t == REFUSED {
-            let why = format!("tcp: peer could not map the ring: {}", String::from_utf8_lossy(&p));
+            let why = format!(
+                "tcp: peer could not map the ring: {}",
+                String::from_utf8_lossy(&p)
+            );
             (PathKind::Tcp, why, None)
         } else if Reader(&p).u64()? != nonce {
             let why = "tcp: nonce read by the peer differs (not the same memory)".to_string();
@@ -770,7 +814,8 @@ impl Inner {
             let why = format!("ring: co-resident, mapping proved ({})", hv.describe());
             (PathKind::Ring, why, Some(offer.channel))
         };
-        self.make_link(peer, path, why, sock, ch).map(|l| Initiated::Link(Box::new(l)))
+        self.make_link(peer, path, why, sock, ch)
+            .map(|l| Initiated::Link(Box::new(l)))
     }
 
     /// The acceptor's side of the handshake.
@@ -824,9 +869,14 @@ impl Inner {
         let grant = r.blob()?.to_vec();
         let bell = r.blob()?.to_vec();
         let mapped = (|| {
-            let hv = self.hv.as_ref().ok_or_else(|| Error::Backend(self.no_ring.clone()))?;
+            let hv = self
+                .hv
+                .as_ref()
+                .ok_or_else(|| Error::Backend(self.no_ring.clone()))?;
             if data_size > self.cfg.ring_size.max(1 << 20) * 16 {
-                return Err(Error::Invalid(format!("offered ring of {data_size} bytes is too large")));
+                return Err(Error::Invalid(format!(
+                    "offered ring of {data_size} bytes is too large"
+                )));
             }
             let geo = Geometry::with_max_record(data_size, max_record)?;
             Channel::accept(&**hv, peer.domain, geo, &grant, &bell)
@@ -859,14 +909,22 @@ impl Inner {
 fn acceptor(inner: Arc<Inner>, listener: TcpListener) {
     let fd = listener.as_raw_fd();
     while !inner.stop.load(Ordering::Acquire) {
-        let _ = tcp::wait_fd(fd, libc::POLLIN, Some(Instant::now() + Duration::from_millis(100)));
+        let _ = tcp::wait_fd(
+            fd,
+            libc::POLLIN,
+            Some(Instant::now() + Duration::from_millis(100)),
+        );
         match listener.accept() {
             Ok((sock, _)) => {
                 let i2 = inner.clone();
                 let _ = std::thread::Builder::new()
                     .name("ivcom-handshake".into())
                     .spawn(move || {
-                        if let Err(e) = sock.set_nonblocking(false).map_err(Error::from).and_then(|_| i2.serve(sock)) {
+                        if let Err(e) = sock
+                            .set_nonblocking(false)
+                            .map_err(Error::from)
+                            .and_then(|_| i2.serve(sock))
+                        {
                             i2.log(&format!("incoming connection failed: {e}"));
                         }
                     });

@@ -308,7 +308,11 @@ impl Producer {
         let total = (RECORD_HEADER + align8(len)) as u64;
         let pos = self.prod & (size - 1);
         let contig = size - pos;
-        let need = if total <= contig { total } else { contig + total };
+        let need = if total <= contig {
+            total
+        } else {
+            contig + total
+        };
         if size - self.prod.wrapping_sub(self.cons) < need {
             self.reload_cons()?;
             if size - self.prod.wrapping_sub(self.cons) < need {
@@ -335,7 +339,10 @@ impl Producer {
     /// caller must ring the doorbell.
     pub fn commit(&mut self, len: usize, kind: u8, tag: u8) -> bool {
         let cap = self.reserved.take().expect("commit without reserve");
-        assert!(len <= cap, "commit of {len} bytes exceeds reservation of {cap}");
+        assert!(
+            len <= cap,
+            "commit of {len} bytes exceeds reservation of {cap}"
+        );
         let pos = (self.prod & (self.v.size() - 1)) as usize;
         let hdr = len as u64 | (kind as u64) << 32 | (tag as u64) << 40;
         // SAFETY: the header slot of the reserved record, in bounds.
@@ -376,7 +383,11 @@ impl Producer {
         let size = self.v.size();
         let total = (RECORD_HEADER + align8(len)) as u64;
         let contig = size - (self.prod & (size - 1));
-        let need = if total <= contig { total } else { contig + total };
+        let need = if total <= contig {
+            total
+        } else {
+            contig + total
+        };
         if size - self.prod.wrapping_sub(self.cons) >= need {
             return Ok(true);
         }
@@ -388,11 +399,8 @@ impl Producer {
     /// space. Returns `false` when space was freed meanwhile (do not sleep).
     pub fn prepare_sleep(&mut self) -> Result<bool> {
         let seen = self.cons;
-        let sleep = protocol::prepare_sleep(
-            self.v.word(OFF_PROD_WAITING),
-            self.v.word(OFF_CONS),
-            seen,
-        );
+        let sleep =
+            protocol::prepare_sleep(self.v.word(OFF_PROD_WAITING), self.v.word(OFF_CONS), seen);
         if !sleep {
             self.reload_cons()?;
         }
@@ -509,6 +517,16 @@ impl Consumer {
         }
         self.prod = p;
         Ok(())
+    }
+
+    /// Cheap hint for pollers: `true` when nothing new was published since
+    /// the last look (one relaxed load; no validation). A `false` answer is
+    /// followed by [`Consumer::peek`], which validates everything.
+    #[inline]
+    pub fn looks_empty(&self) -> bool {
+        self.prod == self.cons
+            && self.current.is_none()
+            && self.v.word(OFF_PROD).load(Ordering::Relaxed) == self.cons
     }
 
     /// True when a record is waiting (reloads the producer index if needed).

@@ -108,7 +108,8 @@ impl TcpLink {
             iov.extend(parts.iter().map(|p| IoSlice::new(p)));
             match self.sock.write_vectored(&iov) {
                 Ok(n) => skip = n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(e)
+                    if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -142,7 +143,9 @@ impl TcpLink {
             let msg = parts.concat();
             let max = self.max_frame;
             let mut sent = 0;
-            fragment(tag, &msg, max, &mut sent, |k, t, p| self.write_frame(k, t, p).map(|_| true))?;
+            fragment(tag, &msg, max, &mut sent, |k, t, p| {
+                self.write_frame(k, t, p).map(|_| true)
+            })?;
         }
         self.stats.tx_msgs += 1;
         self.stats.tx_bytes += len as u64;
@@ -249,7 +252,9 @@ impl TcpLink {
     pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
         let mut n = 0;
         while n < max {
-            let Some((tag, p, len)) = self.peek_msg()? else { break };
+            let Some((tag, p, len)) = self.peek_msg()? else {
+                break;
+            };
             // SAFETY: p/len describe the message until release_msg.
             f(tag, unsafe { std::slice::from_raw_parts(p, len) });
             self.release_msg();
@@ -285,7 +290,12 @@ impl TcpLink {
     }
 
     /// Receives one message into `out`, blocking. Returns its tag.
-    pub fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>, alive: Alive) -> Result<u8> {
+    pub fn recv(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+        alive: Alive,
+    ) -> Result<u8> {
         loop {
             let mut tag = 0;
             let got = self.poll(1, &mut |t, m| {
@@ -349,7 +359,11 @@ pub fn wait_fd(fd: i32, events: i16, deadline: Option<Instant>) -> Result<()> {
                 ((d - now).as_micros().div_ceil(1000)).min(i32::MAX as u128) as i32
             }
         };
-        let mut p = libc::pollfd { fd, events, revents: 0 };
+        let mut p = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let r = unsafe { libc::poll(&mut p, 1, ms) };
         if r > 0 {

@@ -38,7 +38,9 @@ fn die(msg: &str) -> ! {
 
 fn parse() -> Opts {
     let mut a = std::env::args().skip(1);
-    let role = a.next().unwrap_or_else(|| die("usage: ivcom-xfer listen|connect [options]"));
+    let role = a
+        .next()
+        .unwrap_or_else(|| die("usage: ivcom-xfer listen|connect [options]"));
     let mut o = Opts {
         role,
         card_file: None,
@@ -52,8 +54,14 @@ fn parse() -> Opts {
         timeout: Duration::from_secs(600),
     };
     while let Some(k) = a.next() {
-        let mut v = || a.next().unwrap_or_else(|| die(&format!("{k} needs a value")));
-        let num = |s: String| s.parse::<u64>().unwrap_or_else(|_| die(&format!("bad number {s}")));
+        let mut v = || {
+            a.next()
+                .unwrap_or_else(|| die(&format!("{k} needs a value")))
+        };
+        let num = |s: String| {
+            s.parse::<u64>()
+                .unwrap_or_else(|_| die(&format!("bad number {s}")))
+        };
         match k.as_str() {
             "--card-file" => o.card_file = Some(v()),
             "--addr" => o.addr = Some(v()),
@@ -61,7 +69,11 @@ fn parse() -> Opts {
             "--max-size" => o.max_size = num(v()) as usize,
             "--echo" => o.echo = num(v()),
             "--seed" => o.seed = num(v()),
-            "--backend" => o.cfg.backend = v().parse::<BackendChoice>().unwrap_or_else(|e| die(&e.to_string())),
+            "--backend" => {
+                o.cfg.backend = v()
+                    .parse::<BackendChoice>()
+                    .unwrap_or_else(|e| die(&e.to_string()))
+            }
             "--host-dir" => o.cfg.host_dir = Some(v().into()),
             "--ring-size" => o.cfg.ring_size = num(v()) as usize,
             "--listen-ip" => o.cfg.listen = Some(v().parse().unwrap_or_else(|_| die("bad ip"))),
@@ -73,7 +85,9 @@ fn parse() -> Opts {
                     x => die(&format!("bad path {x}")),
                 })
             }
-            "--verbose" => o.cfg.log = Some(std::sync::Arc::new(|m: &str| eprintln!("[ivcom] {m}"))),
+            "--verbose" => {
+                o.cfg.log = Some(std::sync::Arc::new(|m: &str| eprintln!("[ivcom] {m}")))
+            }
             _ => die(&format!("unknown option {k}")),
         }
     }
@@ -118,11 +132,29 @@ impl Rng {
 /// Size of message `i`: edge sizes first, then mostly small messages with a
 /// tail of large ones up to `max`.
 fn size_of(i: u64, rng: &mut Rng, max: usize) -> usize {
-    let edges = [0usize, 1, 7, 8, 9, 4095, 4096, 4097, 65535, 65536, 65537, max / 2, max];
+    let edges = [
+        0usize,
+        1,
+        7,
+        8,
+        9,
+        4095,
+        4096,
+        4097,
+        65535,
+        65536,
+        65537,
+        max / 2,
+        max,
+    ];
     if (i as usize) < edges.len() {
         return edges[i as usize].min(max);
     }
-    let cap = if rng.next() % 10 == 0 { max } else { max.min(64 << 10) };
+    let cap = if rng.next() % 10 == 0 {
+        max
+    } else {
+        max.min(64 << 10)
+    };
     let bits = 64 - (cap as u64).leading_zeros() as u64;
     let e = rng.next() % (bits + 1);
     ((rng.next() & ((1u64 << e) - 1)) as usize).min(cap)
@@ -147,7 +179,11 @@ fn check_path(o: &Opts, l: &Link) {
     println!("PATH {} reason=\"{}\"", l.path(), l.reason());
     if let Some(p) = o.expect {
         if l.path() != p {
-            eprintln!("ivcom-xfer: expected path {p}, got {} ({})", l.path(), l.reason());
+            eprintln!(
+                "ivcom-xfer: expected path {p}, got {} ({})",
+                l.path(),
+                l.reason()
+            );
             exit(4);
         }
     }
@@ -168,7 +204,8 @@ fn main() {
             println!("CARD {}", node.card());
             if let Some(f) = &o.card_file {
                 let tmp = format!("{f}.tmp");
-                std::fs::write(&tmp, node.card().to_string()).unwrap_or_else(|e| die(&e.to_string()));
+                std::fs::write(&tmp, node.card().to_string())
+                    .unwrap_or_else(|e| die(&e.to_string()));
                 std::fs::rename(&tmp, f).unwrap_or_else(|e| die(&e.to_string()));
             }
             let mut l = match node.accept(o.timeout) {
@@ -204,9 +241,15 @@ fn main() {
                             r.extend_from_slice(&x.to_le_bytes());
                         }
                         l.send(TAG_DONE, &r).unwrap_or_else(|e| fail(e));
-                        println!("RESULT PASS received msgs={} bytes={} digest={:016x}", d.msgs, d.bytes, d.h);
+                        println!(
+                            "RESULT PASS received msgs={} bytes={} digest={:016x}",
+                            d.msgs, d.bytes, d.h
+                        );
                         let s = l.stats();
-                        println!("STATS rx_msgs={} rx_bytes={} tx_doorbells={} rx_doorbells={}", s.rx_msgs, s.rx_bytes, s.tx_doorbells, s.rx_doorbells);
+                        println!(
+                            "STATS rx_msgs={} rx_bytes={} tx_doorbells={} rx_doorbells={}",
+                            s.rx_msgs, s.rx_bytes, s.tx_doorbells, s.rx_doorbells
+                        );
                         // Wait for the peer to close so it can read our digest.
                         let _ = l.recv(&mut buf, Some(Instant::now() + Duration::from_secs(10)));
                         return;
@@ -219,12 +262,17 @@ fn main() {
             let mut l = if let Some(a) = &o.addr {
                 node.connect(a.parse().unwrap_or_else(|_| die("bad --addr")))
             } else {
-                let f = o.card_file.as_ref().unwrap_or_else(|| die("--card-file or --addr needed"));
+                let f = o
+                    .card_file
+                    .as_ref()
+                    .unwrap_or_else(|| die("--card-file or --addr needed"));
                 let t0 = Instant::now();
                 let s = loop {
                     match std::fs::read_to_string(f) {
                         Ok(s) => break s,
-                        Err(_) if t0.elapsed() < o.timeout => std::thread::sleep(Duration::from_millis(20)),
+                        Err(_) if t0.elapsed() < o.timeout => {
+                            std::thread::sleep(Duration::from_millis(20))
+                        }
                         Err(e) => die(&format!("{f}: {e}")),
                     }
                 };
@@ -243,7 +291,9 @@ fn main() {
                 l.send(TAG_ECHO, &buf[..n]).unwrap_or_else(|e| fail(e));
                 let t = l.recv(&mut back, deadline).unwrap_or_else(|e| fail(e));
                 if t != TAG_ECHO || back != buf[..n] {
-                    fail(ivcom_core::Error::Protocol(format!("echo {i} came back different")));
+                    fail(ivcom_core::Error::Protocol(format!(
+                        "echo {i} came back different"
+                    )));
                 }
             }
             let echo_t = t0.elapsed();
@@ -257,7 +307,8 @@ fn main() {
                 m[..8].copy_from_slice(&i.to_le_bytes());
                 m[8..16].copy_from_slice(&(n as u64).to_le_bytes());
                 d.add(m);
-                l.send_deadline(TAG_DATA, m, deadline).unwrap_or_else(|e| fail(e));
+                l.send_deadline(TAG_DATA, m, deadline)
+                    .unwrap_or_else(|e| fail(e));
                 i += 1;
             }
             l.send(TAG_DONE, &[]).unwrap_or_else(|e| fail(e));
@@ -267,7 +318,11 @@ fn main() {
             if t != TAG_DONE || back.len() != 24 {
                 fail(ivcom_core::Error::Protocol("bad digest reply".into()));
             }
-            let theirs = Digest { h: w(0), bytes: w(1), msgs: w(2) };
+            let theirs = Digest {
+                h: w(0),
+                bytes: w(1),
+                msgs: w(2),
+            };
             if theirs != d {
                 println!("RESULT FAIL digest mismatch: sent {d:?}, peer got {theirs:?}");
                 exit(5);
@@ -281,7 +336,10 @@ fn main() {
                 echo_t.as_secs_f64() * 1e6 / o.echo.max(1) as f64,
                 d.bytes as f64 / stream_t.as_secs_f64() / 1e6
             );
-            println!("STATS tx_msgs={} tx_bytes={} tx_doorbells={} rx_doorbells={}", s.tx_msgs, s.tx_bytes, s.tx_doorbells, s.rx_doorbells);
+            println!(
+                "STATS tx_msgs={} tx_bytes={} tx_doorbells={} rx_doorbells={}",
+                s.tx_msgs, s.tx_bytes, s.tx_doorbells, s.rx_doorbells
+            );
         }
         r => die(&format!("unknown role {r}")),
     }

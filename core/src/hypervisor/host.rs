@@ -93,11 +93,7 @@ impl HostBackend {
         // Bind mounts of one directory (emulated VMs of one host) agree;
         // different directories (emulated hosts) or kernels differ.
         let boot = std::fs::read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-        let host_id = fold(&[
-            &boot,
-            &md.dev().to_le_bytes(),
-            &md.ino().to_le_bytes(),
-        ]);
+        let host_id = fold(&[&boot, &md.dev().to_le_bytes(), &md.ino().to_le_bytes()]);
         Ok(HostBackend {
             dir: dir.to_path_buf(),
             host_id,
@@ -134,11 +130,16 @@ impl HostBackend {
             let c = cpath(&path);
             // SAFETY: plain syscalls on a NUL-terminated path and our own fd.
             unsafe {
-                let fd = libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW);
+                let fd = libc::open(
+                    c.as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                );
                 if fd < 0 {
                     continue;
                 }
-                if libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) == 0 && libc::unlink(c.as_ptr()) == 0 {
+                if libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) == 0
+                    && libc::unlink(c.as_ptr()) == 0
+                {
                     removed += 1;
                 }
                 libc::close(fd);
@@ -293,7 +294,10 @@ impl Hypervisor for HostBackend {
         let c = cpath(&path);
         // SAFETY: plain syscalls; results checked; fd closed on every path.
         unsafe {
-            let fd = libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW);
+            let fd = libc::open(
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            );
             if fd < 0 {
                 return Err(os_err("open", &path));
             }
@@ -318,7 +322,10 @@ impl Hypervisor for HostBackend {
             };
             if let Some(why) = why {
                 libc::close(fd);
-                return Err(Error::Backend(format!("refusing {}: {why}", path.display())));
+                return Err(Error::Backend(format!(
+                    "refusing {}: {why}",
+                    path.display()
+                )));
             }
             let r = map_fd(fd, len, &path);
             libc::close(fd);
