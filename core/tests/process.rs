@@ -91,7 +91,13 @@ fn text(o: &Output) -> String {
 /// Runs listener (directory `dir_b`) and connector (directory `dir_a`,
 /// started through `prefix`) with extra options; asserts success and returns
 /// both outputs.
-fn pair_with(tag: &str, prefix: &[&str], dir_a: &str, dir_b: &str, extra: &[&str]) -> (String, String) {
+fn pair_with(
+    tag: &str,
+    prefix: &[&str],
+    dir_a: &str,
+    dir_b: &str,
+    extra: &[&str],
+) -> (String, String) {
     let t = TempDir::new(tag);
     let card = t.sub("card");
     let mut la = vec!["listen", "--card-file", &card, "--host-dir", dir_b];
@@ -123,7 +129,11 @@ fn field<'a>(out: &'a str, key: &str) -> &'a str {
 
 /// Both sides hashed the same bytes, and enough messages moved.
 fn check_stream(a: &str, b: &str, min_msgs: u64) {
-    assert_eq!(field(a, "digest="), field(b, "digest="), "digests differ:\n{a}\n{b}");
+    assert_eq!(
+        field(a, "digest="),
+        field(b, "digest="),
+        "digests differ:\n{a}\n{b}"
+    );
     assert_eq!(field(a, "bytes="), field(b, "bytes="));
     let msgs: u64 = field(a, "msgs=").parse().unwrap();
     assert!(msgs >= min_msgs, "only {msgs} messages");
@@ -138,8 +148,16 @@ fn ring_100k_random_messages_up_to_4mib() {
         d,
         d,
         &[
-            "--count", "100000", "--max-size", "4194304", "--echo", "1000", "--expect-path", "ring",
-            "--seed", "7",
+            "--count",
+            "100000",
+            "--max-size",
+            "4194304",
+            "--echo",
+            "1000",
+            "--expect-path",
+            "ring",
+            "--seed",
+            "7",
         ],
     );
     check_stream(&a, &b, 100_000);
@@ -156,8 +174,18 @@ fn tcp_100k_random_messages_up_to_4mib() {
         d,
         d,
         &[
-            "--backend", "none", "--count", "100000", "--max-size", "4194304", "--echo", "1000",
-            "--expect-path", "tcp", "--seed", "8",
+            "--backend",
+            "none",
+            "--count",
+            "100000",
+            "--max-size",
+            "4194304",
+            "--echo",
+            "1000",
+            "--expect-path",
+            "tcp",
+            "--seed",
+            "8",
         ],
     );
     check_stream(&a, &b, 100_000);
@@ -167,9 +195,19 @@ fn tcp_100k_random_messages_up_to_4mib() {
 fn probe_picks_ring_for_shared_directory_and_tcp_otherwise() {
     let t = TempDir::new("probe");
     let (h1, h2) = (t.sub("host1"), t.sub("host2"));
-    let (a, b) = pair("probe-same", &h1, &h1, &["--count", "100", "--expect-path", "ring"]);
+    let (a, b) = pair(
+        "probe-same",
+        &h1,
+        &h1,
+        &["--count", "100", "--expect-path", "ring"],
+    );
     check_stream(&a, &b, 100);
-    let (a, b) = pair("probe-diff", &h1, &h2, &["--count", "100", "--expect-path", "tcp"]);
+    let (a, b) = pair(
+        "probe-diff",
+        &h1,
+        &h2,
+        &["--count", "100", "--expect-path", "tcp"],
+    );
     check_stream(&a, &b, 100);
     assert!(a.contains("another host"), "reason should say why:\n{a}");
     assert!(leftovers(&h1).is_empty() && leftovers(&h2).is_empty());
@@ -202,10 +240,29 @@ fn kill_mid_stream(kill_listener: bool, backend: &str) {
     let d = t.sub("hv");
     std::fs::create_dir_all(&d).unwrap();
     let card = t.sub("card");
-    let mut b = spawn(&["listen", "--card-file", &card, "--host-dir", &d, "--backend", backend]);
+    let mut b = spawn(&[
+        "listen",
+        "--card-file",
+        &card,
+        "--host-dir",
+        &d,
+        "--backend",
+        backend,
+    ]);
     let mut a = spawn(&[
-        "connect", "--card-file", &card, "--host-dir", &d, "--backend", backend, "--count", "0",
-        "--echo", "10", "--max-size", "65536",
+        "connect",
+        "--card-file",
+        &card,
+        "--host-dir",
+        &d,
+        "--backend",
+        backend,
+        "--count",
+        "0",
+        "--echo",
+        "10",
+        "--max-size",
+        "65536",
     ]);
     // Wait until the stream runs (the connector prints its path first).
     let mut out = BufReader::new(a.stdout.take().unwrap());
@@ -213,7 +270,11 @@ fn kill_mid_stream(kill_listener: bool, backend: &str) {
     out.read_line(&mut line).unwrap();
     assert!(line.starts_with("PATH"), "connector said: {line}");
     std::thread::sleep(Duration::from_millis(500));
-    let (victim, survivor) = if kill_listener { (&mut b, a) } else { (&mut a, b) };
+    let (victim, survivor) = if kill_listener {
+        (&mut b, a)
+    } else {
+        (&mut a, b)
+    };
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(victim.id() as i32, libc::SIGKILL) };
     victim.wait().unwrap();
@@ -221,13 +282,21 @@ fn kill_mid_stream(kill_listener: bool, backend: &str) {
     let o = wait_output(survivor, Duration::from_secs(10));
     let took = t0.elapsed();
     assert!(!o.status.success(), "survivor should fail:\n{}", text(&o));
-    assert!(took < Duration::from_secs(5), "survivor took {took:?} to notice:\n{}", text(&o));
+    assert!(
+        took < Duration::from_secs(5),
+        "survivor took {took:?} to notice:\n{}",
+        text(&o)
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("peer gone") || err.contains("closed"),
         "error should name the cause: {err}"
     );
-    assert_eq!(leftovers(&d), Vec::<String>::new(), "shared objects left behind");
+    assert_eq!(
+        leftovers(&d),
+        Vec::<String>::new(),
+        "shared objects left behind"
+    );
 }
 
 #[test]
@@ -258,12 +327,32 @@ fn no_leftovers_after_error_exit() {
     let d = t.sub("hv");
     std::fs::create_dir_all(&d).unwrap();
     let card = t.sub("card");
-    let b = spawn(&["listen", "--card-file", &card, "--host-dir", &d, "--timeout", "20"]);
-    let a = spawn(&["connect", "--card-file", &card, "--host-dir", &d, "--expect-path", "tcp"]);
+    let b = spawn(&[
+        "listen",
+        "--card-file",
+        &card,
+        "--host-dir",
+        &d,
+        "--timeout",
+        "20",
+    ]);
+    let a = spawn(&[
+        "connect",
+        "--card-file",
+        &card,
+        "--host-dir",
+        &d,
+        "--expect-path",
+        "tcp",
+    ]);
     let oa = wait_output(a, Duration::from_secs(30));
     assert_eq!(oa.status.code(), Some(4), "{}", text(&oa));
     let ob = wait_output(b, Duration::from_secs(30));
-    assert!(!ob.status.success(), "listener should see the peer go: {}", text(&ob));
+    assert!(
+        !ob.status.success(),
+        "listener should see the peer go: {}",
+        text(&ob)
+    );
     assert_eq!(leftovers(&d), Vec::<String>::new());
 }
 
@@ -276,12 +365,22 @@ fn stale_object_of_a_killed_creator_is_swept() {
     // A live creator's object is never swept, however old.
     let (region, name) = hv.share(0, 8192).unwrap();
     let live = t.path().join(String::from_utf8(name).unwrap());
-    std::fs::File::options().write(true).open(&live).unwrap().set_modified(old).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&live)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
     // An object nobody holds (its creator died before the peer mapped it),
     // old enough to be swept.
     let stale = t.path().join(format!("ivcom-{}", "ab".repeat(16)));
     std::fs::write(&stale, b"x").unwrap();
-    std::fs::File::options().write(true).open(&stale).unwrap().set_modified(old).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
     assert_eq!(hv.sweep(), 1);
     assert!(!stale.exists() && live.exists());
     drop(region);

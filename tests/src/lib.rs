@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo root")
+        .to_path_buf()
 }
 
 /// Directory holding `mca_btl_ivcom.so` (built by `scripts/build`).
@@ -32,13 +35,21 @@ pub fn ompi_component_dir() -> String {
 /// Panics with a clear message unless the component was built.
 pub fn require_component() {
     let so = component_dir().join("mca_btl_ivcom.so");
-    assert!(so.exists(), "{} is missing: run scripts/build first", so.display());
+    assert!(
+        so.exists(),
+        "{} is missing: run scripts/build first",
+        so.display()
+    );
 }
 
 /// A release binary of this workspace.
 pub fn bin(name: &str) -> PathBuf {
     let p = repo().join("target/release").join(name);
-    assert!(p.exists(), "{} is missing: run scripts/build first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/build first",
+        p.display()
+    );
     p
 }
 
@@ -88,7 +99,10 @@ impl Run {
 /// Runs `cmd`, killing its whole process group after `limit`.
 pub fn run(cmd: &mut Command, limit: Duration) -> Run {
     use std::os::unix::process::CommandExt;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     let t0 = Instant::now();
     let child = cmd.spawn().expect("spawn");
     let pid = child.id() as i32;
@@ -117,8 +131,14 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Run {
 pub fn mpirun(np: usize, btl: &str) -> Command {
     let mut c = Command::new("mpirun");
     mpi_env(&mut c);
-    c.args(["--oversubscribe", "--bind-to", "none", "-np", &np.to_string()])
-        .args(["--mca", "pml", "ob1", "--mca", "btl", btl]);
+    c.args([
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        &np.to_string(),
+    ])
+    .args(["--mca", "pml", "ob1", "--mca", "btl", btl]);
     c
 }
 
@@ -147,7 +167,9 @@ pub fn path_lines(stderr: &str) -> Vec<PathLine> {
                 rank: field("rank=")?.parse().ok()?,
                 peer: field("peer=")?.parse().ok()?,
                 path: field("path=")?,
-                reason: rest.split_once("reason=").map(|x| x.1.trim_matches('"').to_string())?,
+                reason: rest
+                    .split_once("reason=")
+                    .map(|x| x.1.trim_matches('"').to_string())?,
             })
         })
         .collect()

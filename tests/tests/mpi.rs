@@ -10,7 +10,9 @@ const LIMIT: Duration = Duration::from_secs(180);
 fn integrity(np: usize, extra: &[&str]) -> Run {
     require_component();
     let mut c = mpirun(np, "ivcom,self");
-    c.args(["--mca", "btl_ivcom_verbose", "1"]).args(extra).arg(bin("ivcom-integrity"));
+    c.args(["--mca", "btl_ivcom_verbose", "1"])
+        .args(extra)
+        .arg(bin("ivcom-integrity"));
     run(&mut c, LIMIT)
 }
 
@@ -34,25 +36,43 @@ fn assert_paths(r: &Run, np: u32, want: impl Fn(u32, u32) -> &'static str) {
 #[test]
 fn integrity_2_ranks_on_the_ring() {
     let r = integrity(2, &[]);
-    assert!(r.ok() && r.stdout.contains("INTEGRITY PASS ranks=2"), "{}", r.text());
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=2"),
+        "{}",
+        r.text()
+    );
     assert_paths(&r, 2, |_, _| "ring");
     // Every message went through ivcom and was counted.
     assert!(stats_sum(&r.stderr, "tx_msgs") > 100, "{}", r.text());
-    assert_eq!(stats_sum(&r.stderr, "tx_msgs"), stats_sum(&r.stderr, "rx_msgs"));
-    assert_eq!(stats_sum(&r.stderr, "tx_bytes"), stats_sum(&r.stderr, "rx_bytes"));
+    assert_eq!(
+        stats_sum(&r.stderr, "tx_msgs"),
+        stats_sum(&r.stderr, "rx_msgs")
+    );
+    assert_eq!(
+        stats_sum(&r.stderr, "tx_bytes"),
+        stats_sum(&r.stderr, "rx_bytes")
+    );
 }
 
 #[test]
 fn integrity_4_ranks_on_the_ring() {
     let r = integrity(4, &[]);
-    assert!(r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"), "{}", r.text());
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
+        "{}",
+        r.text()
+    );
     assert_paths(&r, 4, |_, _| "ring");
 }
 
 #[test]
 fn integrity_4_ranks_over_tcp_when_rings_are_disabled() {
     let r = integrity(4, &["--mca", "btl_ivcom_backend", "none"]);
-    assert!(r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"), "{}", r.text());
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
+        "{}",
+        r.text()
+    );
     assert_paths(&r, 4, |_, _| "tcp");
 }
 
@@ -63,11 +83,22 @@ fn integrity_with_small_ring_and_fragments() {
     let r = integrity(
         3,
         &[
-            "--mca", "btl_ivcom_ring_size", "65536", "--mca", "btl_ivcom_max_send_size", "16000",
-            "--mca", "btl_ivcom_eager_limit", "4096",
+            "--mca",
+            "btl_ivcom_ring_size",
+            "65536",
+            "--mca",
+            "btl_ivcom_max_send_size",
+            "16000",
+            "--mca",
+            "btl_ivcom_eager_limit",
+            "4096",
         ],
     );
-    assert!(r.ok() && r.stdout.contains("INTEGRITY PASS ranks=3"), "{}", r.text());
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=3"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]
@@ -82,9 +113,17 @@ fn bad_mca_values_are_rejected_by_name() {
         let mut c = mpirun(2, "ivcom,self");
         c.args(["--mca", param, value]).arg(bin("ivcom-integrity"));
         let r = run(&mut c, Duration::from_secs(60));
-        assert!(!r.timed_out && r.status != Some(0), "{param}={value} accepted:\n{}", r.text());
+        assert!(
+            !r.timed_out && r.status != Some(0),
+            "{param}={value} accepted:\n{}",
+            r.text()
+        );
         let all = format!("{}{}", r.stdout, r.stderr);
-        assert!(all.contains(param), "message should name {param}:\n{}", r.text());
+        assert!(
+            all.contains(param),
+            "message should name {param}:\n{}",
+            r.text()
+        );
     }
 }
 
@@ -97,8 +136,13 @@ fn ompi_info_lists_the_component_and_its_parameters() {
     assert!(r.ok(), "{}", r.text());
     assert!(r.stdout.contains("MCA btl: ivcom"), "{}", r.text());
     for p in [
-        "btl_ivcom_eager_limit", "btl_ivcom_max_send_size", "btl_ivcom_ring_size",
-        "btl_ivcom_backend", "btl_ivcom_exclusivity", "btl_ivcom_verbose", "btl_ivcom_if_include",
+        "btl_ivcom_eager_limit",
+        "btl_ivcom_max_send_size",
+        "btl_ivcom_ring_size",
+        "btl_ivcom_backend",
+        "btl_ivcom_exclusivity",
+        "btl_ivcom_verbose",
+        "btl_ivcom_if_include",
     ] {
         assert!(r.stdout.contains(p), "{p} missing:\n{}", r.stdout);
     }
@@ -108,7 +152,10 @@ fn ompi_info_lists_the_component_and_its_parameters() {
 fn netpipe_completes_over_ivcom() {
     require_component();
     let np = Path::new("/usr/bin/NPopenmpi");
-    assert!(np.exists(), "NPopenmpi missing (apt-get install netpipe-openmpi)");
+    assert!(
+        np.exists(),
+        "NPopenmpi missing (apt-get install netpipe-openmpi)"
+    );
     let out = std::env::temp_dir().join(format!("ivcom-np-{}.out", std::process::id()));
     let mut c = mpirun(2, "ivcom,self");
     c.args(["--mca", "btl_ivcom_verbose", "1"])
@@ -121,7 +168,10 @@ fn netpipe_completes_over_ivcom() {
     let _ = std::fs::remove_file(&out);
     let rows: Vec<&str> = table.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(rows.len() > 50, "NetPIPE wrote {} rows", rows.len());
-    assert!(rows.last().unwrap().split_whitespace().next() == Some("4194307"), "{table}");
+    assert!(
+        rows.last().unwrap().split_whitespace().next() == Some("4194307"),
+        "{table}"
+    );
     assert_paths(&r, 2, |_, _| "ring");
 }
 
@@ -130,17 +180,23 @@ fn netpipe_integrity_mode_over_ivcom() {
     // NetPIPE's own data check (-i) over the ring.
     require_component();
     let mut c = mpirun(2, "ivcom,self");
-    c.arg("/usr/bin/NPopenmpi").args(["-i", "-u", "1048576", "-o", "/dev/null"]);
+    c.arg("/usr/bin/NPopenmpi")
+        .args(["-i", "-u", "1048576", "-o", "/dev/null"]);
     let r = run(&mut c, LIMIT);
     assert!(r.ok(), "{}", r.text());
-    assert!(!r.stdout.to_lowercase().contains("integrity check failed"), "{}", r.text());
+    assert!(
+        !r.stdout.to_lowercase().contains("integrity check failed"),
+        "{}",
+        r.text()
+    );
 }
 
 /// Host directory for one test, removed afterwards.
 struct HostDir(std::path::PathBuf);
 impl HostDir {
     fn new(tag: &str) -> Self {
-        let p = std::path::PathBuf::from(format!("/dev/shm/ivcom-test-{tag}-{}", std::process::id()));
+        let p =
+            std::path::PathBuf::from(format!("/dev/shm/ivcom-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         HostDir(p)
@@ -150,7 +206,11 @@ impl HostDir {
     }
     fn leftovers(&self) -> Vec<String> {
         std::fs::read_dir(&self.0)
-            .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -173,7 +233,9 @@ fn killed_rank_aborts_the_job_quickly_and_leaves_nothing() {
     let killer = std::thread::spawn(|| {
         for _ in 0..300 {
             std::thread::sleep(Duration::from_millis(100));
-            let out = Command::new("pgrep").args(["-n", "-f", "ivcom-integrity --forever"]).output();
+            let out = Command::new("pgrep")
+                .args(["-n", "-f", "ivcom-integrity --forever"])
+                .output();
             if let Ok(o) = out {
                 let pid = String::from_utf8_lossy(&o.stdout).trim().to_string();
                 if !pid.is_empty() {
@@ -188,13 +250,27 @@ fn killed_rank_aborts_the_job_quickly_and_leaves_nothing() {
     let r = run(&mut c, Duration::from_secs(120));
     let killed_at = killer.join().unwrap().expect("no rank to kill was found");
     let since_kill = killed_at.elapsed();
-    assert!(!r.timed_out, "mpirun hung after a rank was killed:\n{}", r.text());
+    assert!(
+        !r.timed_out,
+        "mpirun hung after a rank was killed:\n{}",
+        r.text()
+    );
     assert_ne!(r.status, Some(0), "mpirun should fail:\n{}", r.text());
-    assert!(since_kill < Duration::from_secs(30), "mpirun took {since_kill:?} after the kill");
+    assert!(
+        since_kill < Duration::from_secs(30),
+        "mpirun took {since_kill:?} after the kill"
+    );
     // No survivor left running, nothing left in the hypervisor directory.
     std::thread::sleep(Duration::from_millis(500));
-    let ps = Command::new("pgrep").args(["-f", "ivcom-integrity --forever"]).output().unwrap();
-    assert!(ps.stdout.is_empty(), "ranks still running: {}", String::from_utf8_lossy(&ps.stdout));
+    let ps = Command::new("pgrep")
+        .args(["-f", "ivcom-integrity --forever"])
+        .output()
+        .unwrap();
+    assert!(
+        ps.stdout.is_empty(),
+        "ranks still running: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
     assert_eq!(dir.leftovers(), Vec::<String>::new());
 }
 
@@ -207,12 +283,23 @@ fn no_shm_space_falls_back_to_tcp_with_one_warning() {
     }
     let dir = HostDir::new("nospace");
     let m = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", dir.path()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64k,mode=0700",
+            "tmpfs",
+            dir.path(),
+        ])
         .status()
         .unwrap();
     assert!(m.success(), "mount tmpfs");
     let r = integrity(2, &["--mca", "btl_ivcom_host_dir", dir.path()]);
-    assert!(r.ok() && r.stdout.contains("INTEGRITY PASS"), "{}", r.text());
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS"),
+        "{}",
+        r.text()
+    );
     assert_paths(&r, 2, |_, _| "tcp");
     let warnings = r.stderr.matches("could not be given a shared ring").count()
         + r.stderr.matches("co-resident peer").count();
@@ -223,7 +310,13 @@ fn no_shm_space_falls_back_to_tcp_with_one_warning() {
         "{}",
         r.text()
     );
-    assert!(path_lines(&r.stderr).iter().all(|l| l.reason.contains("could not")), "{}", r.text());
+    assert!(
+        path_lines(&r.stderr)
+            .iter()
+            .all(|l| l.reason.contains("could not")),
+        "{}",
+        r.text()
+    );
     assert_eq!(dir.leftovers(), Vec::<String>::new());
 }
 
@@ -234,13 +327,18 @@ fn install_and_uninstall_put_the_component_in_place() {
     let pkglibdir = ompi_component_dir();
     let make = |target: &str| {
         let mut c = Command::new("make");
-        c.arg("-s").arg("-C").arg(repo().join("ompi-integration")).arg(target);
+        c.arg("-s")
+            .arg("-C")
+            .arg(repo().join("ompi-integration"))
+            .arg(target);
         c.arg(format!("DESTDIR={}", dest.display()));
         run(&mut c, Duration::from_secs(120))
     };
     let r = make("install");
     assert!(r.ok(), "{}", r.text());
-    let so = dest.join(pkglibdir.trim_start_matches('/')).join("mca_btl_ivcom.so");
+    let so = dest
+        .join(pkglibdir.trim_start_matches('/'))
+        .join("mca_btl_ivcom.so");
     assert!(so.exists(), "{} not installed", so.display());
     let r = make("uninstall");
     assert!(r.ok(), "{}", r.text());

@@ -58,7 +58,18 @@ impl Checker {
 }
 
 const SIZES: &[usize] = &[
-    0, 1, 7, 64, 4095, 4096, 4097, 65535, 65536, 65537, 1 << 20, 16 << 20,
+    0,
+    1,
+    7,
+    64,
+    4095,
+    4096,
+    4097,
+    65535,
+    65536,
+    65537,
+    1 << 20,
+    16 << 20,
 ];
 
 fn main() {
@@ -69,14 +80,23 @@ fn main() {
     assert!(n >= 2, "run with 2 or more ranks");
     let right = (rank + 1) % n;
     let left = (rank + n - 1) % n;
-    let mut c = Checker { rank, checks: 0, errors: 0 };
+    let mut c = Checker {
+        rank,
+        checks: 0,
+        errors: 0,
+    };
 
     if std::env::args().any(|a| a == "--forever") {
         let mut seq = 0u64;
         loop {
             let out = pattern(rank, right, seq, 65536);
             let mut got = vec![0u8; 65536];
-            p2p::send_receive_into(&out[..], &world.process_at_rank(right), &mut got[..], &world.process_at_rank(left));
+            p2p::send_receive_into(
+                &out[..],
+                &world.process_at_rank(right),
+                &mut got[..],
+                &world.process_at_rank(left),
+            );
             c.bytes("forever", &got, &pattern(left, rank, seq, 65536));
             if seq == 10 && rank == 0 {
                 println!("FOREVER RUNNING");
@@ -91,13 +111,25 @@ fn main() {
         let out = pattern(rank, right, i as u64, len);
         let mut buf = vec![0u8; len];
         if rank % 2 == 0 {
-            world.process_at_rank(right).send_with_tag(&out[..], i as i32);
-            world.process_at_rank(left).receive_into_with_tag(&mut buf[..], i as i32);
+            world
+                .process_at_rank(right)
+                .send_with_tag(&out[..], i as i32);
+            world
+                .process_at_rank(left)
+                .receive_into_with_tag(&mut buf[..], i as i32);
         } else {
-            world.process_at_rank(left).receive_into_with_tag(&mut buf[..], i as i32);
-            world.process_at_rank(right).send_with_tag(&out[..], i as i32);
+            world
+                .process_at_rank(left)
+                .receive_into_with_tag(&mut buf[..], i as i32);
+            world
+                .process_at_rank(right)
+                .send_with_tag(&out[..], i as i32);
         }
-        c.bytes(&format!("p2p size {len}"), &buf, &pattern(left, rank, i as u64, len));
+        c.bytes(
+            &format!("p2p size {len}"),
+            &buf,
+            &pattern(left, rank, i as u64, len),
+        );
     }
 
     // 2. Tags, MPI_ANY_SOURCE and MPI_ANY_TAG. (a) Every other rank sends
@@ -113,7 +145,11 @@ fn main() {
                 let (msg, st) = world.any_process().receive_vec_with_tag::<u8>(tag);
                 let src = st.source_rank();
                 c.eq("any-source tag", st.tag(), tag);
-                c.bytes("any-source payload", &msg, &pattern(src, 0, 100 + tag as u64, 1000 + tag as usize));
+                c.bytes(
+                    "any-source payload",
+                    &msg,
+                    &pattern(src, 0, 100 + tag as u64, 1000 + tag as usize),
+                );
                 seen[src as usize] += 1;
             }
         }
@@ -123,7 +159,11 @@ fn main() {
         for tag in [30, 20, 10] {
             let (msg, st) = world.process_at_rank(1).receive_vec_with_tag::<u8>(tag);
             c.eq("tagged receive tag", st.tag(), tag);
-            c.bytes("tagged payload", &msg, &pattern(1, 0, 200 + tag as u64, 3000 + tag as usize));
+            c.bytes(
+                "tagged payload",
+                &msg,
+                &pattern(1, 0, 200 + tag as u64, 3000 + tag as usize),
+            );
         }
         let (msg, st) = world.process_at_rank(1).receive_vec::<u8>();
         c.eq("any-tag tag", st.tag(), 77);
@@ -138,7 +178,9 @@ fn main() {
                 let m = pattern(1, 0, 200 + tag as u64, 3000 + tag as usize);
                 world.process_at_rank(0).send_with_tag(&m[..], tag);
             }
-            world.process_at_rank(0).send_with_tag(&pattern(1, 0, 77, 77)[..], 77);
+            world
+                .process_at_rank(0)
+                .send_with_tag(&pattern(1, 0, 77, 77)[..], 77);
         }
     }
     world.barrier();
@@ -148,12 +190,18 @@ fn main() {
             let (msg, st) = world.any_process().receive_vec::<u8>();
             let src = st.source_rank();
             c.eq("wildcard tag", st.tag(), 500 + src);
-            c.bytes("wildcard payload", &msg, &pattern(src, 0, 500, 4096 + src as usize));
+            c.bytes(
+                "wildcard payload",
+                &msg,
+                &pattern(src, 0, 500, 4096 + src as usize),
+            );
             c.eq("wildcard duplicate", seen[src as usize], false);
             seen[src as usize] = true;
         }
     } else {
-        world.process_at_rank(0).send_with_tag(&pattern(rank, 0, 500, 4096 + rank as usize)[..], 500 + rank);
+        world
+            .process_at_rank(0)
+            .send_with_tag(&pattern(rank, 0, 500, 4096 + rank as usize)[..], 500 + rank);
     }
 
     // 3. MPI_Probe: size unknown to the receiver.
@@ -163,7 +211,11 @@ fn main() {
         let out = pattern(rank, right, 300, len);
         let sreq_done = {
             mpi::request::scope(|scope| {
-                let _g = WaitGuard::from(world.process_at_rank(right).immediate_send_with_tag(scope, &out[..], 300));
+                let _g = WaitGuard::from(world.process_at_rank(right).immediate_send_with_tag(
+                    scope,
+                    &out[..],
+                    300,
+                ));
                 let (msg, st) = world.any_process().matched_probe_with_tag(300);
                 let count = st.count(u8::equivalent_datatype()) as usize;
                 let expect = 5000 + 1000 * left as usize;
@@ -183,20 +235,34 @@ fn main() {
     world.barrier();
     {
         const K: usize = 128;
-        let outs: Vec<Vec<u8>> = (0..K).map(|i| pattern(rank, right, 1000 + i as u64, 100 + 97 * i)).collect();
+        let outs: Vec<Vec<u8>> = (0..K)
+            .map(|i| pattern(rank, right, 1000 + i as u64, 100 + 97 * i))
+            .collect();
         let mut ins: Vec<Vec<u8>> = (0..K).map(|i| vec![0u8; 100 + 97 * i]).collect();
         mpi::request::multiple_scope(2 * K, |scope, coll| {
             for (i, b) in ins.iter_mut().enumerate() {
-                coll.add(world.process_at_rank(left).immediate_receive_into_with_tag(scope, &mut b[..], i as i32));
+                coll.add(world.process_at_rank(left).immediate_receive_into_with_tag(
+                    scope,
+                    &mut b[..],
+                    i as i32,
+                ));
             }
             for (i, o) in outs.iter().enumerate() {
-                coll.add(world.process_at_rank(right).immediate_send_with_tag(scope, &o[..], i as i32));
+                coll.add(world.process_at_rank(right).immediate_send_with_tag(
+                    scope,
+                    &o[..],
+                    i as i32,
+                ));
             }
             let mut statuses = Vec::new();
             coll.wait_all(&mut statuses);
         });
         for (i, b) in ins.iter().enumerate() {
-            c.bytes(&format!("isend/irecv {i}"), b, &pattern(left, rank, 1000 + i as u64, 100 + 97 * i));
+            c.bytes(
+                &format!("isend/irecv {i}"),
+                b,
+                &pattern(left, rank, 1000 + i as u64, 100 + 97 * i),
+            );
         }
     }
 
@@ -204,30 +270,55 @@ fn main() {
     {
         let out = pattern(rank, right, 400, 3 << 20);
         let mut inb = vec![0u8; 3 << 20];
-        p2p::send_receive_into(&out[..], &world.process_at_rank(right), &mut inb[..], &world.process_at_rank(left));
+        p2p::send_receive_into(
+            &out[..],
+            &world.process_at_rank(right),
+            &mut inb[..],
+            &world.process_at_rank(left),
+        );
         c.bytes("sendrecv", &inb, &pattern(left, rank, 400, 3 << 20));
     }
 
     // 6. Collectives against computed values.
     world.barrier();
     for root in 0..n {
-        let mut v: Vec<u64> = if rank == root { (0..100_000u64).map(|i| i * 3 + root as u64).collect() } else { vec![0; 100_000] };
+        let mut v: Vec<u64> = if rank == root {
+            (0..100_000u64).map(|i| i * 3 + root as u64).collect()
+        } else {
+            vec![0; 100_000]
+        };
         world.process_at_rank(root).broadcast_into(&mut v[..]);
-        c.eq(&format!("bcast from {root}"), v.iter().enumerate().all(|(i, &x)| x == i as u64 * 3 + root as u64), true);
+        c.eq(
+            &format!("bcast from {root}"),
+            v.iter()
+                .enumerate()
+                .all(|(i, &x)| x == i as u64 * 3 + root as u64),
+            true,
+        );
     }
     {
         let mine: Vec<i64> = (0..1000).map(|i| i * (rank as i64 + 1)).collect();
         let tri = (n as i64) * (n as i64 + 1) / 2;
         let want: Vec<i64> = (0..1000).map(|i| i * tri).collect();
         let mut all = vec![0i64; 1000];
-        world.all_reduce_into(&mine[..], &mut all[..], mpi::collective::SystemOperation::sum());
+        world.all_reduce_into(
+            &mine[..],
+            &mut all[..],
+            mpi::collective::SystemOperation::sum(),
+        );
         c.eq("allreduce sum", &all, &want);
         if rank == 0 {
             let mut red = vec![0i64; 1000];
-            world.process_at_rank(0).reduce_into_root(&mine[..], &mut red[..], mpi::collective::SystemOperation::sum());
+            world.process_at_rank(0).reduce_into_root(
+                &mine[..],
+                &mut red[..],
+                mpi::collective::SystemOperation::sum(),
+            );
             c.eq("reduce sum", &red, &want);
         } else {
-            world.process_at_rank(0).reduce_into(&mine[..], mpi::collective::SystemOperation::sum());
+            world
+                .process_at_rank(0)
+                .reduce_into(&mine[..], mpi::collective::SystemOperation::sum());
         }
         let mut mx = 0i32;
         world.all_reduce_into(&rank, &mut mx, mpi::collective::SystemOperation::max());
@@ -236,11 +327,15 @@ fn main() {
     {
         // alltoall: element j of rank r's buffer goes to rank j.
         let per = 1000usize;
-        let send: Vec<u32> = (0..n as usize * per).map(|k| (rank as u32) << 24 | k as u32).collect();
+        let send: Vec<u32> = (0..n as usize * per)
+            .map(|k| (rank as u32) << 24 | k as u32)
+            .collect();
         let mut recv = vec![0u32; n as usize * per];
         world.all_to_all_into(&send[..], &mut recv[..]);
         let want: Vec<u32> = (0..n as usize)
-            .flat_map(|src| (0..per).map(move |i| (src as u32) << 24 | (rank as usize * per + i) as u32))
+            .flat_map(|src| {
+                (0..per).map(move |i| (src as u32) << 24 | (rank as usize * per + i) as u32)
+            })
             .collect();
         c.eq("alltoall", recv == want, true);
     }
@@ -250,11 +345,22 @@ fn main() {
         world.all_gather_into(&mine[..], &mut all[..]);
         for r in 0..n {
             let a = r as usize * 10_000;
-            c.bytes(&format!("allgather part {r}"), &all[a..a + 10_000], &pattern(r, -1, 500, 10_000));
+            c.bytes(
+                &format!("allgather part {r}"),
+                &all[a..a + 10_000],
+                &pattern(r, -1, 500, 10_000),
+            );
         }
         // allgatherv with uneven parts.
         let counts: Vec<Count> = (0..n).map(|r| 100 + r * 50).collect();
-        let displs: Vec<Count> = counts.iter().scan(0, |acc, &x| { let d = *acc; *acc += x; Some(d) }).collect();
+        let displs: Vec<Count> = counts
+            .iter()
+            .scan(0, |acc, &x| {
+                let d = *acc;
+                *acc += x;
+                Some(d)
+            })
+            .collect();
         let total: Count = counts.iter().sum();
         let mine = pattern(rank, -2, 501, counts[rank as usize] as usize);
         let mut buf = vec![0u8; total as usize];
@@ -265,15 +371,27 @@ fn main() {
         for r in 0..n {
             let a = displs[r as usize] as usize;
             let l = counts[r as usize] as usize;
-            c.bytes(&format!("allgatherv part {r}"), &buf[a..a + l], &pattern(r, -2, 501, l));
+            c.bytes(
+                &format!("allgatherv part {r}"),
+                &buf[a..a + l],
+                &pattern(r, -2, 501, l),
+            );
         }
     }
     world.barrier();
 
     let mut errors = 0u64;
-    world.all_reduce_into(&c.errors, &mut errors, mpi::collective::SystemOperation::sum());
+    world.all_reduce_into(
+        &c.errors,
+        &mut errors,
+        mpi::collective::SystemOperation::sum(),
+    );
     let mut checks = 0u64;
-    world.all_reduce_into(&c.checks, &mut checks, mpi::collective::SystemOperation::sum());
+    world.all_reduce_into(
+        &c.checks,
+        &mut checks,
+        mpi::collective::SystemOperation::sum(),
+    );
     if rank == 0 {
         if errors == 0 {
             println!("INTEGRITY PASS ranks={n} checks={checks}");
