@@ -522,6 +522,22 @@ int mca_btl_ivcom_progress(void)
             link_failed(ep, rc);
         }
     }
+    /* Links of peers that ob1 has not added yet (it adds remote peers
+     * lazily, on first send): their messages are delivered all the same. */
+    for (int k = 0; k < C->norphans; k++) {
+        int rc = ivcom_link_poll(C->orphans[k], 16, recv_cb, NULL);
+        if (rc > 0) {
+            count += rc;
+        } else if (rc < 0) {
+            char err[512];
+            if (IVCOM_E_CLOSED != rc) {
+                ivcom_last_error(err, sizeof(err));
+                opal_output(0, "btl/ivcom: lost a peer not yet added: %s", err);
+            }
+            ivcom_link_free(C->orphans[k]);
+            C->orphans[k--] = C->orphans[--C->norphans];
+        }
+    }
     C->in_progress = false;
     return count;
 }
