@@ -59,6 +59,8 @@ pub struct Config {
     pub if_exclude: Vec<IfSpec>,
     /// Explicit address to listen on (overrides the interface lists).
     pub listen: Option<IpAddr>,
+    /// TCP port to listen on (0: any free port).
+    pub port: u16,
     /// Time allowed for connecting and the handshake.
     pub connect_timeout: Duration,
     /// Largest TCP frame payload.
@@ -81,6 +83,7 @@ impl Default for Config {
             if_include: Vec::new(),
             if_exclude: Vec::new(),
             listen: None,
+            port: 0,
             connect_timeout: Duration::from_secs(30),
             tcp_frame: tcp::DEFAULT_FRAME,
             max_message: crate::DEFAULT_MAX_MESSAGE,
@@ -494,7 +497,7 @@ impl Node {
             Some(ip) => ip,
             None => netif::select(&cfg.if_include, &cfg.if_exclude)?,
         };
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0))?;
+        let listener = TcpListener::bind(SocketAddr::new(ip, cfg.port))?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let card = Card {

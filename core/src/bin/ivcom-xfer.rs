@@ -6,7 +6,8 @@
 //! ivcom-xfer connect (--card-file F | --addr IP:PORT) [options]   # side A
 //! options: --count N (messages A->B, 0 = until killed)  --max-size BYTES
 //!          --echo N (round trips first)  --seed S  --backend auto|host|xen|none
-//!          --host-dir DIR  --ring-size BYTES  --listen-ip IP  --expect-path ring|tcp
+//!          --host-dir DIR  --ring-size BYTES  --listen-ip IP  --port N
+//!          --expect-path ring|tcp  --verbose
 //!          --timeout SECS (default 600)
 //! ```
 //! Every message starts with its index and length; the payload is a
@@ -76,6 +77,7 @@ fn parse() -> Opts {
             }
             "--host-dir" => o.cfg.host_dir = Some(v().into()),
             "--ring-size" => o.cfg.ring_size = num(v()) as usize,
+            "--port" => o.cfg.port = num(v()) as u16,
             "--listen-ip" => o.cfg.listen = Some(v().parse().unwrap_or_else(|_| die("bad ip"))),
             "--timeout" => o.timeout = Duration::from_secs(num(v())),
             "--expect-path" => {
