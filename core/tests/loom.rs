@@ -1,0 +1,438 @@
+//! Exhaustive interleaving models of the ring's index/notify protocol.
+//!
+//! Run with:
+//! `RUSTFLAGS="--cfg loom" cargo test -p ivcom-core --test loom --release`
+//!
+//! The functions under test are the production ones in
+//! `ivcom_core::protocol` (`publish`, `prepare_sleep`, `finish_sleep`),
+//! instantiated over loom's atomics through the `Word` trait. Models:
+//!
+//! - no lost wake-up, both directions: a side that decided to sleep is
+//!   always rung (or saw the index move and did not sleep), in every
+//!   interleaving; a waiter that sleeps on a doorbell token always wakes up;
+//! - no overwrite of unread data: a two-slot ring of `loom::cell::UnsafeCell`
+//!   slots through which three items pass; loom's race detector proves the
+//!   producer never writes a slot the consumer is reading or has not read;
+//! - negative controls: the same models with the fences or the
+//!   release/acquire orderings taken away fail, so the models have teeth.
+//!
+//! Not checked here, and why: models where one side goes through several
+//! sleep/wake rounds (`waiter_always_wakes`, `sleeping_ring`, kept below as
+//! ignored tests) fail under loom 0.7 with an outcome the C++20/Rust memory
+//! model forbids. Loom keeps the modification order of an atomic as a
+//! partial order (vector clocks), so the publisher's relaxed `swap(0)` of the
+//! waiting flag may read an older store and still not be ordered before the
+//! waiter's next store of 1; a later load then returns the swap's 0 although
+//! seq_cst fences on both sides forbid it. `loom_rmw_false_positive` shows the
+//! same outcome on a ten-line litmus test (it is expected to "fail", i.e. to
+//! panic; if a loom upgrade makes it pass, un-ignore the multi-round models).
+#![cfg(loom)]
+
+use ivcom_core::protocol::{self, Word};
+use loom::cell::UnsafeCell;
+use loom::sync::atomic::{fence, AtomicU64};
+use loom::sync::Arc;
+use loom::thread;
+use std::sync::atomic::Ordering;
+
+/// The protocol's word on loom's memory model.
+struct W(AtomicU64);
+
+impl W {
+    fn new(v: u64) -> Self {
+        W(AtomicU64::new(v))
+    }
+}
+
+impl Word for W {
+    fn load(&self, order: Ordering) -> u64 {
+        self.0.load(order)
+    }
+    fn store(&self, value: u64, order: Ordering) {
+        self.0.store(value, order)
+    }
+    fn swap(&self, value: u64, order: Ordering) -> u64 {
+        self.0.swap(value, order)
+    }
+    fn fence() {
+        fence(Ordering::SeqCst)
+    }
+}
+
+/// A deliberately broken word for the negative controls: no fence.
+struct NoFence(AtomicU64);
+
+impl Word for NoFence {
+    fn load(&self, order: Ordering) -> u64 {
+        self.0.load(order)
+    }
+    fn store(&self, value: u64, order: Ordering) {
+        self.0.store(value, order)
+    }
+    fn swap(&self, value: u64, order: Ordering) -> u64 {
+        self.0.swap(value, order)
+    }
+    fn fence() {}
+}
+
+/// A deliberately broken word for the negative controls: everything relaxed.
+struct Relaxed(AtomicU64);
+
+impl Word for Relaxed {
+    fn load(&self, _: Ordering) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+    fn store(&self, value: u64, _: Ordering) {
+        self.0.store(value, Ordering::Relaxed)
+    }
+    fn swap(&self, value: u64, _: Ordering) -> u64 {
+        self.0.swap(value, Ordering::Relaxed)
+    }
+    fn fence() {
+        fence(Ordering::SeqCst)
+    }
+}
+
+fn model(f: impl Fn() + Sync + Send + 'static) {
+    // Exhaustive: no preemption bound. Each model here explores in well
+    // under a second; LOOM_MAX_PREEMPTIONS still bounds it if set.
+    let mut b = loom::model::Builder::new();
+    if std::env::var_os("LOOM_MAX_PREEMPTIONS").is_none() {
+        b.preemption_bound = None;
+    }
+    b.check(f);
+}
+
+// ---------------------------------------------------------------------------
+// (a) No lost wake-up
+
+/// The shared words of one direction: the publisher's index and the
+/// waiter's "I am about to sleep" flag.
+struct Pair<T> {
+    index: T,
+    waiting: T,
+}
+
+/// One publish against one sleep decision. The waiter saw the index at 0
+/// (the ring empty, or full, depending on the direction); the publisher
+/// moves it to `to`. Whenever the waiter decided to sleep, the publisher
+/// must have been told to ring.
+fn one_publish_one_sleep<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T, to: u64) {
+    let p = Arc::new(Pair {
+        index: mk(0),
+        waiting: mk(0),
+    });
+    let q = p.clone();
+    let publisher = thread::spawn(move || protocol::publish(&q.index, to, &q.waiting));
+    let sleeps = protocol::prepare_sleep(&p.waiting, &p.index, 0);
+    let rang = publisher.join().unwrap();
+    assert!(
+        !sleeps || rang,
+        "lost wake-up: the waiter sleeps, nobody rings"
+    );
+    if !sleeps {
+        // It did not sleep because it saw the index move: the flag is down.
+        assert_eq!(p.index.load(Ordering::Acquire), to);
+    }
+}
+
+/// Consumer waits for data: the producer publishes its index (commit), the
+/// consumer found the ring empty and prepares to sleep.
+#[test]
+fn no_lost_wakeup_consumer_waits_for_data() {
+    model(|| one_publish_one_sleep(W::new, 8));
+}
+
+/// Producer waits for space, on a full two-slot ring: the consumer reads
+/// slot 0 and publishes its index (flush); the producer found the ring full
+/// and prepares to sleep. Whenever it sleeps it is rung; when it does not
+/// sleep (it saw the index move) it reuses slot 0 at once, and loom checks
+/// that this write cannot race with the consumer's read.
+#[test]
+fn no_lost_wakeup_producer_waits_for_space() {
+    model(|| {
+        let r = Arc::new(Ring {
+            slots: [UnsafeCell::new(1), UnsafeCell::new(2)],
+            prod: W::new(2),
+            cons: W::new(0),
+            prod_waiting: W::new(0),
+            cons_waiting: W::new(0),
+        });
+        let rc = r.clone();
+        let consumer = thread::spawn(move || {
+            // SAFETY (model): loom checks that no write of this slot races.
+            let v = rc.slots[0].with(|x| unsafe { *x });
+            assert_eq!(v, 1);
+            protocol::publish(&rc.cons, 1, &rc.prod_waiting)
+        });
+        let sleeps = protocol::prepare_sleep(&r.prod_waiting, &r.cons, 0);
+        if !sleeps {
+            // SAFETY (model): loom checks that no read of this slot races.
+            r.slots[0].with_mut(|x| unsafe { *x = 3 });
+        }
+        let rang = consumer.join().unwrap();
+        assert!(
+            !sleeps || rang,
+            "lost wake-up: the producer sleeps, nobody rings"
+        );
+        assert_eq!(r.prod_waiting.load(Ordering::Relaxed), 0, "flag left up");
+    });
+}
+
+/// A waiter that really sleeps: a doorbell is a counter the waiter takes a
+/// token of before its last check and sleeps on until it changes (as the
+/// host backend's futex does). The publisher moves its index `steps` times
+/// and rings when told to. The waiter follows the index to the end; with a
+/// lost wake-up it would spin forever and loom would report it.
+fn waiter_always_wakes<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T, steps: u64) {
+    struct S<T> {
+        pair: Pair<T>,
+        bell: AtomicU64,
+    }
+    let s = Arc::new(S {
+        pair: Pair {
+            index: mk(0),
+            waiting: mk(0),
+        },
+        bell: AtomicU64::new(0),
+    });
+    let t = s.clone();
+    let publisher = thread::spawn(move || {
+        let mut rings = 0;
+        for i in 1..=steps {
+            if protocol::publish(&t.pair.index, i * 8, &t.pair.waiting) {
+                t.bell.fetch_add(1, Ordering::Release);
+                rings += 1;
+            }
+        }
+        rings
+    });
+    let mut seen = 0;
+    let mut sleeps = 0;
+    while seen != steps * 8 {
+        let now = s.pair.index.load(Ordering::Acquire);
+        if now != seen {
+            seen = now;
+            continue;
+        }
+        let token = s.bell.load(Ordering::Acquire);
+        if protocol::prepare_sleep(&s.pair.waiting, &s.pair.index, seen) {
+            sleeps += 1;
+            while s.bell.load(Ordering::Acquire) == token {
+                thread::yield_now();
+            }
+            protocol::finish_sleep(&s.pair.waiting);
+        }
+    }
+    let rings = publisher.join().unwrap();
+    assert!(rings >= sleeps, "{sleeps} sleeps but {rings} doorbells");
+}
+
+#[test]
+#[ignore = "loom 0.7 false positive on relaxed RMW vs store, see the module doc"]
+fn sleeping_consumer_always_wakes() {
+    model(|| waiter_always_wakes(W::new, 2));
+}
+
+// ---------------------------------------------------------------------------
+// (b) No overwrite of unread data
+
+struct Ring<T> {
+    slots: [UnsafeCell<u64>; 2],
+    prod: T,
+    cons: T,
+    prod_waiting: T,
+    cons_waiting: T,
+}
+
+/// Three items through a two-slot ring. The producer checks for space
+/// against the consumer index (acquire, reloaded only when the ring looks
+/// full), writes a slot, publishes its index; the consumer reads a slot,
+/// then publishes its index. Any write of a slot not ordered after the read
+/// of the item it held is a data race that loom reports.
+fn two_slot_ring<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T) {
+    const ITEMS: u64 = 3;
+    let r = Arc::new(Ring {
+        slots: [UnsafeCell::new(0), UnsafeCell::new(0)],
+        prod: mk(0),
+        cons: mk(0),
+        prod_waiting: mk(0),
+        cons_waiting: mk(0),
+    });
+    let rp = r.clone();
+    let producer = thread::spawn(move || {
+        let (mut p, mut cons) = (0u64, 0u64);
+        for item in 1..=ITEMS {
+            while p - cons == 2 {
+                cons = rp.cons.load(Ordering::Acquire);
+                if p - cons == 2 {
+                    thread::yield_now();
+                }
+            }
+            // SAFETY (model): loom checks that no read of this slot races.
+            rp.slots[(p % 2) as usize].with_mut(|s| unsafe { *s = item });
+            p += 1;
+            protocol::publish(&rp.prod, p, &rp.cons_waiting);
+        }
+    });
+    let (mut c, mut prod) = (0u64, 0u64);
+    for item in 1..=ITEMS {
+        while prod == c {
+            prod = r.prod.load(Ordering::Acquire);
+            if prod == c {
+                thread::yield_now();
+            }
+        }
+        // SAFETY (model): loom checks that no write of this slot races.
+        let v = r.slots[(c % 2) as usize].with(|s| unsafe { *s });
+        assert_eq!(v, item, "read a slot that was overwritten or not written");
+        c += 1;
+        protocol::publish(&r.cons, c, &r.prod_waiting);
+    }
+    producer.join().unwrap();
+}
+
+#[test]
+fn no_overwrite_of_unread_slots() {
+    model(|| two_slot_ring(W::new));
+}
+
+/// Both directions at once, as the channel runs them: a two-slot ring
+/// through which three items pass, where a side that finds the ring full
+/// (producer) or empty (consumer) does not spin but announces sleep and
+/// sleeps on its doorbell. Every interleaving ends (no side sleeps
+/// forever) and no slot is overwritten before it was read.
+fn sleeping_ring<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T) {
+    const ITEMS: u64 = 3;
+    struct S<T> {
+        ring: Ring<T>,
+        /// Wakes the producer.
+        prod_bell: AtomicU64,
+        /// Wakes the consumer.
+        cons_bell: AtomicU64,
+    }
+    fn sleep<T: Word>(bell: &AtomicU64, waiting: &T, index: &T, seen: u64) {
+        let token = bell.load(Ordering::Acquire);
+        if protocol::prepare_sleep(waiting, index, seen) {
+            while bell.load(Ordering::Acquire) == token {
+                thread::yield_now();
+            }
+            protocol::finish_sleep(waiting);
+        }
+    }
+    let s = Arc::new(S {
+        ring: Ring {
+            slots: [UnsafeCell::new(0), UnsafeCell::new(0)],
+            prod: mk(0),
+            cons: mk(0),
+            prod_waiting: mk(0),
+            cons_waiting: mk(0),
+        },
+        prod_bell: AtomicU64::new(0),
+        cons_bell: AtomicU64::new(0),
+    });
+    let sp = s.clone();
+    let producer = thread::spawn(move || {
+        let r = &sp.ring;
+        let (mut p, mut cons) = (0u64, 0u64);
+        for item in 1..=ITEMS {
+            while p - cons == 2 {
+                cons = r.cons.load(Ordering::Acquire);
+                if p - cons == 2 {
+                    sleep(&sp.prod_bell, &r.prod_waiting, &r.cons, cons);
+                }
+            }
+            // SAFETY (model): loom checks that no read of this slot races.
+            r.slots[(p % 2) as usize].with_mut(|x| unsafe { *x = item });
+            p += 1;
+            if protocol::publish(&r.prod, p, &r.cons_waiting) {
+                sp.cons_bell.fetch_add(1, Ordering::Release);
+            }
+        }
+    });
+    let r = &s.ring;
+    let (mut c, mut prod) = (0u64, 0u64);
+    for item in 1..=ITEMS {
+        while prod == c {
+            prod = r.prod.load(Ordering::Acquire);
+            if prod == c {
+                sleep(&s.cons_bell, &r.cons_waiting, &r.prod, prod);
+            }
+        }
+        // SAFETY (model): loom checks that no write of this slot races.
+        let v = r.slots[(c % 2) as usize].with(|x| unsafe { *x });
+        assert_eq!(v, item);
+        c += 1;
+        if protocol::publish(&r.cons, c, &r.prod_waiting) {
+            s.prod_bell.fetch_add(1, Ordering::Release);
+        }
+    }
+    producer.join().unwrap();
+}
+
+#[test]
+#[ignore = "loom 0.7 false positive on relaxed RMW vs store, see the module doc"]
+fn both_sides_sleeping_ring() {
+    model(|| sleeping_ring(W::new));
+}
+
+// ---------------------------------------------------------------------------
+// Negative controls: the models catch the bugs they are about.
+
+#[test]
+#[should_panic]
+fn control_without_fence_loses_wakeups() {
+    model(|| one_publish_one_sleep(|v| NoFence(AtomicU64::new(v)), 8));
+}
+
+#[test]
+#[should_panic]
+fn control_relaxed_indices_race_on_slots() {
+    model(|| two_slot_ring(|v| Relaxed(AtomicU64::new(v))));
+}
+
+// ---------------------------------------------------------------------------
+// The loom limitation behind the ignored models.
+
+/// Thread W (waiter) raises, lowers and raises a flag around two
+/// `fence(SeqCst)`s, then reads an index; thread P (publisher) publishes the
+/// index twice, each time fence + read of the flag, and clears the flag with
+/// a `swap` in between (as `protocol::publish` does). C++20
+/// [atomics.order]/4.4 forbids `r2 == 8 && sw == 0 && r3 == 0`: `sw == 0`
+/// places the swap right after the lowering store, hence before the second
+/// raise in the modification order; `r3 == 0` then makes `r3` coherence-
+/// ordered before the raise, so P's second fence precedes W's second fence
+/// in S, while `r2 == 8` requires the opposite. Loom 0.7 reports it anyway.
+#[test]
+#[should_panic(expected = "forbidden outcome")]
+fn loom_rmw_false_positive() {
+    loom::model(|| {
+        // (index, flag)
+        let a = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let b = a.clone();
+        let p = thread::spawn(move || {
+            b.0.store(8, Ordering::Release);
+            fence(Ordering::SeqCst);
+            let sw = if b.1.load(Ordering::Relaxed) != 0 {
+                b.1.swap(0, Ordering::Relaxed)
+            } else {
+                9
+            };
+            b.0.store(16, Ordering::Release);
+            fence(Ordering::SeqCst);
+            (sw, b.1.load(Ordering::Relaxed))
+        });
+        a.1.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let _ = a.0.load(Ordering::Acquire);
+        a.1.store(0, Ordering::Relaxed);
+        a.1.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        let r2 = a.0.load(Ordering::Acquire);
+        let (sw, r3) = p.join().unwrap();
+        assert!(
+            r2 == 16 || r3 == 1 || sw == 1,
+            "forbidden outcome r2={r2} sw={sw} r3={r3}"
+        );
+    });
+}
