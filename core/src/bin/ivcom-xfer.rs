@@ -152,7 +152,7 @@ fn size_of(i: u64, rng: &mut Rng, max: usize) -> usize {
     if (i as usize) < edges.len() {
         return edges[i as usize].min(max);
     }
-    let cap = if rng.next() % 10 == 0 {
+    let cap = if rng.next().is_multiple_of(10) {
         max
     } else {
         max.min(64 << 10)
