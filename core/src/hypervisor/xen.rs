@@ -1,22 +1,466 @@
-//! The xen backend (grant tables and event channels through /dev/xen).
-//! Placeholder until the backend lands: reports that Xen is not supported.
+//! The xen backend: Xen grant tables and event channels through the Linux
+//! guest devices in `/dev/xen`.
+//!
+//! - [`Hypervisor::share`] allocates zeroed pages with `/dev/xen/gntalloc`
+//!   (`IOCTL_GNTALLOC_ALLOC_GREF`, writable grants to the peer domain) and
+//!   maps them at the returned offset. The descriptor is the list of grant
+//!   references under a small versioned header ([`desc`]). Dropping the
+//!   region unmaps it and removes the grants (`IOCTL_GNTALLOC_DEALLOC_GREF`);
+//!   pages the peer still maps are freed by the kernel once it unmaps them.
+//!   No unmap notification is set: the ring format has no liveness byte the
+//!   backend could clear, and a vanished peer shows on the control
+//!   connection.
+//! - [`Hypervisor::map`] validates the peer's descriptor strictly (it is
+//!   untrusted input), registers the references with `/dev/xen/gntdev`
+//!   (`IOCTL_GNTDEV_MAP_GRANT_REF`) and maps them; drop unmaps and
+//!   unregisters them (`IOCTL_GNTDEV_UNMAP_GRANT_REF`).
+//! - Doorbells are interdomain event channels, each on its own
+//!   `/dev/xen/evtchn` file: the offerer allocates an unbound port for the
+//!   peer, the acceptor binds to it; `notify` is `IOCTL_EVTCHN_NOTIFY`; `wait`
+//!   polls the file, reads the fired port and writes it back to unmask it.
+//!   An event is latched by the kernel until read, so a notification between
+//!   [`Doorbell::prepare`] and [`Doorbell::wait`] is never lost. The
+//!   memory-based [`BellWords`] are not used.
+//! - The domain id is read from xenstore (key `domid`, relative to this
+//!   domain's home) through `/dev/xen/xenbus` or `/proc/xen/xenbus`.
+//! - The host id is one constant for every Xen guest: a PV or HVM domU has
+//!   no cheap, portable way to name its physical host (xenstore keeps
+//!   nothing host-wide that guests may read, and the hypervisor version is
+//!   the same on many hosts), so any two Xen guests are ring candidates and
+//!   the mapping probe decides: grants made for another domain do not map
+//!   and the nonce check catches anything else.
+//!
+//! Sizes: gntalloc limits the pages all its users in this domain may have
+//! granted at once (module parameter `limit`, 1024 pages by default);
+//! [`Hypervisor::max_share`] reports it so that the channel can shrink its
+//! rings.
+
+pub mod abi;
+pub mod desc;
+pub mod xenstore;
 
 use super::{BackendKind, BellWords, Doorbell, Hypervisor, Region};
 use crate::error::{Error, Result};
+use abi::{DomId, EvtchnPort, GrantRef, XEN_PAGE_SIZE};
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// True when this kernel runs as a Xen guest with the grant and event
-/// channel devices.
+/// The host id every Xen guest reports (see the module documentation).
+pub const XEN_HOST_ID: [u8; 16] = *b"ivcom:xen-guest\0";
+
+/// gntalloc's default `limit` (pages), assumed when the parameter is not
+/// readable.
+pub const DEFAULT_GNTALLOC_LIMIT: usize = 1024;
+
+/// How long reading the domain id from xenstore may take.
+const XENSTORE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A device the backend needs, and the module that provides it.
+struct Device {
+    path: &'static str,
+    module: &'static str,
+}
+
+const GNTALLOC: Device = Device {
+    path: "dev/xen/gntalloc",
+    module: "xen-gntalloc",
+};
+const GNTDEV: Device = Device {
+    path: "dev/xen/gntdev",
+    module: "xen-gntdev",
+};
+const EVTCHN: Device = Device {
+    path: "dev/xen/evtchn",
+    module: "xen-evtchn",
+};
+const DEVICES: [&Device; 3] = [&GNTALLOC, &GNTDEV, &EVTCHN];
+const XENBUS: [&str; 2] = ["dev/xen/xenbus", "proc/xen/xenbus"];
+const GNTALLOC_LIMIT: &str = "sys/module/xen_gntalloc/parameters/limit";
+
+/// Where the system files are (`/` but for tests).
+#[derive(Debug, Clone)]
+struct Root(PathBuf);
+
+impl Root {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+
+    /// The kernel says it runs on Xen, devices or not.
+    fn xen_platform(&self) -> bool {
+        self.path("proc/xen/capabilities").exists()
+            || std::fs::read_to_string(self.path("sys/hypervisor/type"))
+                .is_ok_and(|t| t.trim() == "xen")
+    }
+
+    fn is_xen_guest(&self) -> bool {
+        DEVICES.iter().all(|d| self.path(d.path).exists()) || self.xen_platform()
+    }
+
+    /// Names every missing piece, or `Ok` when all devices exist.
+    fn check_devices(&self) -> Result<()> {
+        let missing: Vec<&Device> = DEVICES
+            .iter()
+            .copied()
+            .filter(|d| !self.path(d.path).exists())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if missing.len() == DEVICES.len() && !self.xen_platform() {
+            return Err(Error::Backend(format!(
+                "not a Xen guest: {}, {} and {} are missing and {} does not say xen",
+                self.path(GNTALLOC.path).display(),
+                self.path(GNTDEV.path).display(),
+                self.path(EVTCHN.path).display(),
+                self.path("sys/hypervisor/type").display()
+            )));
+        }
+        let why: Vec<String> = missing
+            .iter()
+            .map(|d| {
+                format!(
+                    "{m} kernel module not loaded: {p} missing (modprobe {m})",
+                    m = d.module,
+                    p = self.path(d.path).display()
+                )
+            })
+            .collect();
+        Err(Error::Backend(why.join("; ")))
+    }
+
+    fn gntalloc_limit(&self) -> usize {
+        std::fs::read_to_string(self.path(GNTALLOC_LIMIT))
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .map_or(DEFAULT_GNTALLOC_LIMIT, |n| {
+                n.clamp(0, i64::from(u32::MAX)) as usize
+            })
+    }
+
+    /// This domain's id, from xenstore.
+    fn read_domid(&self) -> Result<DomId> {
+        let mut errors = Vec::new();
+        for rel in XENBUS {
+            let p = self.path(rel);
+            if !p.exists() {
+                continue;
+            }
+            let r = open_dev(&p, libc::O_NONBLOCK).and_then(|fd| {
+                let v = xenstore::read_fd(fd.as_fd(), "domid", XENSTORE_TIMEOUT)?;
+                xenstore::parse_domid(&v)
+            });
+            match r {
+                Ok(d) => return Ok(d),
+                Err(e) => errors.push(format!("{}: {e}", p.display())),
+            }
+        }
+        if errors.is_empty() {
+            errors.push(format!(
+                "neither {} nor {} exists (is xenfs mounted?)",
+                self.path(XENBUS[0]).display(),
+                self.path(XENBUS[1]).display()
+            ));
+        }
+        Err(Error::Backend(format!(
+            "cannot read this domain's id from xenstore: {}",
+            errors.join("; ")
+        )))
+    }
+}
+
+/// True when this kernel runs under Xen: the grant and event-channel
+/// devices all exist, or `/proc/xen/capabilities` exists, or
+/// `/sys/hypervisor/type` says `xen`. [`XenBackend::open`] then either works
+/// or names what is missing.
 pub fn is_xen_guest() -> bool {
-    false
+    Root(PathBuf::from("/")).is_xen_guest()
+}
+
+/// Opens a device read-write, close-on-exec, with extra `flags`.
+fn open_dev(path: &Path, flags: libc::c_int) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("path {}", path.display())))?;
+    // SAFETY: open on a NUL-terminated path; the result is checked.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | flags) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        let hint = if e.raw_os_error() == Some(libc::EACCES) {
+            " (needs root or access to the Xen devices)"
+        } else {
+            ""
+        };
+        return Err(Error::Backend(format!(
+            "open {}: {e}{hint}",
+            path.display()
+        )));
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// An ioctl whose argument is `arg`; returns the non-negative result.
+///
+/// # Safety
+/// `req` must be an ioctl of the device behind `fd` whose argument is a
+/// pointer to a buffer laid out as the kernel expects, valid for reads and
+/// writes of everything the kernel accesses, which `arg` must be.
+unsafe fn ioctl_raw(
+    fd: &OwnedFd,
+    req: u32,
+    arg: *mut libc::c_void,
+) -> std::io::Result<libc::c_int> {
+    loop {
+        // SAFETY: per the caller's contract.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) };
+        if r >= 0 {
+            return Ok(r);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// [`ioctl_raw`] with the error as a backend error saying `what` failed.
+///
+/// # Safety
+/// As for [`ioctl_raw`].
+unsafe fn ioctl(fd: &OwnedFd, req: u32, arg: *mut libc::c_void, what: &str) -> Result<libc::c_int> {
+    // SAFETY: per the caller's contract.
+    unsafe { ioctl_raw(fd, req, arg) }.map_err(|e| Error::Backend(format!("{what}: {e}")))
+}
+
+/// Validates a peer's domain id.
+fn domid(peer: u32) -> Result<DomId> {
+    if peer >= abi::DOMID_FIRST_RESERVED {
+        return Err(Error::Backend(format!("{peer} is not a Xen domain id")));
+    }
+    Ok(peer as DomId)
+}
+
+/// A buffer of at least `bytes` bytes, aligned for the ioctl structs (all
+/// of which need at most 8-byte alignment).
+fn ioctl_buf(bytes: usize) -> Vec<u64> {
+    vec![0u64; bytes.div_ceil(8)]
+}
+
+/// Maps `len` bytes of a grant device at `index`, shared and writable.
+fn mmap_dev(fd: &OwnedFd, len: usize, index: u64, what: &str) -> Result<*mut u8> {
+    let off = libc::off_t::try_from(index)
+        .map_err(|_| Error::Backend(format!("{what}: offset {index:#x} out of range")))?;
+    // SAFETY: a new shared mapping of a device region the kernel set up for
+    // this fd; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::Backend(format!("{what}: mmap: {e}")));
+    }
+    Ok(p.cast())
+}
+
+/// Allocates `count` pages granted (writable) to `peer`: the mmap offset
+/// and the references.
+fn gntalloc_alloc(fd: &OwnedFd, peer: DomId, count: usize) -> Result<(u64, Vec<GrantRef>)> {
+    use abi::GntallocAllocGref as A;
+    let refs_at = std::mem::offset_of!(A, gref_ids);
+    let bytes = (refs_at + count * 4).max(std::mem::size_of::<A>());
+    let mut buf = ioctl_buf(bytes);
+    let p = buf.as_mut_ptr().cast::<A>();
+    let head = A {
+        domid: peer,
+        flags: abi::GNTALLOC_FLAG_WRITABLE,
+        count: count as u32,
+        index: 0,
+        gref_ids: [0],
+    };
+    // SAFETY: buf is 8-byte aligned and at least size_of::<A>() bytes long;
+    // the kernel reads the fixed part and writes `index` and `count`
+    // references, all within `bytes`.
+    unsafe {
+        p.write(head);
+        ioctl_raw(fd, abi::IOCTL_GNTALLOC_ALLOC_GREF, p.cast()).map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::ENOSPC) {
+                " (gntalloc's page limit for this domain is used up: \
+                 /sys/module/xen_gntalloc/parameters/limit)"
+            } else {
+                ""
+            };
+            Error::Backend(format!(
+                "gntalloc: grant {count} pages to domain {peer}: {e}{hint}"
+            ))
+        })?;
+        let index = std::ptr::addr_of!((*p).index).read();
+        let first = std::ptr::addr_of!((*p).gref_ids).cast::<u32>();
+        let refs = (0..count).map(|i| first.add(i).read()).collect();
+        Ok((index, refs))
+    }
+}
+
+fn gntalloc_dealloc(fd: &OwnedFd, index: u64, count: usize) {
+    let mut op = abi::GntallocDeallocGref {
+        index,
+        count: count as u32,
+    };
+    // SAFETY: the fixed-size argument of IOCTL_GNTALLOC_DEALLOC_GREF.
+    let _ = unsafe {
+        ioctl(
+            fd,
+            abi::IOCTL_GNTALLOC_DEALLOC_GREF,
+            std::ptr::addr_of_mut!(op).cast(),
+            "gntalloc dealloc",
+        )
+    };
+}
+
+/// Registers the grants `refs` of domain `peer`; returns the mmap offset.
+fn gntdev_map(fd: &OwnedFd, peer: DomId, refs: &[GrantRef]) -> Result<u64> {
+    use abi::GntdevGrantRef as G;
+    use abi::GntdevMapGrantRef as M;
+    let refs_at = std::mem::offset_of!(M, refs);
+    let bytes = (refs_at + refs.len() * std::mem::size_of::<G>()).max(std::mem::size_of::<M>());
+    let mut buf = ioctl_buf(bytes);
+    let p = buf.as_mut_ptr().cast::<M>();
+    // SAFETY: buf is 8-byte aligned and `bytes` long: the fixed part plus
+    // refs.len() entries; the kernel reads those and writes `index`.
+    unsafe {
+        p.write(M {
+            count: refs.len() as u32,
+            pad: 0,
+            index: 0,
+            refs: [G::default()],
+        });
+        let first = std::ptr::addr_of_mut!((*p).refs).cast::<G>();
+        for (i, &r) in refs.iter().enumerate() {
+            first.add(i).write(G {
+                domid: u32::from(peer),
+                r#ref: r,
+            });
+        }
+        ioctl(
+            fd,
+            abi::IOCTL_GNTDEV_MAP_GRANT_REF,
+            p.cast(),
+            &format!("gntdev: register {} grants of domain {peer}", refs.len()),
+        )?;
+        Ok(std::ptr::addr_of!((*p).index).read())
+    }
+}
+
+fn gntdev_unmap(fd: &OwnedFd, index: u64, count: usize) {
+    let mut op = abi::GntdevUnmapGrantRef {
+        index,
+        count: count as u32,
+        pad: 0,
+    };
+    // SAFETY: the fixed-size argument of IOCTL_GNTDEV_UNMAP_GRANT_REF.
+    let _ = unsafe {
+        ioctl(
+            fd,
+            abi::IOCTL_GNTDEV_UNMAP_GRANT_REF,
+            std::ptr::addr_of_mut!(op).cast(),
+            "gntdev unmap",
+        )
+    };
 }
 
 /// The xen backend.
-pub struct XenBackend;
+pub struct XenBackend {
+    domid: DomId,
+    root: Root,
+    gntalloc: Arc<OwnedFd>,
+    gntdev: Arc<OwnedFd>,
+}
 
 impl XenBackend {
-    /// Opens /dev/xen.
+    /// Opens the grant devices, checks the event-channel device and reads
+    /// this domain's id from xenstore. The error names what is missing
+    /// (device, kernel module, permission, xenstore).
     pub fn open() -> Result<Self> {
-        Err(Error::Backend("xen backend not built".into()))
+        Self::open_root(Root(PathBuf::from("/")))
+    }
+
+    fn open_root(root: Root) -> Result<Self> {
+        root.check_devices()?;
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if page != XEN_PAGE_SIZE as libc::c_long {
+            return Err(Error::Backend(format!(
+                "the xen backend needs {XEN_PAGE_SIZE}-byte pages, this kernel uses {page}"
+            )));
+        }
+        let gntalloc = open_dev(&root.path(GNTALLOC.path), 0)?;
+        let gntdev = open_dev(&root.path(GNTDEV.path), 0)?;
+        drop(open_dev(&root.path(EVTCHN.path), 0)?);
+        let domid = root.read_domid()?;
+        Ok(XenBackend {
+            domid,
+            root,
+            gntalloc: Arc::new(gntalloc),
+            gntdev: Arc::new(gntdev),
+        })
+    }
+}
+
+/// Which device a region came from.
+enum Origin {
+    /// Pages this domain granted (gntalloc).
+    Granted,
+    /// A peer's pages mapped here (gntdev).
+    Mapped,
+}
+
+/// A region of the xen backend.
+pub struct XenRegion {
+    ptr: *mut u8,
+    len: usize,
+    fd: Arc<OwnedFd>,
+    index: u64,
+    pages: usize,
+    origin: Origin,
+}
+
+// SAFETY: the mapping is process-wide and stays valid until drop; the fd is
+// only used for ioctls, which the kernel serialises.
+unsafe impl Send for XenRegion {}
+// SAFETY: as above; the region has no interior mutability of its own.
+unsafe impl Sync for XenRegion {}
+
+impl Region for XenRegion {
+    fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    /// Nothing to do: a grant names one peer domain, no third domain can map
+    /// it, and the grant must stay while the peer maps the pages.
+    fn peer_attached(&self) {}
+}
+
+impl Drop for XenRegion {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len is the mapping made in share/map, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        match self.origin {
+            Origin::Granted => gntalloc_dealloc(&self.fd, self.index, self.pages),
+            Origin::Mapped => gntdev_unmap(&self.fd, self.index, self.pages),
+        }
     }
 }
 
@@ -24,25 +468,476 @@ impl Hypervisor for XenBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Xen
     }
+
     fn domain_id(&self) -> u32 {
-        0
+        u32::from(self.domid)
     }
+
     fn host_id(&self) -> [u8; 16] {
-        [0; 16]
+        XEN_HOST_ID
     }
-    fn share(&self, _: u32, _: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
-        Err(Error::Backend("xen backend not built".into()))
+
+    fn share(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
+        let peer = domid(peer)?;
+        let pages = desc::pages_for(len)?;
+        let limit = self.root.gntalloc_limit();
+        if pages > limit {
+            return Err(Error::Backend(format!(
+                "{pages} pages exceed gntalloc's limit of {limit} \
+                 (/sys/module/xen_gntalloc/parameters/limit)"
+            )));
+        }
+        let (index, refs) = gntalloc_alloc(&self.gntalloc, peer, pages)?;
+        let ptr = match mmap_dev(
+            &self.gntalloc,
+            len,
+            index,
+            &format!("gntalloc: {pages} pages for domain {peer}"),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                gntalloc_dealloc(&self.gntalloc, index, pages);
+                return Err(e);
+            }
+        };
+        let region = XenRegion {
+            ptr,
+            len,
+            fd: Arc::clone(&self.gntalloc),
+            index,
+            pages,
+            origin: Origin::Granted,
+        };
+        Ok((
+            Box::new(region),
+            desc::encode_grants(self.domid, peer, &refs),
+        ))
     }
-    fn map(&self, _: u32, _: &[u8], _: usize) -> Result<Box<dyn Region>> {
-        Err(Error::Backend("xen backend not built".into()))
+
+    fn map(&self, peer: u32, d: &[u8], len: usize) -> Result<Box<dyn Region>> {
+        let peer = domid(peer)?;
+        let refs = desc::parse_grants(d, peer, self.domid, len)?;
+        let pages = refs.len();
+        let index = gntdev_map(&self.gntdev, peer, &refs)?;
+        let ptr = match mmap_dev(
+            &self.gntdev,
+            len,
+            index,
+            &format!("gntdev: map {pages} grants of domain {peer}"),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                gntdev_unmap(&self.gntdev, index, pages);
+                return Err(e);
+            }
+        };
+        Ok(Box::new(XenRegion {
+            ptr,
+            len,
+            fd: Arc::clone(&self.gntdev),
+            index,
+            pages,
+            origin: Origin::Mapped,
+        }))
     }
-    fn bell_offer(&self, _: u32, _: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)> {
-        Err(Error::Backend("xen backend not built".into()))
+
+    fn bell_offer(&self, peer: u32, _words: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)> {
+        let peer = domid(peer)?;
+        let fd = open_dev(&self.root.path(EVTCHN.path), libc::O_NONBLOCK)?;
+        let mut op = abi::EvtchnBindUnboundPort {
+            remote_domain: libc::c_uint::from(peer),
+        };
+        // SAFETY: the fixed-size argument of IOCTL_EVTCHN_BIND_UNBOUND_PORT.
+        let port = unsafe {
+            ioctl(
+                &fd,
+                abi::IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+                std::ptr::addr_of_mut!(op).cast(),
+                &format!("evtchn: allocate a port for domain {peer}"),
+            )?
+        } as EvtchnPort;
+        let bell = EvtchnBell::new(fd, port);
+        Ok((Box::new(bell), desc::encode_bell(self.domid, peer, port)))
     }
-    fn bell_accept(&self, _: u32, _: &[u8], _: BellWords) -> Result<Box<dyn Doorbell>> {
-        Err(Error::Backend("xen backend not built".into()))
+
+    fn bell_accept(&self, peer: u32, d: &[u8], _words: BellWords) -> Result<Box<dyn Doorbell>> {
+        let peer = domid(peer)?;
+        let remote = desc::parse_bell(d, peer, self.domid)?;
+        let fd = open_dev(&self.root.path(EVTCHN.path), libc::O_NONBLOCK)?;
+        let mut op = abi::EvtchnBindInterdomain {
+            remote_domain: libc::c_uint::from(peer),
+            remote_port: remote,
+        };
+        // SAFETY: the fixed-size argument of IOCTL_EVTCHN_BIND_INTERDOMAIN.
+        let port = unsafe {
+            ioctl(
+                &fd,
+                abi::IOCTL_EVTCHN_BIND_INTERDOMAIN,
+                std::ptr::addr_of_mut!(op).cast(),
+                &format!("evtchn: bind to port {remote} of domain {peer}"),
+            )?
+        } as EvtchnPort;
+        Ok(Box::new(EvtchnBell::new(fd, port)))
     }
+
     fn describe(&self) -> String {
-        "xen".into()
+        format!("xen:domain {}", self.domid)
+    }
+
+    fn max_share(&self) -> usize {
+        self.root.gntalloc_limit().min(desc::MAX_PAGES) * XEN_PAGE_SIZE
+    }
+}
+
+/// A doorbell made of one interdomain event channel on its own
+/// `/dev/xen/evtchn` file (opened non-blocking).
+pub struct EvtchnBell {
+    fd: OwnedFd,
+    port: EvtchnPort,
+    /// Events consumed by [`Doorbell::wait`]: the token.
+    seen: AtomicU64,
+}
+
+impl EvtchnBell {
+    fn new(fd: OwnedFd, port: EvtchnPort) -> Self {
+        EvtchnBell {
+            fd,
+            port,
+            seen: AtomicU64::new(0),
+        }
+    }
+
+    /// The local port.
+    pub fn port(&self) -> EvtchnPort {
+        self.port
+    }
+
+    /// Re-enables delivery of our port after it fired.
+    fn unmask(&self) -> Result<()> {
+        let b = self.port.to_ne_bytes();
+        // SAFETY: writes 4 bytes from a local array.
+        let r = unsafe { libc::write(self.fd.as_raw_fd(), b.as_ptr().cast(), b.len()) };
+        if r != b.len() as isize {
+            return Err(Error::Backend(format!(
+                "evtchn: unmask port {}: {}",
+                self.port,
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes the fired ports out of the file; true if ours was among them.
+    fn drain(&self) -> Result<bool> {
+        let mut ours = false;
+        loop {
+            let mut ports = [0u32; 16];
+            // SAFETY: reads into a local array of the given size.
+            let r = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    ports.as_mut_ptr().cast(),
+                    std::mem::size_of_val(&ports),
+                )
+            };
+            if r > 0 {
+                let n = (r as usize / 4).min(ports.len());
+                ours |= ports[..n].contains(&self.port);
+                continue;
+            }
+            if r == 0 {
+                return Ok(ours);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => return Ok(ours),
+                Some(libc::EFBIG) => {
+                    // The kernel's pending buffer overflowed: reset it and
+                    // treat it as a notification.
+                    // SAFETY: IOCTL_EVTCHN_RESET takes no argument.
+                    unsafe {
+                        ioctl(
+                            &self.fd,
+                            abi::IOCTL_EVTCHN_RESET,
+                            std::ptr::null_mut(),
+                            "evtchn reset",
+                        )?
+                    };
+                    return Ok(true);
+                }
+                _ => return Err(Error::Backend(format!("evtchn: read: {e}"))),
+            }
+        }
+    }
+}
+
+impl Doorbell for EvtchnBell {
+    fn prepare(&self) -> u64 {
+        self.seen.load(Ordering::Acquire)
+    }
+
+    fn wait(&self, token: u64, timeout: Duration) -> Result<()> {
+        if self.seen.load(Ordering::Acquire) != token {
+            // Another waiter consumed a notification after `token`.
+            return Ok(());
+        }
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        let mut p = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd and timespec for the duration of the call.
+        let r = unsafe { libc::ppoll(&mut p, 1, &ts, std::ptr::null()) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(Error::Backend(format!("evtchn: poll: {e}")));
+        }
+        if r == 0 {
+            return Ok(());
+        }
+        if p.revents & libc::POLLNVAL != 0 {
+            return Err(Error::Backend("evtchn: file descriptor invalid".into()));
+        }
+        if self.drain()? {
+            self.seen.fetch_add(1, Ordering::AcqRel);
+            self.unmask()?;
+        }
+        Ok(())
+    }
+
+    fn notify(&self) -> Result<()> {
+        let mut op = abi::EvtchnNotify { port: self.port };
+        // SAFETY: the fixed-size argument of IOCTL_EVTCHN_NOTIFY.
+        unsafe {
+            ioctl(
+                &self.fd,
+                abi::IOCTL_EVTCHN_NOTIFY,
+                std::ptr::addr_of_mut!(op).cast(),
+                "evtchn: notify",
+            )?
+        };
+        Ok(())
+    }
+}
+
+impl Drop for EvtchnBell {
+    fn drop(&mut self) {
+        let mut op = abi::EvtchnUnbind { port: self.port };
+        // SAFETY: the fixed-size argument of IOCTL_EVTCHN_UNBIND; closing the
+        // file would unbind too.
+        let _ = unsafe {
+            ioctl(
+                &self.fd,
+                abi::IOCTL_EVTCHN_UNBIND,
+                std::ptr::addr_of_mut!(op).cast(),
+                "evtchn: unbind",
+            )
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    fn backend_err(r: Result<XenBackend>) -> String {
+        match r {
+            Err(Error::Backend(s)) => s,
+            Err(e) => panic!("expected a backend error, got {e}"),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    /// A fake system root with the given files.
+    fn fake_root(name: &str, files: &[(&str, &str)]) -> Root {
+        let dir = std::env::temp_dir().join(format!(
+            "ivcom-xen-{name}-{}-{}",
+            std::process::id(),
+            crate::hypervisor::random_u64()
+        ));
+        for (rel, content) in files {
+            let p = dir.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, content).unwrap();
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        Root(dir)
+    }
+
+    fn no_xen_here() -> bool {
+        !Path::new("/dev/xen").exists()
+            && !Path::new("/proc/xen").exists()
+            && std::fs::read_to_string("/sys/hypervisor/type").map_or(true, |t| t.trim() != "xen")
+    }
+
+    #[test]
+    fn not_a_xen_guest_here() {
+        if !no_xen_here() {
+            eprintln!("skipped: this machine runs under Xen");
+            return;
+        }
+        assert!(!is_xen_guest());
+        let e = backend_err(XenBackend::open());
+        assert!(e.contains("not a Xen guest"), "{e}");
+        assert!(e.contains("/dev/xen/gntalloc"), "{e}");
+    }
+
+    #[test]
+    fn missing_modules_are_named() {
+        let r = fake_root(
+            "nomods",
+            &[("sys/hypervisor/type", "xen\n"), ("dev/xen/evtchn", "")],
+        );
+        assert!(r.is_xen_guest());
+        let e = backend_err(XenBackend::open_root(r.clone()));
+        assert!(
+            e.contains("xen-gntalloc kernel module not loaded:")
+                && e.contains("dev/xen/gntalloc missing (modprobe xen-gntalloc)"),
+            "{e}"
+        );
+        assert!(e.contains("modprobe xen-gntdev"), "{e}");
+        assert!(!e.contains("xen-evtchn"), "{e}");
+        std::fs::remove_dir_all(&r.0).unwrap();
+
+        let r = fake_root(
+            "caps",
+            &[("proc/xen/capabilities", ""), ("dev/xen/gntdev", "")],
+        );
+        assert!(r.is_xen_guest());
+        let e = backend_err(XenBackend::open_root(r.clone()));
+        assert!(
+            e.contains("modprobe xen-gntalloc") && e.contains("modprobe xen-evtchn"),
+            "{e}"
+        );
+        assert!(!e.contains("xen-gntdev"), "{e}");
+        std::fs::remove_dir_all(&r.0).unwrap();
+
+        let r = fake_root("plain", &[("sys/hypervisor/type", "kvm\n")]);
+        assert!(!r.is_xen_guest());
+        assert!(backend_err(XenBackend::open_root(r.clone())).contains("not a Xen guest"));
+        std::fs::remove_dir_all(&r.0).unwrap();
+    }
+
+    #[test]
+    fn devices_present_but_no_xenstore() {
+        let r = fake_root(
+            "noxs",
+            &[
+                ("dev/xen/gntalloc", ""),
+                ("dev/xen/gntdev", ""),
+                ("dev/xen/evtchn", ""),
+            ],
+        );
+        assert!(r.is_xen_guest());
+        let e = backend_err(XenBackend::open_root(r.clone()));
+        assert!(
+            e.contains("cannot read this domain's id from xenstore"),
+            "{e}"
+        );
+        assert!(e.contains("xenfs"), "{e}");
+        std::fs::remove_dir_all(&r.0).unwrap();
+    }
+
+    #[test]
+    fn gntalloc_limit_parameter() {
+        let r = fake_root("nolimit", &[]);
+        assert_eq!(r.gntalloc_limit(), DEFAULT_GNTALLOC_LIMIT);
+        std::fs::remove_dir_all(&r.0).unwrap();
+        let r = fake_root("limit", &[(GNTALLOC_LIMIT, "4096\n")]);
+        assert_eq!(r.gntalloc_limit(), 4096);
+        std::fs::remove_dir_all(&r.0).unwrap();
+        let r = fake_root("neglimit", &[(GNTALLOC_LIMIT, "-5\n")]);
+        assert_eq!(r.gntalloc_limit(), 0);
+        std::fs::remove_dir_all(&r.0).unwrap();
+    }
+
+    #[test]
+    fn peer_domids_are_checked() {
+        assert_eq!(domid(0).unwrap(), 0);
+        assert_eq!(domid(0x7FEF).unwrap(), 0x7FEF);
+        assert!(domid(0x7FF0).is_err());
+        assert!(domid(u32::MAX).is_err());
+        assert!(domid(std::process::id().max(0x10000)).is_err());
+    }
+
+    #[test]
+    fn host_id_is_one_constant() {
+        assert_eq!(XEN_HOST_ID.len(), 16);
+        assert_ne!(XEN_HOST_ID, [0; 16]);
+    }
+
+    /// The wait/unmask protocol against a stand-in for /dev/xen/evtchn: the
+    /// "kernel" end writes fired ports and reads the unmask writes.
+    fn fake_bell(port: EvtchnPort) -> (EvtchnBell, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        (EvtchnBell::new(OwnedFd::from(a), port), b)
+    }
+
+    #[test]
+    fn wait_times_out_without_an_event() {
+        let (bell, _kernel) = fake_bell(5);
+        let t = bell.prepare();
+        let start = Instant::now();
+        bell.wait(t, Duration::from_millis(30)).unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(25));
+        assert_eq!(bell.prepare(), t);
+    }
+
+    #[test]
+    fn event_before_wait_is_latched_and_unmasked() {
+        let (bell, mut kernel) = fake_bell(5);
+        let t = bell.prepare();
+        // The peer notifies between prepare and wait.
+        kernel.write_all(&5u32.to_ne_bytes()).unwrap();
+        let start = Instant::now();
+        bell.wait(t, Duration::from_secs(10)).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_ne!(bell.prepare(), t);
+        // The port was written back to unmask it.
+        let mut b = [0u8; 4];
+        kernel.read_exact(&mut b).unwrap();
+        assert_eq!(u32::from_ne_bytes(b), 5);
+        // A stale token returns at once.
+        bell.wait(t, Duration::from_secs(10)).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn event_during_wait_wakes() {
+        let (bell, mut kernel) = fake_bell(9);
+        let t = bell.prepare();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            kernel.write_all(&9u32.to_ne_bytes()).unwrap();
+            kernel
+        });
+        let start = Instant::now();
+        bell.wait(t, Duration::from_secs(10)).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let mut kernel = waker.join().unwrap();
+        let mut b = [0u8; 4];
+        kernel.read_exact(&mut b).unwrap();
+        assert_eq!(u32::from_ne_bytes(b), 9);
+    }
+
+    #[test]
+    fn foreign_port_is_not_counted() {
+        let (bell, mut kernel) = fake_bell(9);
+        let t = bell.prepare();
+        kernel.write_all(&3u32.to_ne_bytes()).unwrap();
+        bell.wait(t, Duration::from_secs(1)).unwrap();
+        assert_eq!(bell.prepare(), t);
     }
 }
