@@ -68,7 +68,7 @@ impl Shm {
 
     /// A word of the mapping (8-aligned offset).
     fn word(&self, off: usize) -> &AtomicU64 {
-        assert!(off + 8 <= self.len && off % 8 == 0);
+        assert!(off + 8 <= self.len && off & 7 == 0);
         // SAFETY: in bounds and aligned; atomics on shared memory are valid.
         unsafe { &*(self.ptr.add(off) as *const AtomicU64) }
     }

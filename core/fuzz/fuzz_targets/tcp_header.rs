@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
     let max = u64::from_le_bytes(m) as usize;
     if let Ok((len, k, tag)) = parse_header(h, max) {
         assert!(len <= max);
-        assert!(matches!(k, kind::MSG | kind::FIRST | kind::MORE | kind::CTRL));
+        assert!(matches!(
+            k,
+            kind::MSG | kind::FIRST | kind::MORE | kind::CTRL
+        ));
         let v = len as u64 | (k as u64) << 32 | (tag as u64) << 40;
         assert_eq!(v.to_le_bytes(), h);
     }
