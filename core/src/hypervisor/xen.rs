@@ -58,7 +58,7 @@ pub const XEN_HOST_ID: [u8; 16] = *b"ivcom:xen-guest\0";
 pub const DEFAULT_GNTALLOC_LIMIT: usize = 1024;
 
 /// How long reading the domain id from xenstore may take.
-const XENSTORE_TIMEOUT: Duration = Duration::from_secs(5);
+const XENSTORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A device the backend needs, and the module that provides it.
 struct Device {
