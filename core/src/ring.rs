@@ -277,6 +277,10 @@ impl Producer {
 
     /// Reloads the consumer index from the shared page, validating it.
     fn reload_cons(&mut self) -> Result<()> {
+        // A broken ring stays broken, with its first violation.
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
         if let Err(Error::Broken(v)) = self.v.recheck() {
             return Err(self.fail(v));
         }
@@ -507,6 +511,10 @@ impl Consumer {
     }
 
     fn reload_prod(&mut self) -> Result<()> {
+        // A broken ring stays broken, with its first violation.
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
         if let Err(Error::Broken(v)) = self.v.recheck() {
             return Err(self.fail(v));
         }

@@ -97,6 +97,7 @@ fn api_op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Flush),
         3 => Just(Op::ReleaseFlush),
         1 => Just(Op::HasData),
+        1 => Just(Op::LooksEmpty),
         1 => Just(Op::ConsumerSleep),
         1 => Just(Op::ConsumerWake),
         4 => len().prop_map(|len| Op::Reserve { len }),
@@ -592,6 +593,34 @@ fn changed_version_mid_stream_is_bad_version() {
     assert!(matches!(
         rx.has_data(),
         Err(Error::Broken(Violation::BadVersion))
+    ));
+}
+
+/// A broken ring keeps reporting its first violation, even when a later
+/// call (here `prepare_sleep`, which reloads the producer index) meets
+/// another one.
+#[test]
+fn first_violation_sticks() {
+    let geo = Geometry::new(DATA).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    // A record of an unknown type.
+    let p = tx.reserve(8).unwrap().unwrap();
+    // SAFETY: 8 reserved bytes.
+    unsafe { std::ptr::write_bytes(p, 0, 8) };
+    tx.commit(8, 0x55, 0);
+    assert!(matches!(rx.peek(), Err(Error::Broken(Violation::BadType))));
+    // Then the magic goes and the index moves.
+    mem.set_word(ring::OFF_MAGIC, 0);
+    tx.push(kind::MSG, 0, &[b"x"]).unwrap().unwrap();
+    assert!(matches!(
+        rx.prepare_sleep(),
+        Err(Error::Broken(Violation::BadType))
+    ));
+    assert!(matches!(rx.peek(), Err(Error::Broken(Violation::BadType))));
+    assert!(matches!(
+        rx.has_data(),
+        Err(Error::Broken(Violation::BadType))
     ));
 }
 

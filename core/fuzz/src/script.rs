@@ -11,8 +11,13 @@
 //! - every record returned by `peek` lies inside the data area, 8-aligned,
 //!   with `len <= max_record` and a valid record type;
 //! - every reservation returned by `reserve` lies inside the data area;
-//! - once any call returned `Err(Broken(_))`, each later `peek`/`has_data`
-//!   (consumer) or `reserve`/`push` (producer) returns `Err(Broken(_))`;
+//! - once any call returned `Err(Broken(v))`, each later `peek`/`has_data`
+//!   (consumer) or `reserve`/`push` (producer) returns `Err(Broken(v))`
+//!   with the same first violation, and so does any other call that reports
+//!   an error (`fits` and `prepare_sleep` on a broken ring may still answer
+//!   `Ok`: their callers go through `peek`/`reserve` next);
+//! - `looks_empty` (the poller's hint) never hides a record: when it says
+//!   empty, `peek` hands out nothing;
 //! - no error other than `Broken`, `Closed` (consumer) or `TooLarge` (a
 //!   reservation beyond the largest record) ever surfaces.
 
@@ -123,6 +128,7 @@ pub enum Op {
     Flush,
     ReleaseFlush,
     HasData,
+    LooksEmpty,
     ConsumerSleep,
     ConsumerWake,
     // --- producer calls ---
@@ -247,10 +253,8 @@ impl Harness {
     fn consumer_err(&mut self, e: Error, what: &str) {
         match e {
             Error::Broken(v) => {
-                // The first violation is kept for the messages. (The ring may
-                // report a later one: `prepare_sleep` and `fits` reload the
-                // peer index without looking at the broken state.)
-                self.cons_broken.get_or_insert(v);
+                let first = *self.cons_broken.get_or_insert(v);
+                assert_eq!(first, v, "{what}: violation changed after the ring broke");
             }
             Error::Closed => {
                 assert!(
@@ -266,7 +270,8 @@ impl Harness {
     fn producer_err(&mut self, e: Error, what: &str, len: usize) {
         match e {
             Error::Broken(v) => {
-                self.prod_broken.get_or_insert(v);
+                let first = *self.prod_broken.get_or_insert(v);
+                assert_eq!(first, v, "{what}: violation changed after the ring broke");
             }
             Error::TooLarge { len: l, max } => {
                 assert_eq!(l, len);
@@ -339,6 +344,16 @@ impl Harness {
                     Err(e) => self.consumer_err(e, "has_data"),
                 }
             }
+            Op::LooksEmpty => {
+                if self.cons.looks_empty() {
+                    let was = self.cons_broken;
+                    match self.cons.peek() {
+                        Ok(Some(_)) => panic!("looks_empty hid a record"),
+                        Ok(None) => assert!(was.is_none(), "peek Ok(None) after Broken({was:?})"),
+                        Err(e) => self.consumer_err(e, "peek after looks_empty"),
+                    }
+                }
+            }
             Op::ConsumerSleep => {
                 // Not checked for stickiness: prepare_sleep does not look at
                 // the broken state (the caller's has_data/peek does).
@@ -395,8 +410,8 @@ impl Harness {
             }
             Op::Fits { len } => {
                 let len = len as usize % (self.max() + 1);
-                // Not checked for stickiness (fits does not look at the
-                // broken state; reserve does).
+                // fits answers from the cached index when the record fits
+                // (even on a broken ring); only a reload reports the damage.
                 if let Err(e) = self.prod.fits(len) {
                     self.producer_err(e, "fits", len);
                 }
@@ -570,7 +585,7 @@ pub fn decode(input: &[u8]) -> (usize, Vec<Op>) {
                 1 => Op::ProducerWake,
                 _ => Op::Close,
             },
-            _ => Op::Flush,
+            _ => Op::LooksEmpty,
         };
         ops.push(op);
     }
