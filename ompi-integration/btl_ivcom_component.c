@@ -301,6 +301,9 @@ static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_th
     }
 
     char status[512];
+    if (1 == ivcom_node_backend_note(c->node, status, sizeof(status))) {
+        mca_btl_ivcom_help("xen unusable", "on %s: %s", opal_process_info.nodename, status);
+    }
     if (0 == ivcom_node_ring_status(c->node, status, sizeof(status))
         && IVCOM_BACKEND_NONE != cfg.backend) {
         mca_btl_ivcom_help("no ring backend", "no shared rings on %s: %s (TCP for every peer)",

@@ -250,6 +250,16 @@ int ivcom_card_describe(const uint8_t *card, size_t card_len, char *buf, size_t 
 int ivcom_node_ring_status(const ivcom_node *node, char *buf, size_t len);
 
 /**
+ * Writes why the preferred backend is not in use (e.g. a Xen guest
+ * without the grant modules) into `buf`. Returns 1 when there is such a
+ * note, 0 otherwise.
+ *
+ * # Safety
+ * `node` valid; `buf` has `len` writable bytes.
+ */
+int ivcom_node_backend_note(const ivcom_node *node, char *buf, size_t len);
+
+/**
  * Number of links peers established with this node, not yet accepted.
  *
  * # Safety

@@ -416,6 +416,29 @@ pub unsafe extern "C" fn ivcom_node_ring_status(
     r
 }
 
+/// Writes why the preferred backend is not in use (e.g. a Xen guest
+/// without the grant modules) into `buf`. Returns 1 when there is such a
+/// note, 0 otherwise.
+///
+/// # Safety
+/// `node` valid; `buf` has `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_node_backend_note(
+    node: *const ivcom_node,
+    buf: *mut c_char,
+    len: usize,
+) -> c_int {
+    // SAFETY: valid handle per contract.
+    match unsafe { &*node }.node.backend_note() {
+        Some(n) => {
+            // SAFETY: writable per contract.
+            unsafe { write_str(n, buf, len) };
+            1
+        }
+        None => 0,
+    }
+}
+
 /// Number of links peers established with this node, not yet accepted.
 ///
 /// # Safety

@@ -396,6 +396,7 @@ struct Inner {
     cfg: Config,
     hv: Option<Arc<dyn Hypervisor>>,
     no_ring: String,
+    note: Option<String>,
     card: Card,
     peers: Mutex<HashMap<u64, Peer>>,
     cv: Condvar,
@@ -483,15 +484,21 @@ impl Node {
     /// the selected interface and starts the acceptor thread.
     pub fn new(cfg: Config) -> Result<Self> {
         cfg.geometry()?;
-        let (hv, no_ring) = match hypervisor::open(
+        let (hv, no_ring, note) = match hypervisor::open(
             cfg.backend,
             &BackendOptions {
                 host_dir: cfg.host_dir.clone(),
             },
         ) {
-            Ok(Some(hv)) => (Some(hv), String::new()),
-            Ok(None) => (None, "shared rings disabled (backend none)".to_string()),
-            Err(e) => (None, format!("no shared-memory backend: {e}")),
+            Ok(o) => match o.backend {
+                Some(hv) => (Some(hv), String::new(), o.note),
+                None => (
+                    None,
+                    "shared rings disabled (backend none)".to_string(),
+                    o.note,
+                ),
+            },
+            Err(e) => (None, format!("no shared-memory backend: {e}"), None),
         };
         let ip = match cfg.listen {
             Some(ip) => ip,
@@ -511,6 +518,7 @@ impl Node {
             cfg,
             hv,
             no_ring,
+            note,
             card,
             peers: Mutex::new(HashMap::new()),
             cv: Condvar::new(),
@@ -542,6 +550,12 @@ impl Node {
             Some(h) => Ok(h.describe()),
             None => Err(self.inner.no_ring.clone()),
         }
+    }
+
+    /// Why the preferred backend is not in use, if `auto` had to settle
+    /// (for example a Xen guest without the grant modules); show it once.
+    pub fn backend_note(&self) -> Option<&str> {
+        self.inner.note.as_deref()
     }
 
     /// The link to `peer`: established now (as initiator) or taken from the

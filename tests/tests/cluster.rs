@@ -20,7 +20,9 @@ impl Cluster {
 }
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/vcluster")).arg("down").status();
+        let _ = Command::new(repo().join("scripts/vcluster"))
+            .arg("down")
+            .status();
     }
 }
 
@@ -34,11 +36,25 @@ fn two_hosts_two_vms_each_ring_inside_tcp_across() {
     let _c = Cluster::up("hostA:vm1,vm2 hostB:vm3,vm4");
     let mut cmd = Command::new(repo().join("scripts/vcluster"));
     mpi_env(&mut cmd)
-        .args(["mpirun", "-np", "4", "--mca", "pml", "ob1", "--mca", "btl", "ivcom,self"])
+        .args([
+            "mpirun",
+            "-np",
+            "4",
+            "--mca",
+            "pml",
+            "ob1",
+            "--mca",
+            "btl",
+            "ivcom,self",
+        ])
         .args(["--mca", "btl_ivcom_verbose", "1"])
         .arg(bin("ivcom-integrity"));
     let r = run(&mut cmd, Duration::from_secs(240));
-    assert!(r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"), "{}", r.text());
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
+        "{}",
+        r.text()
+    );
     // Ranks 0,1 run in vm1,vm2 (hostA); ranks 2,3 in vm3,vm4 (hostB).
     let host = |rank: u32| rank / 2;
     let lines = path_lines(&r.stderr);
@@ -60,9 +76,16 @@ fn two_hosts_two_vms_each_ring_inside_tcp_across() {
     }
     // Each VM really is a separate node to Open MPI (own hostname).
     for vm in ["vm1", "vm2", "vm3", "vm4"] {
-        assert!(r.stderr.contains(&format!("[{vm}:")), "no output from {vm}:\n{}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("[{vm}:")),
+            "no output from {vm}:\n{}",
+            r.stderr
+        );
     }
     // Both kinds of traffic moved data.
     assert!(stats_sum(&r.stderr, "tx_bytes") > 16 << 20, "{}", r.text());
-    assert_eq!(stats_sum(&r.stderr, "tx_bytes"), stats_sum(&r.stderr, "rx_bytes"));
+    assert_eq!(
+        stats_sum(&r.stderr, "tx_bytes"),
+        stats_sum(&r.stderr, "rx_bytes")
+    );
 }

@@ -159,24 +159,43 @@ pub struct BackendOptions {
     pub host_dir: Option<std::path::PathBuf>,
 }
 
-/// Opens the backend `choice` asks for. `Ok(None)` for [`BackendChoice::None`].
-/// With [`BackendChoice::Auto`], `xen` is chosen when `/dev/xen` offers the
-/// grant and event-channel devices, `host` otherwise; if the Xen devices are
-/// only partly there, the error names what is missing and `host` is not used
-/// as a silent substitute for a Xen guest.
-pub fn open(choice: BackendChoice, opts: &BackendOptions) -> Result<Option<Arc<dyn Hypervisor>>> {
-    match choice {
-        BackendChoice::None => Ok(None),
-        BackendChoice::Host => Ok(Some(Arc::new(host::HostBackend::open(opts)?))),
-        BackendChoice::Xen => Ok(Some(Arc::new(xen::XenBackend::open()?))),
-        BackendChoice::Auto => {
-            if xen::is_xen_guest() {
-                Ok(Some(Arc::new(xen::XenBackend::open()?)))
-            } else {
-                Ok(Some(Arc::new(host::HostBackend::open(opts)?)))
-            }
-        }
-    }
+/// A backend that was opened, and a note for the user when `auto` had to
+/// settle for less than it could have had.
+pub struct Opened {
+    /// The backend (`None` for [`BackendChoice::None`]).
+    pub backend: Option<Arc<dyn Hypervisor>>,
+    /// Why the preferred backend is not in use (to be shown once).
+    pub note: Option<String>,
+}
+
+/// Opens the backend `choice` asks for. With [`BackendChoice::Auto`], `xen`
+/// is chosen on a Xen guest whose grant and event-channel devices work. On
+/// a Xen guest where they do not (a module missing, say), the note names
+/// what is missing and the host backend is used: peers in other VMs have
+/// another host identity and so talk over TCP, while ranks inside this VM
+/// still share memory.
+pub fn open(choice: BackendChoice, opts: &BackendOptions) -> Result<Opened> {
+    let host = || -> Result<Option<Arc<dyn Hypervisor>>> {
+        Ok(Some(Arc::new(host::HostBackend::open(opts)?)))
+    };
+    Ok(match choice {
+        BackendChoice::None => Opened { backend: None, note: None },
+        BackendChoice::Host => Opened { backend: host()?, note: None },
+        BackendChoice::Xen => Opened {
+            backend: Some(Arc::new(xen::XenBackend::open()?)),
+            note: None,
+        },
+        BackendChoice::Auto if xen::is_xen_guest() => match xen::XenBackend::open() {
+            Ok(x) => Opened { backend: Some(Arc::new(x)), note: None },
+            Err(e) => Opened {
+                backend: host()?,
+                note: Some(format!(
+                    "Xen guest without usable grant/event-channel devices ({e}): peers in other VMs use TCP"
+                )),
+            },
+        },
+        BackendChoice::Auto => Opened { backend: host()?, note: None },
+    })
 }
 
 /// 16 random bytes from the kernel.

@@ -1,0 +1,61 @@
+//! `osu-report DIR`: medians, ratios and targets of a comparison run.
+//! Reads `DIR/raw/<bench>__<config>__<rep>.txt` (OSU tables) and, for the
+//! doorbell count, `DIR/raw/osu_bw__ivcom__<rep>.err` (the component's
+//! stats lines); writes `DIR/results.csv` and `DIR/plot.svg`, prints the
+//! table and the targets.
+use ivcom_osu::report::*;
+use std::path::PathBuf;
+
+fn main() {
+    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| {
+        eprintln!("usage: osu-report DIR");
+        std::process::exit(2)
+    }));
+    let raw = dir.join("raw");
+    let samples = match load(&raw) {
+        Ok(s) if !s.is_empty() => s,
+        Ok(_) => {
+            eprintln!("osu-report: no results in {}", raw.display());
+            std::process::exit(1)
+        }
+        Err(e) => {
+            eprintln!("osu-report: {e}");
+            std::process::exit(1)
+        }
+    };
+    let m = medians(&samples);
+    // Doorbells per message over all ivcom bandwidth runs.
+    let (mut bells, mut msgs) = (0u64, 0u64);
+    if let Ok(rd) = std::fs::read_dir(&raw) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("osu_bw__ivcom__") && n.ends_with(".err") {
+                let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+                bells += stats_sum(&t, "tx_doorbells") + stats_sum(&t, "rx_doorbells");
+                msgs += stats_sum(&t, "tx_msgs");
+            }
+        }
+    }
+    let per_msg = (msgs > 0).then(|| bells as f64 / msgs as f64);
+    print!("{}", table(&m));
+    println!("\n## targets (benchmark goals, from the medians above)");
+    for t in targets(&m, per_msg) {
+        let v = t.value.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+        let s = match t.met {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        println!("{:<32} {:>10}   goal {:<8} {s}", t.what, v, t.goal);
+    }
+    if msgs > 0 {
+        println!("(doorbells: {bells} over {msgs} messages in the ivcom bw runs)");
+    }
+    let csv_path = dir.join("results.csv");
+    std::fs::write(&csv_path, csv(&m)).expect("write results.csv");
+    let svg = dir.join("plot.svg");
+    match plot(&m, &svg) {
+        Ok(()) => println!("\nwrote {} and {}", csv_path.display(), svg.display()),
+        Err(e) => eprintln!("osu-report: plot failed: {e}"),
+    }
+}

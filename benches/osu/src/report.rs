@@ -1,0 +1,352 @@
+//! Reading OSU tables and turning repeated runs of several configurations
+//! into medians, ratios, a CSV file and an SVG plot.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Parses an OSU table: `(size, first value)` for every data row. Header
+/// and comment lines start with `#`; anything else that is not a row makes
+/// the parse fail (so a truncated or garbled output is noticed).
+pub fn parse_table(text: &str) -> Result<Vec<(usize, f64)>, String> {
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let mut it = l.split_whitespace();
+        let size = it
+            .next()
+            .and_then(|s| s.parse::<usize>().ok())
+            .ok_or_else(|| format!("not an OSU row: {line:?}"))?;
+        let v = it
+            .next()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("not an OSU row: {line:?}"))?;
+        rows.push((size, v));
+    }
+    if rows.is_empty() {
+        return Err("no rows".into());
+    }
+    Ok(rows)
+}
+
+/// Sum of a `key=value` counter over the component's `[ivcom] stats` lines.
+pub fn stats_sum(stderr: &str, key: &str) -> u64 {
+    stderr
+        .lines()
+        .filter(|l| l.contains("[ivcom] stats "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Median of a non-empty slice.
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// True for benchmarks where lower is better.
+pub fn is_latency(bench: &str) -> bool {
+    bench.contains("lat")
+}
+
+/// All samples: bench -> config -> size -> values.
+pub type Samples = BTreeMap<String, BTreeMap<String, BTreeMap<usize, Vec<f64>>>>;
+
+/// Reads `<bench>__<config>__<rep>.txt` files of `dir`.
+pub fn load(dir: &Path) -> Result<Samples, String> {
+    let mut s = Samples::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".txt") else {
+            continue;
+        };
+        let parts: Vec<&str> = stem.split("__").collect();
+        if parts.len() != 3 {
+            continue;
+        }
+        let text = std::fs::read_to_string(ent.path()).map_err(|e| e.to_string())?;
+        let rows = parse_table(&text).map_err(|e| format!("{name}: {e}"))?;
+        let per = s
+            .entry(parts[0].into())
+            .or_default()
+            .entry(parts[1].into())
+            .or_default();
+        for (size, v) in rows {
+            per.entry(size).or_default().push(v);
+        }
+    }
+    Ok(s)
+}
+
+/// Medians: bench -> config -> size -> (median, min, max, n).
+pub type Medians = BTreeMap<String, BTreeMap<String, BTreeMap<usize, (f64, f64, f64, usize)>>>;
+
+/// Medians of all samples.
+pub fn medians(s: &Samples) -> Medians {
+    s.iter()
+        .map(|(b, cfgs)| {
+            let c = cfgs
+                .iter()
+                .map(|(cfg, sizes)| {
+                    let m = sizes
+                        .iter()
+                        .map(|(&size, vals)| {
+                            let mut v = vals.clone();
+                            let med = median(&mut v);
+                            (size, (med, v[0], v[v.len() - 1], v.len()))
+                        })
+                        .collect();
+                    (cfg.clone(), m)
+                })
+                .collect();
+            (b.clone(), c)
+        })
+        .collect()
+}
+
+fn order(cfg: &str) -> usize {
+    match cfg {
+        "ivcom" => 0,
+        "tcp" => 1,
+        "vader" => 2,
+        _ => 3,
+    }
+}
+
+/// The comparison table as text.
+pub fn table(m: &Medians) -> String {
+    let mut out = String::new();
+    for (bench, cfgs) in m {
+        let mut names: Vec<&String> = cfgs.keys().collect();
+        names.sort_by_key(|c| (order(c), (*c).clone()));
+        let unit = if is_latency(bench) {
+            "us, median"
+        } else {
+            "MB/s, median"
+        };
+        let _ = writeln!(out, "\n## {bench} ({unit})");
+        let mut hdr = format!("{:>10}", "size");
+        for c in &names {
+            let _ = write!(hdr, "{:>14}", c);
+        }
+        let has = |c: &str| cfgs.contains_key(c);
+        if has("ivcom") && has("tcp") {
+            hdr.push_str(&format!("{:>13}", "ivcom/tcp"));
+        }
+        if has("ivcom") && has("vader") {
+            hdr.push_str(&format!("{:>13}", "ivcom/vader"));
+        }
+        let _ = writeln!(out, "{hdr}");
+        let sizes: std::collections::BTreeSet<usize> =
+            cfgs.values().flat_map(|s| s.keys().copied()).collect();
+        for size in sizes {
+            let mut line = format!("{size:>10}");
+            for c in &names {
+                match cfgs[*c].get(&size) {
+                    Some(v) => {
+                        let _ = write!(line, "{:>14.2}", v.0);
+                    }
+                    None => line.push_str(&format!("{:>14}", "-")),
+                }
+            }
+            let get = |c: &str| cfgs.get(c).and_then(|s| s.get(&size)).map(|v| v.0);
+            for base in ["tcp", "vader"] {
+                if has("ivcom") && has(base) {
+                    match (get("ivcom"), get(base)) {
+                        (Some(a), Some(b)) if b > 0.0 => {
+                            let _ = write!(line, "{:>13.3}", a / b);
+                        }
+                        _ => line.push_str(&format!("{:>13}", "-")),
+                    }
+                }
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
+/// CSV of the medians.
+pub fn csv(m: &Medians) -> String {
+    let mut out = String::from("benchmark,config,size_bytes,median,min,max,runs,unit\n");
+    for (bench, cfgs) in m {
+        let unit = if is_latency(bench) { "us" } else { "MB/s" };
+        for (cfg, sizes) in cfgs {
+            for (size, (med, lo, hi, n)) in sizes {
+                let _ = writeln!(
+                    out,
+                    "{bench},{cfg},{size},{med:.4},{lo:.4},{hi:.4},{n},{unit}"
+                );
+            }
+        }
+    }
+    out
+}
+
+/// One line of the targets summary.
+pub struct Target {
+    pub what: String,
+    pub value: Option<f64>,
+    pub goal: String,
+    pub met: Option<bool>,
+}
+
+/// Evaluates the project's speed goals on the medians.
+pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
+    let get = |b: &str, c: &str, s: usize| m.get(b)?.get(c)?.get(&s).map(|v| v.0);
+    let ratio = |b: &str, base: &str, s: usize| Some(get(b, "ivcom", s)? / get(b, base, s)?);
+    let t = |what: &str, value: Option<f64>, goal: &str, ok: fn(f64) -> bool| Target {
+        what: what.into(),
+        value,
+        goal: goal.into(),
+        met: value.map(ok),
+    };
+    vec![
+        t(
+            "8 B latency ivcom/vader",
+            ratio("osu_latency", "vader", 8),
+            "<= 1.2",
+            |v| v <= 1.2,
+        ),
+        t(
+            "8 B latency ivcom/tcp",
+            ratio("osu_latency", "tcp", 8),
+            "<= 0.1",
+            |v| v <= 0.1,
+        ),
+        t(
+            "1 MiB bandwidth ivcom/vader",
+            ratio("osu_bw", "vader", 1 << 20),
+            ">= 0.7",
+            |v| v >= 0.7,
+        ),
+        t(
+            "1 MiB bandwidth ivcom/tcp",
+            ratio("osu_bw", "tcp", 1 << 20),
+            ">= 3",
+            |v| v >= 3.0,
+        ),
+        t(
+            "doorbells per message (bw)",
+            doorbells_per_msg,
+            "<= 0.01",
+            |v| v <= 0.01,
+        ),
+    ]
+}
+
+/// An SVG with latency and bandwidth against message size (log scales).
+pub fn plot(m: &Medians, path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (left, right) = root.split_horizontally(700);
+    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
+    for (area, bench, ylabel) in [
+        (&left, "osu_latency", "latency (us)"),
+        (&right, "osu_bw", "bandwidth (MB/s)"),
+    ] {
+        let Some(cfgs) = m.get(bench) else { continue };
+        let pts: Vec<(String, Vec<(f64, f64)>)> = cfgs
+            .iter()
+            .map(|(c, s)| {
+                (
+                    c.clone(),
+                    s.iter()
+                        .filter(|(size, v)| **size > 0 && v.0 > 0.0)
+                        .map(|(size, v)| (*size as f64, v.0))
+                        .collect(),
+                )
+            })
+            .collect();
+        let all: Vec<&(f64, f64)> = pts.iter().flat_map(|p| p.1.iter()).collect();
+        if all.is_empty() {
+            continue;
+        }
+        let xmax = all.iter().map(|p| p.0).fold(1.0, f64::max) * 1.5;
+        let ymin = all.iter().map(|p| p.1).fold(f64::MAX, f64::min) / 1.5;
+        let ymax = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.5;
+        let mut chart = ChartBuilder::on(area)
+            .caption(
+                format!("{bench}: ivcom vs Open MPI's transports"),
+                ("sans-serif", 20),
+            )
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d((1.0..xmax).log_scale(), (ymin..ymax).log_scale())
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("message size (bytes)")
+            .y_desc(ylabel)
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, (cfg, p)) in pts.iter().enumerate() {
+            let col = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(p.iter().copied(), col.stroke_width(2)))
+                .map_err(|e| e.to_string())?
+                .label(cfg.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(2))
+                });
+            chart
+                .draw_series(p.iter().map(|&(x, y)| Circle::new((x, y), 3, col.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
+    root.present().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_osu_tables_and_rejects_garbage() {
+        let t = "# OSU MPI Latency Test\n# Size          Latency (us)\n0                       0.25\n8                       0.27\n";
+        assert_eq!(parse_table(t).unwrap(), vec![(0, 0.25), (8, 0.27)]);
+        assert!(parse_table("# only a header\n").is_err());
+        assert!(parse_table("0 0.2\nsegfault\n").is_err());
+    }
+
+    #[test]
+    fn medians_and_ratios() {
+        let mut s = Samples::new();
+        let b = s.entry("osu_latency".into()).or_default();
+        b.entry("ivcom".into())
+            .or_default()
+            .insert(8, vec![0.3, 0.2, 0.25]);
+        b.entry("vader".into())
+            .or_default()
+            .insert(8, vec![0.2, 0.2, 0.2]);
+        b.entry("tcp".into()).or_default().insert(8, vec![5.0, 6.0]);
+        let m = medians(&s);
+        assert_eq!(m["osu_latency"]["ivcom"][&8].0, 0.25);
+        assert_eq!(m["osu_latency"]["tcp"][&8].0, 5.5);
+        let tg = targets(&m, Some(0.0));
+        assert!((tg[0].value.unwrap() - 1.25).abs() < 1e-9);
+        assert_eq!(tg[0].met, Some(false));
+        assert_eq!(tg[1].met, Some(true));
+        assert!(table(&m).contains("ivcom/vader"));
+        assert!(csv(&m).lines().count() == 4);
+    }
+}

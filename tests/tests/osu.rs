@@ -1,0 +1,101 @@
+//! Each benchmark program runs briefly under real mpirun over each
+//! transport, with its data check on, and its output parses as an OSU table
+//! with a row per expected size. No speed is asserted.
+
+use ivcom_osu::report::parse_table;
+use ivcom_tests::*;
+use std::time::Duration;
+
+fn check(prog: &str, np: usize, btl: &str, args: &[&str], sizes: &[usize]) {
+    let mut c = mpirun(np, btl);
+    c.arg(bin(prog)).args(args);
+    let r = run(&mut c, Duration::from_secs(120));
+    assert!(r.ok(), "{prog} over {btl}:\n{}", r.text());
+    assert!(
+        r.stdout.starts_with("# OSU MPI "),
+        "{prog}: header:\n{}",
+        r.stdout
+    );
+    let rows = parse_table(&r.stdout).unwrap_or_else(|e| panic!("{prog}: {e}\n{}", r.stdout));
+    let got: Vec<usize> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(got, sizes, "{prog} over {btl}: sizes");
+    assert!(
+        rows.iter().all(|r| r.1 > 0.0),
+        "{prog} over {btl}: non-positive value\n{}",
+        r.stdout
+    );
+}
+
+#[test]
+fn benchmark_programs_run_and_their_output_parses() {
+    require_component();
+    let lat = ["-m", "0:4096", "-i", "50", "-x", "5", "-c"];
+    let lat_sizes = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+    let bw = ["-m", "1024:65536", "-i", "4", "-x", "1", "-W", "8", "-c"];
+    let bw_sizes = [1024, 2048, 4096, 8192, 16384, 32768, 65536];
+    for btl in ["ivcom,self", "vader,self", "tcp,self"] {
+        check("osu_latency", 2, btl, &lat, &lat_sizes);
+        check("osu_bw", 2, btl, &bw, &bw_sizes);
+        check("osu_bibw", 2, btl, &bw, &bw_sizes);
+        check("osu_mbw_mr", 4, btl, &bw, &bw_sizes);
+        check("osu_multi_lat", 4, btl, &lat, &lat_sizes);
+    }
+}
+
+#[test]
+fn the_report_renders_a_comparison() {
+    // A fake comparison directory with two runs per configuration.
+    let dir = std::env::temp_dir().join(format!("ivcom-report-{}", std::process::id()));
+    let raw = dir.join("raw");
+    std::fs::create_dir_all(&raw).unwrap();
+    for (cfg, lat, bw) in [
+        ("ivcom", 0.3, 9000.0),
+        ("tcp", 6.0, 2500.0),
+        ("vader", 0.2, 12000.0),
+    ] {
+        for rep in 1..=2 {
+            std::fs::write(
+                raw.join(format!("osu_latency__{cfg}__{rep}.txt")),
+                format!(
+                    "# OSU MPI Latency Test\n# Size          Latency (us)\n8{:>24.2}\n",
+                    lat
+                ),
+            )
+            .unwrap();
+            std::fs::write(
+                raw.join(format!("osu_bw__{cfg}__{rep}.txt")),
+                format!(
+                    "# OSU MPI Bandwidth Test\n# Size      Bandwidth (MB/s)\n1048576{:>22.2}\n",
+                    bw
+                ),
+            )
+            .unwrap();
+        }
+    }
+    std::fs::write(
+        raw.join("osu_bw__ivcom__1.err"),
+        "[vm:1] [ivcom] stats rank=0 peer=1 path=ring tx_msgs=1000 tx_bytes=1 tx_doorbells=2 rx_msgs=0 rx_bytes=0 rx_doorbells=0\n",
+    )
+    .unwrap();
+    let r = run(
+        std::process::Command::new(bin("osu-report")).arg(&dir),
+        Duration::from_secs(60),
+    );
+    assert!(r.ok(), "{}", r.text());
+    assert!(
+        r.stdout.contains("ivcom/tcp") && r.stdout.contains("ivcom/vader"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("8 B latency ivcom/vader"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("doorbells per message (bw)") && r.stdout.contains("0.0020"),
+        "{}",
+        r.stdout
+    );
+    let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7, "{csv}");
+    let svg = std::fs::read_to_string(dir.join("plot.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("osu_bw"), "plot");
+    let _ = std::fs::remove_dir_all(&dir);
+}
