@@ -55,8 +55,9 @@ impl Card {
     /// Parses a card; rejects anything malformed.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let bad = |why: &str| Error::Protocol(format!("bad card: {why}"));
-        if b.len() < 36 || &b[..4] != MAGIC {
-            return Err(bad("magic"));
+        // 44 bytes is the smallest valid card (IPv4).
+        if b.len() < 44 || &b[..4] != MAGIC {
+            return Err(bad("length or magic"));
         }
         if b[4] != 1 {
             return Err(bad("version"));
@@ -102,7 +103,7 @@ impl Card {
             _ => return Err(bad()),
         };
         let hid = it.next().ok_or_else(bad)?;
-        if hid.len() != 32 {
+        if hid.len() != 32 || !hid.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad());
         }
         let mut host_id = [0u8; 16];
@@ -170,5 +171,14 @@ mod tests {
         b[5] = 9;
         assert!(Card::from_bytes(&b).is_err());
         assert!(Card::parse("ivcom1:host:zz:1:1.2.3.4:5:1").is_err());
+        // Found by the fuzzer: short cards and non-ASCII host ids.
+        for n in 36..44 {
+            let mut short = b"IVC1".to_vec();
+            short.extend([1, 0, 4, 0]);
+            short.resize(n, 0);
+            assert!(Card::from_bytes(&short).is_err());
+        }
+        let euro = format!("ivcom1:host:\u{20ac}{}:1:1.2.3.4:5:1", "0".repeat(29));
+        assert!(Card::parse(&euro).is_err());
     }
 }
