@@ -384,6 +384,9 @@ impl Producer {
 
     /// True when a record of `len` bytes fits without waiting.
     pub fn fits(&mut self, len: usize) -> Result<bool> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
         let size = self.v.size();
         let total = (RECORD_HEADER + align8(len)) as u64;
         let contig = size - (self.prod & (size - 1));
@@ -402,6 +405,9 @@ impl Producer {
     /// Announces that the producer is about to sleep until the consumer frees
     /// space. Returns `false` when space was freed meanwhile (do not sleep).
     pub fn prepare_sleep(&mut self) -> Result<bool> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
         let seen = self.cons;
         let sleep =
             protocol::prepare_sleep(self.v.word(OFF_PROD_WAITING), self.v.word(OFF_CONS), seen);
@@ -641,6 +647,9 @@ impl Consumer {
     /// Announces that the consumer is about to sleep until data arrives.
     /// Returns `false` when data arrived meanwhile (do not sleep).
     pub fn prepare_sleep(&mut self) -> Result<bool> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
         if self.v.word(OFF_CLOSED).load(Ordering::Acquire) != 0 {
             return Ok(false);
         }
