@@ -298,9 +298,20 @@ static mca_btl_base_descriptor_t *ivcom_prepare_src(struct mca_btl_base_module_t
     if (NULL == f) {
         return NULL;
     }
-    if (!frag_ring(ep, f, reserve + max) && !frag_heap(f, reserve + max)) {
-        frag_return(f);
-        return NULL;
+    if (!frag_ring(ep, f, reserve + max)) {
+        /* On a ring link with no room now, decline: ob1 keeps the request
+         * pending and retries from its progress, instead of this BTL
+         * packing into a private buffer that waits in a queue (an extra
+         * copy and unbounded memory while a fast sender outruns the
+         * receiver). TCP links always pack into a private buffer. */
+        if (NULL != ep->link && IVCOM_PATH_RING == ivcom_link_path(ep->link)) {
+            frag_return(f);
+            return NULL;
+        }
+        if (!frag_heap(f, reserve + max)) {
+            frag_return(f);
+            return NULL;
+        }
     }
     iov.iov_base = (uint8_t *) f->segment.seg_addr.pval + reserve;
     iov.iov_len = max;
