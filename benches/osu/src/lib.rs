@@ -1,20 +1,40 @@
 //! Shared parts of the OSU-methodology benchmarks: options, message sizes,
-//! warm-up/iteration counts, buffers with a check pattern, and OSU's table
-//! format (so existing OSU scripts parse the output).
+//! warm-up/iteration counts, page-aligned buffers with a check pattern, the
+//! timed communication kernels, and OSU's table format (so existing OSU
+//! scripts parse the output).
 //!
-//! Methodology (as published for the OSU micro-benchmarks): sizes 0 and
-//! powers of two up to 4 MiB; messages up to 8 KiB ("small") run more
-//! iterations than larger ones; a warm-up precedes every measurement; time
-//! is taken with `MPI_Wtime` on rank 0.
+//! Methodology (as published for the OSU micro-benchmarks, reimplemented
+//! here): sizes 0 (latency tests) and powers of two up to 4 MiB; messages up
+//! to 8 KiB ("small") run more iterations than larger ones; warm-up
+//! iterations precede the timed ones; a barrier separates sizes; time is
+//! taken with `MPI_Wtime`. Bandwidth tests post a window of non-blocking
+//! operations into one receive buffer and close each window with a short
+//! acknowledgement.
+//!
+//! The timed loops call the MPI C API directly (through rsmpi's `ffi`): a
+//! window of receives into one buffer aliases that buffer, which safe Rust
+//! borrows cannot express, and the loops should cost what OSU's C loops cost.
 
 pub mod report;
 
+use mpi::datatype::traits::*;
+use mpi::ffi;
+use mpi::raw::AsRaw;
 use mpi::traits::*;
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::os::raw::{c_int, c_void};
 
 /// Messages larger than this use the "large" iteration counts.
 pub const LARGE_MESSAGE_SIZE: usize = 8192;
-/// Column layout of OSU's tables.
-pub const FIELD_WIDTH: usize = 18;
+/// Width of a value column in OSU's tables.
+pub const FIELD_WIDTH: usize = 20;
+/// Largest default message size (4 MiB).
+pub const MAX_MESSAGE_SIZE: usize = 4 << 20;
+/// Default window of the bandwidth tests.
+pub const WINDOW: usize = 64;
+/// Tag of the measured messages and of the acknowledgements.
+pub const TAG_DATA: c_int = 100;
+pub const TAG_ACK: c_int = 101;
 
 /// Command-line options common to the benchmarks.
 #[derive(Debug, Clone)]
@@ -27,57 +47,94 @@ pub struct Opts {
     pub skip: (usize, usize),
     /// Window of non-blocking operations (bandwidth tests).
     pub window: usize,
-    /// Verify received data after each size.
+    /// `-c` was given (data is verified after every size in any case).
     pub check: bool,
 }
 
+const USAGE: &str = "options:
+  -m [MIN:]MAX   message sizes (default 0 or 1 : 4194304)
+  -i ITERS       timed iterations for every size (or SMALL:LARGE: sizes up to / above 8 KiB)
+  -x WARMUP      warm-up iterations for every size (or SMALL:LARGE)
+  -W WINDOW      window of the bandwidth tests (default 64)
+  -c             data check (always done after every size; accepted for OSU compatibility)
+  -h             this help";
+
 impl Opts {
     /// Parses `-m [MIN:]MAX -i ITERS -x WARMUP -W WINDOW -c` with the given
-    /// defaults for (iters small, large) and (skip small, large).
-    pub fn parse(iters: (usize, usize), skip: (usize, usize)) -> Opts {
+    /// smallest size and defaults for (iters small, large) and (skip small,
+    /// large).
+    pub fn parse(min: usize, iters: (usize, usize), skip: (usize, usize)) -> Opts {
+        Self::parse_from(std::env::args().skip(1), min, iters, skip).unwrap_or_else(|e| {
+            if e.is_empty() {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            eprintln!("{e}\n{USAGE}");
+            std::process::exit(2)
+        })
+    }
+
+    /// As [`Opts::parse`] from an argument list; `Err("")` means help.
+    pub fn parse_from(
+        args: impl IntoIterator<Item = String>,
+        min: usize,
+        iters: (usize, usize),
+        skip: (usize, usize),
+    ) -> Result<Opts, String> {
         let mut o = Opts {
-            min: 0,
-            max: 4 << 20,
+            min,
+            max: MAX_MESSAGE_SIZE,
             iters,
             skip,
-            window: 64,
+            window: WINDOW,
             check: false,
         };
-        let mut a = std::env::args().skip(1);
-        let bad = |m: &str| -> ! {
-            eprintln!("{m}\nusage: [-m [MIN:]MAX] [-i ITERS] [-x WARMUP] [-W WINDOW] [-c]");
-            std::process::exit(2)
-        };
-        let num = |s: Option<String>| -> usize {
-            s.and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| bad("bad number"))
-        };
+        let mut a = args.into_iter();
+        fn num(k: &str, s: Option<&str>) -> Result<usize, String> {
+            let s = s.ok_or_else(|| format!("{k} needs a value"))?;
+            s.parse().map_err(|_| format!("{k}: not a number: {s:?}"))
+        }
+        // N (every size) or SMALL:LARGE (sizes up to / above 8 KiB).
+        fn pair(k: &str, s: Option<String>) -> Result<(usize, usize), String> {
+            let s = s.ok_or_else(|| format!("{k} needs a value"))?;
+            match s.split_once(':') {
+                Some((a, b)) => Ok((num(k, Some(a))?, num(k, Some(b))?)),
+                None => {
+                    let n = num(k, Some(&s))?;
+                    Ok((n, n))
+                }
+            }
+        }
         while let Some(k) = a.next() {
             match k.as_str() {
                 "-m" => {
-                    let v = a.next().unwrap_or_else(|| bad("-m needs a value"));
+                    let v = a.next().ok_or("-m needs a value")?;
                     match v.split_once(':') {
                         Some((lo, hi)) => {
-                            o.min = num(Some(lo.to_string()));
-                            o.max = num(Some(hi.to_string()));
+                            o.min = num("-m", Some(lo))?;
+                            o.max = num("-m", Some(hi))?;
                         }
-                        None => o.max = num(Some(v)),
+                        None => o.max = num("-m", Some(&v))?,
                     }
                 }
-                "-i" => {
-                    let n = num(a.next());
-                    o.iters = (n, n);
-                }
-                "-x" => {
-                    let n = num(a.next());
-                    o.skip = (n, n);
-                }
-                "-W" => o.window = num(a.next()).max(1),
+                "-i" => o.iters = pair("-i", a.next())?,
+                "-x" => o.skip = pair("-x", a.next())?,
+                "-W" => o.window = num("-W", a.next().as_deref())?,
                 "-c" => o.check = true,
-                _ => bad(&format!("unknown option {k}")),
+                "-h" | "--help" => return Err(String::new()),
+                _ => return Err(format!("unknown option {k}")),
             }
         }
-        o
+        if o.min > o.max {
+            return Err(format!("-m: MIN {} > MAX {}", o.min, o.max));
+        }
+        if o.max > i32::MAX as usize {
+            return Err("-m: MAX too large".into());
+        }
+        if o.iters.0 == 0 || o.iters.1 == 0 || o.window == 0 {
+            return Err("-i and -W must be at least 1".into());
+        }
+        Ok(o)
     }
 
     /// Sizes to run: 0 (if in range) and the powers of two in [min, max].
@@ -106,41 +163,351 @@ impl Opts {
     }
 }
 
-/// Prints OSU's two header lines.
-pub fn header(title: &str, columns: &str) {
-    println!("# OSU MPI {title} (ivcom reimplementation of the OSU methodology)");
-    println!("{columns}");
+/// Prints OSU's header: the title line and the given column line(s).
+pub fn header(title: &str, columns: &[&str]) {
+    println!("# OSU MPI {title} (ivcom-osu: OSU methodology, Rust/rsmpi)");
+    for c in columns {
+        println!("{c}");
+    }
 }
 
-/// One table row: size, then values with two decimals.
-pub fn row(size: usize, values: &[f64]) {
+/// One table row as OSU prints it: size left-aligned in 10 columns, then
+/// values right-aligned with two decimals.
+pub fn format_row(size: usize, values: &[f64]) -> String {
     let mut s = format!("{size:<10}");
     for v in values {
         s.push_str(&format!("{v:>w$.2}", w = FIELD_WIDTH));
     }
-    println!("{s}");
+    s
 }
 
-/// The byte a sender puts at `i` for a message of `size` bytes.
-#[inline]
-pub fn pattern_byte(size: usize, i: usize) -> u8 {
-    (i.wrapping_mul(131) ^ size.wrapping_mul(7) ^ (i >> 8)) as u8
+/// Prints a row and flushes (a killed run keeps the rows it finished).
+pub fn row(size: usize, values: &[f64]) {
+    use std::io::Write;
+    println!("{}", format_row(size, values));
+    let _ = std::io::stdout().flush();
 }
 
-/// Fills a send buffer with the check pattern.
-pub fn fill(buf: &mut [u8], size: usize) {
-    for (i, b) in buf[..size].iter_mut().enumerate() {
-        *b = pattern_byte(size, i);
+/// Exits unless the job has exactly `n` ranks (or, with `n == 0`, an even
+/// number of at least 2).
+pub fn require_ranks<C: Communicator>(world: &C, n: i32, prog: &str) {
+    let size = world.size();
+    let ok = if n == 0 {
+        size >= 2 && size % 2 == 0
+    } else {
+        size == n
+    };
+    if !ok {
+        if world.rank() == 0 {
+            if n == 0 {
+                eprintln!("{prog} needs an even number of ranks (got {size})");
+            } else {
+                eprintln!("{prog} needs exactly {n} ranks (got {size})");
+            }
+        }
+        world.abort(2);
     }
 }
 
-/// Checks a received buffer; aborts the job on a mismatch.
-pub fn verify<C: Communicator>(world: &C, buf: &[u8], size: usize, what: &str) {
-    if let Some(i) = (0..size).find(|&i| buf[i] != pattern_byte(size, i)) {
+/// The byte a sender puts at `i` for a message of `size` bytes; never 0
+/// (receive buffers are zeroed before each size).
+#[inline]
+pub fn pattern_byte(size: usize, i: usize) -> u8 {
+    ((i.wrapping_mul(131) ^ size.wrapping_mul(7) ^ (i >> 8)) % 255 + 1) as u8
+}
+
+/// A zeroed, page-aligned buffer (as OSU aligns its buffers).
+pub struct Buf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Buf {
+    const ALIGN: usize = 4096;
+
+    pub fn new(len: usize) -> Buf {
+        let layout = Layout::from_size_align(len.max(1), Self::ALIGN).expect("buffer layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Buf { ptr, len }
+    }
+
+    /// Fills the first `size` bytes with the check pattern.
+    pub fn fill(&mut self, size: usize) {
+        for (i, b) in self[..size].iter_mut().enumerate() {
+            *b = pattern_byte(size, i);
+        }
+    }
+
+    /// Zeroes the first `size` bytes.
+    pub fn clear(&mut self, size: usize) {
+        self[..size].fill(0);
+    }
+
+    /// Index of the first byte of `[..size]` that differs from the pattern.
+    pub fn mismatch(&self, size: usize) -> Option<usize> {
+        (0..size).find(|&i| self[i] != pattern_byte(size, i))
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.len.max(1), Self::ALIGN).expect("layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr, layout) }
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` holds `len` initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` is unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Checks the first `size` bytes of a received buffer; aborts the job on a
+/// mismatch.
+pub fn verify<C: Communicator>(world: &C, buf: &Buf, size: usize, what: &str) {
+    if let Some(i) = buf.mismatch(size) {
         eprintln!(
-            "rank {}: {what}: data check failed at byte {i} of {size}",
-            world.rank()
+            "rank {}: {what}: data check FAILED for size {size} at byte {i}: got {} want {}",
+            world.rank(),
+            buf[i],
+            pattern_byte(size, i)
         );
         world.abort(4);
+    }
+}
+
+fn check_rc(rc: c_int, what: &str) {
+    // MPI_ERRORS_ARE_FATAL is the default: a failure normally never returns.
+    if rc != 0 {
+        eprintln!("{what} failed: MPI error {rc}");
+        std::process::exit(3);
+    }
+}
+
+/// The point-to-point operations of the timed loops on one communicator.
+pub struct Net {
+    comm: ffi::MPI_Comm,
+    byte: ffi::MPI_Datatype,
+    reqs: Vec<ffi::MPI_Request>,
+    ack: [u8; 4],
+}
+
+impl Net {
+    pub fn new<C: AsRaw<Raw = ffi::MPI_Comm>>(comm: &C) -> Net {
+        Net {
+            comm: comm.as_raw(),
+            byte: u8::equivalent_datatype().as_raw(),
+            reqs: Vec::new(),
+            ack: [0; 4],
+        }
+    }
+
+    /// Blocking send of `buf[..size]`.
+    pub fn send(&self, buf: &Buf, size: usize, peer: i32, tag: c_int) {
+        assert!(size <= buf.len);
+        // SAFETY: the buffer holds `size` bytes and outlives the call.
+        unsafe { self.send_raw(buf.ptr, size, peer, tag) }
+    }
+
+    /// Blocking receive into `buf[..size]`.
+    pub fn recv(&self, buf: &mut Buf, size: usize, peer: i32, tag: c_int) {
+        assert!(size <= buf.len);
+        // SAFETY: the buffer holds `size` writable bytes and outlives the call.
+        unsafe { self.recv_raw(buf.ptr, size, peer, tag) }
+    }
+
+    /// # Safety
+    /// `ptr` must be valid for reads of `size` bytes during the call.
+    unsafe fn send_raw(&self, ptr: *const u8, size: usize, peer: i32, tag: c_int) {
+        // SAFETY: the caller's contract.
+        let rc = unsafe {
+            ffi::MPI_Send(
+                ptr as *const c_void,
+                size as c_int,
+                self.byte,
+                peer,
+                tag,
+                self.comm,
+            )
+        };
+        check_rc(rc, "MPI_Send");
+    }
+
+    /// # Safety
+    /// `ptr` must be valid for writes of `size` bytes during the call.
+    unsafe fn recv_raw(&self, ptr: *mut u8, size: usize, peer: i32, tag: c_int) {
+        // SAFETY: the caller's contract.
+        let rc = unsafe {
+            ffi::MPI_Recv(
+                ptr as *mut c_void,
+                size as c_int,
+                self.byte,
+                peer,
+                tag,
+                self.comm,
+                ffi::RSMPI_STATUS_IGNORE,
+            )
+        };
+        check_rc(rc, "MPI_Recv");
+    }
+
+    /// Posts `n` receives of `size` bytes into the same buffer and/or `n`
+    /// sends of `buf[..size]` (receives first, as a window), then waits for
+    /// all of them.
+    pub fn window(
+        &mut self,
+        send: Option<&Buf>,
+        recv: Option<&mut Buf>,
+        size: usize,
+        n: usize,
+        peer: i32,
+    ) {
+        self.reqs.clear();
+        self.reqs.reserve(2 * n);
+        if let Some(r) = recv {
+            assert!(size <= r.len);
+            for _ in 0..n {
+                let mut req = std::mem::MaybeUninit::uninit();
+                // SAFETY: `r` holds `size` bytes and stays borrowed until the
+                // wait below completes every request. All receives of a
+                // window land in the same buffer, as in OSU.
+                let rc = unsafe {
+                    ffi::MPI_Irecv(
+                        r.ptr as *mut c_void,
+                        size as c_int,
+                        self.byte,
+                        peer,
+                        TAG_DATA,
+                        self.comm,
+                        req.as_mut_ptr(),
+                    )
+                };
+                check_rc(rc, "MPI_Irecv");
+                // SAFETY: initialised by MPI_Irecv.
+                self.reqs.push(unsafe { req.assume_init() });
+            }
+        }
+        if let Some(s) = send {
+            assert!(size <= s.len);
+            for _ in 0..n {
+                let mut req = std::mem::MaybeUninit::uninit();
+                // SAFETY: `s` holds `size` bytes and stays borrowed until the
+                // wait below completes every request.
+                let rc = unsafe {
+                    ffi::MPI_Isend(
+                        s.ptr as *const c_void,
+                        size as c_int,
+                        self.byte,
+                        peer,
+                        TAG_DATA,
+                        self.comm,
+                        req.as_mut_ptr(),
+                    )
+                };
+                check_rc(rc, "MPI_Isend");
+                // SAFETY: initialised by MPI_Isend.
+                self.reqs.push(unsafe { req.assume_init() });
+            }
+        }
+        // SAFETY: every request in `reqs` is live; statuses are ignored.
+        let rc = unsafe {
+            ffi::MPI_Waitall(
+                self.reqs.len() as c_int,
+                self.reqs.as_mut_ptr(),
+                ffi::RSMPI_STATUSES_IGNORE,
+            )
+        };
+        check_rc(rc, "MPI_Waitall");
+    }
+
+    /// One window of a unidirectional bandwidth test: the sender streams
+    /// `w` messages and waits for the receiver's 4-byte acknowledgement.
+    pub fn bw_window(
+        &mut self,
+        sender: bool,
+        sbuf: &Buf,
+        rbuf: &mut Buf,
+        size: usize,
+        w: usize,
+        peer: i32,
+    ) {
+        let ack = self.ack.as_mut_ptr();
+        if sender {
+            self.window(Some(sbuf), None, size, w, peer);
+            // SAFETY: `ack` points to 4 bytes of self, alive during the call.
+            unsafe { self.recv_raw(ack, 4, peer, TAG_ACK) };
+        } else {
+            self.window(None, Some(rbuf), size, w, peer);
+            // SAFETY: as above.
+            unsafe { self.send_raw(ack, 4, peer, TAG_ACK) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn options_and_sizes() {
+        let o = Opts::parse_from(args(""), 0, (10_000, 1_000), (1_000, 100)).unwrap();
+        let s = o.sizes();
+        assert_eq!(s.first(), Some(&0));
+        assert_eq!(s.last(), Some(&(4 << 20)));
+        assert_eq!(s.len(), 24);
+        assert_eq!(o.counts(8192), (10_000, 1_000));
+        assert_eq!(o.counts(16384), (1_000, 100));
+        let o =
+            Opts::parse_from(args("-m 1024:65536 -i 7 -x 2 -W 8 -c"), 1, (1, 1), (1, 1)).unwrap();
+        assert_eq!(o.sizes(), vec![1024, 2048, 4096, 8192, 16384, 32768, 65536]);
+        assert_eq!(
+            (o.counts(1), o.counts(1 << 20), o.window),
+            ((7, 2), (7, 2), 8)
+        );
+        let o = Opts::parse_from(args("-m 16"), 1, (1, 1), (1, 1)).unwrap();
+        assert_eq!(o.sizes(), vec![1, 2, 4, 8, 16]);
+        let o = Opts::parse_from(args("-i 500:20 -x 50:2"), 0, (1, 1), (1, 1)).unwrap();
+        assert_eq!((o.counts(8192), o.counts(16384)), ((500, 50), (20, 2)));
+        assert!(Opts::parse_from(args("-m 9:3"), 0, (1, 1), (1, 1)).is_err());
+        assert!(Opts::parse_from(args("-q"), 0, (1, 1), (1, 1)).is_err());
+        assert!(Opts::parse_from(args("-i x"), 0, (1, 1), (1, 1)).is_err());
+    }
+
+    #[test]
+    fn rows_look_like_osu() {
+        assert_eq!(format_row(8, &[0.25]), "8                         0.25");
+        assert_eq!(format_row(4194304, &[1.0, 2.5]).len(), 50);
+    }
+
+    #[test]
+    fn pattern_is_never_zero_and_buffers_check() {
+        assert!((0..70_000).all(|i| pattern_byte(4096, i) != 0));
+        let mut b = Buf::new(1 << 16);
+        assert_eq!(b.as_ptr() as usize % 4096, 0);
+        b.fill(1000);
+        assert_eq!(b.mismatch(1000), None);
+        b[999] ^= 1;
+        assert_eq!(b.mismatch(1000), Some(999));
+        b.clear(1000);
+        assert_eq!(b.mismatch(1000), Some(0));
+        assert_eq!(b.mismatch(0), None);
     }
 }

@@ -1,64 +1,41 @@
 //! Unidirectional bandwidth: rank 0 posts a window of non-blocking sends,
-//! rank 1 the matching receives; an acknowledgement closes each window.
+//! rank 1 the matching receives (into one buffer); a 4-byte
+//! acknowledgement closes each window.
 use ivcom_osu::*;
 use mpi::traits::*;
 
 fn main() {
-    let o = Opts::parse((100, 20), (10, 2));
+    let o = Opts::parse(1, (100, 20), (10, 2));
     let universe = mpi::initialize().expect("MPI init");
     let world = universe.world();
-    if world.size() != 2 {
-        if world.rank() == 0 {
-            eprintln!("osu_bw needs exactly 2 ranks");
-        }
-        world.abort(2);
-    }
+    require_ranks(&world, 2, "osu_bw");
     let rank = world.rank();
-    let peer = world.process_at_rank(1 - rank);
+    let peer = 1 - rank;
+    let mut net = Net::new(&world);
     let w = o.window;
-    let mut sbuf = vec![0u8; o.max.max(1)];
-    let mut rbufs: Vec<Vec<u8>> = (0..w).map(|_| vec![0u8; o.max.max(1)]).collect();
+    let mut sbuf = Buf::new(o.max);
+    let mut rbuf = Buf::new(o.max);
     if rank == 0 {
-        header("Bandwidth Test", "# Size      Bandwidth (MB/s)");
+        header("Bandwidth Test", &["# Size      Bandwidth (MB/s)"]);
     }
     for size in o.sizes().into_iter().filter(|&s| s > 0) {
         let (iters, skip) = o.counts(size);
-        fill(&mut sbuf, size);
+        sbuf.fill(size);
+        rbuf.clear(size);
         world.barrier();
         let mut t0 = 0.0;
         for i in 0..iters + skip {
             if i == skip {
                 t0 = mpi::time();
             }
-            if rank == 0 {
-                mpi::request::multiple_scope(w, |scope, coll| {
-                    for _ in 0..w {
-                        coll.add(peer.immediate_send(scope, &sbuf[..size]));
-                    }
-                    let mut st = Vec::new();
-                    coll.wait_all(&mut st);
-                });
-                let mut ack = [0u8; 4];
-                peer.receive_into(&mut ack[..]);
-            } else {
-                mpi::request::multiple_scope(w, |scope, coll| {
-                    for b in rbufs.iter_mut() {
-                        coll.add(peer.immediate_receive_into(scope, &mut b[..size]));
-                    }
-                    let mut st = Vec::new();
-                    coll.wait_all(&mut st);
-                });
-                peer.send(&[0u8; 4][..]);
-            }
+            net.bw_window(rank == 0, &sbuf, &mut rbuf, size, w, peer);
         }
         let t = mpi::time() - t0;
-        if o.check && rank == 1 {
-            for b in &rbufs {
-                verify(&world, b, size, "bw");
-            }
+        if rank == 1 {
+            verify(&world, &rbuf, size, "osu_bw");
         }
         if rank == 0 {
-            row(size, &[(size * w * iters) as f64 / t / 1e6]);
+            row(size, &[(size * w * iters) as f64 / 1e6 / t]);
         }
     }
 }
