@@ -43,6 +43,26 @@ pub fn stats_sum(stderr: &str, key: &str) -> u64 {
         .sum()
 }
 
+/// The `[ivcom] path ... path=<p> reason="<r>"` lines of a run's stderr as
+/// `(path, reason)` pairs.
+pub fn path_lines(stderr: &str) -> Vec<(String, String)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("[ivcom] path ")? + 13..];
+            let path = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("path="))?
+                .to_string();
+            let reason = rest
+                .split_once("reason=")
+                .map(|x| x.1.trim().trim_matches('"').to_string())
+                .unwrap_or_default();
+            Some((path, reason))
+        })
+        .collect()
+}
+
 /// Median of a non-empty slice.
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
@@ -246,6 +266,22 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
     ]
 }
 
+/// `1536` -> `1.5K`, `1048576` -> `1M`.
+pub fn human_size(x: f64) -> String {
+    let (v, unit) = if x >= 1048576.0 {
+        (x / 1048576.0, "M")
+    } else if x >= 1024.0 {
+        (x / 1024.0, "K")
+    } else {
+        (x, "")
+    };
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}{unit}", v.round())
+    } else {
+        format!("{v:.1}{unit}")
+    }
+}
+
 /// An SVG with latency and bandwidth against message size (log scales).
 pub fn plot(m: &Medians, path: &Path) -> Result<(), String> {
     use plotters::prelude::*;
@@ -265,16 +301,17 @@ pub fn plot(m: &Medians, path: &Path) -> Result<(), String> {
                     c.clone(),
                     s.iter()
                         .filter(|(size, v)| **size > 0 && v.0 > 0.0)
-                        .map(|(size, v)| (*size as f64, v.0))
+                        .map(|(size, v)| ((*size as f64).log2(), v.0))
                         .collect(),
                 )
             })
             .collect();
+        // x: log2 of the size on a linear axis, labelled with sizes.
         let all: Vec<&(f64, f64)> = pts.iter().flat_map(|p| p.1.iter()).collect();
         if all.is_empty() {
             continue;
         }
-        let xmax = all.iter().map(|p| p.0).fold(1.0, f64::max) * 1.5;
+        let xmax = all.iter().map(|p| p.0).fold(1.0, f64::max) + 0.5;
         let ymin = all.iter().map(|p| p.1).fold(f64::MAX, f64::min) / 1.5;
         let ymax = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.5;
         let mut chart = ChartBuilder::on(area)
@@ -285,12 +322,17 @@ pub fn plot(m: &Medians, path: &Path) -> Result<(), String> {
             .margin(15)
             .x_label_area_size(45)
             .y_label_area_size(70)
-            .build_cartesian_2d((1.0..xmax).log_scale(), (ymin..ymax).log_scale())
+            .build_cartesian_2d(-0.5..xmax, (ymin..ymax).log_scale())
             .map_err(|e| e.to_string())?;
         chart
             .configure_mesh()
             .x_desc("message size (bytes)")
             .y_desc(ylabel)
+            .x_labels(((xmax + 0.5) / 2.0) as usize + 1)
+            .x_label_formatter(&|x| human_size(2f64.powf(*x)))
+            .y_label_formatter(&|y| format!("{y}"))
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 16))
             .draw()
             .map_err(|e| e.to_string())?;
         for (i, (cfg, p)) in pts.iter().enumerate() {
@@ -326,6 +368,32 @@ mod tests {
         assert_eq!(parse_table(t).unwrap(), vec![(0, 0.25), (8, 0.27)]);
         assert!(parse_table("# only a header\n").is_err());
         assert!(parse_table("0 0.2\nsegfault\n").is_err());
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(1.0), "1");
+        assert_eq!(human_size(1536.0), "1.5K");
+        assert_eq!(human_size(4194304.0), "4M");
+    }
+
+    #[test]
+    fn reads_path_lines() {
+        let e = "[vm1:1] [ivcom] path rank=0 peer=1 path=ring reason=\"ring: co-resident\"\nnoise\n[vm2:2] [ivcom] path rank=1 peer=0 path=tcp reason=\"another host\"\n";
+        assert_eq!(
+            path_lines(e),
+            vec![
+                ("ring".to_string(), "ring: co-resident".to_string()),
+                ("tcp".to_string(), "another host".to_string())
+            ]
+        );
+        assert_eq!(
+            stats_sum(
+                "[ivcom] stats rank=0 tx_msgs=3\n[ivcom] stats rank=1 tx_msgs=4\n",
+                "tx_msgs"
+            ),
+            7
+        );
     }
 
     #[test]

@@ -24,13 +24,21 @@ fn main() {
         }
     };
     let m = medians(&samples);
-    // Doorbells per message over all ivcom bandwidth runs.
+    // Doorbells per message over all ivcom bandwidth runs, and the paths
+    // the ivcom runs took.
     let (mut bells, mut msgs) = (0u64, 0u64);
+    let mut paths: std::collections::BTreeMap<(String, String), usize> = Default::default();
     if let Ok(rd) = std::fs::read_dir(&raw) {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with("osu_bw__ivcom__") && n.ends_with(".err") {
-                let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+            if !n.ends_with(".err") || !n.contains("__ivcom__") {
+                continue;
+            }
+            let t = std::fs::read_to_string(e.path()).unwrap_or_default();
+            for p in path_lines(&t) {
+                *paths.entry(p).or_default() += 1;
+            }
+            if n.starts_with("osu_bw__ivcom__") {
                 bells += stats_sum(&t, "tx_doorbells") + stats_sum(&t, "rx_doorbells");
                 msgs += stats_sum(&t, "tx_msgs");
             }
@@ -50,6 +58,15 @@ fn main() {
     }
     if msgs > 0 {
         println!("(doorbells: {bells} over {msgs} messages in the ivcom bw runs)");
+    }
+    if !paths.is_empty() {
+        println!("\n## paths the ivcom runs chose (rank -> peer, all runs)");
+        for ((p, why), n) in &paths {
+            println!("{n:>6} x {p:<5} {why}");
+        }
+        if paths.keys().any(|(p, _)| p != "ring") {
+            println!("WARNING: some ivcom pairs did not use the ring; their figures measure TCP");
+        }
     }
     let csv_path = dir.join("results.csv");
     std::fs::write(&csv_path, csv(&m)).expect("write results.csv");
