@@ -12,7 +12,8 @@ impl Cluster {
     fn up(spec: &str) -> Cluster {
         let r = run(
             Command::new(repo().join("scripts/vcluster")).args(["up", spec]),
-            Duration::from_secs(60),
+            // `up` waits while another live process owns the cluster.
+            Duration::from_secs(600),
         );
         assert!(r.ok(), "vcluster up failed:\n{}", r.text());
         Cluster
