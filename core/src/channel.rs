@@ -38,6 +38,15 @@ impl Default for WaitPolicy {
     }
 }
 
+/// What a blocking wait waits for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// A readable record (or the close).
+    Data,
+    /// Room for a record of this many bytes.
+    Space(usize),
+}
+
 /// A liveness probe called between sleep slices: `Err` aborts the wait.
 pub type Alive<'a> = &'a mut dyn FnMut() -> Result<()>;
 
@@ -365,42 +374,7 @@ impl Channel {
 
     /// Waits until a record is readable (or the ring is closed).
     pub fn wait_readable(&mut self, deadline: Option<Instant>, alive: Alive) -> Result<()> {
-        let policy = self.policy;
-        let start = Instant::now();
-        loop {
-            if self.rx.has_data()? {
-                return Ok(());
-            }
-            let waited = start.elapsed();
-            if waited < policy.spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            if waited < policy.spin + policy.yield_for {
-                std::thread::yield_now();
-                continue;
-            }
-            let slice = slice_until(policy.slice, deadline)?;
-            let token = self.bell.prepare();
-            if self.rx.prepare_sleep()? {
-                let r = self.bell.wait(token, slice);
-                self.rx.finish_sleep();
-                r?;
-            } else if self.closed_flag_only()? {
-                return Ok(());
-            }
-            alive()?;
-        }
-    }
-
-    /// True when the consumer saw no data but prepare_sleep declined to
-    /// sleep because the peer closed: the next poll reports it.
-    fn closed_flag_only(&mut self) -> Result<bool> {
-        match self.rx.peek() {
-            Err(Error::Closed) => Ok(true),
-            Err(e) => Err(e),
-            Ok(_) => Ok(true),
-        }
+        self.wait_for(Want::Data, deadline, alive)
     }
 
     /// Waits until `need` bytes (one record incl. header) fit in the tx ring.
@@ -410,10 +384,21 @@ impl Channel {
         deadline: Option<Instant>,
         alive: Alive,
     ) -> Result<()> {
+        self.wait_for(Want::Space(need), deadline, alive)
+    }
+
+    /// The blocking policy of both directions: spin, then yield, then sleep
+    /// on the doorbell in slices (announcing the sleep so that the peer
+    /// rings), checking `alive` and the deadline between slices.
+    fn wait_for(&mut self, want: Want, deadline: Option<Instant>, alive: Alive) -> Result<()> {
         let policy = self.policy;
         let start = Instant::now();
         loop {
-            if self.tx.fits(need)? {
+            let ready = match want {
+                Want::Data => self.rx.has_data()?,
+                Want::Space(need) => self.tx.fits(need)?,
+            };
+            if ready {
                 return Ok(());
             }
             let waited = start.elapsed();
@@ -427,10 +412,20 @@ impl Channel {
             }
             let slice = slice_until(policy.slice, deadline)?;
             let token = self.bell.prepare();
-            if self.tx.prepare_sleep()? {
+            let sleep = match want {
+                Want::Data => self.rx.prepare_sleep()?,
+                Want::Space(_) => self.tx.prepare_sleep()?,
+            };
+            if sleep {
                 let r = self.bell.wait(token, slice);
-                self.tx.finish_sleep();
+                match want {
+                    Want::Data => self.rx.finish_sleep(),
+                    Want::Space(_) => self.tx.finish_sleep(),
+                }
                 r?;
+            } else if want == Want::Data {
+                // Data arrived or the peer closed: the caller's poll says which.
+                return Ok(());
             }
             alive()?;
         }
