@@ -11,7 +11,7 @@
 //! slices; they never spin forever.
 
 use crate::error::{Error, Result};
-use crate::frame::{fragment, Delivery, Reassembly, Stats};
+use crate::frame::{fragment, take_one, Delivery, Reassembly, Stats};
 use crate::hypervisor::{BellWords, Doorbell, Hypervisor, Region};
 use crate::ring::{self, kind, Consumer, Geometry, Producer, Record};
 use std::time::{Duration, Instant};
@@ -359,13 +359,7 @@ impl Channel {
         alive: Alive,
     ) -> Result<u8> {
         loop {
-            let mut tag = 0;
-            let got = self.poll(1, &mut |t, m| {
-                tag = t;
-                out.clear();
-                out.extend_from_slice(m);
-            })?;
-            if got == 1 {
+            if let Some(tag) = take_one(out, |max, f| self.poll(max, f))? {
                 return Ok(tag);
             }
             self.wait_readable(deadline, alive)?;

@@ -59,6 +59,22 @@ pub fn fragment(
     Ok(true)
 }
 
+/// One non-blocking receive attempt for the blocking `recv` of both paths:
+/// `poll(max, f)` is asked for one message, which is copied into `out`.
+/// Returns its tag, or `None` when nothing was there.
+pub fn take_one(
+    out: &mut Vec<u8>,
+    poll: impl FnOnce(usize, &mut dyn FnMut(u8, &[u8])) -> Result<usize>,
+) -> Result<Option<u8>> {
+    let mut tag = 0;
+    let got = poll(1, &mut |t, m| {
+        tag = t;
+        out.clear();
+        out.extend_from_slice(m);
+    })?;
+    Ok((got == 1).then_some(tag))
+}
+
 /// What a record means to the receiver.
 pub enum Delivery<'a> {
     /// A complete message, in place (whole-record messages) or reassembled.

@@ -5,7 +5,7 @@
 
 use crate::channel::Alive;
 use crate::error::{Error, Result, Violation};
-use crate::frame::{fragment, Delivery, Reassembly, Stats};
+use crate::frame::{fragment, take_one, Delivery, Reassembly, Stats};
 use crate::ring::{kind, RECORD_HEADER};
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::TcpStream;
@@ -297,13 +297,7 @@ impl TcpLink {
         alive: Alive,
     ) -> Result<u8> {
         loop {
-            let mut tag = 0;
-            let got = self.poll(1, &mut |t, m| {
-                tag = t;
-                out.clear();
-                out.extend_from_slice(m);
-            })?;
-            if got == 1 {
+            if let Some(tag) = take_one(out, |max, f| self.poll(max, f))? {
                 return Ok(tag);
             }
             let ev = if self.queued() > 0 {
