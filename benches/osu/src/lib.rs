@@ -298,6 +298,19 @@ fn check_rc(rc: c_int, what: &str) {
     }
 }
 
+/// Runs `body` `skip` times as warm-up, then `iters` times timed; returns
+/// the seconds (`MPI_Wtime`) the timed iterations took.
+pub fn timed(iters: usize, skip: usize, mut body: impl FnMut()) -> f64 {
+    for _ in 0..skip {
+        body();
+    }
+    let t0 = mpi::time();
+    for _ in 0..iters {
+        body();
+    }
+    mpi::time() - t0
+}
+
 /// The point-to-point operations of the timed loops on one communicator.
 pub struct Net {
     comm: ffi::MPI_Comm,
@@ -365,6 +378,35 @@ impl Net {
         check_rc(rc, "MPI_Recv");
     }
 
+    /// Starts `n` non-blocking operations with `start` (which fills in the
+    /// request) and keeps their requests for the next wait.
+    fn post(
+        &mut self,
+        n: usize,
+        what: &str,
+        mut start: impl FnMut(*mut ffi::MPI_Request) -> c_int,
+    ) {
+        for _ in 0..n {
+            let mut req = std::mem::MaybeUninit::uninit();
+            check_rc(start(req.as_mut_ptr()), what);
+            // SAFETY: initialised by the successful call above.
+            self.reqs.push(unsafe { req.assume_init() });
+        }
+    }
+
+    /// One ping-pong of `size` bytes with `peer`: the `first` side sends
+    /// first, the other answers.
+    #[inline]
+    pub fn ping_pong(&self, first: bool, sbuf: &Buf, rbuf: &mut Buf, size: usize, peer: i32) {
+        if first {
+            self.send(sbuf, size, peer, 1);
+            self.recv(rbuf, size, peer, 1);
+        } else {
+            self.recv(rbuf, size, peer, 1);
+            self.send(sbuf, size, peer, 1);
+        }
+    }
+
     /// Posts `n` receives of `size` bytes into the same buffer and/or `n`
     /// sends of `buf[..size]` (receives first, as a window), then waits for
     /// all of them.
@@ -378,50 +420,39 @@ impl Net {
     ) {
         self.reqs.clear();
         self.reqs.reserve(2 * n);
+        let (byte, comm) = (self.byte, self.comm);
         if let Some(r) = recv {
             assert!(size <= r.len);
-            for _ in 0..n {
-                let mut req = std::mem::MaybeUninit::uninit();
-                // SAFETY: `r` holds `size` bytes and stays borrowed until the
-                // wait below completes every request. All receives of a
-                // window land in the same buffer, as in OSU.
-                let rc = unsafe {
-                    ffi::MPI_Irecv(
-                        r.ptr as *mut c_void,
-                        size as c_int,
-                        self.byte,
-                        peer,
-                        TAG_DATA,
-                        self.comm,
-                        req.as_mut_ptr(),
-                    )
-                };
-                check_rc(rc, "MPI_Irecv");
-                // SAFETY: initialised by MPI_Irecv.
-                self.reqs.push(unsafe { req.assume_init() });
-            }
+            // SAFETY: `r` holds `size` bytes and stays borrowed until the wait
+            // below completes every request. All receives of a window land in
+            // the same buffer, as in OSU.
+            self.post(n, "MPI_Irecv", |req| unsafe {
+                ffi::MPI_Irecv(
+                    r.ptr as *mut c_void,
+                    size as c_int,
+                    byte,
+                    peer,
+                    TAG_DATA,
+                    comm,
+                    req,
+                )
+            });
         }
         if let Some(s) = send {
             assert!(size <= s.len);
-            for _ in 0..n {
-                let mut req = std::mem::MaybeUninit::uninit();
-                // SAFETY: `s` holds `size` bytes and stays borrowed until the
-                // wait below completes every request.
-                let rc = unsafe {
-                    ffi::MPI_Isend(
-                        s.ptr as *const c_void,
-                        size as c_int,
-                        self.byte,
-                        peer,
-                        TAG_DATA,
-                        self.comm,
-                        req.as_mut_ptr(),
-                    )
-                };
-                check_rc(rc, "MPI_Isend");
-                // SAFETY: initialised by MPI_Isend.
-                self.reqs.push(unsafe { req.assume_init() });
-            }
+            // SAFETY: `s` holds `size` bytes and stays borrowed until the wait
+            // below completes every request.
+            self.post(n, "MPI_Isend", |req| unsafe {
+                ffi::MPI_Isend(
+                    s.ptr as *const c_void,
+                    size as c_int,
+                    byte,
+                    peer,
+                    TAG_DATA,
+                    comm,
+                    req,
+                )
+            });
         }
         // SAFETY: every request in `reqs` is live; statuses are ignored.
         let rc = unsafe {

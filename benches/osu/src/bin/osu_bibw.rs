@@ -25,14 +25,9 @@ fn main() {
         sbuf.fill(size);
         rbuf.clear(size);
         world.barrier();
-        let mut t0 = 0.0;
-        for i in 0..iters + skip {
-            if i == skip {
-                t0 = mpi::time();
-            }
-            net.window(Some(&sbuf), Some(&mut rbuf), size, w, peer);
-        }
-        let t = mpi::time() - t0;
+        let t = timed(iters, skip, || {
+            net.window(Some(&sbuf), Some(&mut rbuf), size, w, peer)
+        });
         verify(&world, &rbuf, size, "osu_bibw");
         if rank == 0 {
             row(size, &[(2 * size * w * iters) as f64 / 1e6 / t]);

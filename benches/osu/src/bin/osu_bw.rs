@@ -23,14 +23,9 @@ fn main() {
         sbuf.fill(size);
         rbuf.clear(size);
         world.barrier();
-        let mut t0 = 0.0;
-        for i in 0..iters + skip {
-            if i == skip {
-                t0 = mpi::time();
-            }
-            net.bw_window(rank == 0, &sbuf, &mut rbuf, size, w, peer);
-        }
-        let t = mpi::time() - t0;
+        let t = timed(iters, skip, || {
+            net.bw_window(rank == 0, &sbuf, &mut rbuf, size, w, peer)
+        });
         if rank == 1 {
             verify(&world, &rbuf, size, "osu_bw");
         }

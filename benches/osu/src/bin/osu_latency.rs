@@ -20,20 +20,9 @@ fn main() {
         sbuf.fill(size);
         rbuf.clear(size);
         world.barrier();
-        let mut t0 = 0.0;
-        for i in 0..iters + skip {
-            if i == skip {
-                t0 = mpi::time();
-            }
-            if rank == 0 {
-                net.send(&sbuf, size, peer, 1);
-                net.recv(&mut rbuf, size, peer, 1);
-            } else {
-                net.recv(&mut rbuf, size, peer, 1);
-                net.send(&sbuf, size, peer, 1);
-            }
-        }
-        let t = mpi::time() - t0;
+        let t = timed(iters, skip, || {
+            net.ping_pong(rank == 0, &sbuf, &mut rbuf, size, peer)
+        });
         verify(&world, &rbuf, size, "osu_latency");
         if rank == 0 {
             row(size, &[t * 1e6 / (2.0 * iters as f64)]);

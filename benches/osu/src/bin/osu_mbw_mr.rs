@@ -34,14 +34,10 @@ fn main() {
         sbuf.fill(size);
         rbuf.clear(size);
         world.barrier();
-        let mut t0 = 0.0;
-        for i in 0..iters + skip {
-            if i == skip {
-                t0 = mpi::time();
-            }
-            net.bw_window(sender, &sbuf, &mut rbuf, size, w, peer);
-        }
-        let t = if sender { mpi::time() - t0 } else { 0.0 };
+        let t = timed(iters, skip, || {
+            net.bw_window(sender, &sbuf, &mut rbuf, size, w, peer)
+        });
+        let t = if sender { t } else { 0.0 };
         if !sender {
             verify(&world, &rbuf, size, "osu_mbw_mr");
         }

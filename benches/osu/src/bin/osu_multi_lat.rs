@@ -26,20 +26,10 @@ fn main() {
         sbuf.fill(size);
         rbuf.clear(size);
         world.barrier();
-        let mut t0 = 0.0;
-        for i in 0..iters + skip {
-            if i == skip {
-                t0 = mpi::time();
-            }
-            if first {
-                net.send(&sbuf, size, peer, 1);
-                net.recv(&mut rbuf, size, peer, 1);
-            } else {
-                net.recv(&mut rbuf, size, peer, 1);
-                net.send(&sbuf, size, peer, 1);
-            }
-        }
-        let lat = (mpi::time() - t0) * 1e6 / (2.0 * iters as f64);
+        let t = timed(iters, skip, || {
+            net.ping_pong(first, &sbuf, &mut rbuf, size, peer)
+        });
+        let lat = t * 1e6 / (2.0 * iters as f64);
         verify(&world, &rbuf, size, "osu_multi_lat");
         if rank == 0 {
             let mut sum = 0.0f64;
