@@ -204,21 +204,8 @@ impl Drop for HostRegion {
 }
 
 fn map_fd(fd: libc::c_int, len: usize, path: &Path) -> Result<*mut u8> {
-    // SAFETY: mapping a file we opened read-write; the result is checked.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(os_err("mmap", path));
-    }
-    Ok(p.cast())
+    super::mmap_shared(fd, len, 0)
+        .map_err(|e| Error::Backend(format!("mmap {}: {e}", path.display())))
 }
 
 impl Hypervisor for HostBackend {

@@ -198,6 +198,31 @@ pub fn open(choice: BackendChoice, opts: &BackendOptions) -> Result<Opened> {
     })
 }
 
+/// Maps `len` bytes of `fd` from `offset`, shared and read-write: how both
+/// backends map what they share (a file, a grant device region).
+pub(crate) fn mmap_shared(
+    fd: libc::c_int,
+    len: usize,
+    offset: libc::off_t,
+) -> std::io::Result<*mut u8> {
+    // SAFETY: a new mapping chosen by the kernel (no fixed address), of a
+    // descriptor the caller owns; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(p.cast())
+}
+
 /// 16 random bytes from the kernel.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];

@@ -255,23 +255,8 @@ fn ioctl_buf(bytes: usize) -> Vec<u64> {
 fn mmap_dev(fd: &OwnedFd, len: usize, index: u64, what: &str) -> Result<*mut u8> {
     let off = libc::off_t::try_from(index)
         .map_err(|_| Error::Backend(format!("{what}: offset {index:#x} out of range")))?;
-    // SAFETY: a new shared mapping of a device region the kernel set up for
-    // this fd; the result is checked.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
-            off,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        let e = std::io::Error::last_os_error();
-        return Err(Error::Backend(format!("{what}: mmap: {e}")));
-    }
-    Ok(p.cast())
+    super::mmap_shared(fd.as_raw_fd(), len, off)
+        .map_err(|e| Error::Backend(format!("{what}: mmap: {e}")))
 }
 
 /// Allocates `count` pages granted (writable) to `peer`: the mmap offset
