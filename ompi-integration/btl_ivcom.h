@@ -41,6 +41,7 @@ struct mca_btl_base_endpoint_t {
     uint8_t *card;          /* the peer's locality card (from the modex) */
     size_t card_len;
     ivcom_link *link;       /* NULL until first use */
+    bool ring;              /* link is on the shared ring (fixed once attached) */
     bool failed;            /* link broken or could not be opened */
     bool closed;            /* peer closed cleanly (finalize) */
     mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */

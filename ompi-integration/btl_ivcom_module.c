@@ -48,6 +48,7 @@ static void ep_construct(mca_btl_base_endpoint_t *ep)
     ep->card = NULL;
     ep->card_len = 0;
     ep->link = NULL;
+    ep->ring = false;
     ep->failed = false;
     ep->closed = false;
     ep->reserved = NULL;
@@ -92,7 +93,7 @@ static void print_stats(mca_btl_base_endpoint_t *ep)
                 " tx_doorbells=%" PRIu64 " rx_msgs=%" PRIu64 " rx_bytes=%" PRIu64
                 " rx_doorbells=%" PRIu64,
                 my_rank(), peer_rank(ep),
-                IVCOM_PATH_RING == ivcom_link_path(ep->link) ? "ring" : "tcp", s.tx_msgs,
+                ep->ring ? "ring" : "tcp", s.tx_msgs,
                 s.tx_bytes, s.tx_doorbells, s.rx_msgs, s.rx_bytes, s.rx_doorbells);
 }
 
@@ -100,10 +101,11 @@ static void attach(mca_btl_base_endpoint_t *ep, ivcom_link *link)
 {
     char reason[512];
     ep->link = link;
+    ep->ring = IVCOM_PATH_RING == ivcom_link_path(link);
     C->neps_linked++;
     ivcom_link_reason(link, reason, sizeof(reason));
     IVCOM_VERBOSE(1, "[ivcom] path rank=%u peer=%u path=%s reason=\"%s\"", my_rank(),
-                  peer_rank(ep), IVCOM_PATH_RING == ivcom_link_path(link) ? "ring" : "tcp",
+                  peer_rank(ep), ep->ring ? "ring" : "tcp",
                   reason);
     if (ivcom_link_degraded(link) && !C->warned_degraded) {
         C->warned_degraded = true;
@@ -193,7 +195,7 @@ static bool frag_ring(mca_btl_base_endpoint_t *ep, mca_btl_ivcom_frag_t *f, size
 {
     uint8_t *p = NULL;
     if (OPAL_SUCCESS != ensure_link(ep) || NULL != ep->reserved
-        || !opal_list_is_empty(&ep->pending) || IVCOM_PATH_RING != ivcom_link_path(ep->link)) {
+        || !opal_list_is_empty(&ep->pending) || !ep->ring) {
         return false;
     }
     if (1 != ivcom_link_reserve(ep->link, size, &p)) {
@@ -304,7 +306,7 @@ static mca_btl_base_descriptor_t *ivcom_prepare_src(struct mca_btl_base_module_t
          * packing into a private buffer that waits in a queue (an extra
          * copy and unbounded memory while a fast sender outruns the
          * receiver). TCP links always pack into a private buffer. */
-        if (NULL != ep->link && IVCOM_PATH_RING == ivcom_link_path(ep->link)) {
+        if (ep->ring) {
             frag_return(f);
             return NULL;
         }
@@ -389,7 +391,7 @@ static int ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
         || total > MODULE->btl_max_send_size) {
         return OPAL_ERR_RESOURCE_BUSY;
     }
-    if (IVCOM_PATH_RING == ivcom_link_path(ep->link)) {
+    if (ep->ring) {
         rc = ivcom_link_reserve(ep->link, total, &dst);
         if (1 != rc) {
             if (rc < 0) {
