@@ -133,8 +133,9 @@ static int ivcom_register(void)
               "4096 to 1073741824)",
               &c->ring_size, IVCOM_DEFAULT_RING);
     reg_ulong("max_record",
-              "Largest ring record in bytes (0: a quarter of btl_ivcom_ring_size); must hold "
-              "btl_ivcom_max_send_size",
+              "Largest ring record in bytes; must hold btl_ivcom_max_send_size (0: exactly "
+              "btl_ivcom_max_send_size, which lets a backend with little shareable memory, "
+              "e.g. Xen's gntalloc limit, get smaller rings instead of TCP)",
               &c->max_record, 0);
     reg_string("if_include",
                "Comma-separated interfaces or IPv4 subnets (CIDR) whose address this process "
@@ -240,6 +241,11 @@ static bool check_params(ivcom_config *cfg)
         snprintf(err, sizeof(err), "must be between 1024 and the largest ring record (%zu bytes)",
                  max_record);
         return bad("btl_ivcom_max_send_size", buf, err);
+    }
+    /* Sends never exceed btl_max_send_size: records of that size let the core
+     * halve the rings when the backend cannot share the configured size. */
+    if (0 == c->max_record) {
+        cfg->max_record = m->btl_max_send_size;
     }
     if (m->btl_eager_limit > m->btl_max_send_size || m->btl_eager_limit < 64) {
         snprintf(buf, sizeof(buf), "%zu", m->btl_eager_limit);

@@ -478,6 +478,50 @@ enum Initiated {
     Rejected,
 }
 
+/// Offers a channel with geometry `geo`, or with smaller rings (the same
+/// largest record) when the backend cannot share that much: its fixed limit
+/// (`max_share`, e.g. gntalloc's page limit per domain) is respected up
+/// front, and a failed share (no room left now, e.g. pages held by other
+/// links) is retried with half the rings while that remains a valid
+/// geometry. Returns the offer (or the last error) and, when the rings were
+/// shrunk, why.
+fn offer_fitted(
+    hv: &dyn Hypervisor,
+    peer: u32,
+    mut geo: Geometry,
+    nonce: u64,
+) -> (Result<crate::channel::Offer>, Option<String>) {
+    let mut why = None;
+    while crate::channel::region_bytes(geo) > hv.max_share() {
+        match geo.halved() {
+            Some(g) => {
+                why.get_or_insert_with(|| {
+                    format!(
+                        "{} bytes exceed what {} can share ({})",
+                        crate::channel::region_bytes(geo),
+                        hv.describe(),
+                        hv.max_share()
+                    )
+                });
+                geo = g;
+            }
+            None => break,
+        }
+    }
+    loop {
+        match Channel::offer(hv, peer, geo, nonce) {
+            Ok(o) => return (Ok(o), why),
+            Err(e) => match geo.halved() {
+                Some(g) => {
+                    why = Some(e.to_string());
+                    geo = g;
+                }
+                None => return (Err(e), why),
+            },
+        }
+    }
+}
+
 impl Node {
     /// Starts a node: opens the backend (a failure leaves the node TCP-only
     /// and is reported by [`Node::ring_status`]), binds the TCP listener on
@@ -794,9 +838,9 @@ impl Inner {
                     .map(|l| Initiated::Link(Box::new(l)));
             }
         };
-        let geo = self.cfg.geometry()?;
         let nonce = hypervisor::random_u64();
-        let offer = match Channel::offer(&*hv, peer.domain, geo, nonce) {
+        let (offered, shrunk) = offer_fitted(&*hv, peer.domain, self.cfg.geometry()?, nonce);
+        let offer = match offered {
             Ok(o) => o,
             Err(e) => {
                 let why = format!("tcp: could not share a ring: {e}");
@@ -806,6 +850,7 @@ impl Inner {
                     .map(|l| Initiated::Link(Box::new(l)));
             }
         };
+        let geo = offer.channel.geometry();
         let mut msg = Vec::new();
         msg.extend_from_slice(&geo.data_size.to_le_bytes());
         msg.extend_from_slice(&geo.max_record.to_le_bytes());
@@ -828,7 +873,14 @@ impl Inner {
         } else {
             ctl_send(&mut sock, SWITCH, &[])?;
             offer.channel.peer_attached();
-            let why = format!("ring: co-resident, mapping proved ({})", hv.describe());
+            let why = match shrunk {
+                None => format!("ring: co-resident, mapping proved ({})", hv.describe()),
+                Some(e) => format!(
+                    "ring: co-resident, mapping proved ({}; rings of {} KiB: {e})",
+                    hv.describe(),
+                    geo.data_size / 1024
+                ),
+            };
             (PathKind::Ring, why, Some(offer.channel))
         };
         self.make_link(peer, path, why, sock, ch)
@@ -949,5 +1001,122 @@ fn acceptor(inner: Arc<Inner>, listener: TcpListener) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::host::HostBackend;
+    use crate::hypervisor::{BackendKind, BellWords, Doorbell, Region};
+
+    /// The host backend with a fixed share limit (`max_share`, like Xen's
+    /// gntalloc limit) and a smaller room left at share time.
+    struct Limited {
+        inner: HostBackend,
+        max_share: usize,
+        room: usize,
+    }
+
+    impl Hypervisor for Limited {
+        fn kind(&self) -> BackendKind {
+            self.inner.kind()
+        }
+        fn domain_id(&self) -> u32 {
+            self.inner.domain_id()
+        }
+        fn host_id(&self) -> [u8; 16] {
+            self.inner.host_id()
+        }
+        fn share(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
+            if len > self.room {
+                return Err(Error::Backend(format!("no room for {len} bytes")));
+            }
+            self.inner.share(peer, len)
+        }
+        fn map(&self, peer: u32, desc: &[u8], len: usize) -> Result<Box<dyn Region>> {
+            self.inner.map(peer, desc, len)
+        }
+        fn bell_offer(&self, peer: u32, w: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)> {
+            self.inner.bell_offer(peer, w)
+        }
+        fn bell_accept(&self, peer: u32, d: &[u8], w: BellWords) -> Result<Box<dyn Doorbell>> {
+            self.inner.bell_accept(peer, d, w)
+        }
+        fn describe(&self) -> String {
+            "limited".into()
+        }
+        fn max_share(&self) -> usize {
+            self.max_share
+        }
+    }
+
+    fn limited(tag: &str, max_share: usize, room: usize) -> (Limited, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("ivcom-fit-{tag}-{}", std::process::id()));
+        let inner = HostBackend::open_dir(&dir).unwrap();
+        (
+            Limited {
+                inner,
+                max_share,
+                room,
+            },
+            dir,
+        )
+    }
+
+    const MIB: usize = 1 << 20;
+
+    fn data_size(r: &Result<crate::channel::Offer>) -> usize {
+        r.as_ref().unwrap().channel.geometry().data_size as usize
+    }
+
+    #[test]
+    fn rings_fit_the_backends_share_limit() {
+        // 2 MiB rings (two rings + control pages: 4 MiB + 8 KiB) on a 4 MiB
+        // limit, records of 256 KiB: 1 MiB rings.
+        let (hv, dir) = limited("limit", 4 * MIB, usize::MAX);
+        let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
+        let (r, why) = offer_fitted(&hv, 1, geo, 7);
+        assert_eq!(data_size(&r), MIB);
+        assert!(why.unwrap().contains("exceed what limited can share"));
+        drop(r);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn rings_shrink_when_the_backend_has_no_room_now() {
+        let (hv, dir) = limited("room", usize::MAX, 3 * MIB);
+        let geo = Geometry::with_max_record(4 * MIB, 256 << 10).unwrap();
+        let (r, why) = offer_fitted(&hv, 1, geo, 7);
+        assert_eq!(data_size(&r), MIB);
+        assert!(why.unwrap().contains("no room"));
+        drop(r);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn rings_never_shrink_below_the_largest_record() {
+        // 512 KiB records need rings of at least 2 MiB (a record fits in
+        // half a ring): the offer fails with the backend's error.
+        let (hv, dir) = limited("floor", 4 * MIB, usize::MAX);
+        let geo = Geometry::new(2 * MIB).unwrap();
+        let (r, _) = offer_fitted(&hv, 1, geo, 7);
+        let e = r.err().expect("no ring of 2 MiB fits");
+        assert!(
+            e.to_string().contains("exceed what limited can share"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn rings_that_fit_are_left_alone() {
+        let (hv, dir) = limited("fits", 8 * MIB, usize::MAX);
+        let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
+        let (r, why) = offer_fitted(&hv, 1, geo, 7);
+        assert_eq!(data_size(&r), 2 * MIB);
+        assert!(why.is_none());
+        drop(r);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -112,6 +112,13 @@ impl Geometry {
         })
     }
 
+    /// The same geometry with half the data and the same largest record,
+    /// if that is still a valid geometry (the largest record must fit in
+    /// half the ring).
+    pub fn halved(&self) -> Option<Geometry> {
+        Geometry::with_max_record(self.data_size as usize / 2, self.max_record as usize).ok()
+    }
+
     /// Bytes of shared memory one ring occupies (control page + data).
     pub fn ring_bytes(&self) -> usize {
         CTRL_BYTES + self.data_size as usize

@@ -326,6 +326,44 @@ fn no_shm_space_falls_back_to_tcp_with_one_warning() {
 }
 
 #[test]
+fn rings_shrink_to_fit_a_small_hypervisor_directory() {
+    // 3 MiB of tmpfs cannot hold a pair's 2 MiB rings (4 MiB + 8 KiB), but
+    // holds 1 MiB rings: the pair gets those instead of TCP, and says so.
+    require_component();
+    if !is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = HostDir::new("shrink");
+    let m = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=3m,mode=0700",
+            "tmpfs",
+            dir.path(),
+        ])
+        .status()
+        .unwrap();
+    assert!(m.success(), "mount tmpfs");
+    let r = integrity(2, &["--mca", "btl_ivcom_host_dir", dir.path()]);
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS"),
+        "{}",
+        r.text()
+    );
+    assert_paths(&r, 2, |_, _| "ring");
+    let lines = path_lines(&r.stderr);
+    assert!(
+        lines.iter().any(|l| l.reason.contains("rings of 1024 KiB")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(dir.leftovers(), Vec::<String>::new());
+}
+
+#[test]
 fn install_and_uninstall_put_the_component_in_place() {
     require_component();
     let dest = std::env::temp_dir().join(format!("ivcom-destdir-{}", std::process::id()));
