@@ -960,10 +960,16 @@ impl Inner {
                 ctl_send(sock, MAPPED, &nonce.to_le_bytes())?;
                 let (t, p) = expect(sock, &[SWITCH, ABORT])?;
                 if t == SWITCH {
-                    let why = format!(
-                        "ring: co-resident, mapping proved ({})",
-                        self.hv.as_ref().map_or(String::new(), |h| h.describe())
-                    );
+                    let hv = self.hv.as_ref().map_or(String::new(), |h| h.describe());
+                    let why = if data_size < self.cfg.ring_size {
+                        // the offerer had to shrink its rings (it says why)
+                        format!(
+                            "ring: co-resident, mapping proved ({hv}; rings of {} KiB offered)",
+                            data_size / 1024
+                        )
+                    } else {
+                        format!("ring: co-resident, mapping proved ({hv})")
+                    };
                     self.make_link(peer, PathKind::Ring, why, s2, Some(ch))
                 } else {
                     let why = String::from_utf8_lossy(&p).into_owned();
