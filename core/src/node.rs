@@ -395,6 +395,10 @@ enum Peer {
 struct Inner {
     cfg: Config,
     hv: Option<Arc<dyn Hypervisor>>,
+    /// With the xen backend: the host backend, for peers in this same VM
+    /// (same Xen domain id). Plain shared memory of one kernel needs no
+    /// grants, so those pairs cost no gntalloc pages.
+    local: Option<Arc<dyn Hypervisor>>,
     no_ring: String,
     note: Option<String>,
     card: Card,
@@ -544,6 +548,16 @@ impl Node {
             },
             Err(e) => (None, format!("no shared-memory backend: {e}"), None),
         };
+        let local = match &hv {
+            Some(h) if h.kind() == hypervisor::BackendKind::Xen => {
+                hypervisor::host::HostBackend::open(&BackendOptions {
+                    host_dir: cfg.host_dir.clone(),
+                })
+                .ok()
+                .map(|h| Arc::new(h) as Arc<dyn Hypervisor>)
+            }
+            _ => None,
+        };
         let ip = match cfg.listen {
             Some(ip) => ip,
             None => netif::select(&cfg.if_include, &cfg.if_exclude)?,
@@ -561,6 +575,7 @@ impl Node {
         let inner = Arc::new(Inner {
             cfg,
             hv,
+            local,
             no_ring,
             note,
             card,
@@ -700,6 +715,21 @@ impl Drop for Node {
 }
 
 impl Inner {
+    /// The backend for a ring with `peer`: the host backend when both sides
+    /// use xen from the same domain (two processes of one VM), the node's
+    /// backend otherwise. (Equal domain ids on two different Xen hosts
+    /// cannot share memory either way: the host backend's map fails there
+    /// and the pair uses TCP, as the xen map would.)
+    fn backend_for(&self, peer: &Card) -> Option<Arc<dyn Hypervisor>> {
+        let same_vm = self.card.backend == Some(hypervisor::BackendKind::Xen)
+            && peer.backend == self.card.backend
+            && peer.domain == self.card.domain;
+        match (&self.local, same_vm) {
+            (Some(l), true) => Some(l.clone()),
+            _ => self.hv.clone(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Peer>> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -815,7 +845,7 @@ impl Inner {
             }
         }
         // Decide the path.
-        let hv = match (&self.hv, self.card.ring_candidate(&peer)) {
+        let hv = match (self.backend_for(&peer), self.card.ring_candidate(&peer)) {
             (Some(hv), true) => hv.clone(),
             (None, _) => {
                 let why = format!("tcp: {}", self.no_ring);
@@ -939,8 +969,7 @@ impl Inner {
         let bell = r.blob()?.to_vec();
         let mapped = (|| {
             let hv = self
-                .hv
-                .as_ref()
+                .backend_for(&peer)
                 .ok_or_else(|| Error::Backend(self.no_ring.clone()))?;
             if data_size > self.cfg.ring_size.max(1 << 20) * 16 {
                 return Err(Error::Invalid(format!(
@@ -948,7 +977,7 @@ impl Inner {
                 )));
             }
             let geo = Geometry::with_max_record(data_size, max_record)?;
-            Channel::accept(&**hv, peer.domain, geo, &grant, &bell)
+            Channel::accept(&*hv, peer.domain, geo, &grant, &bell)
         })();
         match mapped {
             Err(e) => {
@@ -960,7 +989,9 @@ impl Inner {
                 ctl_send(sock, MAPPED, &nonce.to_le_bytes())?;
                 let (t, p) = expect(sock, &[SWITCH, ABORT])?;
                 if t == SWITCH {
-                    let hv = self.hv.as_ref().map_or(String::new(), |h| h.describe());
+                    let hv = self
+                        .backend_for(&peer)
+                        .map_or(String::new(), |h| h.describe());
                     let why = if data_size < self.cfg.ring_size {
                         // the offerer had to shrink its rings (it says why)
                         format!(
