@@ -846,7 +846,7 @@ impl Inner {
         }
         // Decide the path.
         let hv = match (self.backend_for(&peer), self.card.ring_candidate(&peer)) {
-            (Some(hv), true) => hv.clone(),
+            (Some(hv), true) => hv,
             (None, _) => {
                 let why = format!("tcp: {}", self.no_ring);
                 ctl_send(&mut sock, TCPONLY, why.as_bytes())?;

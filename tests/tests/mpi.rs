@@ -201,6 +201,17 @@ impl HostDir {
         std::fs::create_dir_all(&p).unwrap();
         HostDir(p)
     }
+    /// A hypervisor directory on a tmpfs of `size` (mount's notation).
+    fn tmpfs(tag: &str, size: &str) -> Self {
+        let dir = HostDir::new(tag);
+        let opts = format!("size={size},mode=0700");
+        let m = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opts, "tmpfs", dir.path()])
+            .status()
+            .unwrap();
+        assert!(m.success(), "mount tmpfs");
+        dir
+    }
     fn path(&self) -> &str {
         self.0.to_str().unwrap()
     }
@@ -286,19 +297,7 @@ fn no_shm_space_falls_back_to_tcp_with_one_warning() {
         eprintln!("SKIPPED: mounting a tiny tmpfs needs root");
         return;
     }
-    let dir = HostDir::new("nospace");
-    let m = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=64k,mode=0700",
-            "tmpfs",
-            dir.path(),
-        ])
-        .status()
-        .unwrap();
-    assert!(m.success(), "mount tmpfs");
+    let dir = HostDir::tmpfs("nospace", "64k");
     let r = integrity(2, &["--mca", "btl_ivcom_host_dir", dir.path()]);
     assert!(
         r.ok() && r.stdout.contains("INTEGRITY PASS"),
@@ -334,19 +333,7 @@ fn rings_shrink_to_fit_a_small_hypervisor_directory() {
         eprintln!("SKIPPED: mounting a small tmpfs needs root");
         return;
     }
-    let dir = HostDir::new("shrink");
-    let m = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=3m,mode=0700",
-            "tmpfs",
-            dir.path(),
-        ])
-        .status()
-        .unwrap();
-    assert!(m.success(), "mount tmpfs");
+    let dir = HostDir::tmpfs("shrink", "3m");
     let r = integrity(2, &["--mca", "btl_ivcom_host_dir", dir.path()]);
     assert!(
         r.ok() && r.stdout.contains("INTEGRITY PASS"),
