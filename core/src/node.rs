@@ -1048,11 +1048,19 @@ mod tests {
     use crate::hypervisor::{BackendKind, BellWords, Doorbell, Region};
 
     /// The host backend with a fixed share limit (`max_share`, like Xen's
-    /// gntalloc limit) and a smaller room left at share time.
+    /// gntalloc limit) and a smaller room left at share time, in a
+    /// directory of its own that goes with it.
     struct Limited {
         inner: HostBackend,
         max_share: usize,
         room: usize,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for Limited {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     impl Hypervisor for Limited {
@@ -1088,17 +1096,14 @@ mod tests {
         }
     }
 
-    fn limited(tag: &str, max_share: usize, room: usize) -> (Limited, std::path::PathBuf) {
+    fn limited(tag: &str, max_share: usize, room: usize) -> Limited {
         let dir = std::env::temp_dir().join(format!("ivcom-fit-{tag}-{}", std::process::id()));
-        let inner = HostBackend::open_dir(&dir).unwrap();
-        (
-            Limited {
-                inner,
-                max_share,
-                room,
-            },
+        Limited {
+            inner: HostBackend::open_dir(&dir).unwrap(),
+            max_share,
+            room,
             dir,
-        )
+        }
     }
 
     const MIB: usize = 1 << 20;
@@ -1111,31 +1116,27 @@ mod tests {
     fn rings_fit_the_backends_share_limit() {
         // 2 MiB rings (two rings + control pages: 4 MiB + 8 KiB) on a 4 MiB
         // limit, records of 256 KiB: 1 MiB rings.
-        let (hv, dir) = limited("limit", 4 * MIB, usize::MAX);
+        let hv = limited("limit", 4 * MIB, usize::MAX);
         let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
         let (r, why) = offer_fitted(&hv, 1, geo, 7);
         assert_eq!(data_size(&r), MIB);
         assert!(why.unwrap().contains("exceed what limited can share"));
-        drop(r);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn rings_shrink_when_the_backend_has_no_room_now() {
-        let (hv, dir) = limited("room", usize::MAX, 3 * MIB);
+        let hv = limited("room", usize::MAX, 3 * MIB);
         let geo = Geometry::with_max_record(4 * MIB, 256 << 10).unwrap();
         let (r, why) = offer_fitted(&hv, 1, geo, 7);
         assert_eq!(data_size(&r), MIB);
         assert!(why.unwrap().contains("no room"));
-        drop(r);
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn rings_never_shrink_below_the_largest_record() {
         // 512 KiB records need rings of at least 2 MiB (a record fits in
         // half a ring): the offer fails with the backend's error.
-        let (hv, dir) = limited("floor", 4 * MIB, usize::MAX);
+        let hv = limited("floor", 4 * MIB, usize::MAX);
         let geo = Geometry::new(2 * MIB).unwrap();
         let (r, _) = offer_fitted(&hv, 1, geo, 7);
         let e = r.err().expect("no ring of 2 MiB fits");
@@ -1143,17 +1144,14 @@ mod tests {
             e.to_string().contains("exceed what limited can share"),
             "{e}"
         );
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
     fn rings_that_fit_are_left_alone() {
-        let (hv, dir) = limited("fits", 8 * MIB, usize::MAX);
+        let hv = limited("fits", 8 * MIB, usize::MAX);
         let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
         let (r, why) = offer_fitted(&hv, 1, geo, 7);
         assert_eq!(data_size(&r), 2 * MIB);
         assert!(why.is_none());
-        drop(r);
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

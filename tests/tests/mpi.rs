@@ -290,20 +290,29 @@ fn killed_rank_aborts_the_job_quickly_and_leaves_nothing() {
     assert_eq!(dir.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn no_shm_space_falls_back_to_tcp_with_one_warning() {
+/// The integrity program on 2 ranks whose hypervisor directory is a tmpfs
+/// of `size`; it must pass. `None` (test skipped) without root.
+fn integrity_on_tmpfs(tag: &str, size: &str) -> Option<(HostDir, Run)> {
     require_component();
     if !is_root() {
-        eprintln!("SKIPPED: mounting a tiny tmpfs needs root");
-        return;
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return None;
     }
-    let dir = HostDir::tmpfs("nospace", "64k");
+    let dir = HostDir::tmpfs(tag, size);
     let r = integrity(2, &["--mca", "btl_ivcom_host_dir", dir.path()]);
     assert!(
         r.ok() && r.stdout.contains("INTEGRITY PASS"),
         "{}",
         r.text()
     );
+    Some((dir, r))
+}
+
+#[test]
+fn no_shm_space_falls_back_to_tcp_with_one_warning() {
+    let Some((dir, r)) = integrity_on_tmpfs("nospace", "64k") else {
+        return;
+    };
     assert_paths(&r, 2, |_, _| "tcp");
     let warnings = r.stderr.matches("could not be given a shared ring").count()
         + r.stderr.matches("co-resident peer").count();
@@ -328,18 +337,9 @@ fn no_shm_space_falls_back_to_tcp_with_one_warning() {
 fn rings_shrink_to_fit_a_small_hypervisor_directory() {
     // 3 MiB of tmpfs cannot hold a pair's 2 MiB rings (4 MiB + 8 KiB), but
     // holds 1 MiB rings: the pair gets those instead of TCP, and says so.
-    require_component();
-    if !is_root() {
-        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+    let Some((dir, r)) = integrity_on_tmpfs("shrink", "3m") else {
         return;
-    }
-    let dir = HostDir::tmpfs("shrink", "3m");
-    let r = integrity(2, &["--mca", "btl_ivcom_host_dir", dir.path()]);
-    assert!(
-        r.ok() && r.stdout.contains("INTEGRITY PASS"),
-        "{}",
-        r.text()
-    );
+    };
     assert_paths(&r, 2, |_, _| "ring");
     let lines = path_lines(&r.stderr);
     assert!(
