@@ -42,6 +42,9 @@ struct mca_btl_base_endpoint_t {
     size_t card_len;
     ivcom_link *link;       /* NULL until first use */
     bool ring;              /* link is on the shared ring (fixed once attached) */
+    size_t max_send;        /* largest descriptor this link takes in one piece:
+                             * btl_max_send_size, or less on a ring whose
+                             * records were shrunk to fit the backend */
     bool failed;            /* link broken or could not be opened */
     bool closed;            /* peer closed cleanly (finalize) */
     mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */

@@ -130,7 +130,9 @@ static int ivcom_register(void)
                &c->host_dir, "");
     reg_ulong("ring_size",
               "Bytes of each ring direction between two co-resident peers (power of two, "
-              "4096 to 1073741824)",
+              "4096 to 1073741824); halved for a pair whose backend cannot share that much "
+              "(Xen's gntalloc page limit, a full host_dir), with smaller records once the "
+              "largest no longer fits, down to records of btl_ivcom_eager_limit",
               &c->ring_size, IVCOM_DEFAULT_RING);
     reg_ulong("max_record",
               "Largest ring record in bytes; must hold btl_ivcom_max_send_size (0: exactly "
@@ -243,7 +245,8 @@ static bool check_params(ivcom_config *cfg)
         return bad("btl_ivcom_max_send_size", buf, err);
     }
     /* Sends never exceed btl_max_send_size: records of that size let the core
-     * halve the rings when the backend cannot share the configured size. */
+     * halve the rings as far as possible before it must shrink the records
+     * too (below). */
     if (0 == c->max_record) {
         cfg->max_record = m->btl_max_send_size;
     }
@@ -256,6 +259,12 @@ static bool check_params(ivcom_config *cfg)
     if (m->btl_rndv_eager_limit > m->btl_eager_limit) {
         m->btl_rndv_eager_limit = m->btl_eager_limit;
     }
+    /* ob1 allocates and sends inline at most btl_eager_limit bytes (header
+     * included); larger data goes through prepare_src, which packs what a
+     * link takes. So a pair whose backend cannot share the configured rings
+     * may get smaller records, down to the eager limit, before it falls
+     * back to TCP. */
+    cfg->min_record = m->btl_eager_limit;
     if (c->connect_timeout <= 0 || c->connect_timeout > 3600) {
         snprintf(buf, sizeof(buf), "%d", c->connect_timeout);
         return bad("btl_ivcom_connect_timeout", buf, "must be 1 to 3600 seconds");

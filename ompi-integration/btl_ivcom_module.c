@@ -49,6 +49,7 @@ static void ep_construct(mca_btl_base_endpoint_t *ep)
     ep->card_len = 0;
     ep->link = NULL;
     ep->ring = false;
+    ep->max_send = 0;
     ep->failed = false;
     ep->closed = false;
     ep->reserved = NULL;
@@ -102,6 +103,10 @@ static void attach(mca_btl_base_endpoint_t *ep, ivcom_link *link)
     char reason[512];
     ep->link = link;
     ep->ring = IVCOM_PATH_RING == ivcom_link_path(link);
+    ep->max_send = MODULE->btl_max_send_size;
+    if (ep->ring && ivcom_link_max_inline(link) < ep->max_send) {
+        ep->max_send = ivcom_link_max_inline(link);
+    }
     C->neps_linked++;
     ivcom_link_reason(link, reason, sizeof(reason));
     IVCOM_VERBOSE(1, "[ivcom] path rank=%u peer=%u path=%s reason=\"%s\"", my_rank(),
@@ -195,7 +200,7 @@ static bool frag_ring(mca_btl_base_endpoint_t *ep, mca_btl_ivcom_frag_t *f, size
 {
     uint8_t *p = NULL;
     if (OPAL_SUCCESS != ensure_link(ep) || NULL != ep->reserved
-        || !opal_list_is_empty(&ep->pending) || !ep->ring) {
+        || !opal_list_is_empty(&ep->pending) || !ep->ring || size > ep->max_send) {
         return false;
     }
     if (1 != ivcom_link_reserve(ep->link, size, &p)) {
@@ -250,7 +255,10 @@ static mca_btl_base_descriptor_t *ivcom_alloc(struct mca_btl_base_module_t *btl,
     mca_btl_ivcom_frag_t *f;
     (void) btl;
     (void) order;
-    if (size > MODULE->btl_max_send_size) {
+    /* ob1 allocates at most btl_eager_limit bytes, which every link takes
+     * (the smallest record a ring may shrink to). */
+    if (size > MODULE->btl_max_send_size
+        || (OPAL_SUCCESS == ensure_link(ep) && size > ep->max_send)) {
         return NULL;
     }
     f = frag_get(ep);
@@ -288,13 +296,19 @@ static mca_btl_base_descriptor_t *ivcom_prepare_src(struct mca_btl_base_module_t
     struct iovec iov;
     uint32_t iov_count = 1;
     size_t max = *size;
+    size_t limit = MODULE->btl_max_send_size;
     (void) btl;
     (void) order;
-    if (reserve >= MODULE->btl_max_send_size) {
+    /* A ring with shrunk records takes smaller pieces: ob1 sends the rest
+     * in further fragments. */
+    if (OPAL_SUCCESS == ensure_link(ep)) {
+        limit = ep->max_send;
+    }
+    if (reserve >= limit) {
         return NULL;
     }
-    if (reserve + max > MODULE->btl_max_send_size) {
-        max = MODULE->btl_max_send_size - reserve;
+    if (reserve + max > limit) {
+        max = limit - reserve;
     }
     f = frag_get(ep);
     if (NULL == f) {
@@ -387,8 +401,7 @@ static int ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
     if (OPAL_UNLIKELY(OPAL_SUCCESS != ensure_link(ep))) {
         return OPAL_ERR_UNREACH;
     }
-    if (NULL != ep->reserved || !opal_list_is_empty(&ep->pending)
-        || total > MODULE->btl_max_send_size) {
+    if (NULL != ep->reserved || !opal_list_is_empty(&ep->pending) || total > ep->max_send) {
         return OPAL_ERR_RESOURCE_BUSY;
     }
     if (ep->ring) {

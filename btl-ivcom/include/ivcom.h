@@ -129,6 +129,15 @@ typedef struct {
    */
   size_t max_record;
   /**
+   * Smallest largest-record a pair's rings may shrink to when the
+   * backend cannot share the configured rings, and the smallest an
+   * offered ring must have (0: `max_record`, rings shrink only while
+   * they hold it, offers are not checked). Set it to the largest message
+   * passed to `ivcom_link_try_send`/`ivcom_link_reserve` without first
+   * asking `ivcom_link_max_inline`.
+   */
+  size_t min_record;
+  /**
    * Comma-separated interfaces or subnets to publish (NULL: any).
    */
   const char *if_include;

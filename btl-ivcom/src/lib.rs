@@ -88,6 +88,13 @@ pub struct ivcom_config {
     pub ring_size: usize,
     /// Largest record payload (0: a quarter of the ring).
     pub max_record: usize,
+    /// Smallest largest-record a pair's rings may shrink to when the
+    /// backend cannot share the configured rings, and the smallest an
+    /// offered ring must have (0: `max_record`, rings shrink only while
+    /// they hold it, offers are not checked). Set it to the largest message
+    /// passed to `ivcom_link_try_send`/`ivcom_link_reserve` without first
+    /// asking `ivcom_link_max_inline`.
+    pub min_record: usize,
     /// Comma-separated interfaces or subnets to publish (NULL: any).
     pub if_include: *const c_char,
     /// Comma-separated interfaces or subnets never to publish.
@@ -211,6 +218,7 @@ pub unsafe extern "C" fn ivcom_config_default(cfg: *mut ivcom_config) {
             host_dir: std::ptr::null(),
             ring_size: 0,
             max_record: 0,
+            min_record: 0,
             if_include: std::ptr::null(),
             if_exclude: std::ptr::null(),
             connect_timeout_ms: 0,
@@ -247,6 +255,9 @@ unsafe fn to_config(c: &ivcom_config) -> Result<Config, Error> {
     if c.max_record != 0 {
         cfg.max_record = Some(c.max_record);
     }
+    if c.min_record != 0 {
+        cfg.min_record = Some(c.min_record);
+    }
     if c.connect_timeout_ms != 0 {
         cfg.connect_timeout = Duration::from_millis(c.connect_timeout_ms as u64);
     }
@@ -270,10 +281,7 @@ pub unsafe extern "C" fn ivcom_config_check(cfg: *const ivcom_config) -> c_int {
             return fail(Error::Invalid("null config".into()));
         }
         // SAFETY: non-null, valid per contract.
-        match unsafe { to_config(&*cfg) }.and_then(|c| match c.max_record {
-            Some(m) => ivcom_core::ring::Geometry::with_max_record(c.ring_size, m).map(|_| ()),
-            None => ivcom_core::ring::Geometry::new(c.ring_size).map(|_| ()),
-        }) {
+        match unsafe { to_config(&*cfg) }.and_then(|c| c.geometry().map(|_| ())) {
             Ok(()) => IVCOM_OK,
             Err(e) => fail(e),
         }
@@ -292,14 +300,8 @@ pub unsafe extern "C" fn ivcom_config_max_record(cfg: *const ivcom_config) -> us
             return IVCOM_E_INVALID;
         }
         // SAFETY: non-null, valid per contract.
-        if let Ok(c) = unsafe { to_config(&*cfg) } {
-            let g = match c.max_record {
-                Some(m) => ivcom_core::ring::Geometry::with_max_record(c.ring_size, m),
-                None => ivcom_core::ring::Geometry::new(c.ring_size),
-            };
-            if let Ok(g) = g {
-                out = g.max_record as usize;
-            }
+        if let Ok(g) = unsafe { to_config(&*cfg) }.and_then(|c| c.geometry()) {
+            out = g.max_record as usize;
         }
         IVCOM_OK
     });

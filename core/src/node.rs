@@ -53,6 +53,15 @@ pub struct Config {
     pub ring_size: usize,
     /// Largest record payload (default: a quarter of the ring).
     pub max_record: Option<usize>,
+    /// Smallest largest-record a pair's rings may be shrunk to when the
+    /// backend cannot share the configured ones (Xen's gntalloc page limit,
+    /// a nearly full hypervisor directory), and the smallest an offered
+    /// ring must have to be accepted. `None`: the configured largest record
+    /// (rings shrink only while they still hold it) and no check on
+    /// offers. A caller that sends at most `n` bytes per
+    /// [`Link::try_send`]/[`Link::reserve`] may set `n` here: links then
+    /// stay on a (smaller) ring instead of falling back to TCP.
+    pub min_record: Option<usize>,
     /// Interfaces or subnets to publish an address from.
     pub if_include: Vec<IfSpec>,
     /// Interfaces or subnets never to publish.
@@ -80,6 +89,7 @@ impl Default for Config {
             host_dir: None,
             ring_size: 1 << 20,
             max_record: None,
+            min_record: None,
             if_include: Vec::new(),
             if_exclude: Vec::new(),
             listen: None,
@@ -100,17 +110,34 @@ impl std::fmt::Debug for Config {
             .field("host_dir", &self.host_dir)
             .field("ring_size", &self.ring_size)
             .field("max_record", &self.max_record)
+            .field("min_record", &self.min_record)
             .field("listen", &self.listen)
             .finish_non_exhaustive()
     }
 }
 
 impl Config {
-    fn geometry(&self) -> Result<Geometry> {
-        match self.max_record {
-            Some(m) => Geometry::with_max_record(self.ring_size, m),
-            None => Geometry::new(self.ring_size),
+    /// The ring geometry this configuration asks for (an error names the
+    /// parameter that is out of range).
+    pub fn geometry(&self) -> Result<Geometry> {
+        let geo = match self.max_record {
+            Some(m) => Geometry::with_max_record(self.ring_size, m)?,
+            None => Geometry::new(self.ring_size)?,
+        };
+        if let Some(m) = self.min_record {
+            if m > geo.max_record as usize {
+                return Err(Error::Invalid(format!(
+                    "smallest record {m} exceeds the largest record {}",
+                    geo.max_record
+                )));
+            }
         }
+        Ok(geo)
+    }
+
+    /// The smallest largest-record rings may shrink to.
+    fn record_floor(&self, geo: Geometry) -> usize {
+        self.min_record.unwrap_or(geo.max_record as usize)
     }
 }
 
@@ -482,22 +509,23 @@ enum Initiated {
     Rejected,
 }
 
-/// Offers a channel with geometry `geo`, or with smaller rings (the same
-/// largest record) when the backend cannot share that much: its fixed limit
-/// (`max_share`, e.g. gntalloc's page limit per domain) is respected up
-/// front, and a failed share (no room left now, e.g. pages held by other
-/// links) is retried with half the rings while that remains a valid
-/// geometry. Returns the offer (or the last error) and, when the rings were
-/// shrunk, why.
+/// Offers a channel with geometry `geo`, or with smaller rings when the
+/// backend cannot share that much: its fixed limit (`max_share`, e.g.
+/// gntalloc's page limit per domain) is respected up front, and a failed
+/// share (no room left now, e.g. pages held by other links) is retried with
+/// half the rings while that remains a valid geometry whose largest record
+/// is at least `min_record` ([`Geometry::halved`]). Returns the offer (or
+/// the last error) and, when the rings were shrunk, why.
 fn offer_fitted(
     hv: &dyn Hypervisor,
     peer: u32,
     mut geo: Geometry,
+    min_record: usize,
     nonce: u64,
 ) -> (Result<crate::channel::Offer>, Option<String>) {
     let mut why = None;
     while crate::channel::region_bytes(geo) > hv.max_share() {
-        match geo.halved() {
+        match geo.halved(min_record) {
             Some(g) => {
                 why.get_or_insert_with(|| {
                     format!(
@@ -515,7 +543,7 @@ fn offer_fitted(
     loop {
         match Channel::offer(hv, peer, geo, nonce) {
             Ok(o) => return (Ok(o), why),
-            Err(e) => match geo.halved() {
+            Err(e) => match geo.halved(min_record) {
                 Some(g) => {
                     why = Some(e.to_string());
                     geo = g;
@@ -869,7 +897,9 @@ impl Inner {
             }
         };
         let nonce = hypervisor::random_u64();
-        let (offered, shrunk) = offer_fitted(&*hv, peer.domain, self.cfg.geometry()?, nonce);
+        let geo = self.cfg.geometry()?;
+        let floor = self.cfg.record_floor(geo);
+        let (offered, shrunk) = offer_fitted(&*hv, peer.domain, geo, floor, nonce);
         let offer = match offered {
             Ok(o) => o,
             Err(e) => {
@@ -906,9 +936,10 @@ impl Inner {
             let why = match shrunk {
                 None => format!("ring: co-resident, mapping proved ({})", hv.describe()),
                 Some(e) => format!(
-                    "ring: co-resident, mapping proved ({}; rings of {} KiB: {e})",
+                    "ring: co-resident, mapping proved ({}; rings of {} KiB, records of {} KiB: {e})",
                     hv.describe(),
-                    geo.data_size / 1024
+                    geo.data_size / 1024,
+                    geo.max_record / 1024
                 ),
             };
             (PathKind::Ring, why, Some(offer.channel))
@@ -977,6 +1008,11 @@ impl Inner {
                 )));
             }
             let geo = Geometry::with_max_record(data_size, max_record)?;
+            if let Some(min) = self.cfg.min_record.filter(|&m| max_record < m) {
+                return Err(Error::Invalid(format!(
+                    "offered records of {max_record} bytes are smaller than the {min} this side sends"
+                )));
+            }
             Channel::accept(&*hv, peer.domain, geo, &grant, &bell)
         })();
         match mapped {
@@ -995,8 +1031,9 @@ impl Inner {
                     let why = if data_size < self.cfg.ring_size {
                         // the offerer had to shrink its rings (it says why)
                         format!(
-                            "ring: co-resident, mapping proved ({hv}; rings of {} KiB offered)",
-                            data_size / 1024
+                            "ring: co-resident, mapping proved ({hv}; rings of {} KiB, records of {} KiB offered)",
+                            data_size / 1024,
+                            max_record / 1024
                         )
                     } else {
                         format!("ring: co-resident, mapping proved ({hv})")
@@ -1118,7 +1155,7 @@ mod tests {
         // limit, records of 256 KiB: 1 MiB rings.
         let hv = limited("limit", 4 * MIB, usize::MAX);
         let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
-        let (r, why) = offer_fitted(&hv, 1, geo, 7);
+        let (r, why) = offer_fitted(&hv, 1, geo, geo.max_record as usize, 7);
         assert_eq!(data_size(&r), MIB);
         assert!(why.unwrap().contains("exceed what limited can share"));
     }
@@ -1127,7 +1164,7 @@ mod tests {
     fn rings_shrink_when_the_backend_has_no_room_now() {
         let hv = limited("room", usize::MAX, 3 * MIB);
         let geo = Geometry::with_max_record(4 * MIB, 256 << 10).unwrap();
-        let (r, why) = offer_fitted(&hv, 1, geo, 7);
+        let (r, why) = offer_fitted(&hv, 1, geo, geo.max_record as usize, 7);
         assert_eq!(data_size(&r), MIB);
         assert!(why.unwrap().contains("no room"));
     }
@@ -1138,7 +1175,7 @@ mod tests {
         // half a ring): the offer fails with the backend's error.
         let hv = limited("floor", 4 * MIB, usize::MAX);
         let geo = Geometry::new(2 * MIB).unwrap();
-        let (r, _) = offer_fitted(&hv, 1, geo, 7);
+        let (r, _) = offer_fitted(&hv, 1, geo, geo.max_record as usize, 7);
         let e = r.err().expect("no ring of 2 MiB fits");
         assert!(
             e.to_string().contains("exceed what limited can share"),
@@ -1147,10 +1184,74 @@ mod tests {
     }
 
     #[test]
+    fn records_shrink_down_to_the_floor_when_rings_must() {
+        // 2 MiB rings of 256 KiB records, floor 8 KiB. With 3 MiB of room
+        // (other links hold the rest) 1 MiB rings keep their records; with
+        // 600 KiB, 256 KiB rings get records of 128 KiB - 8 (the largest
+        // that fits in half a ring).
+        let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
+        let hv = limited("rec1", 4 * MIB, 3 * MIB);
+        let (r, _) = offer_fitted(&hv, 1, geo, 8 << 10, 7);
+        let g = r.unwrap().channel.geometry();
+        assert_eq!((g.data_size, g.max_record), (MIB as u32, 256 << 10));
+        let hv = limited("rec2", 4 * MIB, 600 << 10);
+        let (r, why) = offer_fitted(&hv, 1, geo, 8 << 10, 7);
+        let g = r.unwrap().channel.geometry();
+        assert_eq!((g.data_size, g.max_record), (256 << 10, (128 << 10) - 8));
+        assert!(why.unwrap().contains("no room"));
+    }
+
+    #[test]
+    fn records_never_shrink_below_the_floor() {
+        // 40 KiB of room: 16 KiB rings (two rings + control pages: 40 KiB)
+        // would fit, but their records of 8 KiB - 8 are below the floor of
+        // 8 KiB: no offer.
+        let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
+        let hv = limited("rec3", 4 * MIB, 40 << 10);
+        let (r, _) = offer_fitted(&hv, 1, geo, 8 << 10, 7);
+        assert!(r
+            .err()
+            .expect("no ring fits")
+            .to_string()
+            .contains("no room"));
+        // the same room with a 4000-byte floor: 16 KiB rings
+        let hv = limited("rec4", 4 * MIB, 40 << 10);
+        let (r, _) = offer_fitted(&hv, 1, geo, 4000, 7);
+        let g = r.unwrap().channel.geometry();
+        assert_eq!((g.data_size, g.max_record), (16 << 10, (8 << 10) - 8));
+    }
+
+    #[test]
+    fn halving_keeps_a_valid_geometry() {
+        let mut g = Geometry::with_max_record(4 * MIB, 256 << 10).unwrap();
+        let mut sizes = Vec::new();
+        while let Some(h) = g.halved(1024) {
+            assert!(Geometry::with_max_record(h.data_size as usize, h.max_record as usize).is_ok());
+            assert!(h.max_record <= g.max_record && h.max_record >= 1024);
+            sizes.push(h.data_size);
+            g = h;
+        }
+        // down to the smallest data area (4 KiB, records of 2 KiB - 8)
+        assert_eq!(*sizes.last().unwrap() as usize, crate::ring::MIN_DATA);
+        assert_eq!(
+            Geometry::with_max_record(2 * MIB, 256 << 10)
+                .unwrap()
+                .halved(256 << 10),
+            Some(Geometry::with_max_record(MIB, 256 << 10).unwrap())
+        );
+        assert_eq!(
+            Geometry::with_max_record(MIB, 256 << 10)
+                .unwrap()
+                .halved(256 << 10),
+            None
+        );
+    }
+
+    #[test]
     fn rings_that_fit_are_left_alone() {
         let hv = limited("fits", 8 * MIB, usize::MAX);
         let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
-        let (r, why) = offer_fitted(&hv, 1, geo, 7);
+        let (r, why) = offer_fitted(&hv, 1, geo, geo.max_record as usize, 7);
         assert_eq!(data_size(&r), 2 * MIB);
         assert!(why.is_none());
     }

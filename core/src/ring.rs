@@ -112,11 +112,19 @@ impl Geometry {
         })
     }
 
-    /// The same geometry with half the data and the same largest record,
-    /// if that is still a valid geometry (the largest record must fit in
-    /// half the ring).
-    pub fn halved(&self) -> Option<Geometry> {
-        Geometry::with_max_record(self.data_size as usize / 2, self.max_record as usize).ok()
+    /// The same geometry with half the data, if that is still a valid
+    /// geometry: the largest record stays, or, where it no longer fits in
+    /// half the smaller ring, becomes the largest that does, as long as
+    /// that is at least `min_record` bytes. With `min_record` equal to the
+    /// largest record, the record never shrinks.
+    pub fn halved(&self, min_record: usize) -> Option<Geometry> {
+        let data = self.data_size as usize / 2;
+        let fit = (data / 2).saturating_sub(RECORD_HEADER) & !7;
+        let rec = (self.max_record as usize).min(fit);
+        if rec < min_record.min(self.max_record as usize) {
+            return None;
+        }
+        Geometry::with_max_record(data, rec).ok()
     }
 
     /// Bytes of shared memory one ring occupies (control page + data).

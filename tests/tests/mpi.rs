@@ -351,6 +351,28 @@ fn rings_shrink_to_fit_a_small_hypervisor_directory() {
 }
 
 #[test]
+fn records_shrink_when_even_the_smallest_rings_with_full_records_do_not_fit() {
+    // 400 KiB of tmpfs: rings that hold 256 KiB records (1 MiB, 2 MiB +
+    // 8 KiB a pair) do not fit; 128 KiB rings with records of 64 KiB - 8
+    // (264 KiB a pair) do. The pair stays on a ring, and ob1's 16 MiB
+    // messages travel in the smaller pieces prepare_src packs.
+    let Some((dir, r)) = integrity_on_tmpfs("records", "400k") else {
+        return;
+    };
+    assert_paths(&r, 2, |_, _| "ring");
+    let lines = path_lines(&r.stderr);
+    assert!(
+        lines.len() == 2
+            && lines
+                .iter()
+                .all(|l| l.reason.contains("rings of 128 KiB, records of 63 KiB")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(dir.leftovers(), Vec::<String>::new());
+}
+
+#[test]
 fn install_and_uninstall_put_the_component_in_place() {
     require_component();
     let dest = std::env::temp_dir().join(format!("ivcom-destdir-{}", std::process::id()));
