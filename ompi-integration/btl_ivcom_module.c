@@ -457,22 +457,22 @@ static int ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
     return OPAL_SUCCESS;
 }
 
-/* Receive: hand one message to the upper layer, in place. */
+/* Receive: hand one message to the upper layer, in place. The descriptor
+ * is built once: progress never runs nested (in_progress), so one at a time
+ * is in use, and the upper layer only reads it during the call. */
+static mca_btl_base_segment_t recv_seg;
+static mca_btl_base_descriptor_t recv_des = {.des_segments = &recv_seg, .des_segment_count = 1};
+
 static void recv_cb(void *ctx, uint8_t tag, const uint8_t *data, size_t len)
 {
-    mca_btl_base_segment_t seg;
-    mca_btl_base_descriptor_t des;
     const mca_btl_active_message_callback_t *reg = mca_btl_base_active_message_trigger + tag;
     (void) ctx;
     if (OPAL_UNLIKELY(NULL == reg->cbfunc)) {
         return;
     }
-    memset(&des, 0, sizeof(des));
-    seg.seg_addr.pval = (void *) data;
-    seg.seg_len = len;
-    des.des_segments = &seg;
-    des.des_segment_count = 1;
-    reg->cbfunc(MODULE, tag, &des, reg->cbdata);
+    recv_seg.seg_addr.pval = (void *) data;
+    recv_seg.seg_len = len;
+    reg->cbfunc(MODULE, tag, &recv_des, reg->cbdata);
 }
 
 static bool same_card(mca_btl_base_endpoint_t *ep, const uint8_t *card, size_t len)

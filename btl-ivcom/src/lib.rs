@@ -751,12 +751,10 @@ pub unsafe extern "C" fn ivcom_link_poll(
             }
             n += 1;
         }
-        if n == 0 {
-            // Hand freed space back even when nothing new arrived.
-            // SAFETY: valid handle.
-            if let Err(e) = unsafe { &mut *link }.link.release_msg() {
-                return fail(e);
-            }
+        // Hand the batch's space back (once: it costs a fence).
+        // SAFETY: valid handle.
+        if let Err(e) = unsafe { &mut *link }.link.flush_rx() {
+            return fail(e);
         }
         n as c_int
     })

@@ -194,6 +194,7 @@ impl Channel {
         self.reasm.max_message = max;
     }
 
+    #[inline]
     fn ring_tx(&mut self, notify: bool) -> Result<()> {
         if notify {
             self.stats.tx_doorbells += 1;
@@ -204,11 +205,13 @@ impl Channel {
 
     /// Reserves ring space for a one-record message of `len` bytes and
     /// returns a pointer to write it in place; `None` when the ring is full.
+    #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
         self.tx.reserve(len)
     }
 
     /// Sends the reserved record with `len` bytes and `tag`.
+    #[inline]
     pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
         let n = self.tx.commit(len, kind::MSG, tag);
         self.stats.tx_msgs += 1;
@@ -277,6 +280,7 @@ impl Channel {
     /// be called before the next `peek_msg`. No borrow of the channel is held
     /// meanwhile, so the caller may send on this channel while it looks at
     /// the message (but not poll it again).
+    #[inline]
     pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
         if self.in_place {
             return Err(Error::Invalid("peek_msg before release_msg".into()));
@@ -315,13 +319,27 @@ impl Channel {
         }
     }
 
-    /// Hands the space of the message returned by `peek_msg` back to the
-    /// sender (ringing its doorbell if it sleeps for space).
+    /// Releases the message returned by `peek_msg`. Its space goes back to
+    /// the sender at once when an eighth of the ring or more is released
+    /// but not handed back yet (so a streaming sender keeps room); otherwise
+    /// with the next [`Channel::flush_rx`], which a poller calls once per
+    /// batch: publishing the index costs a full fence, which small messages
+    /// should not pay one by one.
+    #[inline]
     pub fn release_msg(&mut self) -> Result<()> {
         if self.in_place {
             self.in_place = false;
             self.rx.release();
         }
+        if self.rx.unpublished() >= self.geo.data_size as u64 / 8 {
+            return self.flush_rx();
+        }
+        Ok(())
+    }
+
+    /// Hands all released space back to the sender (ringing its doorbell if
+    /// it sleeps for space).
+    pub fn flush_rx(&mut self) -> Result<()> {
         if self.rx.flush() {
             self.stats.rx_doorbells += 1;
             self.bell.notify()?;
@@ -343,9 +361,7 @@ impl Channel {
             self.release_msg()?;
             n += 1;
         }
-        if n == 0 {
-            self.release_msg()?;
-        }
+        self.flush_rx()?;
         Ok(n)
     }
 
@@ -544,6 +560,37 @@ mod tests {
         let mut seen = Vec::new();
         b.poll(8, &mut |t, m| seen.push((t, m.to_vec()))).unwrap();
         assert_eq!(seen, vec![(7, b"0123456789".to_vec())]);
+    }
+
+    #[test]
+    fn released_space_goes_back_per_batch_and_per_eighth_of_the_ring() {
+        let (mut a, mut b, _dir) = pair(8192);
+        // Fill the ring with 8-byte messages (16-byte records).
+        let mut sent = 0;
+        while a.try_send_parts(1, &[&[7u8; 8]]).unwrap() {
+            sent += 1;
+        }
+        assert_eq!(sent, 8192 / 16);
+        // Releasing one small message does not publish yet ...
+        let (_, _, len) = b.peek_msg().unwrap().unwrap();
+        assert_eq!(len, 8);
+        b.release_msg().unwrap();
+        assert!(!a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
+        // ... an eighth of the ring does (64 records of 16 bytes) ...
+        for _ in 1..64 {
+            b.peek_msg().unwrap().unwrap();
+            b.release_msg().unwrap();
+        }
+        for _ in 0..64 {
+            assert!(a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
+        }
+        assert!(!a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
+        // ... and so does the end of a poll, whatever it delivered.
+        assert_eq!(b.poll(3, &mut |_, m| assert_eq!(m, [7u8; 8])).unwrap(), 3);
+        for _ in 0..3 {
+            assert!(a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
+        }
+        assert!(!a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
     }
 
     #[test]

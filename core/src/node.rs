@@ -266,6 +266,7 @@ impl Link {
     /// Reserves ring space for a message of `len` bytes (at most
     /// [`Link::max_inline`]) to be written in place. `Ok(None)` when the ring
     /// is full or the link is on TCP.
+    #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
         match &mut self.imp {
             Imp::Ring(c) => c.reserve(len),
@@ -274,6 +275,7 @@ impl Link {
     }
 
     /// Sends the reserved message.
+    #[inline]
     pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
         match &mut self.imp {
             Imp::Ring(c) => c.commit(len, tag),
@@ -282,6 +284,7 @@ impl Link {
     }
 
     /// Drops a reservation.
+    #[inline]
     pub fn cancel(&mut self) {
         if let Imp::Ring(c) = &mut self.imp {
             c.cancel()
@@ -328,6 +331,7 @@ impl Link {
     /// next `peek_msg`). No borrow is held meanwhile: the caller may send on
     /// this link while it handles the message (the Open MPI receive upcall
     /// does), but must not poll it again.
+    #[inline]
     pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.peek_msg()?,
@@ -343,7 +347,10 @@ impl Link {
         Ok(r)
     }
 
-    /// Releases the message returned by [`Link::peek_msg`].
+    /// Releases the message returned by [`Link::peek_msg`]. On the ring, the
+    /// space may go back to the sender only with the next
+    /// [`Link::flush_rx`]: call it after each batch of messages.
+    #[inline]
     pub fn release_msg(&mut self) -> Result<()> {
         match &mut self.imp {
             Imp::Ring(c) => c.release_msg(),
@@ -351,6 +358,14 @@ impl Link {
                 t.release_msg();
                 Ok(())
             }
+        }
+    }
+
+    /// Hands the space of all released messages back to the sender.
+    pub fn flush_rx(&mut self) -> Result<()> {
+        match &mut self.imp {
+            Imp::Ring(c) => c.flush_rx(),
+            Imp::Tcp(_) => Ok(()),
         }
     }
 

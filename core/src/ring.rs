@@ -315,6 +315,7 @@ impl Producer {
     /// Reserves room for a record of `len` payload bytes and returns a
     /// pointer to its payload in ring space, or `None` when the ring is full.
     /// At most one reservation is outstanding; a second call replaces it.
+    #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
@@ -356,6 +357,7 @@ impl Producer {
     /// Commits the outstanding reservation with `len` payload bytes (at most
     /// the reserved length). Returns `true` when the consumer sleeps and the
     /// caller must ring the doorbell.
+    #[inline]
     pub fn commit(&mut self, len: usize, kind: u8, tag: u8) -> bool {
         let cap = self.reserved.take().expect("commit without reserve");
         assert!(
@@ -572,6 +574,7 @@ impl Consumer {
     /// The next record in place, or `None` when the ring is empty. The
     /// record stays valid until [`Consumer::release`]. Calling `peek` again
     /// without releasing returns the same record.
+    #[inline]
     pub fn peek(&mut self) -> Result<Option<Record>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
@@ -633,10 +636,17 @@ impl Consumer {
     /// Releases the record returned by the last `peek` locally. The space is
     /// handed back to the producer by [`Consumer::flush`] (call it once per
     /// batch, or use [`Consumer::release_flush`]).
+    #[inline]
     pub fn release(&mut self) {
         if let Some(total) = self.current.take() {
             self.cons += total;
         }
+    }
+
+    /// Bytes released locally but not yet published to the producer.
+    #[inline]
+    pub fn unpublished(&self) -> u64 {
+        self.cons.wrapping_sub(self.published)
     }
 
     /// Publishes the consumer index. Returns `true` when the producer sleeps
