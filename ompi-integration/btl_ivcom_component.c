@@ -265,6 +265,9 @@ static bool check_params(ivcom_config *cfg)
      * may get smaller records, down to the eager limit, before it falls
      * back to TCP. */
     cfg->min_record = m->btl_eager_limit;
+    /* ob1 polls through opal_progress and this component never waits on a
+     * ring: peers may publish to it without the doorbell handshake. */
+    cfg->poll_only = 1;
     if (c->connect_timeout <= 0 || c->connect_timeout > 3600) {
         snprintf(buf, sizeof(buf), "%d", c->connect_timeout);
         return bad("btl_ivcom_connect_timeout", buf, "must be 1 to 3600 seconds");

@@ -150,6 +150,13 @@ typedef struct {
    */
   uint32_t connect_timeout_ms;
   /**
+   * Non-zero: this process never sleeps on a ring's doorbell (it polls,
+   * as Open MPI's progress does; blocking calls spin, yield, then nap),
+   * and says so to its peers, which then publish to it without the
+   * notify protocol's fence.
+   */
+  int poll_only;
+  /**
    * Verbose messages go here (NULL: silent).
    */
   ivcom_log_fn log;

@@ -101,6 +101,11 @@ pub struct ivcom_config {
     pub if_exclude: *const c_char,
     /// Connection and handshake time limit in milliseconds (0: 30 s).
     pub connect_timeout_ms: u32,
+    /// Non-zero: this process never sleeps on a ring's doorbell (it polls,
+    /// as Open MPI's progress does; blocking calls spin, yield, then nap),
+    /// and says so to its peers, which then publish to it without the
+    /// notify protocol's fence.
+    pub poll_only: c_int,
     /// Verbose messages go here (NULL: silent).
     pub log: ivcom_log_fn,
     /// First argument of `log`.
@@ -222,6 +227,7 @@ pub unsafe extern "C" fn ivcom_config_default(cfg: *mut ivcom_config) {
             if_include: std::ptr::null(),
             if_exclude: std::ptr::null(),
             connect_timeout_ms: 0,
+            poll_only: 0,
             log: None,
             log_ctx: std::ptr::null_mut(),
         })
@@ -260,6 +266,9 @@ unsafe fn to_config(c: &ivcom_config) -> Result<Config, Error> {
     }
     if c.connect_timeout_ms != 0 {
         cfg.connect_timeout = Duration::from_millis(c.connect_timeout_ms as u64);
+    }
+    if c.poll_only != 0 {
+        cfg.wait = ivcom_core::channel::WaitPolicy::polling();
     }
     if let Some(f) = c.log {
         let sink = LogSink { f, ctx: c.log_ctx };

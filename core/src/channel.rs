@@ -26,7 +26,17 @@ pub struct WaitPolicy {
     pub yield_for: Duration,
     /// Then sleep on the doorbell in slices of this length.
     pub slice: Duration,
+    /// `false`: never sleep on the doorbell; after spinning and yielding,
+    /// nap for [`POLL_NAP`] at a time instead. The channel then tells its
+    /// peer that it polls, and the peer publishes to it without the notify
+    /// protocol's fence (the Open MPI component, which only polls, sets
+    /// this).
+    pub sleep: bool,
 }
+
+/// How long a side that never sleeps on the doorbell naps between looks
+/// once spinning and yielding are over.
+pub const POLL_NAP: Duration = Duration::from_micros(50);
 
 impl Default for WaitPolicy {
     fn default() -> Self {
@@ -34,6 +44,17 @@ impl Default for WaitPolicy {
             spin: Duration::from_micros(20),
             yield_for: Duration::from_micros(200),
             slice: Duration::from_millis(50),
+            sleep: true,
+        }
+    }
+}
+
+impl WaitPolicy {
+    /// The default policy without doorbell sleeps.
+    pub fn polling() -> Self {
+        WaitPolicy {
+            sleep: false,
+            ..WaitPolicy::default()
         }
     }
 }
@@ -176,6 +197,21 @@ impl Channel {
     /// The peer proved its mapping: the offerer drops any name of the region.
     pub fn peer_attached(&self) {
         self.region.peer_attached();
+    }
+
+    /// Tells the peer, through the control pages, that this side never
+    /// sleeps on either ring (call before the peer learns it).
+    pub fn declare_polling(&self) {
+        self.tx.declare_polling();
+        self.rx.declare_polling();
+    }
+
+    /// Learns, once, whether the peer declared that it polls: the acceptor
+    /// right after mapping (the offerer declares before it offers), the
+    /// offerer once the acceptor answered.
+    pub fn learn_peer(&mut self) {
+        self.tx.learn_peer();
+        self.rx.learn_peer();
     }
 
     /// Geometry of both rings.
@@ -421,6 +457,11 @@ impl Channel {
                 continue;
             }
             let slice = slice_until(policy.slice, deadline)?;
+            if !policy.sleep {
+                std::thread::sleep(slice.min(POLL_NAP));
+                alive()?;
+                continue;
+            }
             let token = self.bell.prepare();
             let sleep = match want {
                 Want::Data => self.rx.prepare_sleep()?,
@@ -498,6 +539,57 @@ mod tests {
         assert_eq!(nonce, 0x1234);
         off.channel.peer_attached();
         (off.channel, acc, dir)
+    }
+
+    /// A pair whose sides declare polling as asked, in handshake order.
+    fn pair_polling(a_polls: bool, b_polls: bool) -> (Channel, Channel, tempdir::Dir) {
+        let dir = tempdir::Dir::new();
+        let hv = HostBackend::open_dir(dir.path()).unwrap();
+        let geo = Geometry::new(8192).unwrap();
+        let mut off = Channel::offer(&hv, 0, geo, 1).unwrap();
+        if a_polls {
+            off.channel.declare_polling();
+            off.channel.policy = WaitPolicy::polling();
+        }
+        let (mut acc, _) = Channel::accept(&hv, 0, geo, &off.grant, &off.bell).unwrap();
+        if b_polls {
+            acc.declare_polling();
+            acc.policy = WaitPolicy::polling();
+        }
+        acc.learn_peer();
+        off.channel.peer_attached();
+        off.channel.learn_peer();
+        (off.channel, acc, dir)
+    }
+
+    /// `b` blocks in recv while `a` sends after 30 ms; returns the doorbells
+    /// `a` rang.
+    fn delayed_send(a: &mut Channel, b: &mut Channel) -> u64 {
+        let mut out = Vec::new();
+        std::thread::scope(|s| {
+            let h = s.spawn(|| b.recv(&mut out, None, &mut || Ok(())).unwrap());
+            std::thread::sleep(Duration::from_millis(30));
+            a.send(5, b"late", None, &mut || Ok(())).unwrap();
+            assert_eq!(h.join().unwrap(), 5);
+        });
+        assert_eq!(out, b"late");
+        a.stats.tx_doorbells
+    }
+
+    #[test]
+    fn a_polling_receiver_is_never_rung_and_still_wakes() {
+        let (mut a, mut b, _dir) = pair_polling(false, true);
+        assert_eq!(delayed_send(&mut a, &mut b), 0);
+        let (mut a, mut b, _dir) = pair_polling(true, true);
+        assert_eq!(delayed_send(&mut a, &mut b), 0);
+    }
+
+    #[test]
+    fn a_sleeping_receiver_is_rung_even_by_a_polling_sender() {
+        let (mut a, mut b, _dir) = pair_polling(true, false);
+        assert_eq!(delayed_send(&mut a, &mut b), 1);
+        let (mut a, mut b, _dir) = pair_polling(false, false);
+        assert_eq!(delayed_send(&mut a, &mut b), 1);
     }
 
     mod tempdir {

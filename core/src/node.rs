@@ -915,7 +915,7 @@ impl Inner {
         let geo = self.cfg.geometry()?;
         let floor = self.cfg.record_floor(geo);
         let (offered, shrunk) = offer_fitted(&*hv, peer.domain, geo, floor, nonce);
-        let offer = match offered {
+        let mut offer = match offered {
             Ok(o) => o,
             Err(e) => {
                 let why = format!("tcp: could not share a ring: {e}");
@@ -925,6 +925,9 @@ impl Inner {
                     .map(|l| Initiated::Link(Box::new(l)));
             }
         };
+        if !self.cfg.wait.sleep {
+            offer.channel.declare_polling();
+        }
         let geo = offer.channel.geometry();
         let mut msg = Vec::new();
         msg.extend_from_slice(&geo.data_size.to_le_bytes());
@@ -948,6 +951,7 @@ impl Inner {
         } else {
             ctl_send(&mut sock, SWITCH, &[])?;
             offer.channel.peer_attached();
+            offer.channel.learn_peer();
             let why = match shrunk {
                 None => format!("ring: co-resident, mapping proved ({})", hv.describe()),
                 Some(e) => format!(
@@ -1028,7 +1032,12 @@ impl Inner {
                     "offered records of {max_record} bytes are smaller than the {min} this side sends"
                 )));
             }
-            Channel::accept(&*hv, peer.domain, geo, &grant, &bell)
+            let (mut ch, nonce) = Channel::accept(&*hv, peer.domain, geo, &grant, &bell)?;
+            if !self.cfg.wait.sleep {
+                ch.declare_polling();
+            }
+            ch.learn_peer();
+            Ok((ch, nonce))
         })();
         match mapped {
             Err(e) => {

@@ -52,6 +52,14 @@ pub const OFF_PROD_WAITING: usize = 0x100;
 pub const OFF_CONS_WAITING: usize = 0x140;
 /// Set by the producer when it closes the ring.
 pub const OFF_CLOSED: usize = 0x180;
+/// Non-zero: the producer never sleeps waiting for space (it polls), so the
+/// consumer may publish its index without the notify protocol's fence.
+/// Written once by the producer before the rings are used.
+pub const OFF_PROD_POLLS: usize = 0x1C0;
+/// Non-zero: the consumer never sleeps waiting for data (it polls), so the
+/// producer may publish without the fence. Written once by the consumer
+/// before the rings are used.
+pub const OFF_CONS_POLLS: usize = 0x200;
 
 /// Record types.
 pub mod kind {
@@ -247,6 +255,9 @@ pub struct Producer {
     cons: u64,
     /// Outstanding reservation: payload capacity.
     reserved: Option<usize>,
+    /// The consumer declared that it never sleeps: publish without the
+    /// notify protocol (no fence, no flag to read).
+    peer_polls: bool,
     broken: Option<Violation>,
 }
 
@@ -271,6 +282,7 @@ impl Producer {
             published: 0,
             cons: 0,
             reserved: None,
+            peer_polls: false,
             broken: None,
         })
     }
@@ -354,6 +366,37 @@ impl Producer {
         Ok(Some(unsafe { self.v.data().add(pos + RECORD_HEADER) }))
     }
 
+    /// Declares that this producer never sleeps waiting for space.
+    pub fn declare_polling(&self) {
+        self.v.word(OFF_PROD_POLLS).store(1, Ordering::Release);
+    }
+
+    /// Reads, once, whether the consumer declared that it never sleeps
+    /// (call after the peer set up its side, before the first commit). A
+    /// consumer that declares it and sleeps all the same only delays itself
+    /// (its sleeps are time-limited).
+    pub fn learn_peer(&mut self) {
+        self.peer_polls = self.v.word(OFF_CONS_POLLS).load(Ordering::Acquire) != 0;
+    }
+
+    /// Publishes the producer index: with the notify protocol, unless the
+    /// consumer polls. Returns `true` when the consumer sleeps and must be
+    /// rung.
+    #[inline]
+    fn publish(&self) -> bool {
+        if self.peer_polls {
+            self.v
+                .word(OFF_PROD)
+                .store(self.published, Ordering::Release);
+            return false;
+        }
+        protocol::publish(
+            self.v.word(OFF_PROD),
+            self.published,
+            self.v.word(OFF_CONS_WAITING),
+        )
+    }
+
     /// Commits the outstanding reservation with `len` payload bytes (at most
     /// the reserved length). Returns `true` when the consumer sleeps and the
     /// caller must ring the doorbell.
@@ -370,11 +413,7 @@ impl Producer {
         unsafe { ptr::write_volatile(self.v.data().add(pos) as *mut u64, hdr) };
         self.prod += (RECORD_HEADER + align8(len)) as u64;
         self.published = self.prod;
-        protocol::publish(
-            self.v.word(OFF_PROD),
-            self.prod,
-            self.v.word(OFF_CONS_WAITING),
-        )
+        self.publish()
     }
 
     /// Drops the outstanding reservation.
@@ -499,6 +538,9 @@ pub struct Consumer {
     prod: u64,
     /// Size of the record returned by the last `peek`, if not yet released.
     current: Option<u64>,
+    /// The producer declared that it never sleeps: publish without the
+    /// notify protocol.
+    peer_polls: bool,
     broken: Option<Violation>,
 }
 
@@ -519,6 +561,7 @@ impl Consumer {
             published: 0,
             prod: 0,
             current: None,
+            peer_polls: false,
             broken: None,
         })
     }
@@ -649,6 +692,17 @@ impl Consumer {
         self.cons.wrapping_sub(self.published)
     }
 
+    /// Declares that this consumer never sleeps waiting for data.
+    pub fn declare_polling(&self) {
+        self.v.word(OFF_CONS_POLLS).store(1, Ordering::Release);
+    }
+
+    /// Reads, once, whether the producer declared that it never sleeps (as
+    /// [`Producer::learn_peer`]).
+    pub fn learn_peer(&mut self) {
+        self.peer_polls = self.v.word(OFF_PROD_POLLS).load(Ordering::Acquire) != 0;
+    }
+
     /// Publishes the consumer index. Returns `true` when the producer sleeps
     /// waiting for space and the caller must ring the doorbell.
     pub fn flush(&mut self) -> bool {
@@ -656,6 +710,10 @@ impl Consumer {
             return false;
         }
         self.published = self.cons;
+        if self.peer_polls {
+            self.v.word(OFF_CONS).store(self.cons, Ordering::Release);
+            return false;
+        }
         protocol::publish(
             self.v.word(OFF_CONS),
             self.cons,
