@@ -204,7 +204,7 @@ impl Drop for HostRegion {
 }
 
 fn map_fd(fd: libc::c_int, len: usize, path: &Path) -> Result<*mut u8> {
-    super::mmap_shared(fd, len, 0)
+    super::mmap_shared(fd, len, 0, true)
         .map_err(|e| Error::Backend(format!("mmap {}: {e}", path.display())))
 }
 

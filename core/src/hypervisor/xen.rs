@@ -255,7 +255,8 @@ fn ioctl_buf(bytes: usize) -> Vec<u64> {
 fn mmap_dev(fd: &OwnedFd, len: usize, index: u64, what: &str) -> Result<*mut u8> {
     let off = libc::off_t::try_from(index)
         .map_err(|_| Error::Backend(format!("{what}: offset {index:#x} out of range")))?;
-    super::mmap_shared(fd.as_raw_fd(), len, off)
+    // The grant devices map their pages at mmap time already.
+    super::mmap_shared(fd.as_raw_fd(), len, off, false)
         .map_err(|e| Error::Backend(format!("{what}: mmap: {e}")))
 }
 
