@@ -333,21 +333,27 @@ fn no_shm_space_falls_back_to_tcp_with_one_warning() {
     assert_eq!(dir.leftovers(), Vec::<String>::new());
 }
 
-#[test]
-fn rings_shrink_to_fit_a_small_hypervisor_directory() {
-    // 3 MiB of tmpfs cannot hold a pair's 2 MiB rings (4 MiB + 8 KiB), but
-    // holds 1 MiB rings: the pair gets those instead of TCP, and says so.
-    let Some((dir, r)) = integrity_on_tmpfs("shrink", "3m") else {
+/// The integrity program on a tmpfs of `size`: both ranks on a ring whose
+/// path line names `geometry` (the rings the pair shrank to).
+fn rings_fit_a_tmpfs(tag: &str, size: &str, geometry: &str) {
+    let Some((dir, r)) = integrity_on_tmpfs(tag, size) else {
         return;
     };
     assert_paths(&r, 2, |_, _| "ring");
     let lines = path_lines(&r.stderr);
     assert!(
-        lines.len() == 2 && lines.iter().all(|l| l.reason.contains("rings of 1024 KiB")),
+        lines.len() == 2 && lines.iter().all(|l| l.reason.contains(geometry)),
         "{}",
         r.text()
     );
     assert_eq!(dir.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn rings_shrink_to_fit_a_small_hypervisor_directory() {
+    // 3 MiB of tmpfs cannot hold a pair's 2 MiB rings (4 MiB + 8 KiB), but
+    // holds 1 MiB rings: the pair gets those instead of TCP, and says so.
+    rings_fit_a_tmpfs("shrink", "3m", "rings of 1024 KiB, records of 256 KiB");
 }
 
 #[test]
@@ -356,20 +362,7 @@ fn records_shrink_when_even_the_smallest_rings_with_full_records_do_not_fit() {
     // 8 KiB a pair) do not fit; 128 KiB rings with records of 64 KiB - 8
     // (264 KiB a pair) do. The pair stays on a ring, and ob1's 16 MiB
     // messages travel in the smaller pieces prepare_src packs.
-    let Some((dir, r)) = integrity_on_tmpfs("records", "400k") else {
-        return;
-    };
-    assert_paths(&r, 2, |_, _| "ring");
-    let lines = path_lines(&r.stderr);
-    assert!(
-        lines.len() == 2
-            && lines
-                .iter()
-                .all(|l| l.reason.contains("rings of 128 KiB, records of 63 KiB")),
-        "{}",
-        r.text()
-    );
-    assert_eq!(dir.leftovers(), Vec::<String>::new());
+    rings_fit_a_tmpfs("records", "400k", "rings of 128 KiB, records of 63 KiB");
 }
 
 #[test]
