@@ -1272,6 +1272,42 @@ mod tests {
     }
 
     #[test]
+    fn an_offer_with_records_below_the_acceptors_floor_is_refused() {
+        // a offers 64 KiB rings (16 KiB records); b sends up to 32 KiB in
+        // one record: b refuses the ring and the pair works over TCP.
+        let dir = std::env::temp_dir().join(format!("ivcom-floor-{}", std::process::id()));
+        let cfg = |ring_size, min_record| Config {
+            host_dir: Some(dir.clone()),
+            ring_size,
+            min_record,
+            listen: Some("127.0.0.1".parse().unwrap()),
+            ..Config::default()
+        };
+        let a = Node::new(cfg(64 << 10, None)).unwrap();
+        let b = Node::new(cfg(MIB, Some(32 << 10))).unwrap();
+        let card_b = b.card().clone();
+        let mut la = a.link(&card_b).unwrap();
+        assert_eq!(la.path(), PathKind::Tcp, "{}", la.reason());
+        assert!(
+            la.reason()
+                .contains("smaller than the 32768 this side sends"),
+            "{}",
+            la.reason()
+        );
+        // the link works all the same
+        let card_a = a.card().clone();
+        let t = std::thread::spawn(move || {
+            let mut lb = b.link(&card_a).unwrap();
+            let mut m = Vec::new();
+            let tag = lb.recv(&mut m, None).unwrap();
+            (tag, m)
+        });
+        la.send(9, &[1, 2, 3]).unwrap();
+        assert_eq!(t.join().unwrap(), (9, vec![1, 2, 3]));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn rings_that_fit_are_left_alone() {
         let hv = limited("fits", 8 * MIB, usize::MAX);
         let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
