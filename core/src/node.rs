@@ -898,12 +898,12 @@ impl Inner {
                     .map(|l| Initiated::Link(Box::new(l)));
             }
             (Some(_), false) => {
-                let why = if peer.backend.is_none() {
-                    "tcp: peer has no shared-memory backend".to_string()
-                } else if peer.backend != self.card.backend {
-                    format!("tcp: peer backend {:?} differs from ours", peer.backend)
-                } else {
-                    "tcp: peer is on another host".to_string()
+                let why = match (peer.backend, self.card.backend) {
+                    (None, _) => "tcp: peer has no shared-memory backend".to_string(),
+                    (Some(theirs), Some(ours)) if theirs != ours => {
+                        format!("tcp: peer backend {theirs} differs from ours ({ours})")
+                    }
+                    _ => "tcp: peer is on another host".to_string(),
                 };
                 ctl_send(&mut sock, TCPONLY, why.as_bytes())?;
                 return self

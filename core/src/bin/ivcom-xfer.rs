@@ -200,6 +200,9 @@ fn fail(e: ivcom_core::Error) -> ! {
 fn main() {
     let o = parse();
     let node = Node::new(o.cfg.clone()).unwrap_or_else(|e| die(&e.to_string()));
+    if let Some(n) = node.backend_note() {
+        println!("NOTE {n}");
+    }
     let deadline = Some(Instant::now() + o.timeout);
     match o.role.as_str() {
         "listen" => {
