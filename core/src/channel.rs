@@ -8,7 +8,9 @@
 //! Polling first: a doorbell is rung only when the other side announced that
 //! it is about to sleep. Blocking calls spin briefly, then yield, then sleep
 //! on the doorbell in slices, checking the caller's liveness probe between
-//! slices; they never spin forever.
+//! slices; they never spin forever. A side that declared that it polls
+//! (`declare_polling`) naps instead of sleeping on the doorbell, and its
+//! peer publishes to it without the notify protocol's fence.
 
 use crate::error::{Error, Result};
 use crate::frame::{fragment, take_one, Delivery, Reassembly, Stats};
@@ -98,6 +100,9 @@ pub struct Channel {
     closed: bool,
     /// A message handed out in place is not released yet.
     in_place: bool,
+    /// This side told its peer that it never sleeps on the doorbell (so it
+    /// must not, whatever its policy says: the peer will not ring).
+    declared_polling: bool,
 }
 
 fn words(region: &dyn Region, geo: Geometry, offerer: bool) -> (*mut u8, *mut u8, BellWords) {
@@ -191,6 +196,7 @@ impl Channel {
             policy: WaitPolicy::default(),
             closed: false,
             in_place: false,
+            declared_polling: false,
         }
     }
 
@@ -201,9 +207,10 @@ impl Channel {
 
     /// Tells the peer, through the control pages, that this side never
     /// sleeps on either ring (call before the peer learns it).
-    pub fn declare_polling(&self) {
+    pub fn declare_polling(&mut self) {
         self.tx.declare_polling();
         self.rx.declare_polling();
+        self.declared_polling = true;
     }
 
     /// Learns, once, whether the peer declared that it polls: the acceptor
@@ -457,7 +464,7 @@ impl Channel {
                 continue;
             }
             let slice = slice_until(policy.slice, deadline)?;
-            if !policy.sleep {
+            if !policy.sleep || self.declared_polling {
                 std::thread::sleep(slice.min(POLL_NAP));
                 alive()?;
                 continue;
@@ -549,12 +556,10 @@ mod tests {
         let mut off = Channel::offer(&hv, 0, geo, 1).unwrap();
         if a_polls {
             off.channel.declare_polling();
-            off.channel.policy = WaitPolicy::polling();
         }
         let (mut acc, _) = Channel::accept(&hv, 0, geo, &off.grant, &off.bell).unwrap();
         if b_polls {
             acc.declare_polling();
-            acc.policy = WaitPolicy::polling();
         }
         acc.learn_peer();
         off.channel.peer_attached();
