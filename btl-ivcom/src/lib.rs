@@ -619,19 +619,28 @@ pub unsafe extern "C" fn ivcom_link_try_send(
         } else {
             unsafe { std::slice::from_raw_parts(iov, n) }
         };
-        let parts: Vec<&[u8]> = iov
-            .iter()
-            .map(|v| {
-                if v.len == 0 {
-                    &[][..]
-                } else {
-                    // SAFETY: readable per contract.
-                    unsafe { std::slice::from_raw_parts(v.base, v.len) }
-                }
-            })
-            .collect();
+        let part = |v: &ivcom_iov| -> &[u8] {
+            if v.len == 0 {
+                &[][..]
+            } else {
+                // SAFETY: readable per contract.
+                unsafe { std::slice::from_raw_parts(v.base, v.len) }
+            }
+        };
+        // A few pieces (the component passes one) need no allocation.
+        let mut few: [&[u8]; 4] = [&[]; 4];
+        let many: Vec<&[u8]>;
+        let parts: &[&[u8]] = if iov.len() <= few.len() {
+            for (d, v) in few.iter_mut().zip(iov) {
+                *d = part(v);
+            }
+            &few[..iov.len()]
+        } else {
+            many = iov.iter().map(part).collect();
+            &many
+        };
         // SAFETY: valid handle, no other reference live (contract).
-        match unsafe { &mut *link }.link.try_send(tag, &parts) {
+        match unsafe { &mut *link }.link.try_send(tag, parts) {
             Ok(true) => 1,
             Ok(false) => 0,
             Err(e) => fail(e),
