@@ -293,8 +293,16 @@ static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_th
     int rc;
 
     (void) enable_progress_threads;
-    (void) enable_mpi_threads;
     *num_btls = 0;
+
+    /* One thread at a time may call into a link (MPI_THREAD_SINGLE,
+     * FUNNELED, SERIALIZED). Under MPI_THREAD_MULTIPLE, decline clearly
+     * rather than race: other BTLs in the list carry the traffic. */
+    if (enable_mpi_threads) {
+        mca_btl_ivcom_help("thread multiple", "on %s: MPI_THREAD_MULTIPLE is not supported",
+                           opal_process_info.nodename);
+        return NULL;
+    }
 
     ivcom_config_default(&cfg);
     cfg.host_dir = nonempty(c->host_dir);

@@ -16,6 +16,16 @@ fn integrity(np: usize, extra: &[&str]) -> Run {
     run(&mut c, LIMIT)
 }
 
+/// The integrity program over the BTL list `btls`, with program arguments.
+fn integrity_with(np: usize, btls: &str, args: &[&str]) -> Run {
+    require_component();
+    let mut c = mpirun(np, btls);
+    c.args(["--mca", "btl_ivcom_verbose", "1"])
+        .arg(bin("ivcom-integrity"))
+        .args(args);
+    run(&mut c, LIMIT)
+}
+
 /// Every ordered pair of distinct ranks that talked reported a path.
 fn assert_paths(r: &Run, np: u32, want: impl Fn(u32, u32) -> &'static str) {
     let lines = path_lines(&r.stderr);
@@ -363,6 +373,31 @@ fn records_shrink_when_even_the_smallest_rings_with_full_records_do_not_fit() {
     // (264 KiB a pair) do. The pair stays on a ring, and ob1's 16 MiB
     // messages travel in the smaller pieces prepare_src packs.
     rings_fit_a_tmpfs("records", "400k", "rings of 128 KiB, records of 63 KiB");
+}
+
+#[test]
+fn thread_multiple_is_declined_clearly() {
+    // With tcp in the list, the job runs over tcp and says why ivcom is out.
+    let r = integrity_with(2, "ivcom,tcp,self", &["--thread-multiple"]);
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=2"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.stderr.contains("does not support MPI_THREAD_MULTIPLE"),
+        "{}",
+        r.text()
+    );
+    assert!(path_lines(&r.stderr).is_empty(), "{}", r.text());
+    // Alone, ivcom leaves the peers unreachable: the job fails, not hangs.
+    let r = integrity_with(2, "ivcom,self", &["--thread-multiple"]);
+    assert!(!r.ok(), "{}", r.text());
+    assert!(
+        r.stderr.contains("does not support MPI_THREAD_MULTIPLE"),
+        "{}",
+        r.text()
+    );
 }
 
 #[test]

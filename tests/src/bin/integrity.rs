@@ -4,7 +4,8 @@
 //! aborts with a non-zero exit otherwise.
 //!
 //! `ivcom-integrity --forever` exchanges messages until killed (for the
-//! killed-rank test).
+//! killed-rank test); `--thread-multiple` initializes MPI with
+//! MPI_THREAD_MULTIPLE.
 
 use mpi::datatype::PartitionMut;
 use mpi::point_to_point as p2p;
@@ -73,7 +74,15 @@ const SIZES: &[usize] = &[
 ];
 
 fn main() {
-    let universe = mpi::initialize().expect("MPI init");
+    // --thread-multiple: ask for MPI_THREAD_MULTIPLE (btl/ivcom must decline
+    // it clearly and leave the traffic to the other BTLs).
+    let universe = if std::env::args().any(|a| a == "--thread-multiple") {
+        mpi::initialize_with_threading(mpi::Threading::Multiple)
+            .expect("MPI init")
+            .0
+    } else {
+        mpi::initialize().expect("MPI init")
+    };
     let world = universe.world();
     let rank = world.rank();
     let n = world.size();
