@@ -1,10 +1,22 @@
 /*
- * btl/ivcom: the Open MPI 4.1 BTL component of ivcom.
+ * btl/ivcom: the Open MPI BTL component of ivcom (Open MPI 4.1 and 5.0).
  *
  * A thin layer: it translates Open MPI's BTL calls into the ivcom C ABI
  * (btl-ivcom/include/ivcom.h). Every peer is reachable: on a shared ring
  * when co-resident (chosen by the core's probe), over TCP otherwise. Links
  * are opened lazily, on the first message to a peer.
+ *
+ * Files, one concern each:
+ *   btl_ivcom_component.c  parameters, init
+ *   btl_ivcom_modex.c      locality cards through the modex
+ *   btl_ivcom_module.c     add_procs/del_procs/finalize/register_error, the module
+ *   btl_ivcom_endpoint.c   peers: links, paths, failures, orphan links
+ *   btl_ivcom_frag.c       send descriptors (btl_ivcom_frag.h: their inline helpers)
+ *   btl_ivcom_send.c       alloc/free/prepare_src/send/sendi, the pending queue
+ *   btl_ivcom_recv.c       progress: accepting links, polling, delivering upward
+ *   btl_ivcom_compat.h     what differs between Open MPI 4.1 and 5.0
+ *   btl_ivcom_loader.c     mca_btl_ivcom.so: checks the Open MPI series, then
+ *                          loads this implementation (ivcom_btl_impl.so)
  */
 #ifndef MCA_BTL_IVCOM_H
 #define MCA_BTL_IVCOM_H
@@ -17,41 +29,51 @@
 #include "opal/mca/btl/base/base.h"
 #include "opal/util/proc.h"
 
+#include "btl_ivcom_compat.h"
+#include IVCOM_MUTEX_HEADER
 #include "ivcom.h"
 
 BEGIN_C_DECLS
 
-/* A send descriptor. Its payload is either ring space reserved in place
- * (zero copy) or a private buffer copied into the ring or socket at send. */
-typedef struct mca_btl_ivcom_frag_t {
-    mca_btl_base_descriptor_t base;
-    mca_btl_base_segment_t segment;
-    struct mca_btl_base_endpoint_t *endpoint;
-    uint8_t *heap;          /* private buffer (kept across reuse) */
-    size_t heap_size;
-    bool in_ring;           /* segment points at the link's reservation */
-    mca_btl_base_tag_t tag;
-} mca_btl_ivcom_frag_t;
-OBJ_CLASS_DECLARATION(mca_btl_ivcom_frag_t);
+struct mca_btl_ivcom_frag_t;
 
-/* One peer. */
+/* One peer. Under MPI_THREAD_MULTIPLE, `lock` guards everything below it
+ * but `failed`; when Open MPI runs without threads the lock costs nothing
+ * (OPAL_THREAD_LOCK is a branch). The receive side is claimed with
+ * `rx_busy` under the lock, and the lock is dropped around each upcall
+ * (which may send on this endpoint), so a sender never waits for a
+ * receiver's upcall and no two threads deliver one link's messages. */
 struct mca_btl_base_endpoint_t {
     opal_list_item_t super;
-    opal_proc_t *proc;
-    uint8_t *card;          /* the peer's locality card (from the modex) */
+    opal_mutex_t lock;
+    opal_proc_t *proc;      /* NULL while the peer is not added (its link
+                             * came first: ob1 adds remote peers lazily) */
+    uint8_t *card;          /* the peer's full card (from the modex) */
     size_t card_len;
+    uint64_t card_id;       /* its id: links are matched to endpoints by it */
     ivcom_link *link;       /* NULL until first use */
+    bool self;              /* this process: messages are delivered in place */
     bool ring;              /* link is on the shared ring (fixed once attached) */
     size_t max_send;        /* largest descriptor this link takes in one piece:
                              * btl_max_send_size, or less on a ring whose
                              * records were shrunk to fit the backend */
-    bool failed;            /* link broken or could not be opened */
+    volatile bool failed;   /* link broken or could not be opened */
     bool closed;            /* peer closed cleanly (finalize) */
-    mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
+    bool rx_busy;           /* a thread is delivering this link's messages */
+    struct mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
     opal_list_t pending;    /* frags waiting for ring space, in order */
 };
 typedef struct mca_btl_base_endpoint_t mca_btl_base_endpoint_t;
 OBJ_CLASS_DECLARATION(mca_btl_base_endpoint_t);
+
+/* The endpoints of this process, as progress reads them: a snapshot that
+ * is replaced (never changed) when endpoints come or go, so a thread that
+ * polls needs no lock; old snapshots are freed at close. */
+typedef struct mca_btl_ivcom_eps_t {
+    int n;
+    struct mca_btl_ivcom_eps_t *retired; /* the snapshot this one replaced */
+    mca_btl_base_endpoint_t *ep[];
+} mca_btl_ivcom_eps_t;
 
 typedef struct mca_btl_ivcom_component_t {
     mca_btl_base_component_3_0_0_t super;
@@ -61,21 +83,21 @@ typedef struct mca_btl_ivcom_component_t {
     char *host_dir;
     unsigned long ring_size;
     unsigned long max_record;
+    unsigned long shm_limit;
+    unsigned long ring_budget;
     char *if_include;
     char *if_exclude;
     int verbose;
     int connect_timeout;
+    double peer_timeout;
 
     /* state */
     ivcom_node *node;
     opal_free_list_t frags;
-    mca_btl_base_endpoint_t **eps;   /* endpoints of this process */
-    int neps, cap_eps;
-    ivcom_link **orphans;            /* links from peers not added yet */
-    int norphans, cap_orphans;
-    bool in_progress;
-    unsigned progress_calls;
-    int neps_linked;                 /* endpoints with a link */
+    opal_mutex_t lock;               /* endpoints coming and going, links adopted */
+    mca_btl_ivcom_eps_t *volatile eps; /* endpoints of this process (snapshot) */
+    uint64_t dropped_tags;           /* messages to tags nobody registered */
+    volatile int32_t neps_linked;    /* endpoints with a link */
     bool warned_degraded;
     mca_btl_base_module_error_cb_fn_t error_cb;
 } mca_btl_ivcom_component_t;
@@ -84,13 +106,65 @@ typedef struct mca_btl_ivcom_module_t {
     mca_btl_base_module_t super;
 } mca_btl_ivcom_module_t;
 
-OPAL_MODULE_DECLSPEC extern mca_btl_ivcom_component_t mca_btl_ivcom_component;
+extern mca_btl_ivcom_component_t mca_btl_ivcom_component;
 extern mca_btl_ivcom_module_t mca_btl_ivcom_module;
 
-/* btl_ivcom_module.c */
-int mca_btl_ivcom_progress(void);
-void mca_btl_ivcom_close_all(void);
+/* btl_ivcom_component.c */
 void mca_btl_ivcom_help(const char *topic, const char *fallback, ...);
+
+/* btl_ivcom_module.c */
+void mca_btl_ivcom_close_all(void);
+
+/* btl_ivcom_modex.c */
+int mca_btl_ivcom_card_publish(ivcom_node *node);
+int mca_btl_ivcom_card_fetch(opal_proc_t *proc, uint8_t **card, size_t *len);
+uint64_t mca_btl_ivcom_name(opal_process_name_t name);
+size_t mca_btl_ivcom_card_resolve(void *ctx, uint64_t name, uint8_t *buf, size_t len);
+
+/* btl_ivcom_endpoint.c */
+int mca_btl_ivcom_endpoint_connect(mca_btl_base_endpoint_t *ep, int *failed_rc);
+void mca_btl_ivcom_endpoint_attach(mca_btl_base_endpoint_t *ep, ivcom_link *link);
+void mca_btl_ivcom_endpoint_failed(mca_btl_base_endpoint_t *ep, int rc);
+int mca_btl_ivcom_endpoint_add(opal_proc_t *proc, uint8_t *card, size_t card_len,
+                               mca_btl_base_endpoint_t **out);
+int mca_btl_ivcom_endpoint_self(opal_proc_t *proc, mca_btl_base_endpoint_t **out);
+void mca_btl_ivcom_endpoint_remove(mca_btl_base_endpoint_t *ep);
+void mca_btl_ivcom_endpoints_close(void);
+void mca_btl_ivcom_adopt_incoming(void);
+
+/* The endpoint's link, opened on first use; call with the endpoint's lock
+ * held. A failure to open it is left in *failed_rc for the caller to report
+ * (mca_btl_ivcom_endpoint_failed) once it dropped the lock. */
+static inline int mca_btl_ivcom_endpoint_ready(mca_btl_base_endpoint_t *ep, int *failed_rc)
+{
+    if (OPAL_LIKELY(NULL != ep->link || ep->self)) {
+        return OPAL_SUCCESS;
+    }
+    return mca_btl_ivcom_endpoint_connect(ep, failed_rc);
+}
+
+/* btl_ivcom_send.c */
+mca_btl_base_descriptor_t *mca_btl_ivcom_alloc(struct mca_btl_base_module_t *btl,
+                                               struct mca_btl_base_endpoint_t *ep, uint8_t order,
+                                               size_t size, uint32_t flags);
+int mca_btl_ivcom_free(struct mca_btl_base_module_t *btl, mca_btl_base_descriptor_t *des);
+mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_t *btl,
+                                                     struct mca_btl_base_endpoint_t *ep,
+                                                     struct opal_convertor_t *conv, uint8_t order,
+                                                     size_t reserve, size_t *size, uint32_t flags);
+int mca_btl_ivcom_send(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t *ep,
+                       struct mca_btl_base_descriptor_t *des, mca_btl_base_tag_t tag);
+int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t *ep,
+                        struct opal_convertor_t *conv, void *header, size_t header_size,
+                        size_t payload_size, uint8_t order, uint32_t flags,
+                        mca_btl_base_tag_t tag, mca_btl_base_descriptor_t **descriptor);
+void mca_btl_ivcom_drain_pending(mca_btl_base_endpoint_t *ep, opal_list_t *done, int *failed);
+
+/* btl_ivcom_recv.c */
+int mca_btl_ivcom_progress(void);
+void mca_btl_ivcom_complete(opal_list_t *done);
+void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
+                           const uint8_t *data, size_t len);
 
 #define IVCOM_VERBOSE(level, ...)                                   \
     do {                                                            \

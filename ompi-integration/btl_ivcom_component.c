@@ -10,12 +10,14 @@
 #include <unistd.h>
 
 #include "opal/mca/btl/base/base.h"
-#include "opal/mca/pmix/pmix.h"
+#include "opal/mca/installdirs/installdirs.h"
 #include "opal/runtime/opal.h"
 #include "opal/util/output.h"
 #include "opal/util/show_help.h"
 
 #include "btl_ivcom.h"
+#include "btl_ivcom_compat.h"
+#include "btl_ivcom_frag.h"
 
 static int ivcom_register(void);
 static int ivcom_open(void);
@@ -39,43 +41,64 @@ mca_btl_ivcom_component_t mca_btl_ivcom_component = {
     },
 };
 
+/* The implementation's entry point, looked up by the loader
+ * (btl_ivcom_loader.c, the mca_btl_ivcom.so Open MPI loads): this
+ * component, if the loader was built against the same Open MPI release. */
+__attribute__((visibility("default"))) mca_btl_base_component_t *
+mca_btl_ivcom_impl(const char *built_for)
+{
+    if (NULL == built_for || 0 != strcmp(built_for, IVCOM_BUILT_FOR)) {
+        return NULL;
+    }
+    return &mca_btl_ivcom_component.super;
+}
+
 /* Defaults: a 2 MiB ring per direction (512 KiB records), 8 KiB eager
  * messages, 256 KiB fragments for large messages. */
 #define IVCOM_DEFAULT_RING (2UL << 20)
 
-static bool help_dir_added;
+#define IVCOM_HELP_FILE "help-mpi-btl-ivcom.txt"
 
-/* show_help with our help file, found beside the component (installed or
- * not); a plain message if the file is missing. */
-void mca_btl_ivcom_help(const char *topic, const char *fallback, ...)
+/* Where the help file is: beside the component (a build directory, or
+ * make install), else in Open MPI's own help directory (the Debian
+ * package puts it there, with Open MPI's help files). Looked up once; the
+ * directory beside the component is added to show_help's search path. */
+static bool help_found(void)
 {
-    va_list ap;
-    if (!help_dir_added) {
-        Dl_info info;
-        help_dir_added = true;
-        if (dladdr((void *) &mca_btl_ivcom_component, &info) && info.dli_fname) {
-            char *copy = strdup(info.dli_fname);
-            if (copy) {
-                opal_show_help_add_dir(dirname(copy));
-                free(copy);
-            }
-        }
-    }
+    static int found = -1;
     char path[4096];
-    bool have = false;
     Dl_info info;
+    if (found >= 0) {
+        return found;
+    }
+    found = 0;
     if (dladdr((void *) &mca_btl_ivcom_component, &info) && info.dli_fname) {
         char *copy = strdup(info.dli_fname);
         if (copy) {
-            snprintf(path, sizeof(path), "%s/help-mpi-btl-ivcom.txt", dirname(copy));
-            have = access(path, R_OK) == 0;
+            const char *dir = dirname(copy);
+            snprintf(path, sizeof(path), "%s/%s", dir, IVCOM_HELP_FILE);
+            if (0 == access(path, R_OK)) {
+                opal_show_help_add_dir(dir);
+                found = 1;
+            }
             free(copy);
         }
     }
+    if (!found && NULL != opal_install_dirs.opaldatadir) {
+        snprintf(path, sizeof(path), "%s/%s", opal_install_dirs.opaldatadir, IVCOM_HELP_FILE);
+        found = 0 == access(path, R_OK);
+    }
+    return found;
+}
+
+/* show_help with our help file; a plain message if the file is missing. */
+void mca_btl_ivcom_help(const char *topic, const char *fallback, ...)
+{
+    va_list ap;
     va_start(ap, fallback);
     /* Rendered here and printed directly: forwarding through the runtime's
      * show_help aggregation fails for messages raised during MPI_Init. */
-    char *text = have ? opal_show_help_vstring("help-mpi-btl-ivcom.txt", topic, true, ap) : NULL;
+    char *text = help_found() ? opal_show_help_vstring(IVCOM_HELP_FILE, topic, true, ap) : NULL;
     if (NULL != text) {
         opal_output(0, "%s", text);
         free(text);
@@ -139,6 +162,18 @@ static int ivcom_register(void)
               "btl_ivcom_max_send_size, which lets a backend with little shareable memory, "
               "e.g. Xen's gntalloc limit, get smaller rings instead of TCP)",
               &c->max_record, 0);
+    reg_ulong("shm_limit",
+              "Bytes of rings the host backend of this process may share at once (0: no "
+              "limit); a pair whose rings do not fit gets smaller rings, then TCP. Rings are "
+              "sealed memory of the process that offers them, not files of host_dir",
+              &c->shm_limit, 0);
+    reg_ulong("ring_budget",
+              "Bytes of ring data the rings this process sends on share (0: no budget, each "
+              "ring whole): each ring's records stay within its share of the budget (at least "
+              "two of its largest records), so with many co-resident peers each ring touches "
+              "few of its pages however much is in flight; with few peers every ring is used "
+              "whole",
+              &c->ring_budget, 8UL << 20);
     reg_string("if_include",
                "Comma-separated interfaces or IPv4 subnets (CIDR) whose address this process "
                "publishes for TCP and the ring handshake (like btl_tcp_if_include)",
@@ -153,13 +188,26 @@ static int ivcom_register(void)
             &c->verbose, 0);
     reg_int("connect_timeout", "Seconds allowed to connect to a peer and agree on a path",
             &c->connect_timeout, 30);
+    c->peer_timeout = 4.0;
+    (void) mca_base_component_var_register(
+        &mca_btl_ivcom_component.super.btl_version, "peer_timeout",
+        "Seconds of silence after which a peer is declared gone: its host or VM acknowledged "
+        "nothing, not even the keepalive probe sent every second, for this long (a destroyed, "
+        "crashed or cut-off VM). A peer that is only slow (stopped, busy, or its VM paused for "
+        "less) is not. The job then ends with an error naming the peer. 0: never (only a "
+        "closed connection counts); otherwise at least 1",
+        MCA_BASE_VAR_TYPE_DOUBLE, NULL, 0, 0, OPAL_INFO_LVL_4, MCA_BASE_VAR_SCOPE_READONLY,
+        &c->peer_timeout);
 
     /* Module defaults, then the generic BTL parameters (btl_ivcom_eager_limit,
      * btl_ivcom_max_send_size, btl_ivcom_exclusivity, ...). */
     m->btl_exclusivity = MCA_BTL_EXCLUSIVITY_DEFAULT;
     m->btl_eager_limit = 8 * 1024;
     m->btl_rndv_eager_limit = 8 * 1024;
-    m->btl_max_send_size = 256 * 1024;
+    /* 64 KiB pieces: the receiver copies one piece out while the sender
+     * copies the next in, so large messages arrive sooner than in 256 KiB
+     * pieces, at the same bandwidth (docs/PERFORMANCE.md, "Fragment size"). */
+    m->btl_max_send_size = 64 * 1024;
     m->btl_rdma_pipeline_send_length = 256 * 1024;
     m->btl_rdma_pipeline_frag_size = 256 * 1024;
     m->btl_min_rdma_pipeline_size = 0;
@@ -174,15 +222,12 @@ static int ivcom_open(void)
     mca_btl_ivcom_component_t *c = &mca_btl_ivcom_component;
     c->node = NULL;
     c->eps = NULL;
-    c->neps = c->cap_eps = 0;
-    c->orphans = NULL;
-    c->norphans = c->cap_orphans = 0;
-    c->in_progress = false;
-    c->progress_calls = 0;
+    c->dropped_tags = 0;
     c->neps_linked = 0;
     c->warned_degraded = false;
     c->error_cb = NULL;
     OBJ_CONSTRUCT(&c->frags, opal_free_list_t);
+    OBJ_CONSTRUCT(&c->lock, opal_mutex_t);
     return OPAL_SUCCESS;
 }
 
@@ -190,6 +235,7 @@ static int ivcom_close(void)
 {
     mca_btl_ivcom_close_all();
     OBJ_DESTRUCT(&mca_btl_ivcom_component.frags);
+    OBJ_DESTRUCT(&mca_btl_ivcom_component.lock);
     return OPAL_SUCCESS;
 }
 
@@ -210,7 +256,7 @@ static int parse_backend(const char *s)
 
 static bool bad(const char *param, const char *value, const char *problem)
 {
-    mca_btl_ivcom_help("bad param", "invalid value '%s' of %s: %s", param, value, problem);
+    mca_btl_ivcom_help("bad param", "invalid value of %s: '%s': %s", param, value, problem);
     return false;
 }
 
@@ -272,6 +318,12 @@ static bool check_params(ivcom_config *cfg)
         snprintf(buf, sizeof(buf), "%d", c->connect_timeout);
         return bad("btl_ivcom_connect_timeout", buf, "must be 1 to 3600 seconds");
     }
+    if (c->peer_timeout != 0.0 && (c->peer_timeout < 1.0 || c->peer_timeout > 86400.0)) {
+        snprintf(buf, sizeof(buf), "%g", c->peer_timeout);
+        return bad("btl_ivcom_peer_timeout", buf, "must be 0 (never) or 1 to 86400 seconds");
+    }
+    cfg->peer_timeout_ms = 0.0 == c->peer_timeout ? UINT32_MAX
+                                                   : (uint32_t) (c->peer_timeout * 1000.0);
     if (c->verbose < 0) {
         snprintf(buf, sizeof(buf), "%d", c->verbose);
         return bad("btl_ivcom_verbose", buf, "must be 0 or more");
@@ -293,16 +345,10 @@ static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_th
     int rc;
 
     (void) enable_progress_threads;
+    /* Every level, MPI_THREAD_MULTIPLE included: with threads, endpoints
+     * take their locks (btl_ivcom.h); without, the locks cost a branch. */
+    (void) enable_mpi_threads;
     *num_btls = 0;
-
-    /* One thread at a time may call into a link (MPI_THREAD_SINGLE,
-     * FUNNELED, SERIALIZED). Under MPI_THREAD_MULTIPLE, decline clearly
-     * rather than race: other BTLs in the list carry the traffic. */
-    if (enable_mpi_threads) {
-        mca_btl_ivcom_help("thread multiple", "on %s: MPI_THREAD_MULTIPLE is not supported",
-                           opal_process_info.nodename);
-        return NULL;
-    }
 
     ivcom_config_default(&cfg);
     cfg.host_dir = nonempty(c->host_dir);
@@ -316,6 +362,17 @@ static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_th
     if (c->verbose >= 2) {
         cfg.log = ivcom_log;
     }
+    /* Only ranks of this job become peers: the card carries our process
+     * name, the handshake proves knowledge of the keys the modex carries,
+     * and the resolver admits only names of this job. */
+    cfg.name = mca_btl_ivcom_name(OPAL_PROC_MY_NAME);
+    cfg.resolve = mca_btl_ivcom_card_resolve;
+    /* A tag past the trigger table, or a message larger than any this
+     * component sends, is a protocol violation that breaks the link. */
+    cfg.tag_limit = MCA_BTL_TAG_MAX;
+    cfg.max_message = mca_btl_ivcom_module.super.btl_max_send_size;
+    cfg.share_limit = c->shm_limit;
+    cfg.ring_budget = c->ring_budget;
 
     rc = ivcom_node_new(&cfg, &c->node);
     if (IVCOM_OK != rc) {
@@ -338,14 +395,16 @@ static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_th
         IVCOM_VERBOSE(2, "[ivcom] rank=%u backend %s", OPAL_PROC_MY_NAME.vpid, status);
     }
 
-    size_t len = ivcom_node_card(c->node, NULL, 0);
-    uint8_t *card = malloc(len);
-    if (NULL == card) {
-        return NULL;
+    if (c->verbose >= 2) {
+        uint8_t card[IVCOM_CARD_MAX];
+        char desc[256];
+        size_t len = ivcom_node_card(c->node, card, sizeof(card));
+        if (len <= sizeof(card) && ivcom_card_describe(card, len, desc, sizeof(desc)) > 0) {
+            /* the public form: never the key */
+            opal_output(0, "[ivcom] rank=%u card %s", OPAL_PROC_MY_NAME.vpid, desc);
+        }
     }
-    ivcom_node_card(c->node, card, len);
-    OPAL_MODEX_SEND(rc, OPAL_PMIX_GLOBAL, &c->super.btl_version, card, len);
-    free(card);
+    rc = mca_btl_ivcom_card_publish(c->node);
     if (OPAL_SUCCESS != rc) {
         ivcom_node_free(c->node);
         c->node = NULL;

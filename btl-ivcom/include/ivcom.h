@@ -62,6 +62,11 @@
 #define IVCOM_E_IO -10
 
 /**
+ * Authentication failed, or the peer refused this node.
+ */
+#define IVCOM_E_AUTH -11
+
+/**
  * Backend choice for `ivcom_config.backend`.
  */
 #define IVCOM_BACKEND_AUTO 0
@@ -92,6 +97,12 @@
 #define IVCOM_PATH_TCP 2
 
 /**
+ * Largest card in bytes (a full IPv6 card): a buffer for
+ * `ivcom_node_card` or a resolver needs no more.
+ */
+#define IVCOM_CARD_MAX 96
+
+/**
  * Opaque link handle.
  */
 typedef struct ivcom_link ivcom_link;
@@ -105,6 +116,15 @@ typedef struct ivcom_node ivcom_node;
  * Verbose-message callback.
  */
 typedef void (*ivcom_log_fn)(void *ctx, const char *msg);
+
+/**
+ * Card resolver: writes into `buf` (`len` bytes) the full card (with its
+ * key) that the job published for the node `name`, and returns its
+ * length; returns 0 when `name` is not a member of the job (or the card
+ * does not fit). Called from library threads, only for peers that
+ * already proved they know this node's key.
+ */
+typedef size_t (*ivcom_resolve_fn)(void *ctx, uint64_t name, uint8_t *buf, size_t len);
 
 /**
  * Node configuration; fill with `ivcom_config_default` first. Zero or NULL
@@ -164,6 +184,58 @@ typedef struct {
    * First argument of `log`.
    */
   void *log_ctx;
+  /**
+   * The owner's name for this node, published in its card (Open MPI:
+   * job id and rank); a peer's resolver looks it up.
+   */
+  uint64_t name;
+  /**
+   * Finds the card of a peer that connects before `ivcom_node_admit`
+   * was called for it (NULL: only admitted peers, or `psk`).
+   */
+  ivcom_resolve_fn resolve;
+  /**
+   * First argument of `resolve`.
+   */
+  void *resolve_ctx;
+  /**
+   * 32 bytes of a secret shared by the whole job (NULL: none): nodes
+   * that know it are peers without exchanging cards.
+   */
+  const uint8_t *psk;
+  /**
+   * Tags at or above this break the link with a protocol violation
+   * (0: 256, every tag valid).
+   */
+  uint32_t tag_limit;
+  /**
+   * Largest message accepted from a peer (0: 1 GiB); larger ones break
+   * the link.
+   */
+  size_t max_message;
+  /**
+   * Bound of a TCP link's send queue in bytes (0: 8 MiB); past it
+   * `ivcom_link_try_send` returns 0 as on a full ring.
+   */
+  size_t tcp_queue;
+  /**
+   * Bytes of rings the host backend may share at once (0: no limit);
+   * a pair's rings shrink to fit, then fall back to TCP.
+   */
+  size_t share_limit;
+  /**
+   * Milliseconds of silence after which a peer is declared gone (its
+   * host or VM acknowledged nothing, not even a keepalive probe, for that
+   * long); 0: the default (4000); `UINT32_MAX`: never (only a closed
+   * connection counts). At least 1000.
+   */
+  uint32_t peer_timeout_ms;
+  /**
+   * Bytes of ring data this process's producers share (0: each ring
+   * whole): with many peers, each ring's records stay within its share,
+   * at least two of its largest records.
+   */
+  size_t ring_budget;
 } ivcom_config;
 
 /**
@@ -176,6 +248,8 @@ typedef struct {
 
 /**
  * Receive callback: one complete message, valid only during the call.
+ * On a ring the bytes lie in memory the peer can still write: copy what
+ * you parse (headers) before you trust it, and read each byte once.
  */
 typedef void (*ivcom_recv_fn)(void *ctx, uint8_t tag, const uint8_t *data, size_t len);
 
@@ -239,8 +313,9 @@ int ivcom_node_new(const ivcom_config *cfg, ivcom_node **out);
 void ivcom_node_free(ivcom_node *node);
 
 /**
- * Copies the node's card (binary) into `buf`; returns its length (call
- * with `len` 0 to learn it).
+ * Copies the node's full card (binary, with its secret key) into `buf`;
+ * returns its length (call with `len` 0 to learn it). Publish it only
+ * through a channel the job trusts (the Open MPI modex).
  *
  * # Safety
  * `node` valid; `buf` has `len` writable bytes.
@@ -248,8 +323,9 @@ void ivcom_node_free(ivcom_node *node);
 size_t ivcom_node_card(const ivcom_node *node, uint8_t *buf, size_t len);
 
 /**
- * Writes the printable form of a binary card into `buf`. Returns the
- * string length, or a negative error for a malformed card.
+ * Writes the printable public form of a binary card (never its key) into
+ * `buf`. Returns the string length, or a negative error for a malformed
+ * card.
  *
  * # Safety
  * `card` has `card_len` readable bytes; `buf` has `len` writable bytes.
@@ -276,12 +352,50 @@ int ivcom_node_ring_status(const ivcom_node *node, char *buf, size_t len);
 int ivcom_node_backend_note(const ivcom_node *node, char *buf, size_t len);
 
 /**
+ * Accepts the full card (with key) of a peer: the node it describes may
+ * connect to this one from now on. Returns `IVCOM_OK` or a negative
+ * error (a malformed card, a card without a key, a different card for an
+ * id admitted before).
+ *
+ * # Safety
+ * `node` valid; `card` has `card_len` readable bytes.
+ */
+int ivcom_node_admit(const ivcom_node *node, const uint8_t *card, size_t card_len);
+
+/**
+ * The id of a binary card (0 for a malformed card).
+ *
+ * # Safety
+ * `card` has `card_len` readable bytes.
+ */
+uint64_t ivcom_card_id(const uint8_t *card, size_t card_len);
+
+/**
  * Number of links peers established with this node, not yet accepted.
  *
  * # Safety
  * `node` valid.
  */
 size_t ivcom_node_pending(const ivcom_node *node);
+
+/**
+ * Writes into `ids` (room for `n`) the ids of the peers whose links wait
+ * to be taken; returns how many there are (call with `n` 0 to count).
+ *
+ * # Safety
+ * `node` valid; `ids` has room for `n` values.
+ */
+size_t ivcom_node_pending_ids(const ivcom_node *node, uint64_t *ids, size_t n);
+
+/**
+ * Takes the link that peer `id` established, without waiting. Returns 1
+ * and sets `*out`, or 0 when it is not waiting (not established, or taken
+ * already).
+ *
+ * # Safety
+ * `node` valid; `out` writable.
+ */
+int ivcom_node_take(const ivcom_node *node, uint64_t id, ivcom_link **out);
 
 /**
  * Takes a link a peer established, without waiting. Returns 1 and sets
@@ -312,12 +426,29 @@ int ivcom_link_open(const ivcom_node *node, const uint8_t *card, size_t card_len
 void ivcom_link_free(ivcom_link *link);
 
 /**
- * Copies the peer's binary card into `buf`; returns its length.
+ * Copies the peer's public card (binary, without key) into `buf`;
+ * returns its length.
  *
  * # Safety
  * `link` valid; `buf` has `len` writable bytes.
  */
 size_t ivcom_link_peer_card(const ivcom_link *link, uint8_t *buf, size_t len);
+
+/**
+ * The id of the link's peer (authenticated).
+ *
+ * # Safety
+ * `link` valid.
+ */
+uint64_t ivcom_link_peer_id(const ivcom_link *link);
+
+/**
+ * The name in the link's peer's card (authenticated).
+ *
+ * # Safety
+ * `link` valid.
+ */
+uint64_t ivcom_link_peer_name(const ivcom_link *link);
 
 /**
  * `IVCOM_PATH_RING` or `IVCOM_PATH_TCP`.
@@ -355,12 +486,24 @@ size_t ivcom_link_max_inline(const ivcom_link *link);
 /**
  * Sends a message gathered from `n` pieces (total at most
  * `ivcom_link_max_inline`) without blocking. Returns 1 when sent (or
- * queued, on TCP), 0 when the ring is full, negative on error.
+ * queued, on TCP), 0 when the ring is full or the TCP send queue is over
+ * its bound (nothing sent), negative on error.
  *
  * # Safety
  * `link` valid; `iov` has `n` entries describing readable memory.
  */
 int ivcom_link_try_send(ivcom_link *link, uint8_t tag, const ivcom_iov *iov, size_t n);
+
+/**
+ * 1 when `ivcom_link_try_send` of `len` bytes (at most
+ * `ivcom_link_max_inline`) would be accepted now, 0 when the ring is full
+ * or the TCP send queue is over its bound, negative on error. Lets a
+ * caller keep data it would have to pack first where it is.
+ *
+ * # Safety
+ * `link` valid.
+ */
+int ivcom_link_can_send(ivcom_link *link, size_t len);
 
 /**
  * Sends a message of any size, blocking (with `timeout_ms`, 0 = none).
@@ -400,6 +543,13 @@ void ivcom_link_cancel(ivcom_link *link);
  * Delivers up to `max` received messages to `cb` without blocking (pushes
  * queued TCP output too). Returns the number delivered, or a negative
  * error (`IVCOM_E_CLOSED` once the peer closed and everything was read).
+ *
+ * `cb` gets each message in place (valid during the call; it may lie in
+ * memory the peer can still write: copy what you parse). No borrow of the
+ * link is held during the call: `cb` may send on this link, and may let
+ * other threads use it meanwhile (e.g. drop the lock the caller holds
+ * around the link and take it again before returning), but nobody may poll
+ * the link until this call returns.
  *
  * # Safety
  * `link` valid. `cb` may send on this link but must not poll it.

@@ -14,7 +14,7 @@
 
 #![allow(non_camel_case_types)]
 
-use ivcom_core::{BackendChoice, Card, Config, Error, Link, Node, PathKind};
+use ivcom_core::{BackendChoice, Card, Config, Error, Key, Link, Node, PathKind};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -43,6 +43,8 @@ pub const IVCOM_E_BACKEND: c_int = -8;
 pub const IVCOM_E_PROTOCOL: c_int = -9;
 /// Operating-system error.
 pub const IVCOM_E_IO: c_int = -10;
+/// Authentication failed, or the peer refused this node.
+pub const IVCOM_E_AUTH: c_int = -11;
 
 /// Backend choice for `ivcom_config.backend`.
 pub const IVCOM_BACKEND_AUTO: c_int = 0;
@@ -72,8 +74,23 @@ pub struct ivcom_link {
 pub type ivcom_log_fn = Option<unsafe extern "C" fn(ctx: *mut c_void, msg: *const c_char)>;
 
 /// Receive callback: one complete message, valid only during the call.
+/// On a ring the bytes lie in memory the peer can still write: copy what
+/// you parse (headers) before you trust it, and read each byte once.
 pub type ivcom_recv_fn =
     Option<unsafe extern "C" fn(ctx: *mut c_void, tag: u8, data: *const u8, len: usize)>;
+
+/// Card resolver: writes into `buf` (`len` bytes) the full card (with its
+/// key) that the job published for the node `name`, and returns its
+/// length; returns 0 when `name` is not a member of the job (or the card
+/// does not fit). Called from library threads, only for peers that
+/// already proved they know this node's key.
+pub type ivcom_resolve_fn =
+    Option<unsafe extern "C" fn(ctx: *mut c_void, name: u64, buf: *mut u8, len: usize) -> usize>;
+
+/// Largest card in bytes (a full IPv6 card): a buffer for
+/// `ivcom_node_card` or a resolver needs no more.
+pub const IVCOM_CARD_MAX: usize = 96;
+const _: () = assert!(IVCOM_CARD_MAX == ivcom_core::card::MAX_LEN);
 
 /// Node configuration; fill with `ivcom_config_default` first. Zero or NULL
 /// fields mean "default".
@@ -110,6 +127,38 @@ pub struct ivcom_config {
     pub log: ivcom_log_fn,
     /// First argument of `log`.
     pub log_ctx: *mut c_void,
+    /// The owner's name for this node, published in its card (Open MPI:
+    /// job id and rank); a peer's resolver looks it up.
+    pub name: u64,
+    /// Finds the card of a peer that connects before `ivcom_node_admit`
+    /// was called for it (NULL: only admitted peers, or `psk`).
+    pub resolve: ivcom_resolve_fn,
+    /// First argument of `resolve`.
+    pub resolve_ctx: *mut c_void,
+    /// 32 bytes of a secret shared by the whole job (NULL: none): nodes
+    /// that know it are peers without exchanging cards.
+    pub psk: *const u8,
+    /// Tags at or above this break the link with a protocol violation
+    /// (0: 256, every tag valid).
+    pub tag_limit: u32,
+    /// Largest message accepted from a peer (0: 1 GiB); larger ones break
+    /// the link.
+    pub max_message: usize,
+    /// Bound of a TCP link's send queue in bytes (0: 8 MiB); past it
+    /// `ivcom_link_try_send` returns 0 as on a full ring.
+    pub tcp_queue: usize,
+    /// Bytes of rings the host backend may share at once (0: no limit);
+    /// a pair's rings shrink to fit, then fall back to TCP.
+    pub share_limit: usize,
+    /// Milliseconds of silence after which a peer is declared gone (its
+    /// host or VM acknowledged nothing, not even a keepalive probe, for that
+    /// long); 0: the default (4000); `UINT32_MAX`: never (only a closed
+    /// connection counts). At least 1000.
+    pub peer_timeout_ms: u32,
+    /// Bytes of ring data this process's producers share (0: each ring
+    /// whole): with many peers, each ring's records stay within its share,
+    /// at least two of its largest records.
+    pub ring_budget: usize,
 }
 
 /// Counters of a link.
@@ -230,9 +279,41 @@ pub unsafe extern "C" fn ivcom_config_default(cfg: *mut ivcom_config) {
             poll_only: 0,
             log: None,
             log_ctx: std::ptr::null_mut(),
+            name: 0,
+            resolve: None,
+            resolve_ctx: std::ptr::null_mut(),
+            psk: std::ptr::null(),
+            tag_limit: 0,
+            max_message: 0,
+            tcp_queue: 0,
+            share_limit: 0,
+            peer_timeout_ms: 0,
+            ring_budget: 0,
         })
     };
 }
+
+struct ResolveFn {
+    f: unsafe extern "C" fn(*mut c_void, u64, *mut u8, usize) -> usize,
+    ctx: *mut c_void,
+}
+impl ResolveFn {
+    fn call(&self, name: u64) -> Option<Card> {
+        let mut buf = [0u8; IVCOM_CARD_MAX];
+        // SAFETY: the C callback writes at most `len` bytes into buf.
+        let n = unsafe { (self.f)(self.ctx, name, buf.as_mut_ptr(), buf.len()) };
+        if n == 0 || n > buf.len() {
+            return None;
+        }
+        Card::from_bytes(&buf[..n]).ok().filter(|c| c.key.is_some())
+    }
+}
+
+// SAFETY: the C caller promises the callback and context may be used from
+// library threads (documented on ivcom_config.resolve).
+unsafe impl Send for ResolveFn {}
+// SAFETY: as above.
+unsafe impl Sync for ResolveFn {}
 
 unsafe fn to_config(c: &ivcom_config) -> Result<Config, Error> {
     let mut cfg = Config {
@@ -274,6 +355,45 @@ unsafe fn to_config(c: &ivcom_config) -> Result<Config, Error> {
         let sink = LogSink { f, ctx: c.log_ctx };
         cfg.log = Some(Arc::new(move |m: &str| sink.call(m)));
     }
+    cfg.name = c.name;
+    if let Some(f) = c.resolve {
+        let r = ResolveFn {
+            f,
+            ctx: c.resolve_ctx,
+        };
+        cfg.resolve = Some(Arc::new(move |name| r.call(name)));
+    }
+    if !c.psk.is_null() {
+        // SAFETY: 32 readable bytes (caller contract).
+        let b = unsafe { std::slice::from_raw_parts(c.psk, 32) };
+        cfg.psk = Some(Key(b.try_into().expect("32 bytes")));
+    }
+    if c.tag_limit != 0 {
+        if c.tag_limit > 256 {
+            return Err(Error::Invalid(format!(
+                "tag limit {} (1 to 256)",
+                c.tag_limit
+            )));
+        }
+        cfg.tag_limit = c.tag_limit as u16;
+    }
+    if c.max_message != 0 {
+        cfg.max_message = c.max_message;
+    }
+    if c.tcp_queue != 0 {
+        cfg.tcp_queue = c.tcp_queue;
+    }
+    if c.share_limit != 0 {
+        cfg.share_limit = Some(c.share_limit);
+    }
+    if c.ring_budget != 0 {
+        cfg.ring_budget = Some(c.ring_budget);
+    }
+    match c.peer_timeout_ms {
+        0 => {}
+        u32::MAX => cfg.peer_timeout = None,
+        ms => cfg.peer_timeout = Some(Duration::from_millis(ms as u64)),
+    }
     Ok(cfg)
 }
 
@@ -290,7 +410,7 @@ pub unsafe extern "C" fn ivcom_config_check(cfg: *const ivcom_config) -> c_int {
             return fail(Error::Invalid("null config".into()));
         }
         // SAFETY: non-null, valid per contract.
-        match unsafe { to_config(&*cfg) }.and_then(|c| c.geometry().map(|_| ())) {
+        match unsafe { to_config(&*cfg) }.and_then(|c| c.check()) {
             Ok(()) => IVCOM_OK,
             Err(e) => fail(e),
         }
@@ -362,8 +482,9 @@ pub unsafe extern "C" fn ivcom_node_free(node: *mut ivcom_node) {
     }
 }
 
-/// Copies the node's card (binary) into `buf`; returns its length (call
-/// with `len` 0 to learn it).
+/// Copies the node's full card (binary, with its secret key) into `buf`;
+/// returns its length (call with `len` 0 to learn it). Publish it only
+/// through a channel the job trusts (the Open MPI modex).
 ///
 /// # Safety
 /// `node` valid; `buf` has `len` writable bytes.
@@ -382,8 +503,9 @@ pub unsafe extern "C" fn ivcom_node_card(
     b.len()
 }
 
-/// Writes the printable form of a binary card into `buf`. Returns the
-/// string length, or a negative error for a malformed card.
+/// Writes the printable public form of a binary card (never its key) into
+/// `buf`. Returns the string length, or a negative error for a malformed
+/// card.
 ///
 /// # Safety
 /// `card` has `card_len` readable bytes; `buf` has `len` writable bytes.
@@ -450,6 +572,41 @@ pub unsafe extern "C" fn ivcom_node_backend_note(
     }
 }
 
+/// Accepts the full card (with key) of a peer: the node it describes may
+/// connect to this one from now on. Returns `IVCOM_OK` or a negative
+/// error (a malformed card, a card without a key, a different card for an
+/// id admitted before).
+///
+/// # Safety
+/// `node` valid; `card` has `card_len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_node_admit(
+    node: *const ivcom_node,
+    card: *const u8,
+    card_len: usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: readable per contract.
+        let b = unsafe { std::slice::from_raw_parts(card, card_len) };
+        // SAFETY: valid handle per contract.
+        match Card::from_bytes(b).and_then(|c| unsafe { &*node }.node.admit(&c)) {
+            Ok(()) => IVCOM_OK,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// The id of a binary card (0 for a malformed card).
+///
+/// # Safety
+/// `card` has `card_len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_card_id(card: *const u8, card_len: usize) -> u64 {
+    // SAFETY: readable per contract.
+    let b = unsafe { std::slice::from_raw_parts(card, card_len) };
+    Card::from_bytes(b).map_or(0, |c| c.id)
+}
+
 /// Number of links peers established with this node, not yet accepted.
 ///
 /// # Safety
@@ -458,6 +615,53 @@ pub unsafe extern "C" fn ivcom_node_backend_note(
 pub unsafe extern "C" fn ivcom_node_pending(node: *const ivcom_node) -> usize {
     // SAFETY: valid handle per contract.
     unsafe { &*node }.node.pending()
+}
+
+/// Writes into `ids` (room for `n`) the ids of the peers whose links wait
+/// to be taken; returns how many there are (call with `n` 0 to count).
+///
+/// # Safety
+/// `node` valid; `ids` has room for `n` values.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_node_pending_ids(
+    node: *const ivcom_node,
+    ids: *mut u64,
+    n: usize,
+) -> usize {
+    // SAFETY: valid handle per contract.
+    let v = unsafe { &*node }.node.pending_ids();
+    if !ids.is_null() {
+        for (i, id) in v.iter().take(n).enumerate() {
+            // SAFETY: i < n, room per contract.
+            unsafe { *ids.add(i) = *id };
+        }
+    }
+    v.len()
+}
+
+/// Takes the link that peer `id` established, without waiting. Returns 1
+/// and sets `*out`, or 0 when it is not waiting (not established, or taken
+/// already).
+///
+/// # Safety
+/// `node` valid; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_node_take(
+    node: *const ivcom_node,
+    id: u64,
+    out: *mut *mut ivcom_link,
+) -> c_int {
+    guard(|| {
+        // SAFETY: valid handle per contract.
+        match unsafe { &*node }.node.take(id) {
+            Some(link) => {
+                // SAFETY: out writable.
+                unsafe { *out = Box::into_raw(Box::new(ivcom_link { link })) };
+                1
+            }
+            None => 0,
+        }
+    })
 }
 
 /// Takes a link a peer established, without waiting. Returns 1 and sets
@@ -532,7 +736,8 @@ pub unsafe extern "C" fn ivcom_link_free(link: *mut ivcom_link) {
     }
 }
 
-/// Copies the peer's binary card into `buf`; returns its length.
+/// Copies the peer's public card (binary, without key) into `buf`;
+/// returns its length.
 ///
 /// # Safety
 /// `link` valid; `buf` has `len` writable bytes.
@@ -543,12 +748,32 @@ pub unsafe extern "C" fn ivcom_link_peer_card(
     len: usize,
 ) -> usize {
     // SAFETY: valid handle.
-    let b = unsafe { &*link }.link.peer().to_bytes();
+    let b = unsafe { &*link }.link.peer().public_bytes();
     if !buf.is_null() && len >= b.len() {
         // SAFETY: writable per contract.
         unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), buf, b.len()) };
     }
     b.len()
+}
+
+/// The id of the link's peer (authenticated).
+///
+/// # Safety
+/// `link` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_peer_id(link: *const ivcom_link) -> u64 {
+    // SAFETY: valid handle.
+    unsafe { &*link }.link.peer().id
+}
+
+/// The name in the link's peer's card (authenticated).
+///
+/// # Safety
+/// `link` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_peer_name(link: *const ivcom_link) -> u64 {
+    // SAFETY: valid handle.
+    unsafe { &*link }.link.peer().name
 }
 
 /// `IVCOM_PATH_RING` or `IVCOM_PATH_TCP`.
@@ -601,7 +826,8 @@ pub unsafe extern "C" fn ivcom_link_max_inline(link: *const ivcom_link) -> usize
 
 /// Sends a message gathered from `n` pieces (total at most
 /// `ivcom_link_max_inline`) without blocking. Returns 1 when sent (or
-/// queued, on TCP), 0 when the ring is full, negative on error.
+/// queued, on TCP), 0 when the ring is full or the TCP send queue is over
+/// its bound (nothing sent), negative on error.
 ///
 /// # Safety
 /// `link` valid; `iov` has `n` entries describing readable memory.
@@ -643,6 +869,24 @@ pub unsafe extern "C" fn ivcom_link_try_send(
         match unsafe { &mut *link }.link.try_send(tag, parts) {
             Ok(true) => 1,
             Ok(false) => 0,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// 1 when `ivcom_link_try_send` of `len` bytes (at most
+/// `ivcom_link_max_inline`) would be accepted now, 0 when the ring is full
+/// or the TCP send queue is over its bound, negative on error. Lets a
+/// caller keep data it would have to pack first where it is.
+///
+/// # Safety
+/// `link` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_can_send(link: *mut ivcom_link, len: usize) -> c_int {
+    guard(|| {
+        // SAFETY: valid handle.
+        match unsafe { &mut *link }.link.can_send(len) {
+            Ok(b) => b as c_int,
             Err(e) => fail(e),
         }
     })
@@ -734,6 +978,13 @@ pub unsafe extern "C" fn ivcom_link_cancel(link: *mut ivcom_link) {
 /// Delivers up to `max` received messages to `cb` without blocking (pushes
 /// queued TCP output too). Returns the number delivered, or a negative
 /// error (`IVCOM_E_CLOSED` once the peer closed and everything was read).
+///
+/// `cb` gets each message in place (valid during the call; it may lie in
+/// memory the peer can still write: copy what you parse). No borrow of the
+/// link is held during the call: `cb` may send on this link, and may let
+/// other threads use it meanwhile (e.g. drop the lock the caller holds
+/// around the link and take it again before returning), but nobody may poll
+/// the link until this call returns.
 ///
 /// # Safety
 /// `link` valid. `cb` may send on this link but must not poll it.
@@ -841,6 +1092,7 @@ pub extern "C" fn ivcom_strerror(code: c_int) -> *const c_char {
         IVCOM_E_BACKEND => b"backend failure\0",
         IVCOM_E_PROTOCOL => b"protocol error\0",
         IVCOM_E_IO => b"I/O error\0",
+        IVCOM_E_AUTH => b"authentication failed or refused\0",
         _ => b"unknown error\0",
     };
     s.as_ptr().cast()

@@ -78,10 +78,19 @@ fn pattern(seed: usize, len: usize) -> Vec<u8> {
 #[test]
 fn gathered_and_in_place_sends_arrive_intact_over_the_ring() {
     let dir = std::env::temp_dir().join(format!("ivcom-abi-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Private, as the host backend demands.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&dir)
+        .unwrap();
     let cdir = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
     let (a, b) = (Node::new(&cdir), Node::new(&cdir));
     let card_b = b.card();
+    // b accepts only peers whose full card it was given.
+    let card_a = a.card();
+    // SAFETY: valid node and card.
+    let rc = unsafe { ivcom_node_admit(b.0, card_a.as_ptr(), card_a.len()) };
+    assert_eq!(rc, IVCOM_OK, "{}", last_error());
 
     // a opens (and offers the ring); b takes the link from its acceptor.
     let mut la = std::ptr::null_mut();

@@ -12,9 +12,10 @@
 //! (`declare_polling`) naps instead of sleeping on the doorbell, and its
 //! peer publishes to it without the notify protocol's fence.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Violation};
 use crate::frame::{fragment, take_one, Delivery, Reassembly, Stats};
 use crate::hypervisor::{BellWords, Doorbell, Hypervisor, Region};
+use crate::payload::Payload;
 use crate::ring::{self, kind, Consumer, Geometry, Producer, Record};
 use std::time::{Duration, Instant};
 
@@ -103,6 +104,8 @@ pub struct Channel {
     /// This side told its peer that it never sleeps on the doorbell (so it
     /// must not, whatever its policy says: the peer will not ring).
     declared_polling: bool,
+    /// Tags at or above this are protocol violations.
+    tag_limit: u16,
 }
 
 fn words(region: &dyn Region, geo: Geometry, offerer: bool) -> (*mut u8, *mut u8, BellWords) {
@@ -197,12 +200,18 @@ impl Channel {
             closed: false,
             in_place: false,
             declared_polling: false,
+            tag_limit: 256,
         }
     }
 
     /// The peer proved its mapping: the offerer drops any name of the region.
     pub fn peer_attached(&self) {
         self.region.peer_attached();
+    }
+
+    /// The offerer's part of the peer's map (see [`Region::serve`]).
+    pub fn serve_peer(&self, deadline: Instant, abort: std::os::fd::RawFd) -> Result<()> {
+        self.region.serve(deadline, abort)
     }
 
     /// Tells the peer, through the control pages, that this side never
@@ -221,6 +230,13 @@ impl Channel {
         self.rx.learn_peer();
     }
 
+    /// This side's sending ring (its control page) and geometry, for tests
+    /// that play a hostile peer. Not for anything else.
+    #[doc(hidden)]
+    pub fn raw_tx_ring(&self) -> (*mut u8, Geometry) {
+        (self.tx.raw_base(), self.geo)
+    }
+
     /// Geometry of both rings.
     pub fn geometry(&self) -> Geometry {
         self.geo
@@ -232,9 +248,21 @@ impl Channel {
         self.geo.max_record as usize
     }
 
+    /// Puts this channel's sending ring under `budget`
+    /// ([`ring::Budget`]).
+    pub fn set_budget(&mut self, budget: std::sync::Arc<ring::Budget>) {
+        self.tx.set_budget(budget);
+    }
+
     /// Sets the largest message accepted from the peer.
     pub fn set_max_message(&mut self, max: usize) {
         self.reasm.max_message = max;
+    }
+
+    /// Sets the tag limit: a record whose tag is `limit` or more breaks the
+    /// link ([`Violation::BadTag`]).
+    pub fn set_tag_limit(&mut self, limit: u16) {
+        self.tag_limit = limit;
     }
 
     #[inline]
@@ -260,6 +288,11 @@ impl Channel {
         self.stats.tx_msgs += 1;
         self.stats.tx_bytes += len as u64;
         self.ring_tx(n)
+    }
+
+    /// True when a one-record message of `len` bytes fits now.
+    pub fn fits(&mut self, len: usize) -> Result<bool> {
+        self.tx.fits(len)
     }
 
     /// Drops the reservation.
@@ -312,7 +345,8 @@ impl Channel {
                 self.stats.tx_bytes += msg.len() as u64;
                 return Ok(());
             }
-            let need = (msg.len() - sent).min(max) + 8;
+            // The payload of the next record (`fits` adds the header).
+            let need = (msg.len() - sent).min(max);
             self.wait_writable(need, deadline, alive)?;
         }
     }
@@ -341,17 +375,22 @@ impl Channel {
                 self.rx.release();
                 continue;
             }
+            if rec.tag as u16 >= self.tag_limit {
+                return Err(self.rx.poison(Violation::BadTag));
+            }
             if rec.kind == kind::MSG && !self.reasm.active() {
                 self.in_place = true;
                 self.stats.rx_msgs += 1;
                 self.stats.rx_bytes += rec.len as u64;
                 return Ok(Some((rec.tag, rec.ptr, rec.len)));
             }
-            // SAFETY: valid until the release below; copied by feed().
-            let data = unsafe { rec.bytes() };
-            let got = match self.reasm.feed(rec.kind, rec.tag, data)? {
-                Delivery::Message(tag, m) => Some((tag, m.as_ptr(), m.len())),
-                Delivery::Partial => None,
+            // SAFETY: valid until the release below; feed() copies it out.
+            let data = unsafe { rec.payload() };
+            let got = match self.reasm.feed(rec.kind, rec.tag, data) {
+                Ok(Delivery::Message(tag, m)) => Some((tag, m.as_ptr(), m.len())),
+                Ok(Delivery::Partial) => None,
+                Err(Error::Broken(v)) => return Err(self.rx.poison(v)),
+                Err(e) => return Err(e),
             };
             self.rx.release();
             if let Some((tag, p, len)) = got {
@@ -391,16 +430,17 @@ impl Channel {
     }
 
     /// Delivers up to `max` complete messages to `f(tag, bytes)` without
-    /// blocking (in place where possible: the slice is valid only during the
+    /// blocking (in place where possible: the view is valid only during the
     /// call). Returns how many messages were delivered.
-    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, &[u8])) -> Result<usize> {
+    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, Payload<'_>)) -> Result<usize> {
         let mut n = 0;
         while n < max {
             let Some((tag, p, len)) = self.peek_msg()? else {
                 break;
             };
-            // SAFETY: p/len describe the message until release_msg.
-            f(tag, unsafe { std::slice::from_raw_parts(p, len) });
+            // SAFETY: p/len describe the message until release_msg (in ring
+            // space or the channel's reassembly buffer).
+            f(tag, unsafe { Payload::shared(p, len) });
             self.release_msg()?;
             n += 1;
         }
@@ -447,8 +487,13 @@ impl Channel {
         let policy = self.policy;
         let start = Instant::now();
         loop {
+            // A closed ring ends a wait for data as a record does (the
+            // caller's poll delivers what was published before the close,
+            // then reports it); a side that naps instead of sleeping would
+            // otherwise never see a close. A wait for space ends only with
+            // space: see `Producer::prepare_sleep` for why no close ends it.
             let ready = match want {
-                Want::Data => self.rx.has_data()?,
+                Want::Data => self.rx.has_data()? || self.rx.is_closed(),
                 Want::Space(need) => self.tx.fits(need)?,
             };
             if ready {
@@ -537,15 +582,41 @@ mod tests {
     use super::*;
     use crate::hypervisor::host::HostBackend;
 
+    /// Offers and accepts a channel of `geo` in one process: the offer is
+    /// served on a thread while the accepting side maps it.
+    pub(crate) fn offer_accept(
+        hv: &dyn Hypervisor,
+        geo: Geometry,
+        nonce: u64,
+        before_accept: impl FnOnce(&mut Channel),
+    ) -> (Channel, Channel) {
+        let mut off = Channel::offer(hv, 0, geo, nonce).unwrap();
+        before_accept(&mut off.channel);
+        let acc = std::thread::scope(|s| {
+            use std::os::fd::AsRawFd;
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let (grant, bell) = (&off.grant, &off.bell);
+            let h = s.spawn(move || {
+                let r = Channel::accept(hv, 0, geo, grant, bell);
+                drop(b);
+                r
+            });
+            off.channel
+                .serve_peer(Instant::now() + Duration::from_secs(10), a.as_raw_fd())
+                .unwrap();
+            h.join().unwrap().unwrap()
+        });
+        assert_eq!(acc.1, nonce);
+        off.channel.peer_attached();
+        (off.channel, acc.0)
+    }
+
     fn pair(data: usize) -> (Channel, Channel, tempdir::Dir) {
         let dir = tempdir::Dir::new();
         let hv = HostBackend::open_dir(dir.path()).unwrap();
         let geo = Geometry::new(data).unwrap();
-        let off = Channel::offer(&hv, 0, geo, 0x1234).unwrap();
-        let (acc, nonce) = Channel::accept(&hv, 0, geo, &off.grant, &off.bell).unwrap();
-        assert_eq!(nonce, 0x1234);
-        off.channel.peer_attached();
-        (off.channel, acc, dir)
+        let (a, b) = offer_accept(&hv, geo, 0x1234, |_| {});
+        (a, b, dir)
     }
 
     /// A pair whose sides declare polling as asked, in handshake order.
@@ -553,27 +624,40 @@ mod tests {
         let dir = tempdir::Dir::new();
         let hv = HostBackend::open_dir(dir.path()).unwrap();
         let geo = Geometry::new(8192).unwrap();
-        let mut off = Channel::offer(&hv, 0, geo, 1).unwrap();
-        if a_polls {
-            off.channel.declare_polling();
-        }
-        let (mut acc, _) = Channel::accept(&hv, 0, geo, &off.grant, &off.bell).unwrap();
+        let (mut off, mut acc) = offer_accept(&hv, geo, 1, |c| {
+            if a_polls {
+                c.declare_polling();
+            }
+        });
         if b_polls {
             acc.declare_polling();
         }
         acc.learn_peer();
-        off.channel.peer_attached();
-        off.channel.learn_peer();
-        (off.channel, acc, dir)
+        off.learn_peer();
+        (off, acc, dir)
     }
 
-    /// `b` blocks in recv while `a` sends after 30 ms; returns the doorbells
-    /// `a` rang.
-    fn delayed_send(a: &mut Channel, b: &mut Channel) -> u64 {
+    /// `b` blocks in recv while `a` sends after 30 ms (and, with
+    /// `asleep`, not before `b` has announced its sleep: on a loaded
+    /// machine the receiver may still be spinning after 30 ms); returns the
+    /// doorbells `a` rang.
+    fn delayed_send(a: &mut Channel, b: &mut Channel, asleep: bool) -> u64 {
+        // A long sleep slice: once asleep, the receiver stays asleep until
+        // rung (a slice ending between the check below and the send would
+        // leave nobody to ring).
+        b.policy.slice = Duration::from_secs(10);
         let mut out = Vec::new();
         std::thread::scope(|s| {
             let h = s.spawn(|| b.recv(&mut out, None, &mut || Ok(())).unwrap());
             std::thread::sleep(Duration::from_millis(30));
+            let t = Instant::now();
+            while asleep && !a.tx.consumer_waiting() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "the receiver never slept"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
             a.send(5, b"late", None, &mut || Ok(())).unwrap();
             assert_eq!(h.join().unwrap(), 5);
         });
@@ -584,20 +668,85 @@ mod tests {
     #[test]
     fn a_polling_receiver_is_never_rung_and_still_wakes() {
         let (mut a, mut b, _dir) = pair_polling(false, true);
-        assert_eq!(delayed_send(&mut a, &mut b), 0);
+        assert_eq!(delayed_send(&mut a, &mut b, false), 0);
         let (mut a, mut b, _dir) = pair_polling(true, true);
-        assert_eq!(delayed_send(&mut a, &mut b), 0);
+        assert_eq!(delayed_send(&mut a, &mut b, false), 0);
     }
 
     #[test]
     fn a_sleeping_receiver_is_rung_even_by_a_polling_sender() {
         let (mut a, mut b, _dir) = pair_polling(true, false);
-        assert_eq!(delayed_send(&mut a, &mut b), 1);
+        assert_eq!(delayed_send(&mut a, &mut b, true), 1);
         let (mut a, mut b, _dir) = pair_polling(false, false);
-        assert_eq!(delayed_send(&mut a, &mut b), 1);
+        assert_eq!(delayed_send(&mut a, &mut b, true), 1);
+    }
+
+    /// `b` blocks in recv (no deadline) while `a` closes after `delay`;
+    /// returns how long the recv took to report the close.
+    fn close_while_blocked(a: &mut Channel, b: &mut Channel, delay: Duration) -> Duration {
+        let mut out = Vec::new();
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let t = Instant::now();
+                let r = b.recv(&mut out, None, &mut || Ok(()));
+                assert!(matches!(r, Err(Error::Closed)), "recv: {r:?}");
+                t.elapsed()
+            });
+            std::thread::sleep(delay);
+            a.close();
+            h.join().unwrap()
+        })
+    }
+
+    /// A receiver asleep on the doorbell when the sender closes is woken by
+    /// the close, not by the end of its sleep slice. The slice is made long
+    /// (10 s) so that a wake-up by time-out cannot pass for a wake-up by the
+    /// close: every recv must end well before it. The delays put the close
+    /// in every phase of the wait (spinning, yielding, announcing sleep,
+    /// asleep). The race this guards against (a close between the
+    /// receiver's look at the closed flag and its fence) is a window of a
+    /// few instructions that a test run rarely hits: `tests/loom.rs`
+    /// (`no_lost_wakeup_on_close`) checks it in every interleaving.
+    #[test]
+    fn a_sleeping_receiver_is_woken_by_the_close() {
+        let slice = Duration::from_secs(10);
+        for i in 0..40u64 {
+            let (mut a, mut b, _dir) = pair(4096);
+            b.policy.slice = slice;
+            let delay = Duration::from_micros(i * i * 20);
+            let took = close_while_blocked(&mut a, &mut b, delay);
+            assert!(
+                took < slice / 2,
+                "close after {delay:?}: recv took {took:?}, slept out its slice"
+            );
+        }
+    }
+
+    /// A receiver that polls (naps between looks, never sleeps on the
+    /// doorbell) sees the close too, and so does one whose sender polls.
+    #[test]
+    fn a_polling_receiver_sees_the_close() {
+        for (a_polls, b_polls) in [(false, true), (true, true), (true, false)] {
+            let (mut a, mut b, _dir) = pair_polling(a_polls, b_polls);
+            let mut out = Vec::new();
+            let r = std::thread::scope(|s| {
+                let h = s.spawn(|| {
+                    let d = Instant::now() + Duration::from_secs(5);
+                    b.recv(&mut out, Some(d), &mut || Ok(()))
+                });
+                std::thread::sleep(Duration::from_millis(30));
+                a.close();
+                h.join().unwrap()
+            });
+            assert!(
+                matches!(r, Err(Error::Closed)),
+                "polls {a_polls}/{b_polls}: {r:?}"
+            );
+        }
     }
 
     mod tempdir {
+        use std::os::unix::fs::DirBuilderExt;
         pub struct Dir(std::path::PathBuf);
         impl Dir {
             pub fn new() -> Self {
@@ -605,7 +754,8 @@ mod tests {
                     "ivcom-test-{}",
                     crate::hypervisor::host::hex(&crate::hypervisor::random_bytes::<8>())
                 ));
-                std::fs::create_dir_all(&p).unwrap();
+                // Private, as the host backend demands.
+                std::fs::DirBuilder::new().mode(0o700).create(&p).unwrap();
                 Dir(p)
             }
             pub fn path(&self) -> &std::path::Path {
@@ -683,11 +833,76 @@ mod tests {
         }
         assert!(!a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
         // ... and so does the end of a poll, whatever it delivered.
-        assert_eq!(b.poll(3, &mut |_, m| assert_eq!(m, [7u8; 8])).unwrap(), 3);
+        assert_eq!(
+            b.poll(3, &mut |_, m| assert_eq!(m.to_vec(), [7u8; 8]))
+                .unwrap(),
+            3
+        );
         for _ in 0..3 {
             assert!(a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
         }
         assert!(!a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
+    }
+
+    /// A pair of `data`-byte rings whose records are as large as a shrunk
+    /// ring's (half the ring, header included).
+    fn pair_full_records(data: usize) -> (Channel, Channel, tempdir::Dir) {
+        let dir = tempdir::Dir::new();
+        let hv = HostBackend::open_dir(dir.path()).unwrap();
+        let geo = Geometry::with_max_record(data, data / 2 - 8).unwrap();
+        let (a, b) = offer_accept(&hv, geo, 1, |_| {});
+        (a, b, dir)
+    }
+
+    #[test]
+    fn a_blocking_send_of_a_largest_record_waits_for_the_right_room() {
+        // 4 KiB rings, records of 2040 bytes (2048 with the header). Three
+        // 1 KiB records are sent and consumed, three more sent and left:
+        // the producer stands at offset 2048 with 3 KiB in flight. A
+        // largest record needs 2048 contiguous bytes, which the next
+        // release of 1 KiB gives. (Asking `fits` for the record plus a
+        // second header made it need 2056 there, which never fits.)
+        let (mut a, mut b, _dir) = pair_full_records(4096);
+        let k = [5u8; 1016];
+        for _ in 0..3 {
+            assert!(a.try_send_parts(1, &[&k]).unwrap());
+        }
+        assert_eq!(b.poll(3, &mut |_, _| {}).unwrap(), 3);
+        for _ in 0..3 {
+            assert!(a.try_send_parts(1, &[&k]).unwrap());
+        }
+        let big = [9u8; 2040];
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                assert_eq!(b.poll(3, &mut |_, m| assert_eq!(m.len(), 1016)).unwrap(), 3);
+                let mut got = Vec::new();
+                let d = Some(Instant::now() + Duration::from_secs(5));
+                let t = b.recv(&mut got, d, &mut || Ok(())).unwrap();
+                assert_eq!((t, got), (2, big.to_vec()));
+            });
+            let d = Some(Instant::now() + Duration::from_secs(5));
+            a.send(2, &big, d, &mut || Ok(())).unwrap();
+        });
+    }
+
+    #[test]
+    fn a_tag_past_the_limit_breaks_the_link() {
+        let (mut a, mut b, _dir) = pair(4096);
+        b.set_tag_limit(255);
+        a.try_send_parts(254, &[b"ok"]).unwrap();
+        a.try_send_parts(255, &[b"bad"]).unwrap();
+        let mut seen = Vec::new();
+        let e = b
+            .poll(8, &mut |t, m| seen.push((t, m.to_vec())))
+            .unwrap_err();
+        assert!(matches!(e, Error::Broken(Violation::BadTag)), "{e}");
+        assert_eq!(seen, vec![(254, b"ok".to_vec())]);
+        // and it stays broken
+        assert!(matches!(
+            b.poll(8, &mut |_, _| {}),
+            Err(Error::Broken(Violation::BadTag))
+        ));
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub enum Violation {
     BadPadding,
     /// A record sequence (fragments of one message) is out of order.
     BadSequence,
+    /// A record carries a tag at or above the limit of the layer above.
+    BadTag,
 }
 
 impl fmt::Display for Violation {
@@ -37,6 +39,7 @@ impl fmt::Display for Violation {
             Violation::BadType => "unknown record type",
             Violation::BadPadding => "malformed padding record",
             Violation::BadSequence => "fragments out of sequence",
+            Violation::BadTag => "tag out of range",
         };
         f.write_str(s)
     }
@@ -63,6 +66,10 @@ pub enum Error {
     Protocol(String),
     /// An operating-system error.
     Io(io::Error),
+    /// Authentication failed, or the peer refused this node.
+    Auth(String),
+    /// An error on the link to a named peer.
+    AtPeer(String, Box<Error>),
 }
 
 impl Error {
@@ -78,15 +85,36 @@ impl Error {
             Error::Backend(_) => -8,
             Error::Protocol(_) => -9,
             Error::Io(_) => -10,
+            Error::Auth(_) => -11,
+            Error::AtPeer(_, e) => e.code(),
         }
     }
 
     /// True when the link can never carry another message.
     pub fn is_fatal(&self) -> bool {
-        !matches!(
-            self,
-            Error::Timeout | Error::TooLarge { .. } | Error::Invalid(_)
-        )
+        match self {
+            Error::AtPeer(_, e) => e.is_fatal(),
+            e => !matches!(
+                e,
+                Error::Timeout | Error::TooLarge { .. } | Error::Invalid(_)
+            ),
+        }
+    }
+
+    /// The error without the peer it was reported for.
+    pub fn inner(&self) -> &Error {
+        match self {
+            Error::AtPeer(_, e) => e.inner(),
+            e => e,
+        }
+    }
+
+    /// The error, naming `peer` (once).
+    pub fn at_peer(self, peer: impl FnOnce() -> String) -> Error {
+        match self {
+            e @ Error::AtPeer(..) => e,
+            e => Error::AtPeer(peer(), Box::new(e)),
+        }
     }
 }
 
@@ -102,6 +130,8 @@ impl fmt::Display for Error {
             Error::Backend(s) => write!(f, "backend: {s}"),
             Error::Protocol(s) => write!(f, "protocol: {s}"),
             Error::Io(e) => write!(f, "{e}"),
+            Error::Auth(s) => write!(f, "authentication: {s}"),
+            Error::AtPeer(p, e) => write!(f, "peer {p}: {e}"),
         }
     }
 }

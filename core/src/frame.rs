@@ -3,7 +3,8 @@
 //! as a little-endian u64, then data) followed by `MORE` records.
 
 use crate::error::{Error, Result, Violation};
-use crate::ring::kind;
+use crate::payload::Payload;
+use crate::record::kind;
 
 /// Per-direction counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,13 +65,13 @@ pub fn fragment(
 /// Returns its tag, or `None` when nothing was there.
 pub fn take_one(
     out: &mut Vec<u8>,
-    poll: impl FnOnce(usize, &mut dyn FnMut(u8, &[u8])) -> Result<usize>,
+    poll: impl FnOnce(usize, &mut dyn FnMut(u8, Payload<'_>)) -> Result<usize>,
 ) -> Result<Option<u8>> {
     let mut tag = 0;
     let got = poll(1, &mut |t, m| {
         tag = t;
         out.clear();
-        out.extend_from_slice(m);
+        m.append_to(out);
     })?;
     Ok((got == 1).then_some(tag))
 }
@@ -78,19 +79,26 @@ pub fn take_one(
 /// What a record means to the receiver.
 pub enum Delivery<'a> {
     /// A complete message, in place (whole-record messages) or reassembled.
-    Message(u8, &'a [u8]),
+    Message(u8, Payload<'a>),
     /// A fragment was absorbed; nothing to deliver yet.
     Partial,
 }
 
-/// Reassembles fragmented messages.
+/// Buffers of reassembled messages larger than this are freed once the
+/// message was delivered (a big message must not pin its memory).
+const KEEP_BUFFER: usize = 1 << 20;
+
+/// Reassembles fragmented messages. The buffer grows as fragments arrive:
+/// a `FIRST` record announces a total, but nothing is reserved for it (a
+/// hostile peer could announce anything); the total only bounds what may
+/// follow, and is itself bounded by `max_message`.
 #[derive(Default)]
 pub struct Reassembly {
     buf: Vec<u8>,
     total: usize,
     tag: u8,
     active: bool,
-    /// Largest message accepted (a hostile FIRST could ask for anything).
+    /// Largest message accepted.
     pub max_message: usize,
 }
 
@@ -103,42 +111,46 @@ impl Reassembly {
         }
     }
 
-    /// Feeds one record. `data` is the record payload.
-    pub fn feed<'a>(&'a mut self, k: u8, tag: u8, data: &'a [u8]) -> Result<Delivery<'a>> {
+    /// Feeds one record. `data` is the record payload (copied out once).
+    pub fn feed<'a>(&'a mut self, k: u8, tag: u8, data: Payload<'a>) -> Result<Delivery<'a>> {
         match k {
             kind::MSG if !self.active => Ok(Delivery::Message(tag, data)),
             kind::FIRST if !self.active => {
                 if data.len() < 8 {
                     return Err(Violation::BadLength.into());
                 }
-                let total = u64::from_le_bytes(data[..8].try_into().expect("8 bytes")) as usize;
-                let body = &data[8..];
-                if total > self.max_message || total <= body.len() {
-                    return Err(if total > self.max_message {
-                        Error::TooLarge {
-                            len: total,
-                            max: self.max_message,
-                        }
-                    } else {
-                        Violation::BadLength.into()
+                let mut t = [0u8; 8];
+                data.read_at(0, &mut t);
+                let total = u64::from_le_bytes(t);
+                let body = data.slice(8, data.len() - 8);
+                if total > self.max_message as u64 {
+                    return Err(Error::TooLarge {
+                        len: total.min(usize::MAX as u64) as usize,
+                        max: self.max_message,
                     });
                 }
+                let total = total as usize;
+                if total <= body.len() {
+                    return Err(Violation::BadLength.into());
+                }
+                if self.buf.capacity() > KEEP_BUFFER {
+                    self.buf = Vec::new();
+                }
                 self.buf.clear();
-                self.buf.reserve(total);
-                self.buf.extend_from_slice(body);
+                body.append_to(&mut self.buf);
                 self.total = total;
                 self.tag = tag;
                 self.active = true;
                 Ok(Delivery::Partial)
             }
             kind::MORE if self.active => {
-                if self.buf.len() + data.len() > self.total {
+                if data.len() > self.total - self.buf.len() {
                     return Err(Violation::BadLength.into());
                 }
-                self.buf.extend_from_slice(data);
+                data.append_to(&mut self.buf);
                 if self.buf.len() == self.total {
                     self.active = false;
-                    Ok(Delivery::Message(self.tag, &self.buf))
+                    Ok(Delivery::Message(self.tag, Payload::private(&self.buf)))
                 } else {
                     Ok(Delivery::Partial)
                 }
@@ -150,6 +162,11 @@ impl Reassembly {
     /// True while a fragmented message is incomplete.
     pub fn active(&self) -> bool {
         self.active
+    }
+
+    /// Bytes of the buffer (for tests of the growth rule).
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 }
 
@@ -174,7 +191,7 @@ mod tests {
             let mut got = None;
             for (k, t, d) in &recs {
                 assert!(d.len() <= 64);
-                if let Delivery::Message(tag, m) = r.feed(*k, *t, d).unwrap() {
+                if let Delivery::Message(tag, m) = r.feed(*k, *t, Payload::private(d)).unwrap() {
                     got = Some((tag, m.to_vec()));
                 }
             }
@@ -182,24 +199,48 @@ mod tests {
         }
     }
 
+    fn p(b: &[u8]) -> Payload<'_> {
+        Payload::private(b)
+    }
+
     #[test]
     fn hostile_sequences_rejected() {
         let mut r = Reassembly::new(100);
-        assert!(r.feed(kind::MORE, 0, b"x").is_err());
+        assert!(r.feed(kind::MORE, 0, p(b"x")).is_err());
         let mut r = Reassembly::new(100);
-        assert!(r.feed(kind::FIRST, 0, &1000u64.to_le_bytes()).is_err());
+        assert!(r.feed(kind::FIRST, 0, p(&1000u64.to_le_bytes())).is_err());
         let mut r = Reassembly::new(100);
-        assert!(r.feed(kind::FIRST, 0, &[1, 2]).is_err());
+        assert!(r.feed(kind::FIRST, 0, p(&u64::MAX.to_le_bytes())).is_err());
+        let mut r = Reassembly::new(100);
+        assert!(r.feed(kind::FIRST, 0, p(&[1, 2])).is_err());
         let mut r = Reassembly::new(100);
         let mut first = 10u64.to_le_bytes().to_vec();
         first.extend_from_slice(b"abc");
         assert!(matches!(
-            r.feed(kind::FIRST, 0, &first),
+            r.feed(kind::FIRST, 0, p(&first)),
             Ok(Delivery::Partial)
         ));
-        assert!(r.feed(kind::MSG, 0, b"x").is_err());
+        assert!(r.feed(kind::MSG, 0, p(b"x")).is_err());
         let mut r2 = Reassembly::new(100);
-        r2.feed(kind::FIRST, 0, &first).ok();
-        assert!(r2.feed(kind::MORE, 0, &[0u8; 8]).is_err());
+        r2.feed(kind::FIRST, 0, p(&first)).ok();
+        assert!(r2.feed(kind::MORE, 0, p(&[0u8; 8])).is_err());
+    }
+
+    #[test]
+    fn the_buffer_grows_with_the_fragments_not_the_announced_total() {
+        // A FIRST announcing 512 MiB with 8 bytes of data: nothing near the
+        // total is reserved, and the buffer grows only as fragments come.
+        let mut r = Reassembly::new(1 << 30);
+        let mut first = (512u64 << 20).to_le_bytes().to_vec();
+        first.extend_from_slice(&[1; 8]);
+        assert!(matches!(
+            r.feed(kind::FIRST, 0, p(&first)),
+            Ok(Delivery::Partial)
+        ));
+        assert!(r.capacity() < 4096, "{}", r.capacity());
+        for _ in 0..16 {
+            r.feed(kind::MORE, 0, p(&[2; 4096])).unwrap();
+        }
+        assert!(r.capacity() < 4 * 16 * 4096, "{}", r.capacity());
     }
 }

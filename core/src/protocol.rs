@@ -10,6 +10,16 @@
 //! index and does not sleep, or the publisher sees the flag and rings the
 //! doorbell. That is the no-lost-wake-up argument; `tests/loom.rs` checks it
 //! exhaustively.
+//!
+//! Closing is a publish like any other: the producer stores the closed flag,
+//! then publishes its index (unchanged or not) with the same store, fence,
+//! flag read ([`close`]). The consumer's sleep therefore counts the closed
+//! flag among the things it re-reads after its fence
+//! ([`prepare_sleep_unless_closed`]): either it sees the close, or the
+//! closing producer sees its flag and rings. A closed flag read *before* the
+//! fence proves nothing (the close may land just after that read, and its
+//! publish, which moves no index, may miss a flag not yet raised): that
+//! ordering lost the wake-up until the consumer slept out its slice.
 
 use std::sync::atomic::Ordering;
 
@@ -57,17 +67,72 @@ pub fn publish<W: Word>(own_index: &W, index: u64, peer_waiting: &W) -> bool {
 /// moves past `seen`. Returns `true` when the caller may sleep (the flag stays
 /// set; the other side will ring), `false` when the index already moved (the
 /// flag is cleared again and the caller must not sleep).
+///
+/// A producer waiting for space uses it as is: no close ends that wait (the
+/// closed flag of its ring is its own, and the peer closing the other ring
+/// of the channel closes only the peer's sending direction). A consumer
+/// uses [`prepare_sleep_unless_closed`].
 #[doc(hidden)]
 #[inline(always)]
 pub fn prepare_sleep<W: Word>(own_waiting: &W, peer_index: &W, seen: u64) -> bool {
+    announce(own_waiting, || peer_index.load(Ordering::Acquire) == seen)
+}
+
+/// Raises the waiting flag, fences, and keeps it raised only while
+/// `still_idle` (read after the fence) says there is nothing to wake for.
+#[inline(always)]
+fn announce<W: Word>(own_waiting: &W, still_idle: impl FnOnce() -> bool) -> bool {
     own_waiting.store(1, Ordering::Relaxed);
     W::fence();
-    if peer_index.load(Ordering::Acquire) != seen {
+    if still_idle() {
+        true
+    } else {
         own_waiting.store(0, Ordering::Relaxed);
         false
-    } else {
-        true
     }
+}
+
+/// [`prepare_sleep`] for a consumer, which also wakes for the close of its
+/// ring: after the fence it re-reads the producer index *and* the closed
+/// flag (acquire, so that the records published before the close are seen
+/// by the next index load). Returns `true` when the caller may sleep (the
+/// producer will ring for a new record or for the close), `false` when the
+/// index moved or the ring is closed (the flag is cleared again and the
+/// caller must not sleep).
+///
+/// The closed flag that counts is the one read after the fence: the
+/// producer's [`close`] stores it before its own fence, so if the producer's
+/// fence comes first in the single total order of seq_cst fences, this load
+/// sees the flag; if the consumer's fence comes first, the producer's load
+/// of the waiting flag sees it raised and the producer rings. The first
+/// load, before the flag is raised, is a shortcut only (a ring closed long
+/// ago costs no fence); on its own it would lose the wake-up of a close
+/// that lands just after it.
+#[doc(hidden)]
+#[inline(always)]
+pub fn prepare_sleep_unless_closed<W: Word>(
+    own_waiting: &W,
+    peer_index: &W,
+    seen: u64,
+    closed: &W,
+) -> bool {
+    if closed.load(Ordering::Acquire) != 0 {
+        return false;
+    }
+    announce(own_waiting, || {
+        peer_index.load(Ordering::Acquire) == seen && closed.load(Ordering::Acquire) == 0
+    })
+}
+
+/// Closes a ring (producer): stores the closed flag, then publishes `index`
+/// (the last published producer index) as [`publish`] does, so that a
+/// consumer that announced sleep is rung. Returns whether the caller must
+/// ring the doorbell once.
+#[doc(hidden)]
+#[inline(always)]
+pub fn close<W: Word>(closed: &W, own_index: &W, index: u64, peer_waiting: &W) -> bool {
+    closed.store(1, Ordering::Release);
+    publish(own_index, index, peer_waiting)
 }
 
 /// Withdraws a sleep announcement after waking (by doorbell or time-out).

@@ -8,6 +8,19 @@
 //! payload padded to 8 bytes. Records never wrap: a padding record fills the
 //! end of the data area when the next record does not fit before it.
 //!
+//! A producer that finds the ring empty once it is past the first
+//! [`REWIND_AT`] bytes pads to the end and starts over at offset 0 (an early
+//! wrap, in the format's own padding record): traffic that the consumer
+//! keeps up with stays in the first pages of the ring, so the pages behind
+//! them are never touched (the host backend does not populate them up
+//! front) and the working set stays in the caches.
+//!
+//! Under a [`Budget`] (ring space a process's producers share), a producer
+//! also wraps before the end of the data area, at its share of the budget:
+//! with many peers, each ring's records stay in its first pages, however
+//! much is in flight. Both are the producer's choice alone; the format and
+//! the consumer are the same.
+//!
 //! Indices are free-running 64-bit byte counts (`index % size` is the
 //! offset). Each side keeps its own index locally (the shared copy is only
 //! published, never read back) and caches the peer's, reloading it only when
@@ -18,9 +31,11 @@
 //! the ring for good and is reported as [`Error::Broken`].
 
 use crate::error::{Error, Result, Violation};
+use crate::payload::Payload;
 use crate::protocol;
 use std::ptr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// `"IVCR"` little-endian.
 pub const MAGIC: u32 = 0x5243_5649;
@@ -29,11 +44,17 @@ pub const VERSION: u16 = 1;
 /// Size of the control page that precedes each ring's data area.
 pub const CTRL_BYTES: usize = 4096;
 /// Size of a record header.
-pub const RECORD_HEADER: usize = 8;
+pub const RECORD_HEADER: usize = crate::record::HEADER;
 /// Smallest data area.
 pub const MIN_DATA: usize = 4096;
 /// Largest data area (1 GiB).
 pub const MAX_DATA: usize = 1 << 30;
+/// Offset past which a producer that finds the ring empty wraps early
+/// (rings of at least four times this size).
+pub const REWIND_AT: u64 = 16 << 10;
+/// Producer progress between two looks at the consumer index for an early
+/// wrap while the ring is not empty.
+const REWIND_STRIDE: u64 = 16 << 10;
 
 pub const OFF_MAGIC: usize = 0x00; // magic u32, version u16, ctrl_pages u16
 pub const OFF_GEOMETRY: usize = 0x08; // data_size u32, max_record u32
@@ -61,28 +82,24 @@ pub const OFF_PROD_POLLS: usize = 0x1C0;
 /// before the rings are used.
 pub const OFF_CONS_POLLS: usize = 0x200;
 
-/// Record types.
-pub mod kind {
-    /// A whole message.
-    pub const MSG: u8 = 1;
-    /// First fragment of a message larger than a record: payload starts with
-    /// the message length as a little-endian u64.
-    pub const FIRST: u8 = 2;
-    /// A further fragment.
-    pub const MORE: u8 = 3;
-    /// Control record of the layer above (close, credits, ...).
-    pub const CTRL: u8 = 4;
-    /// Padding to the end of the data area; never surfaces.
-    pub const PAD: u8 = 0x7f;
+/// Record kinds (one home: [`crate::record`]).
+pub use crate::record::kind;
 
-    pub(crate) fn valid(k: u8) -> bool {
-        matches!(k, MSG | FIRST | MORE | CTRL)
-    }
-}
-
+/// `n` rounded up to a multiple of 8, for lengths already bounded by the
+/// ring (at most [`MAX_DATA`]).
 #[inline]
 const fn align8(n: usize) -> usize {
     (n + 7) & !7
+}
+
+/// `n` rounded up to a multiple of 8, `None` where that overflows (sizes
+/// from a configuration may be anything).
+#[inline]
+const fn checked_align8(n: usize) -> Option<usize> {
+    match n.checked_add(7) {
+        Some(m) => Some(m & !7),
+        None => None,
+    }
 }
 
 /// Geometry of one ring, agreed by both sides.
@@ -109,7 +126,10 @@ impl Geometry {
                 "ring size {data_size} must be a power of two in [{MIN_DATA}, {MAX_DATA}]"
             )));
         }
-        if align8(max_record) + RECORD_HEADER > data_size / 2 {
+        let fits = checked_align8(max_record)
+            .and_then(|n| n.checked_add(RECORD_HEADER))
+            .is_some_and(|n| n <= data_size / 2);
+        if !fits {
             return Err(Error::Invalid(format!(
                 "largest record {max_record} must fit in half the ring ({data_size})"
             )));
@@ -244,6 +264,46 @@ impl View {
     }
 }
 
+/// Ring space that the producers of one process share: each producer under
+/// the budget keeps its records within the first `bytes / producers` of its
+/// data area (rounded down to 4 KiB, at least two of its largest records,
+/// at most the whole area), recomputed each time it wraps. A process with
+/// few peers gives each the whole ring; one with many bounds the pages its
+/// rings touch, however full they get.
+#[derive(Debug)]
+pub struct Budget {
+    bytes: usize,
+    producers: AtomicUsize,
+}
+
+impl Budget {
+    /// A budget of `bytes` of ring data.
+    pub fn new(bytes: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            bytes,
+            producers: AtomicUsize::new(0),
+        })
+    }
+
+    /// Producers under the budget now.
+    pub fn producers(&self) -> usize {
+        self.producers.load(Ordering::Relaxed)
+    }
+
+    fn share(&self) -> u64 {
+        (self.bytes / self.producers().max(1)) as u64
+    }
+}
+
+/// A producer's place under a budget: counted while it lives.
+struct Share(Arc<Budget>);
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.0.producers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The writing end of a ring.
 pub struct Producer {
     v: View,
@@ -258,6 +318,17 @@ pub struct Producer {
     /// The consumer declared that it never sleeps: publish without the
     /// notify protocol (no fence, no flag to read).
     peer_polls: bool,
+    /// Offset from which an empty ring is wrapped early (`u64::MAX`: never,
+    /// small rings).
+    rewind_at: u64,
+    /// Offset in this lap at which to look at the consumer index next for
+    /// an early wrap (`rewind_at` at the start of each lap, 16 KiB further
+    /// on after each look that found the ring not empty).
+    look_at: u64,
+    /// Offset at which records wrap (the end of the data area, or less
+    /// under a budget).
+    limit: u64,
+    budget: Option<Share>,
     broken: Option<Violation>,
 }
 
@@ -275,6 +346,11 @@ impl Producer {
         // SAFETY: forwarded contract.
         unsafe { check(base, geo)? };
         let v = View { base, geo };
+        let rewind_at = if geo.data_size as u64 >= 4 * REWIND_AT {
+            REWIND_AT
+        } else {
+            u64::MAX
+        };
         // The consumer side starts at zero on a fresh ring.
         Ok(Producer {
             v,
@@ -283,8 +359,49 @@ impl Producer {
             cons: 0,
             reserved: None,
             peer_polls: false,
+            rewind_at,
+            look_at: rewind_at,
+            limit: geo.data_size as u64,
+            budget: None,
             broken: None,
         })
+    }
+
+    /// Puts this producer under `budget` (see [`Budget`]).
+    pub fn set_budget(&mut self, budget: Arc<Budget>) {
+        budget.producers.fetch_add(1, Ordering::Relaxed);
+        self.budget = Some(Share(budget));
+        self.relimit();
+    }
+
+    /// Offset at which records wrap now.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Recomputes the wrap offset from the budget (at a wrap, and when the
+    /// budget is set).
+    fn relimit(&mut self) {
+        let size = self.v.size();
+        self.limit = match &self.budget {
+            None => size,
+            Some(Share(b)) => {
+                let floor = (2 * (self.max_record() as u64 + RECORD_HEADER as u64) + 4095) & !4095;
+                (b.share() & !4095).clamp(floor.min(size), size)
+            }
+        };
+    }
+
+    /// Ring bytes a record of `total` bytes (header included) takes at
+    /// offset `pos`: itself, plus a padding record to the end of the data
+    /// area when it does not fit before the wrap offset.
+    #[inline(always)]
+    fn need(&self, pos: u64, total: u64) -> (u64, bool) {
+        if total <= self.limit.saturating_sub(pos) {
+            (total, false)
+        } else {
+            (self.v.size() - pos + total, true)
+        }
     }
 
     /// The ring geometry.
@@ -295,6 +412,53 @@ impl Producer {
     /// Largest payload of one record.
     pub fn max_record(&self) -> usize {
         self.v.geo.max_record as usize
+    }
+
+    /// Early wrap: past [`REWIND_AT`], when the consumer has taken
+    /// everything, pad to the end of the data area and go on at offset 0.
+    /// While the ring is not empty, looks at the consumer index once per
+    /// 16 KiB written (a look costs the transfer of the consumer's cache
+    /// line).
+    #[inline]
+    fn rewind(&mut self, pos: u64, total: u64) -> Result<()> {
+        if pos < self.look_at {
+            if pos == 0 {
+                // a new lap
+                self.look_at = self.rewind_at;
+            }
+            return Ok(());
+        }
+        if total > pos {
+            return Ok(());
+        }
+        if self.prod != self.cons {
+            self.reload_cons()?;
+            if self.prod != self.cons {
+                // Not empty: look again 16 KiB further on. Looking on
+                // every record would move the consumer's line back and
+                // forth (measured: a look per KiB halved the bandwidth of
+                // 1 KiB messages).
+                self.look_at = pos + REWIND_STRIDE;
+                return Ok(());
+            }
+        }
+        // The ring is empty, so the space is free.
+        self.pad_to_end(pos);
+        Ok(())
+    }
+
+    /// Fills the data area from `pos` (the producer's offset, whose space
+    /// to the end the caller found free) to its end with a padding record,
+    /// so that the next record goes at offset 0, and recomputes the wrap
+    /// offset.
+    fn pad_to_end(&mut self, pos: u64) {
+        let contig = self.v.size() - pos;
+        let pad = (contig - RECORD_HEADER as u64) | (kind::PAD as u64) << 32;
+        // SAFETY: pos + 8 <= size since pos and size are multiples of 8 and
+        // pos < size.
+        unsafe { ptr::write_volatile(self.v.data().add(pos as usize) as *mut u64, pad) };
+        self.prod += contig;
+        self.relimit();
     }
 
     fn fail(&mut self, v: Violation) -> Error {
@@ -338,13 +502,9 @@ impl Producer {
         }
         let size = self.v.size();
         let total = (RECORD_HEADER + align8(len)) as u64;
+        self.rewind(self.prod & (size - 1), total)?;
         let pos = self.prod & (size - 1);
-        let contig = size - pos;
-        let need = if total <= contig {
-            total
-        } else {
-            contig + total
-        };
+        let (need, wrap) = self.need(pos, total);
         if size - self.prod.wrapping_sub(self.cons) < need {
             self.reload_cons()?;
             if size - self.prod.wrapping_sub(self.cons) < need {
@@ -352,18 +512,21 @@ impl Producer {
                 return Ok(None);
             }
         }
-        if total > contig {
-            // Fill the end of the data area with a padding record.
-            let pad = (contig - RECORD_HEADER as u64) | (kind::PAD as u64) << 32;
-            // SAFETY: pos + 8 <= size since pos and size are multiples of 8 and
-            // pos < size; the space is free (checked above).
-            unsafe { ptr::write_volatile(self.v.data().add(pos as usize) as *mut u64, pad) };
-            self.prod += contig;
+        if wrap {
+            // (the space is free: checked above)
+            self.pad_to_end(pos);
         }
         self.reserved = Some(len);
         let pos = (self.prod & (size - 1)) as usize;
         // SAFETY: pos + total <= size (no wrap by construction).
         Ok(Some(unsafe { self.v.data().add(pos + RECORD_HEADER) }))
+    }
+
+    /// Whether the consumer has announced that it sleeps (tests wait for it
+    /// to make a sleeping receiver certain rather than likely).
+    #[cfg(test)]
+    pub fn consumer_waiting(&self) -> bool {
+        self.v.word(OFF_CONS_WAITING).load(Ordering::Acquire) != 0
     }
 
     /// Declares that this producer never sleeps waiting for space.
@@ -408,7 +571,7 @@ impl Producer {
             "commit of {len} bytes exceeds reservation of {cap}"
         );
         let pos = (self.prod & (self.v.size() - 1)) as usize;
-        let hdr = len as u64 | (kind as u64) << 32 | (tag as u64) << 40;
+        let hdr = crate::record::encode(len as u32, kind, tag);
         // SAFETY: the header slot of the reserved record, in bounds.
         unsafe { ptr::write_volatile(self.v.data().add(pos) as *mut u64, hdr) };
         self.prod += (RECORD_HEADER + align8(len)) as u64;
@@ -438,19 +601,18 @@ impl Producer {
         Ok(Some(self.commit(len, kind, tag)))
     }
 
-    /// True when a record of `len` bytes fits without waiting.
+    /// True when a record of `len` payload bytes fits without waiting.
     pub fn fits(&mut self, len: usize) -> Result<bool> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
         }
+        let max = self.max_record();
+        if len > max {
+            return Err(Error::TooLarge { len, max });
+        }
         let size = self.v.size();
         let total = (RECORD_HEADER + align8(len)) as u64;
-        let contig = size - (self.prod & (size - 1));
-        let need = if total <= contig {
-            total
-        } else {
-            contig + total
-        };
+        let (need, _) = self.need(self.prod & (size - 1), total);
         if size - self.prod.wrapping_sub(self.cons) >= need {
             return Ok(true);
         }
@@ -460,6 +622,14 @@ impl Producer {
 
     /// Announces that the producer is about to sleep until the consumer frees
     /// space. Returns `false` when space was freed meanwhile (do not sleep).
+    ///
+    /// Unlike the consumer's, this sleep does not look at a closed flag, and
+    /// has no close to miss: the closed flag of this ring is written by this
+    /// producer alone, never while it waits; and the peer's close of the
+    /// other ring of a channel closes only the peer's sending direction (it
+    /// may still consume, and then rings as usual). A peer that goes away
+    /// without consuming is found by the caller's liveness check between
+    /// sleep slices, as one that dies without closing.
     pub fn prepare_sleep(&mut self) -> Result<bool> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
@@ -479,10 +649,11 @@ impl Producer {
     }
 
     /// Marks the ring closed: the consumer sees [`Error::Closed`] once it has
-    /// drained what was committed. Returns whether the consumer sleeps.
+    /// drained what was committed. Returns whether the consumer sleeps (and
+    /// must be rung: it announced sleep before it could see the close).
     pub fn close(&mut self) -> bool {
-        self.v.word(OFF_CLOSED).store(1, Ordering::Release);
-        protocol::publish(
+        protocol::close(
+            self.v.word(OFF_CLOSED),
             self.v.word(OFF_PROD),
             self.published,
             self.v.word(OFF_CONS_WAITING),
@@ -497,6 +668,14 @@ impl Producer {
     /// The doorbell word that wakes this ring's consumer (host backend).
     pub fn bell(&self) -> *const AtomicU32 {
         self.v.bell()
+    }
+
+    /// The ring's control page, for tests that play a hostile producer
+    /// (they write records and indices by hand, as `docs/ring-format.md`
+    /// describes). Not for anything else.
+    #[doc(hidden)]
+    pub fn raw_base(&self) -> *mut u8 {
+        self.v.base
     }
 }
 
@@ -515,15 +694,16 @@ pub struct Record {
 }
 
 impl Record {
-    /// The payload as a byte slice.
+    /// The payload, as a view that copies out of ring space and never
+    /// lends a reference to it.
     ///
     /// # Safety
-    /// Valid only until the record is released; the caller must not hold it
-    /// beyond that.
-    pub unsafe fn bytes<'a>(&self) -> &'a [u8] {
+    /// Valid only until the record is released; the caller must not keep
+    /// the view beyond that.
+    pub unsafe fn payload<'a>(&self) -> Payload<'a> {
         // SAFETY: ptr/len were validated to lie inside the data area, which
-        // stays mapped while the consumer exists.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        // stays mapped while the consumer exists (caller's contract).
+        unsafe { Payload::shared(self.ptr, self.len) }
     }
 }
 
@@ -593,6 +773,12 @@ impl Consumer {
         Ok(())
     }
 
+    /// Breaks the ring for a violation the layer above found in a record
+    /// (a tag out of its range, say): every later call reports it.
+    pub fn poison(&mut self, v: Violation) -> Error {
+        self.fail(v)
+    }
+
     /// Cheap hint for pollers: `true` when nothing new was published since
     /// the last look (one relaxed load; no validation). A `false` answer is
     /// followed by [`Consumer::peek`], which validates everything.
@@ -645,9 +831,7 @@ impl Consumer {
             // One read of the header into a local: no double fetch.
             // SAFETY: pos is 8-aligned and pos + 8 <= size.
             let hdr = unsafe { ptr::read_volatile(self.v.data().add(pos as usize) as *const u64) };
-            let len = (hdr & 0xffff_ffff) as usize;
-            let k = (hdr >> 32) as u8;
-            let tag = (hdr >> 40) as u8;
+            let (len, k, tag, _) = crate::record::decode(hdr);
             if k == kind::PAD {
                 if len as u64 + RECORD_HEADER as u64 != contig || avail < contig {
                     return Err(self.fail(Violation::BadPadding));
@@ -727,19 +911,20 @@ impl Consumer {
         self.flush()
     }
 
-    /// Announces that the consumer is about to sleep until data arrives.
-    /// Returns `false` when data arrived meanwhile (do not sleep).
+    /// Announces that the consumer is about to sleep until data arrives or
+    /// the producer closes the ring. Returns `false` when data arrived or the
+    /// ring was closed meanwhile (do not sleep).
     pub fn prepare_sleep(&mut self) -> Result<bool> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
         }
-        if self.v.word(OFF_CLOSED).load(Ordering::Acquire) != 0 {
-            return Ok(false);
-        }
-        let sleep = protocol::prepare_sleep(
+        // The closed flag is read after the fence (a close that lands
+        // while the sleep is announced is not missed; issue 13).
+        let sleep = protocol::prepare_sleep_unless_closed(
             self.v.word(OFF_CONS_WAITING),
             self.v.word(OFF_PROD),
             self.prod,
+            self.v.word(OFF_CLOSED),
         );
         if !sleep {
             self.reload_prod()?;
@@ -752,8 +937,32 @@ impl Consumer {
         protocol::finish_sleep(self.v.word(OFF_CONS_WAITING));
     }
 
+    /// True when the producer closed the ring (records published before the
+    /// close may still be waiting: [`Consumer::peek`] delivers them first).
+    /// Blocking waits check it alongside [`Consumer::has_data`].
+    #[inline]
+    pub fn is_closed(&self) -> bool {
+        self.v.word(OFF_CLOSED).load(Ordering::Acquire) != 0
+    }
+
     /// The doorbell word that wakes this ring's consumer (host backend).
     pub fn bell(&self) -> *const AtomicU32 {
         self.v.bell()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_sizes_near_the_top_of_usize_are_refused() {
+        // Rounding such a size up to 8 bytes wrapped to a tiny number,
+        // which passed the "fits in half the ring" check.
+        for m in [usize::MAX, usize::MAX - 3, usize::MAX - 7, usize::MAX - 8] {
+            assert!(Geometry::with_max_record(4096, m).is_err(), "{m}");
+        }
+        assert!(Geometry::with_max_record(4096, 2040).is_ok());
+        assert!(Geometry::with_max_record(4096, 2041).is_err());
     }
 }

@@ -1,31 +1,48 @@
 //! Exhaustive interleaving models of the ring's index/notify protocol.
 //!
 //! Run with:
-//! `RUSTFLAGS="--cfg loom" cargo test -p ivcom-core --test loom --release`
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release -p ivcom-core --test loom`
+//!
+//! and the two ignored models (see below) on demand with the same command
+//! followed by `-- --ignored` (or `-- --include-ignored` for all).
 //!
 //! The functions under test are the production ones in
-//! `ivcom_core::protocol` (`publish`, `prepare_sleep`, `finish_sleep`),
-//! instantiated over loom's atomics through the `Word` trait. Models:
+//! `ivcom_core::protocol` (`publish`, `prepare_sleep`,
+//! `prepare_sleep_unless_closed`, `close`, `finish_sleep`), instantiated
+//! over loom's atomics through the `Word` trait. Models:
 //!
 //! - no lost wake-up, both directions: a side that decided to sleep is
 //!   always rung (or saw the index move and did not sleep), in every
-//!   interleaving; a waiter that sleeps on a doorbell token always wakes up;
+//!   interleaving;
+//! - no lost close: a consumer that decides to sleep as its producer closes
+//!   the ring is always rung (or saw the close and did not sleep), and a
+//!   consumer that sleeps on a doorbell token always wakes up to the close;
 //! - no overwrite of unread data: a two-slot ring of `loom::cell::UnsafeCell`
 //!   slots through which three items pass; loom's race detector proves the
 //!   producer never writes a slot the consumer is reading or has not read;
 //! - negative controls: the same models with the fences or the
-//!   release/acquire orderings taken away fail, so the models have teeth.
+//!   release/acquire orderings taken away, or with the consumer reading the
+//!   closed flag before its fence (the ordering before issue 13), fail, so
+//!   the models have teeth.
 //!
-//! Not checked here, and why: models where one side goes through several
-//! sleep/wake rounds (`waiter_always_wakes`, `sleeping_ring`, kept below as
-//! ignored tests) fail under loom 0.7 with an outcome the C++20/Rust memory
-//! model forbids. Loom keeps the modification order of an atomic as a
-//! partial order (vector clocks), so the publisher's relaxed `swap(0)` of the
-//! waiting flag may read an older store and still not be ordered before the
-//! waiter's next store of 1; a later load then returns the swap's 0 although
-//! seq_cst fences on both sides forbid it. `loom_rmw_false_positive` shows the
-//! same outcome on a ten-line litmus test (it is expected to "fail", i.e. to
-//! panic; if a loom upgrade makes it pass, un-ignore the multi-round models).
+//! Ignored, and why: `sleeping_consumer_always_wakes` and
+//! `both_sides_sleeping_ring`, where one side goes through several
+//! sleep/wake rounds, fail under loom 0.7.3 (the newest release) with an
+//! outcome the C++20/Rust memory model forbids. That is loom's bug
+//! tokio-rs/loom#254: loom can order a plain store between the read and the
+//! write of a `swap`, whereas an atomic read-modify-write reads the last
+//! value in modification order before its own write ([atomics.order]/10).
+//! Here the publisher's relaxed `swap(0)` of the waiting flag may read an
+//! older store and still not be ordered before the waiter's next store of
+//! 1; a later load then returns the swap's 0 although seq_cst fences on
+//! both sides forbid it. The fix proposed upstream, tokio-rs/loom PR #391
+//! (not in any release yet), was found to make both models pass (at
+//! preemption bounds 4 to 6, and exhaustively for the single-waiter one),
+//! and with it they still fail when a fence is removed. `loom_rmw_false_positive` shows the
+//! bug on a ten-line litmus test; it is expected to "fail", i.e. to panic.
+//! When a loom release carries the fix, that test stops panicking (and so
+//! fails): upgrade loom, un-ignore the two models and drop it. A preemption
+//! bound for the ignored models: `LOOM_MAX_PREEMPTIONS=4`.
 #![cfg(loom)]
 
 use ivcom_core::protocol::{self, Word};
@@ -229,7 +246,7 @@ fn waiter_always_wakes<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T, steps:
 }
 
 #[test]
-#[ignore = "loom 0.7 false positive on relaxed RMW vs store, see the module doc"]
+#[ignore = "loom 0.7.3 false positive, tokio-rs/loom#254 (store ordered inside a swap); passes with tokio-rs/loom PR #391; run with -- --ignored"]
 fn sleeping_consumer_always_wakes() {
     model(|| waiter_always_wakes(W::new, 2));
 }
@@ -371,13 +388,142 @@ fn sleeping_ring<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T) {
 }
 
 #[test]
-#[ignore = "loom 0.7 false positive on relaxed RMW vs store, see the module doc"]
+#[ignore = "loom 0.7.3 false positive, tokio-rs/loom#254 (store ordered inside a swap); passes with tokio-rs/loom PR #391; run with -- --ignored"]
 fn both_sides_sleeping_ring() {
     model(|| sleeping_ring(W::new));
 }
 
 // ---------------------------------------------------------------------------
+// (c) No lost close
+
+/// The shared words of one ring as its close concerns them: the producer
+/// index, the consumer's waiting flag and the closed flag.
+struct Closing<T> {
+    index: T,
+    waiting: T,
+    closed: T,
+}
+
+/// A consumer's sleep decision: `(waiting, index, seen, closed)`, `true` to
+/// sleep.
+type Prepare<T> = fn(&T, &T, u64, &T) -> bool;
+
+/// The consumer's sleep decision as it was before issue 13: the closed flag
+/// read first, before the waiting flag is raised and the fence, then the
+/// plain protocol. Kept for the negative controls only.
+fn prepare_sleep_closed_first<T: Word>(waiting: &T, index: &T, seen: u64, closed: &T) -> bool {
+    closed.load(Ordering::Acquire) == 0 && protocol::prepare_sleep(waiting, index, seen)
+}
+
+/// The close against one sleep decision. The consumer consumed everything
+/// (it saw the index at 8) and prepares to sleep; the producer closes the
+/// ring, which publishes the same index 8 again. The index never moves, so
+/// only the closed flag can stop the consumer's sleep: whenever the
+/// consumer decided to sleep, the producer must have been told to ring.
+fn one_close_one_sleep<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T, prepare: Prepare<T>) {
+    let p = Arc::new(Closing {
+        index: mk(8),
+        waiting: mk(0),
+        closed: mk(0),
+    });
+    let q = p.clone();
+    let producer = thread::spawn(move || protocol::close(&q.closed, &q.index, 8, &q.waiting));
+    let sleeps = prepare(&p.waiting, &p.index, 8, &p.closed);
+    let rang = producer.join().unwrap();
+    assert!(
+        !sleeps || rang,
+        "lost wake-up: the consumer sleeps through the close, nobody rings"
+    );
+    if !sleeps {
+        // It did not sleep because it saw the close (the index is the same).
+        assert_ne!(p.closed.load(Ordering::Relaxed), 0);
+    }
+    // Lowered by the consumer that did not sleep, or by the ringing close.
+    assert_eq!(p.waiting.load(Ordering::Relaxed), 0, "flag left up");
+}
+
+/// The interleaving of issue 13, in every order: the consumer's sleep
+/// decision against the producer's close.
+#[test]
+fn no_lost_wakeup_on_close() {
+    model(|| one_close_one_sleep(W::new, protocol::prepare_sleep_unless_closed));
+}
+
+/// A consumer that really sleeps, as the channel's blocking receive does:
+/// it returns once it saw the close (and the index did not move past what
+/// it consumed), otherwise takes a doorbell token, prepares to sleep and
+/// sleeps on the doorbell until it changes. The producer closes the ring
+/// and rings when told to. With a lost wake-up the consumer would wait on
+/// the doorbell forever and loom would report it.
+fn consumer_sees_the_close<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T, prepare: Prepare<T>) {
+    struct S<T> {
+        ring: Closing<T>,
+        bell: AtomicU64,
+    }
+    let s = Arc::new(S {
+        ring: Closing {
+            index: mk(8),
+            waiting: mk(0),
+            closed: mk(0),
+        },
+        bell: AtomicU64::new(0),
+    });
+    let t = s.clone();
+    let producer = thread::spawn(move || {
+        let r = &t.ring;
+        if protocol::close(&r.closed, &r.index, 8, &r.waiting) {
+            t.bell.fetch_add(1, Ordering::Release);
+        }
+    });
+    let r = &s.ring;
+    while r.closed.load(Ordering::Acquire) == 0 {
+        let token = s.bell.load(Ordering::Acquire);
+        if prepare(&r.waiting, &r.index, 8, &r.closed) {
+            while s.bell.load(Ordering::Acquire) == token {
+                thread::yield_now();
+            }
+            protocol::finish_sleep(&r.waiting);
+        }
+    }
+    assert_eq!(r.index.load(Ordering::Acquire), 8);
+    producer.join().unwrap();
+}
+
+#[test]
+fn a_sleeping_consumer_always_sees_the_close() {
+    model(|| consumer_sees_the_close(W::new, protocol::prepare_sleep_unless_closed));
+}
+
+// ---------------------------------------------------------------------------
 // Negative controls: the models catch the bugs they are about.
+
+/// The ordering before issue 13 (the closed flag read before the fence)
+/// loses the close's wake-up.
+#[test]
+#[should_panic(expected = "lost wake-up: the consumer sleeps through the close")]
+fn control_closed_read_before_fence_loses_the_close() {
+    model(|| one_close_one_sleep(W::new, prepare_sleep_closed_first));
+}
+
+/// The same, for a consumer that really sleeps: it sleeps on the doorbell
+/// forever, which loom reports as a model that never ends.
+#[test]
+#[should_panic(expected = "maximum number of branches")]
+fn control_closed_read_before_fence_sleeps_forever() {
+    model(|| consumer_sees_the_close(W::new, prepare_sleep_closed_first));
+}
+
+/// The new ordering needs its fence too.
+#[test]
+#[should_panic(expected = "lost wake-up: the consumer sleeps through the close")]
+fn control_close_without_fence_loses_the_close() {
+    model(|| {
+        one_close_one_sleep(
+            |v| NoFence(AtomicU64::new(v)),
+            protocol::prepare_sleep_unless_closed,
+        )
+    });
+}
 
 #[test]
 #[should_panic]
@@ -392,7 +538,7 @@ fn control_relaxed_indices_race_on_slots() {
 }
 
 // ---------------------------------------------------------------------------
-// The loom limitation behind the ignored models.
+// The loom limitation behind the ignored models: tokio-rs/loom#254.
 
 /// Thread W (waiter) raises, lowers and raises a flag around two
 /// `fence(SeqCst)`s, then reads an index; thread P (publisher) publishes the
@@ -402,7 +548,8 @@ fn control_relaxed_indices_race_on_slots() {
 /// places the swap right after the lowering store, hence before the second
 /// raise in the modification order; `r3 == 0` then makes `r3` coherence-
 /// ordered before the raise, so P's second fence precedes W's second fence
-/// in S, while `r2 == 8` requires the opposite. Loom 0.7 reports it anyway.
+/// in S, while `r2 == 8` requires the opposite. Loom 0.7.3 reports it
+/// anyway (tokio-rs/loom#254; fixed by tokio-rs/loom PR #391, unreleased).
 #[test]
 #[should_panic(expected = "forbidden outcome")]
 fn loom_rmw_false_positive() {

@@ -2,6 +2,8 @@
 //! running `mpirun` with a hard time limit, and reading the component's
 //! verbose report.
 
+pub mod hostile;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -14,9 +16,43 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Directory holding `mca_btl_ivcom.so` (built by `scripts/build`).
+/// Major version of the Open MPI on this machine (or in this root): 4 or 5.
+pub fn ompi_major() -> u32 {
+    static MAJOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *MAJOR.get_or_init(|| {
+        let out = Command::new("ompi_info")
+            .args(["--parsable", "--version"])
+            .output()
+            .expect("ompi_info (apt-get install openmpi-bin)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "ompi:version:full:4.1.4" (4.1) or "Open MPI v5.0.7" (5.0)
+        text.split(|c: char| c == ':' || c == 'v' || c.is_whitespace())
+            .find_map(|w| w.split('.').next()?.parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("no Open MPI version in ompi_info's output: {text}"))
+    })
+}
+
+/// Open MPI's shared-memory BTL: vader in 4.1, sm in 5.0.
+pub fn shm_btl() -> &'static str {
+    if ompi_major() >= 5 {
+        "sm"
+    } else {
+        "vader"
+    }
+}
+
+/// Directory holding `mca_btl_ivcom.so` (built by `scripts/build`):
+/// target/ompi for Open MPI 4.1, target/ompi5 for 5.0, or
+/// `$IVCOM_COMPONENT_DIR`.
 pub fn component_dir() -> PathBuf {
-    repo().join("target/ompi")
+    if let Some(d) = std::env::var_os("IVCOM_COMPONENT_DIR") {
+        return PathBuf::from(d);
+    }
+    repo().join(if ompi_major() >= 5 {
+        "target/ompi5"
+    } else {
+        "target/ompi"
+    })
 }
 
 /// Open MPI's own component directory.
@@ -67,6 +103,17 @@ pub fn mpi_env(cmd: &mut Command) -> &mut Command {
             "OMPI_MCA_mca_base_component_path",
             format!("{}:{}", component_dir().display(), ompi_component_dir()),
         )
+        // PMIx (Open MPI 5) reads the path above too and complains about
+        // every file there that is not a PMIx component.
+        .env("PMIX_MCA_mca_base_component_show_load_errors", "0");
+    if ompi_major() >= 5 {
+        // Open MPI 5.0.7's btl/tcp gives a dual-stack interface (this
+        // machine's eth0) only its IPv6 address, which its reachability
+        // check then rejects between ranks of one host ("Unable to find
+        // reachable pairing"): tcp over IPv4 only, for the tcp baselines.
+        cmd.env("OMPI_MCA_btl_tcp_disable_family", "6");
+    }
+    cmd
 }
 
 /// Result of a command run with a time limit.
@@ -140,6 +187,77 @@ pub fn mpirun(np: usize, btl: &str) -> Command {
     ])
     .args(["--mca", "pml", "ob1", "--mca", "btl", btl]);
     c
+}
+
+/// The emulated cluster (`scripts/vcluster`), up for as long as this
+/// guard lives.
+pub struct Cluster;
+impl Cluster {
+    /// `scripts/vcluster up SPEC`, e.g. `"hostA:vm1,vm2 hostB:vm3,vm4"`.
+    pub fn up(spec: &str) -> Cluster {
+        let r = run(
+            Command::new(repo().join("scripts/vcluster")).args(["up", spec]),
+            // `up` waits while another live process owns the cluster.
+            Duration::from_secs(600),
+        );
+        assert!(r.ok(), "vcluster up failed:\n{}", r.text());
+        Cluster
+    }
+
+    /// `mpirun` on the cluster's head node, `np` ranks over
+    /// `--mca btl ivcom,self` with the verbose path report.
+    pub fn mpirun(&self, np: usize) -> Command {
+        let mut c = Command::new(repo().join("scripts/vcluster"));
+        mpi_env(&mut c)
+            .args(["mpirun", "-np", &np.to_string()])
+            .args(["--mca", "pml", "ob1", "--mca", "btl", "ivcom,self"])
+            .args(["--mca", "btl_ivcom_verbose", "1"]);
+        c
+    }
+}
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/vcluster"))
+            .arg("down")
+            .status();
+    }
+}
+
+/// Kills (SIGKILL) the newest process whose command line matches
+/// `pattern` (`pgrep -n -f`), 2 s after it first shows up, from a thread;
+/// the thread returns when it struck, or `None` when no such process
+/// appeared within 30 s.
+pub fn kill_newest(pattern: &'static str) -> std::thread::JoinHandle<Option<Instant>> {
+    std::thread::spawn(move || {
+        for _ in 0..300 {
+            std::thread::sleep(Duration::from_millis(100));
+            let out = Command::new("pgrep").args(["-n", "-f", pattern]).output();
+            if let Ok(o) = out {
+                let pid = String::from_utf8_lossy(&o.stdout).trim().to_string();
+                if !pid.is_empty() {
+                    std::thread::sleep(Duration::from_secs(2));
+                    let _ = Command::new("kill").args(["-9", &pid]).status();
+                    return Some(Instant::now());
+                }
+            }
+        }
+        None
+    })
+}
+
+/// `len` deterministic bytes from `seed` (xorshift64, little-endian words):
+/// what the MPI test programs send, so that the receiver can recompute and
+/// compare every byte.
+pub fn xorshift_bytes(mut s: u64, len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let take = (len - v.len()).min(8);
+        v.extend_from_slice(&s.to_le_bytes()[..take]);
+    }
+    v
 }
 
 /// One `[ivcom] path rank=R peer=P path=X reason="..."` line.

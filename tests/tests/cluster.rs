@@ -1,4 +1,4 @@
-//! The emulated cluster of DESIGN.md: 2 physical hosts x 2 VMs, each VM a
+//! The emulated cluster of docs/design.md: 2 physical hosts x 2 VMs, each VM a
 //! network namespace started through a launch agent, 4 ranks. Same-host
 //! pairs must take the ring, cross-host pairs TCP, and the integrity suite
 //! must pass over that mix.
@@ -7,49 +7,16 @@ use ivcom_tests::*;
 use std::process::Command;
 use std::time::Duration;
 
-struct Cluster;
-impl Cluster {
-    fn up(spec: &str) -> Cluster {
-        let r = run(
-            Command::new(repo().join("scripts/vcluster")).args(["up", spec]),
-            // `up` waits while another live process owns the cluster.
-            Duration::from_secs(600),
-        );
-        assert!(r.ok(), "vcluster up failed:\n{}", r.text());
-        Cluster
-    }
-}
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(repo().join("scripts/vcluster"))
-            .arg("down")
-            .status();
-    }
-}
-
 #[test]
 fn two_hosts_two_vms_each_ring_inside_tcp_across() {
     require_component();
     if !is_root() {
-        eprintln!("SKIPPED: network namespaces need root (DESIGN.md: plain processes otherwise, covered by tests/mpi.rs)");
+        eprintln!("SKIPPED: network namespaces need root (docs/design.md: plain processes otherwise, covered by tests/mpi.rs)");
         return;
     }
-    let _c = Cluster::up("hostA:vm1,vm2 hostB:vm3,vm4");
-    let mut cmd = Command::new(repo().join("scripts/vcluster"));
-    mpi_env(&mut cmd)
-        .args([
-            "mpirun",
-            "-np",
-            "4",
-            "--mca",
-            "pml",
-            "ob1",
-            "--mca",
-            "btl",
-            "ivcom,self",
-        ])
-        .args(["--mca", "btl_ivcom_verbose", "1"])
-        .arg(bin("ivcom-integrity"));
+    let c = Cluster::up("hostA:vm1,vm2 hostB:vm3,vm4");
+    let mut cmd = c.mpirun(4);
+    cmd.arg(bin("ivcom-integrity"));
     let r = run(&mut cmd, Duration::from_secs(240));
     assert!(
         r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
@@ -88,5 +55,112 @@ fn two_hosts_two_vms_each_ring_inside_tcp_across() {
     assert_eq!(
         stats_sum(&r.stderr, "tx_bytes"),
         stats_sum(&r.stderr, "rx_bytes")
+    );
+}
+
+/// The pid of the `ivcom-integrity` rank running in VM `vm` (network
+/// namespace `ivc-<vm>`), once it runs.
+fn rank_pid_in(vm: &str) -> Option<i32> {
+    let ps = Command::new("pgrep")
+        .args(["-f", "ivcom-integrity"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<i32>().ok())
+        .find(|pid| {
+            Command::new("ip")
+                .args(["netns", "identify", &pid.to_string()])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim() == format!("ivc-{vm}"))
+                .unwrap_or(false)
+        })
+}
+
+/// A 2-rank job, one rank per VM of one host (a ring), until `act` has
+/// done its worst to vm2's rank; returns the job's outcome and the moment
+/// `act` struck.
+fn job_under(args: &[&str], act: impl FnOnce(i32) + Send + 'static) -> (Run, std::time::Instant) {
+    let c = Cluster::up("hostA:vm1,vm2");
+    let mut cmd = c.mpirun(2);
+    // The runtime must notice the dead VM's daemon too: its idle
+    // connections by keepalive (every 2 s here), the others when TCP gives
+    // up (the vcluster head node's setting).
+    cmd.args(["--mca", "oob_tcp_keepalive_time", "2"])
+        .args(["--mca", "oob_tcp_keepalive_intvl", "1"])
+        .args(["--mca", "oob_tcp_keepalive_probes", "3"])
+        .arg(bin("ivcom-integrity"))
+        .args(args);
+    let actor = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        let pid = loop {
+            if let Some(p) = rank_pid_in("vm2") {
+                break p;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "no rank in vm2");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // Let the job run first.
+        std::thread::sleep(Duration::from_secs(3));
+        let at = std::time::Instant::now();
+        act(pid);
+        at
+    });
+    let r = run(&mut cmd, Duration::from_secs(180));
+    let at = actor.join().unwrap();
+    (r, at)
+}
+
+#[test]
+fn a_vm_that_freezes_and_drops_off_the_network_ends_the_job_quickly() {
+    require_component();
+    if !is_root() {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    }
+    // vm2's rank stops and vm2's link goes down: no FIN, no RST, nothing.
+    let (r, at) = job_under(&["--forever"], |pid| {
+        // SAFETY: kill(2) on a process of this test's job.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let s = Command::new("ip")
+            .args(["link", "set", "ivv-vm2", "down"])
+            .status()
+            .unwrap();
+        assert!(s.success());
+    });
+    let took = at.elapsed();
+    assert!(!r.timed_out && r.status != Some(0), "{}", r.text());
+    // The surviving rank names the silent peer; mpirun ends well within 30 s.
+    assert!(
+        r.stderr.contains("no sign of life") && r.stderr.contains("rank 1 on vm2"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "mpirun took {took:?}:\n{}",
+        r.text()
+    );
+    eprintln!("job ended {took:?} after the freeze");
+}
+
+#[test]
+fn a_vm_paused_for_two_seconds_loses_nothing() {
+    require_component();
+    if !is_root() {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    }
+    let (r, _) = job_under(&["--seconds", "10"], |pid| {
+        // SAFETY: kill(2) on a process of this test's job.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        std::thread::sleep(Duration::from_secs(2));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=2"),
+        "{}",
+        r.text()
     );
 }

@@ -16,16 +16,6 @@ fn integrity(np: usize, extra: &[&str]) -> Run {
     run(&mut c, LIMIT)
 }
 
-/// The integrity program over the BTL list `btls`, with program arguments.
-fn integrity_with(np: usize, btls: &str, args: &[&str]) -> Run {
-    require_component();
-    let mut c = mpirun(np, btls);
-    c.args(["--mca", "btl_ivcom_verbose", "1"])
-        .arg(bin("ivcom-integrity"))
-        .args(args);
-    run(&mut c, LIMIT)
-}
-
 /// Every ordered pair of distinct ranks that talked reported a path.
 fn assert_paths(r: &Run, np: u32, want: impl Fn(u32, u32) -> &'static str) {
     let lines = path_lines(&r.stderr);
@@ -153,6 +143,8 @@ fn ompi_info_lists_the_component_and_its_parameters() {
         "btl_ivcom_exclusivity",
         "btl_ivcom_verbose",
         "btl_ivcom_if_include",
+        "btl_ivcom_shm_limit",
+        "btl_ivcom_ring_budget",
     ] {
         assert!(r.stdout.contains(p), "{p} missing:\n{}", r.stdout);
     }
@@ -208,7 +200,10 @@ impl HostDir {
         let p =
             std::path::PathBuf::from(format!("/dev/shm/ivcom-test-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
+        // Private: the host backend refuses a directory others can enter.
+        std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+            .create(&p)
+            .unwrap();
         HostDir(p)
     }
     /// A hypervisor directory on a tmpfs of `size` (mount's notation).
@@ -251,23 +246,7 @@ fn killed_rank_aborts_the_job_quickly_and_leaves_nothing() {
         .arg(bin("ivcom-integrity"))
         .arg("--forever");
     // Kill one rank (the newest ivcom-integrity process) once the job runs.
-    let killer = std::thread::spawn(|| {
-        for _ in 0..300 {
-            std::thread::sleep(Duration::from_millis(100));
-            let out = Command::new("pgrep")
-                .args(["-n", "-f", "ivcom-integrity --forever"])
-                .output();
-            if let Ok(o) = out {
-                let pid = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                if !pid.is_empty() {
-                    std::thread::sleep(Duration::from_secs(2));
-                    let _ = Command::new("kill").args(["-9", &pid]).status();
-                    return Some(std::time::Instant::now());
-                }
-            }
-        }
-        None
-    });
+    let killer = kill_newest("ivcom-integrity --forever");
     let r = run(&mut c, Duration::from_secs(120));
     let killed_at = killer.join().unwrap().expect("no rank to kill was found");
     let since_kill = killed_at.elapsed();
@@ -300,29 +279,35 @@ fn killed_rank_aborts_the_job_quickly_and_leaves_nothing() {
     assert_eq!(dir.leftovers(), Vec::<String>::new());
 }
 
-/// The integrity program on 2 ranks whose hypervisor directory is a tmpfs
-/// of `size`; it must pass. `None` (test skipped) without root.
-fn integrity_on_tmpfs(tag: &str, size: &str) -> Option<(HostDir, Run)> {
+/// The integrity program on 2 ranks whose host backend may share at most
+/// `limit` bytes of rings at once; it must pass.
+fn integrity_with_share_limit(tag: &str, limit: &str) -> (HostDir, Run) {
     require_component();
-    if !is_root() {
-        eprintln!("SKIPPED: mounting a tmpfs needs root");
-        return None;
-    }
-    let dir = HostDir::tmpfs(tag, size);
-    let r = integrity(2, &["--mca", "btl_ivcom_host_dir", dir.path()]);
+    let dir = HostDir::new(tag);
+    let r = integrity(
+        2,
+        &[
+            "--mca",
+            "btl_ivcom_host_dir",
+            dir.path(),
+            "--mca",
+            "btl_ivcom_shm_limit",
+            limit,
+        ],
+    );
     assert!(
         r.ok() && r.stdout.contains("INTEGRITY PASS"),
         "{}",
         r.text()
     );
-    Some((dir, r))
+    (dir, r)
 }
 
 #[test]
-fn no_shm_space_falls_back_to_tcp_with_one_warning() {
-    let Some((dir, r)) = integrity_on_tmpfs("nospace", "64k") else {
-        return;
-    };
+fn no_room_for_a_ring_falls_back_to_tcp_with_one_warning() {
+    // 64 KiB cannot hold the smallest pair of rings with records of the
+    // eager limit (2 x (32 + 4) KiB): TCP, said once.
+    let (dir, r) = integrity_with_share_limit("nospace", "65536");
     assert_paths(&r, 2, |_, _| "tcp");
     let warnings = r.stderr.matches("could not be given a shared ring").count()
         + r.stderr.matches("co-resident peer").count();
@@ -343,12 +328,10 @@ fn no_shm_space_falls_back_to_tcp_with_one_warning() {
     assert_eq!(dir.leftovers(), Vec::<String>::new());
 }
 
-/// The integrity program on a tmpfs of `size`: both ranks on a ring whose
+/// The integrity program under a share limit: both ranks on a ring whose
 /// path line names `geometry` (the rings the pair shrank to).
-fn rings_fit_a_tmpfs(tag: &str, size: &str, geometry: &str) {
-    let Some((dir, r)) = integrity_on_tmpfs(tag, size) else {
-        return;
-    };
+fn rings_fit_a_share_limit(tag: &str, limit: &str, geometry: &str) {
+    let (dir, r) = integrity_with_share_limit(tag, limit);
     assert_paths(&r, 2, |_, _| "ring");
     let lines = path_lines(&r.stderr);
     assert!(
@@ -360,44 +343,43 @@ fn rings_fit_a_tmpfs(tag: &str, size: &str, geometry: &str) {
 }
 
 #[test]
-fn rings_shrink_to_fit_a_small_hypervisor_directory() {
-    // 3 MiB of tmpfs cannot hold a pair's 2 MiB rings (4 MiB + 8 KiB), but
-    // holds 1 MiB rings: the pair gets those instead of TCP, and says so.
-    rings_fit_a_tmpfs("shrink", "3m", "rings of 1024 KiB, records of 256 KiB");
+fn rings_shrink_to_fit_the_share_limit() {
+    // 3 MiB cannot hold a pair's 2 MiB rings (4 MiB + 8 KiB), but holds
+    // 1 MiB rings: the pair gets those instead of TCP, and says so.
+    rings_fit_a_share_limit("shrink", "3145728", "rings of 1024 KiB, records of 64 KiB");
 }
 
 #[test]
 fn records_shrink_when_even_the_smallest_rings_with_full_records_do_not_fit() {
-    // 400 KiB of tmpfs: rings that hold 256 KiB records (1 MiB, 2 MiB +
-    // 8 KiB a pair) do not fit; 128 KiB rings with records of 64 KiB - 8
-    // (264 KiB a pair) do. The pair stays on a ring, and ob1's 16 MiB
-    // messages travel in the smaller pieces prepare_src packs.
-    rings_fit_a_tmpfs("records", "400k", "rings of 128 KiB, records of 63 KiB");
+    // 100 KiB: the smallest rings that hold 64 KiB records (128 KiB, 264
+    // KiB a pair) do not fit, nor 64 KiB rings with records of 32 KiB - 8
+    // (136 KiB a pair); 32 KiB rings with records of 16 KiB - 8 (72 KiB a
+    // pair) do. The pair stays on a ring, and ob1's 16 MiB messages
+    // travel in the smaller pieces prepare_src packs.
+    rings_fit_a_share_limit("records", "102400", "rings of 32 KiB, records of 15 KiB");
 }
 
 #[test]
-fn thread_multiple_is_declined_clearly() {
-    // With tcp in the list, the job runs over tcp and says why ivcom is out.
-    let r = integrity_with(2, "ivcom,tcp,self", &["--thread-multiple"]);
+fn a_full_dev_shm_does_not_matter_to_the_rings() {
+    // Rings are sealed memory of the offering process, not files: a full
+    // tmpfs as the hypervisor directory still gets a ring.
+    require_component();
+    if !is_root() {
+        eprintln!("SKIPPED: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = HostDir::tmpfs("fullshm", "16k");
+    let fill = std::path::Path::new(dir.path()).join("filler");
+    let _ = std::fs::write(&fill, vec![1u8; 64 << 10]); // fills it (ENOSPC)
+    let r = integrity(2, &["--mca", "btl_ivcom_host_dir", dir.path()]);
     assert!(
-        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=2"),
+        r.ok() && r.stdout.contains("INTEGRITY PASS"),
         "{}",
         r.text()
     );
-    assert!(
-        r.stderr.contains("does not support MPI_THREAD_MULTIPLE"),
-        "{}",
-        r.text()
-    );
-    assert!(path_lines(&r.stderr).is_empty(), "{}", r.text());
-    // Alone, ivcom leaves the peers unreachable: the job fails, not hangs.
-    let r = integrity_with(2, "ivcom,self", &["--thread-multiple"]);
-    assert!(!r.ok(), "{}", r.text());
-    assert!(
-        r.stderr.contains("does not support MPI_THREAD_MULTIPLE"),
-        "{}",
-        r.text()
-    );
+    assert_paths(&r, 2, |_, _| "ring");
+    std::fs::remove_file(&fill).unwrap();
+    assert_eq!(dir.leftovers(), Vec::<String>::new());
 }
 
 #[test]

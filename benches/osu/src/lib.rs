@@ -49,6 +49,12 @@ pub struct Opts {
     pub window: usize,
     /// `-c` was given (data is verified after every size in any case).
     pub check: bool,
+    /// `-T`: start MPI with `MPI_THREAD_MULTIPLE` (the cost of the thread
+    /// level itself, with one thread communicating).
+    pub multiple: bool,
+    /// `-t N`: communicating threads per rank (multi-threaded tests only;
+    /// more than one implies `-T`; 0 when not given).
+    pub threads: usize,
 }
 
 const USAGE: &str = "options:
@@ -57,13 +63,41 @@ const USAGE: &str = "options:
   -x WARMUP      warm-up iterations for every size (or SMALL:LARGE)
   -W WINDOW      window of the bandwidth tests (default 64)
   -c             data check (always done after every size; accepted for OSU compatibility)
+  -T             start MPI with MPI_THREAD_MULTIPLE (one thread still communicates)
+  -t THREADS     communicating threads per rank (multi-threaded tests; default 4 there)
   -h             this help";
 
 impl Opts {
-    /// Parses `-m [MIN:]MAX -i ITERS -x WARMUP -W WINDOW -c` with the given
-    /// smallest size and defaults for (iters small, large) and (skip small,
-    /// large).
+    /// Parses `-m [MIN:]MAX -i ITERS -x WARMUP -W WINDOW -c -T` with the
+    /// given smallest size and defaults for (iters small, large) and (skip
+    /// small, large), for a benchmark that communicates from one thread.
     pub fn parse(min: usize, iters: (usize, usize), skip: (usize, usize)) -> Opts {
+        let mut o = Self::parse_or_exit(min, iters, skip);
+        if o.threads > 1 {
+            eprintln!("-t: this benchmark communicates from one thread (osu_mt_mr takes -t)");
+            std::process::exit(2)
+        }
+        o.threads = 1;
+        o
+    }
+
+    /// As [`Opts::parse`] for a multi-threaded benchmark: `-t` threads per
+    /// rank (default `threads`), always `MPI_THREAD_MULTIPLE`.
+    pub fn parse_mt(
+        min: usize,
+        iters: (usize, usize),
+        skip: (usize, usize),
+        threads: usize,
+    ) -> Opts {
+        let mut o = Self::parse_or_exit(min, iters, skip);
+        if o.threads == 0 {
+            o.threads = threads;
+        }
+        o.multiple = true;
+        o
+    }
+
+    fn parse_or_exit(min: usize, iters: (usize, usize), skip: (usize, usize)) -> Opts {
         Self::parse_from(std::env::args().skip(1), min, iters, skip).unwrap_or_else(|e| {
             if e.is_empty() {
                 println!("{USAGE}");
@@ -88,6 +122,8 @@ impl Opts {
             skip,
             window: WINDOW,
             check: false,
+            multiple: false,
+            threads: 0,
         };
         let mut a = args.into_iter();
         fn num(k: &str, s: Option<&str>) -> Result<usize, String> {
@@ -121,6 +157,13 @@ impl Opts {
                 "-x" => o.skip = pair("-x", a.next())?,
                 "-W" => o.window = num("-W", a.next().as_deref())?,
                 "-c" => o.check = true,
+                "-T" => o.multiple = true,
+                "-t" => {
+                    o.threads = num("-t", a.next().as_deref())?;
+                    if o.threads == 0 {
+                        return Err("-t must be at least 1".into());
+                    }
+                }
                 "-h" | "--help" => return Err(String::new()),
                 _ => return Err(format!("unknown option {k}")),
             }
@@ -133,6 +176,9 @@ impl Opts {
         }
         if o.iters.0 == 0 || o.iters.1 == 0 || o.window == 0 {
             return Err("-i and -W must be at least 1".into());
+        }
+        if o.threads > 1 {
+            o.multiple = true;
         }
         Ok(o)
     }
@@ -161,6 +207,21 @@ impl Opts {
             (self.iters.0, self.skip.0)
         }
     }
+}
+
+/// Starts MPI: with `MPI_THREAD_MULTIPLE` when the options ask for it
+/// (exits if the library cannot provide it), otherwise as `MPI_Init` does.
+pub fn init(o: &Opts) -> mpi::environment::Universe {
+    if !o.multiple {
+        return mpi::initialize().expect("MPI init");
+    }
+    let (universe, level) =
+        mpi::initialize_with_threading(mpi::Threading::Multiple).expect("MPI init");
+    if level != mpi::Threading::Multiple {
+        eprintln!("this MPI provides {level:?}, not MPI_THREAD_MULTIPLE");
+        std::process::exit(2);
+    }
+    universe
 }
 
 /// Prints OSU's header: the title line and the given column line(s).
@@ -321,8 +382,13 @@ pub struct Net {
 
 impl Net {
     pub fn new<C: AsRaw<Raw = ffi::MPI_Comm>>(comm: &C) -> Net {
+        Self::from_raw(comm.as_raw())
+    }
+
+    /// On a raw communicator handle (one thread's own communicator).
+    pub fn from_raw(comm: ffi::MPI_Comm) -> Net {
         Net {
-            comm: comm.as_raw(),
+            comm,
             byte: u8::equivalent_datatype().as_raw(),
             reqs: Vec::new(),
             ack: [0; 4],
@@ -489,6 +555,53 @@ impl Net {
     }
 }
 
+/// A `kB` field of a `/proc` status-style file (0 when absent).
+fn proc_kib(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `value` of every rank combined with `op` at rank 0: `Some(result)` there,
+/// `None` on the other ranks.
+pub fn reduce_at_root<C, T>(world: &C, value: T, op: mpi::collective::SystemOperation) -> Option<T>
+where
+    C: Communicator,
+    T: Equivalence + Default,
+{
+    let root = world.process_at_rank(0);
+    if world.rank() == 0 {
+        let mut out = T::default();
+        root.reduce_into_root(&value, &mut out, op);
+        Some(out)
+    } else {
+        root.reduce_into(&value, op);
+        None
+    }
+}
+
+/// Prints, from rank 0 after a barrier (every rank still holds all its
+/// memory), a comment line with the host's shared memory (`Shmem` of
+/// `/proc/meminfo`: shared-memory segments and rings of every process) and
+/// the largest peak resident set of any rank (`VmHWM`, shared pages it
+/// touched included): `# memory shmem_kib=N max_rank_hwm_kib=M`.
+pub fn report_memory<C: Communicator>(world: &C) {
+    use mpi::collective::SystemOperation;
+    let hwm = proc_kib("/proc/self/status", "VmHWM:");
+    world.barrier();
+    if let Some(max) = reduce_at_root(world, hwm, SystemOperation::max()) {
+        let shmem = proc_kib("/proc/meminfo", "Shmem:");
+        println!("# memory shmem_kib={shmem} max_rank_hwm_kib={max}");
+    }
+    world.barrier();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,6 +633,11 @@ mod tests {
         assert!(Opts::parse_from(args("-m 9:3"), 0, (1, 1), (1, 1)).is_err());
         assert!(Opts::parse_from(args("-q"), 0, (1, 1), (1, 1)).is_err());
         assert!(Opts::parse_from(args("-i x"), 0, (1, 1), (1, 1)).is_err());
+        let o = Opts::parse_from(args("-T"), 0, (1, 1), (1, 1)).unwrap();
+        assert!(o.multiple && o.threads == 0);
+        let o = Opts::parse_from(args("-t 4"), 0, (1, 1), (1, 1)).unwrap();
+        assert!(o.multiple && o.threads == 4);
+        assert!(Opts::parse_from(args("-t 0"), 0, (1, 1), (1, 1)).is_err());
     }
 
     #[test]

@@ -1,3 +1,4 @@
 //! Support code of the ivcom-core fuzz targets.
 
 pub mod script;
+pub mod targets;

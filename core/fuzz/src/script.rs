@@ -454,9 +454,9 @@ impl Harness {
                 );
                 // SAFETY: checked above to lie inside the data area, which
                 // lives as long as the harness.
-                let bytes = unsafe { rec.bytes() };
+                let bytes = unsafe { rec.payload() }.to_vec();
                 let mut h = self.checksum;
-                for &b in bytes {
+                for b in bytes {
                     h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
                 }
                 self.checksum = h;

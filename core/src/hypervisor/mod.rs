@@ -92,6 +92,14 @@ pub trait Region: Send + Sync {
     /// The peer has proved that it mapped the region: drop whatever name
     /// still lets a third party find it.
     fn peer_attached(&self) {}
+    /// The sharer's part of the peer's map, where the backend needs one
+    /// (the host backend hands its memfd over a socket): serves the peer
+    /// until `deadline`, or until `abort` (the handshake connection) is
+    /// readable, which means the peer answered without mapping.
+    fn serve(&self, deadline: std::time::Instant, abort: std::os::fd::RawFd) -> Result<()> {
+        let _ = (deadline, abort);
+        Ok(())
+    }
 }
 
 /// The two 32-bit words of a channel that a memory-based doorbell may use:
@@ -149,14 +157,27 @@ pub trait Hypervisor: Send + Sync {
     fn max_share(&self) -> usize {
         usize::MAX
     }
+    /// What the backend knows about the domain `peer` on the other side of
+    /// a ring it made: `Err(Error::PeerGone(..))`, saying what happened,
+    /// once it knows that domain is gone (Xen: "domain 3 is gone"). Links
+    /// ask between polls, never on the message path; `silence` tells, when
+    /// called, how long the peer has been silent (nothing acknowledged on
+    /// the link's control connection). Must be cheap when nothing happened.
+    /// By default nothing is known: the link's own timeout decides.
+    fn check_peer(&self, peer: u32, silence: &dyn Fn() -> Duration) -> Result<()> {
+        let _ = (peer, silence);
+        Ok(())
+    }
 }
 
 /// Options of the backends.
 #[derive(Debug, Clone, Default)]
 pub struct BackendOptions {
     /// Hypervisor directory of the host backend (default: `$IVCOM_HOST_DIR`
-    /// or `/dev/shm/ivcom`).
+    /// or `/dev/shm/ivcom-<uid>`).
     pub host_dir: Option<std::path::PathBuf>,
+    /// Bytes the host backend may share at once (`None`: no limit).
+    pub share_limit: Option<usize>,
 }
 
 /// A backend that was opened, and a note for the user when `auto` had to
@@ -199,21 +220,16 @@ pub fn open(choice: BackendChoice, opts: &BackendOptions) -> Result<Opened> {
 }
 
 /// Maps `len` bytes of `fd` from `offset`, shared and read-write: how both
-/// backends map what they share (a file, a grant device region). With
-/// `populate`, the kernel maps every page now (`MAP_POPULATE`): a ring's
-/// first lap would otherwise take a page fault on each side every 4 KiB,
-/// microseconds each, in the middle of the first messages.
+/// backends map what they share (a file, a grant device region). Not
+/// populated: the host backend's pages come into being with their first
+/// use (a ring that the consumer keeps up with touches only its first
+/// pages; its first lap costs a page fault per 4 KiB on each side, once).
 pub(crate) fn mmap_shared(
     fd: libc::c_int,
     len: usize,
     offset: libc::off_t,
-    populate: bool,
 ) -> std::io::Result<*mut u8> {
-    let flags = if populate {
-        libc::MAP_SHARED | libc::MAP_POPULATE
-    } else {
-        libc::MAP_SHARED
-    };
+    let flags = libc::MAP_SHARED;
     // SAFETY: a new mapping chosen by the kernel (no fixed address), of a
     // descriptor the caller owns; the result is checked.
     let p = unsafe {

@@ -13,7 +13,11 @@
 //! - [`Hypervisor::map`] validates the peer's descriptor strictly (it is
 //!   untrusted input), registers the references with `/dev/xen/gntdev`
 //!   (`IOCTL_GNTDEV_MAP_GRANT_REF`) and maps them; drop unmaps and
-//!   unregisters them (`IOCTL_GNTDEV_UNMAP_GRANT_REF`).
+//!   unregisters them (`IOCTL_GNTDEV_UNMAP_GRANT_REF`). It maps grants only
+//!   of the domain the caller names (the authenticated peer's card), never
+//!   a reference it already maps for another link (two links over the same
+//!   pages would let one peer write into the other's ring), and at most
+//!   [`MAX_PEER_PAGES`] pages of one peer domain at once ([`Grants`]).
 //! - Doorbells are interdomain event channels, each on its own
 //!   `/dev/xen/evtchn` file: the offerer allocates an unbound port for the
 //!   peer, the acceptor binds to it; `notify` is `IOCTL_EVTCHN_NOTIFY`; `wait`
@@ -23,6 +27,13 @@
 //!   memory-based [`BellWords`] are not used.
 //! - The domain id is read from xenstore (key `domid`, relative to this
 //!   domain's home) through `/dev/xen/xenbus` or `/proc/xen/xenbus`.
+//! - Each side of a ring publishes a marker in its xenstore home and
+//!   watches its peer's ([`alive`]); [`Hypervisor::check_peer`] reads the
+//!   peer's marker when the watch fired or the peer fell silent: when Xen
+//!   destroys a domain, the toolstack removes its home, and the link says
+//!   "domain 3 is gone" instead of waiting for its timeout. The survivor's
+//!   link then breaks and drops its regions, which unmaps the dead domain's
+//!   grants (gntdev) and ends this domain's own.
 //! - The host id is one constant for every Xen guest: a PV or HVM domU has
 //!   no cheap, portable way to name its physical host (xenstore keeps
 //!   nothing host-wide that guests may read, and the hypervisor version is
@@ -36,19 +47,79 @@
 //! rings.
 
 pub mod abi;
+pub mod alive;
 pub mod desc;
 pub mod xenstore;
 
 use super::{BackendKind, BellWords, Doorbell, Hypervisor, Region};
 use crate::error::{Error, Result};
 use abi::{DomId, EvtchnPort, GrantRef, XEN_PAGE_SIZE};
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Pages of one peer domain this domain maps at most at once (128 MiB):
+/// room for dozens of links' rings, and a bound on what one peer can make
+/// us map.
+pub const MAX_PEER_PAGES: usize = 1 << 15;
+
+/// The grant references this domain maps, per peer domain.
+#[derive(Default)]
+pub struct Grants {
+    by_peer: Mutex<HashMap<DomId, HashSet<GrantRef>>>,
+    max_pages: usize,
+}
+
+impl Grants {
+    /// A registry allowing `max_pages` pages per peer domain.
+    pub fn new(max_pages: usize) -> Self {
+        Grants {
+            by_peer: Mutex::new(HashMap::new()),
+            max_pages,
+        }
+    }
+
+    /// Claims `refs` of domain `peer` for one mapping: refused when one of
+    /// them is mapped already, or when the peer would pass its page bound.
+    pub fn claim(&self, peer: DomId, refs: &[GrantRef]) -> Result<()> {
+        let mut m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let held = m.entry(peer).or_default();
+        if let Some(r) = refs.iter().find(|r| held.contains(r)) {
+            return Err(Error::Backend(format!(
+                "grant reference {r} of domain {peer} is already mapped for another link"
+            )));
+        }
+        if held.len() + refs.len() > self.max_pages {
+            return Err(Error::Backend(format!(
+                "domain {peer} asks this domain to map {} more pages while {} are mapped \
+                 (at most {} per peer domain)",
+                refs.len(),
+                held.len(),
+                self.max_pages
+            )));
+        }
+        held.extend(refs.iter().copied());
+        Ok(())
+    }
+
+    /// Gives back a mapping's references.
+    pub fn release(&self, peer: DomId, refs: &[GrantRef]) {
+        let mut m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = m.get_mut(&peer) {
+            for r in refs {
+                held.remove(r);
+            }
+            if held.is_empty() {
+                m.remove(&peer);
+            }
+        }
+    }
+}
 
 /// The host id every Xen guest reports (see the module documentation).
 pub const XEN_HOST_ID: [u8; 16] = *b"ivcom:xen-guest\0";
@@ -256,7 +327,7 @@ fn mmap_dev(fd: &OwnedFd, len: usize, index: u64, what: &str) -> Result<*mut u8>
     let off = libc::off_t::try_from(index)
         .map_err(|_| Error::Backend(format!("{what}: offset {index:#x} out of range")))?;
     // The grant devices map their pages at mmap time already.
-    super::mmap_shared(fd.as_raw_fd(), len, off, false)
+    super::mmap_shared(fd.as_raw_fd(), len, off)
         .map_err(|e| Error::Backend(format!("{what}: mmap: {e}")))
 }
 
@@ -371,6 +442,8 @@ pub struct XenBackend {
     root: Root,
     gntalloc: Arc<OwnedFd>,
     gntdev: Arc<OwnedFd>,
+    grants: Arc<Grants>,
+    domains: alive::Domains,
 }
 
 impl XenBackend {
@@ -394,11 +467,14 @@ impl XenBackend {
         let gntdev = open_dev(&root.path(GNTDEV.path), 0)?;
         drop(open_dev(&root.path(EVTCHN.path), 0)?);
         let domid = root.read_domid()?;
+        let xenbus = XENBUS.iter().map(|rel| root.path(rel)).collect();
         Ok(XenBackend {
             domid,
+            domains: alive::Domains::new(xenbus, domid),
             root,
             gntalloc: Arc::new(gntalloc),
             gntdev: Arc::new(gntdev),
+            grants: Arc::new(Grants::new(MAX_PEER_PAGES)),
         })
     }
 }
@@ -407,8 +483,12 @@ impl XenBackend {
 enum Origin {
     /// Pages this domain granted (gntalloc).
     Granted,
-    /// A peer's pages mapped here (gntdev).
-    Mapped,
+    /// A peer's pages mapped here (gntdev), with their claim in the registry.
+    Mapped {
+        grants: Arc<Grants>,
+        peer: DomId,
+        refs: Vec<GrantRef>,
+    },
 }
 
 /// A region of the xen backend.
@@ -443,9 +523,12 @@ impl Drop for XenRegion {
     fn drop(&mut self) {
         // SAFETY: ptr/len is the mapping made in share/map, unmapped once.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
-        match self.origin {
+        match &self.origin {
             Origin::Granted => gntalloc_dealloc(&self.fd, self.index, self.pages),
-            Origin::Mapped => gntdev_unmap(&self.fd, self.index, self.pages),
+            Origin::Mapped { grants, peer, refs } => {
+                gntdev_unmap(&self.fd, self.index, self.pages);
+                grants.release(*peer, refs);
+            }
         }
     }
 }
@@ -473,6 +556,8 @@ impl Hypervisor for XenBackend {
                  (/sys/module/xen_gntalloc/parameters/limit)"
             )));
         }
+        // (once: the marker the peer watches; harmless when it fails)
+        let _ = self.domains.publish();
         let (index, refs) = gntalloc_alloc(&self.gntalloc, peer, pages)?;
         let ptr = match mmap_dev(
             &self.gntalloc,
@@ -503,8 +588,16 @@ impl Hypervisor for XenBackend {
     fn map(&self, peer: u32, d: &[u8], len: usize) -> Result<Box<dyn Region>> {
         let peer = domid(peer)?;
         let refs = desc::parse_grants(d, peer, self.domid, len)?;
+        let _ = self.domains.publish();
         let pages = refs.len();
-        let index = gntdev_map(&self.gntdev, peer, &refs)?;
+        self.grants.claim(peer, &refs)?;
+        let index = match gntdev_map(&self.gntdev, peer, &refs) {
+            Ok(i) => i,
+            Err(e) => {
+                self.grants.release(peer, &refs);
+                return Err(e);
+            }
+        };
         let ptr = match mmap_dev(
             &self.gntdev,
             len,
@@ -514,6 +607,7 @@ impl Hypervisor for XenBackend {
             Ok(p) => p,
             Err(e) => {
                 gntdev_unmap(&self.gntdev, index, pages);
+                self.grants.release(peer, &refs);
                 return Err(e);
             }
         };
@@ -523,7 +617,11 @@ impl Hypervisor for XenBackend {
             fd: Arc::clone(&self.gntdev),
             index,
             pages,
-            origin: Origin::Mapped,
+            origin: Origin::Mapped {
+                grants: Arc::clone(&self.grants),
+                peer,
+                refs,
+            },
         }))
     }
 
@@ -572,6 +670,36 @@ impl Hypervisor for XenBackend {
 
     fn max_share(&self) -> usize {
         self.root.gntalloc_limit().min(desc::MAX_PAGES) * XEN_PAGE_SIZE
+    }
+
+    fn check_peer(&self, peer: u32, silence: &dyn Fn() -> Duration) -> Result<()> {
+        // dom0 goes only with the whole host; ids that are no domain were
+        // refused when the ring was made.
+        match domid(peer) {
+            Ok(p) if p != 0 && p != self.domid => self.domains.check(p, silence),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl XenBackend {
+    /// Publishes this domain's marker (see [`alive`]; for tools and tests:
+    /// rings do it themselves).
+    pub fn publish_marker(&self) -> Result<()> {
+        self.domains.publish()
+    }
+
+    /// Asks about domain `peer` as a link whose peer has been silent for
+    /// `silence` would; returns what is known of its marker (for tools and
+    /// tests).
+    pub fn ask_about(&self, peer: u32, silence: Duration) -> (Result<()>, alive::Marker) {
+        let r = self.check_peer(peer, &|| silence);
+        (r, self.domains.marker(domid(peer).unwrap_or(0)))
+    }
+
+    /// This domain's xenbus device (for tools).
+    pub fn xenbus_paths(&self) -> Vec<PathBuf> {
+        XENBUS.iter().map(|rel| self.root.path(rel)).collect()
     }
 }
 
@@ -855,6 +983,29 @@ mod tests {
         assert!(domid(0x7FF0).is_err());
         assert!(domid(u32::MAX).is_err());
         assert!(domid(std::process::id().max(0x10000)).is_err());
+    }
+
+    #[test]
+    fn a_grant_reference_maps_once_and_a_peer_is_bounded() {
+        let g = Grants::new(8);
+        g.claim(3, &[10, 11, 12]).unwrap();
+        // the same reference of the same domain for a second link: refused
+        let e = g.claim(3, &[12, 13]).unwrap_err().to_string();
+        assert!(
+            e.contains("grant reference 12 of domain 3 is already mapped"),
+            "{e}"
+        );
+        // another domain's reference 12 is another page
+        g.claim(4, &[12]).unwrap();
+        // the bound counts every page of one peer
+        let e = g
+            .claim(3, &[20, 21, 22, 23, 24, 25])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 8 per peer domain"), "{e}");
+        g.claim(3, &[20, 21, 22, 23, 24]).unwrap();
+        g.release(3, &[10, 11, 12]);
+        g.claim(3, &[12, 30, 31]).unwrap();
     }
 
     #[test]

@@ -15,16 +15,8 @@ use mpi::Count;
 
 /// Deterministic bytes of message (`src`, `dst`, `seq`, `len`).
 fn pattern(src: i32, dst: i32, seq: u64, len: usize) -> Vec<u8> {
-    let mut s = (src as u64) << 40 ^ (dst as u64) << 20 ^ seq ^ (len as u64) << 8 | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let take = (len - v.len()).min(8);
-        v.extend_from_slice(&s.to_le_bytes()[..take]);
-    }
-    v
+    let seed = (src as u64) << 40 ^ (dst as u64) << 20 ^ seq ^ (len as u64) << 8 | 1;
+    ivcom_tests::xorshift_bytes(seed, len)
 }
 
 struct Checker {
@@ -114,6 +106,61 @@ fn main() {
         }
     }
 
+    // --seconds S: run the whole suite again and again for S seconds (all
+    // ranks agree when to stop), for tests that act on the job meanwhile.
+    let seconds: u64 = std::env::args()
+        .skip_while(|a| a != "--seconds")
+        .nth(1)
+        .map(|v| v.parse().expect("--seconds N"))
+        .unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    let mut rounds = 0u64;
+    loop {
+        suite(&world, &mut c);
+        rounds += 1;
+        let more = (t0.elapsed().as_secs() < seconds) as i32;
+        let mut all = 0i32;
+        world.all_reduce_into(&more, &mut all, mpi::collective::SystemOperation::min());
+        if all == 0 {
+            break;
+        }
+    }
+    if rank == 0 && seconds > 0 {
+        println!("INTEGRITY ROUNDS {rounds}");
+    }
+    world.barrier();
+
+    let mut errors = 0u64;
+    world.all_reduce_into(
+        &c.errors,
+        &mut errors,
+        mpi::collective::SystemOperation::sum(),
+    );
+    let mut checks = 0u64;
+    world.all_reduce_into(
+        &c.checks,
+        &mut checks,
+        mpi::collective::SystemOperation::sum(),
+    );
+    if rank == 0 {
+        if errors == 0 {
+            println!("INTEGRITY PASS ranks={n} checks={checks}");
+        } else {
+            println!("INTEGRITY FAIL ranks={n} errors={errors} checks={checks}");
+        }
+    }
+    if errors != 0 {
+        world.abort(3);
+    }
+}
+
+/// One round of every check: point-to-point of every size, tags and
+/// wildcards, probe, non-blocking, sendrecv, collectives.
+fn suite(world: &mpi::topology::SimpleCommunicator, c: &mut Checker) {
+    let rank = world.rank();
+    let n = world.size();
+    let right = (rank + 1) % n;
+    let left = (rank + n - 1) % n;
     // 1. Point-to-point, every size, around the ring of ranks (blocking;
     //    even ranks send first to avoid relying on buffering).
     for (i, &len) in SIZES.iter().enumerate() {
@@ -386,29 +433,5 @@ fn main() {
                 &pattern(r, -2, 501, l),
             );
         }
-    }
-    world.barrier();
-
-    let mut errors = 0u64;
-    world.all_reduce_into(
-        &c.errors,
-        &mut errors,
-        mpi::collective::SystemOperation::sum(),
-    );
-    let mut checks = 0u64;
-    world.all_reduce_into(
-        &c.checks,
-        &mut checks,
-        mpi::collective::SystemOperation::sum(),
-    );
-    if rank == 0 {
-        if errors == 0 {
-            println!("INTEGRITY PASS ranks={n} checks={checks}");
-        } else {
-            println!("INTEGRITY FAIL ranks={n} errors={errors} checks={checks}");
-        }
-    }
-    if errors != 0 {
-        world.abort(3);
     }
 }

@@ -5,7 +5,7 @@ use mpi::traits::*;
 
 fn main() {
     let o = Opts::parse(1, (100, 20), (10, 2));
-    let universe = mpi::initialize().expect("MPI init");
+    let universe = init(&o);
     let world = universe.world();
     require_ranks(&world, 2, "osu_bibw");
     let rank = world.rank();

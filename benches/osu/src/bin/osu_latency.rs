@@ -4,7 +4,7 @@ use mpi::traits::*;
 
 fn main() {
     let o = Opts::parse(0, (10_000, 1_000), (1_000, 100));
-    let universe = mpi::initialize().expect("MPI init");
+    let universe = init(&o);
     let world = universe.world();
     require_ranks(&world, 2, "osu_latency");
     let rank = world.rank();

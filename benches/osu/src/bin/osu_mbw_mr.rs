@@ -8,7 +8,7 @@ use mpi::traits::*;
 
 fn main() {
     let o = Opts::parse(1, (100, 20), (10, 2));
-    let universe = mpi::initialize().expect("MPI init");
+    let universe = init(&o);
     let world = universe.world();
     require_ranks(&world, 0, "osu_mbw_mr");
     let rank = world.rank();
@@ -28,7 +28,6 @@ fn main() {
             ],
         );
     }
-    let root = world.process_at_rank(0);
     for size in o.sizes().into_iter().filter(|&s| s > 0) {
         let (iters, skip) = o.counts(size);
         sbuf.fill(size);
@@ -41,14 +40,10 @@ fn main() {
         if !sender {
             verify(&world, &rbuf, size, "osu_mbw_mr");
         }
-        if rank == 0 {
-            let mut sum = 0.0f64;
-            root.reduce_into_root(&t, &mut sum, SystemOperation::sum());
+        if let Some(sum) = reduce_at_root(&world, t, SystemOperation::sum()) {
             let mean = sum / pairs as f64;
             let bw = (pairs as usize * size * w * iters) as f64 / 1e6 / mean;
             row(size, &[bw, bw * 1e6 / size as f64]);
-        } else {
-            root.reduce_into(&t, SystemOperation::sum());
         }
     }
 }

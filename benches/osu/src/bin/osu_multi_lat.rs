@@ -6,7 +6,7 @@ use mpi::traits::*;
 
 fn main() {
     let o = Opts::parse(0, (10_000, 1_000), (1_000, 100));
-    let universe = mpi::initialize().expect("MPI init");
+    let universe = init(&o);
     let world = universe.world();
     require_ranks(&world, 0, "osu_multi_lat");
     let rank = world.rank();
@@ -20,7 +20,6 @@ fn main() {
     if rank == 0 {
         header("Multi Latency Test", &["# Size          Latency (us)"]);
     }
-    let root = world.process_at_rank(0);
     for size in o.sizes() {
         let (iters, skip) = o.counts(size);
         sbuf.fill(size);
@@ -31,12 +30,8 @@ fn main() {
         });
         let lat = t * 1e6 / (2.0 * iters as f64);
         verify(&world, &rbuf, size, "osu_multi_lat");
-        if rank == 0 {
-            let mut sum = 0.0f64;
-            root.reduce_into_root(&lat, &mut sum, SystemOperation::sum());
+        if let Some(sum) = reduce_at_root(&world, lat, SystemOperation::sum()) {
             row(size, &[sum / n as f64]);
-        } else {
-            root.reduce_into(&lat, SystemOperation::sum());
         }
     }
 }

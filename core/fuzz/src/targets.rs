@@ -1,0 +1,352 @@
+//! The bodies of the fuzz targets (each `fuzz_targets/<name>.rs` calls one),
+//! also run on stable by `core/tests/fuzz_smoke.rs` over pseudo-random
+//! inputs. Each asserts properties, not just "no panic".
+
+use ivcom_core::card::{Card, Key};
+use ivcom_core::frame::{Delivery, Reassembly};
+use ivcom_core::hypervisor::host;
+use ivcom_core::hypervisor::xen::xenstore;
+use ivcom_core::hypervisor::BackendKind;
+use ivcom_core::node::handshake::{
+    self, Acceptor, Decoder, Initiator, Msg, Target, Verdict, NONCE,
+};
+use ivcom_core::payload::Payload;
+use ivcom_core::record::{self, kind};
+use ivcom_core::tcp::{Parsed, StreamParser};
+use ivcom_core::Error;
+
+/// Handshake messages from arbitrary bytes: the incremental decoder over
+/// any chunking, and `Msg::decode` of any type and payload. Whatever
+/// decodes re-encodes to a message that decodes to itself.
+pub fn handshake_messages(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    // The decoder, fed in chunks of `first % 17 + 1` bytes.
+    let step = first as usize % 17 + 1;
+    let max = if first & 0x80 != 0 {
+        handshake::MAX_PREAUTH
+    } else {
+        1 << 20
+    };
+    let mut d = Decoder::new(max);
+    let mut off = 0;
+    while off < rest.len() {
+        let n = step.min(d.want()).min(rest.len() - off);
+        match d.feed(&rest[off..off + n]) {
+            Ok(Some(m)) => round_trip(&m),
+            Ok(None) => {}
+            Err(_) => break,
+        }
+        off += n;
+    }
+    // Any type with the rest as its payload.
+    if let Ok(m) = Msg::decode(first, rest) {
+        round_trip(&m);
+    }
+}
+
+fn round_trip(m: &Msg) {
+    let b = m.encode();
+    let (t, len) = Msg::check_header(b[..8].try_into().unwrap()).expect("own header");
+    assert_eq!(len, b.len() - 8);
+    let again = Msg::decode(t, &b[8..]).expect("own encoding decodes");
+    match m {
+        // Reasons are clipped and made printable: a fixed point after one
+        // more trip.
+        Msg::Refuse(_) | Msg::TcpOnly(_) | Msg::Refused(_) | Msg::Abort(_) => {
+            let b2 = again.encode();
+            assert_eq!(Msg::decode(t, &b2[8..]).unwrap(), again);
+        }
+        _ => assert_eq!(&again, m),
+    }
+}
+
+fn node(id: u64, key: u8) -> Card {
+    Card {
+        id,
+        name: id ^ 0x5555,
+        backend: Some(BackendKind::Host),
+        host_id: [9; 16],
+        domain: 100 + id as u32,
+        addr: "127.0.0.1:4000".parse().unwrap(),
+        key: Some(Key([key; 32])),
+    }
+}
+
+/// The handshake with a man in the middle: a legitimate exchange between
+/// two nodes whose four messages (HELLO, CHALLENGE, AUTH, ACK) are altered
+/// by the input (triples: message, offset, xor). When every message still
+/// decodes to what was sent, both sides must succeed; when any decodes to
+/// something else, they must not both succeed.
+pub fn handshake_exchange(data: &[u8]) {
+    let (i, a) = (node(1, 0x11), node(2, 0x22));
+    let muts: Vec<(usize, usize, u8)> = data
+        .chunks_exact(4)
+        .map(|c| {
+            (
+                c[0] as usize % 4,
+                u16::from_le_bytes([c[1], c[2]]) as usize,
+                c[3],
+            )
+        })
+        .collect();
+    // One hop: encode, alter, decode; `None` when the altered bytes do not
+    // decode (the receiver would drop the connection).
+    let mut altered = false;
+    let mut hop = |k: usize, m: &Msg| -> Option<Msg> {
+        let mut b = m.encode();
+        for &(mk, off, x) in &muts {
+            if mk == k && x != 0 && !b.is_empty() {
+                let at = off % b.len();
+                b[at] ^= x;
+            }
+        }
+        let mut d = Decoder::new(1 << 20);
+        let mut got = None;
+        let mut off = 0;
+        while off < b.len() {
+            let n = d.want().min(b.len() - off);
+            match d.feed(&b[off..off + n]) {
+                Ok(Some(x)) => {
+                    got = Some(x);
+                    off += n;
+                    break;
+                }
+                Ok(None) => off += n,
+                Err(_) => break,
+            }
+        }
+        // Trailing bytes would be a second message: the receiver reads on
+        // and meets it, which the exchange does not expect.
+        let out = got.filter(|_| off == b.len());
+        if out.as_ref() != Some(m) {
+            altered = true;
+        }
+        out
+    };
+    let (mut ini, hello) = Initiator::start(&i, Target::Card(a.clone()), [7; NONCE]);
+    let mut acc = Acceptor::new(&a, [8; NONCE]);
+    let both = (|| {
+        let ch = acc.on_hello(hop(0, &hello)?).ok()?;
+        let auth = ini.on_challenge(hop(1, &ch)?).ok()?;
+        let claimed = acc.on_auth(hop(2, &auth)?).ok()?;
+        // What the acceptor would look up: the initiator it knows.
+        if !claimed.same_node(&i) {
+            return None;
+        }
+        let v = acc.verdict(i.key.as_ref().unwrap(), true).ok()?;
+        match ini.on_verdict(hop(3, &v)?) {
+            Ok(Verdict::Accepted(p)) => Some(p),
+            _ => None,
+        }
+    })();
+    if altered {
+        assert!(
+            both.is_none(),
+            "an altered exchange authenticated: {muts:?}"
+        );
+    } else {
+        assert_eq!(both.map(|p| p.id), Some(a.id), "an intact exchange failed");
+    }
+}
+
+/// Reassembly of arbitrary record sequences (`[kind, tag, len lo, len hi,
+/// data...]`), against a model: what is delivered is what the records
+/// carried, nothing exceeds the limit, and the buffer never grows far
+/// beyond what arrived.
+pub fn reassembly(data: &[u8]) {
+    const MAX: usize = 4096;
+    let mut r = Reassembly::new(MAX);
+    let mut model: Option<(u8, usize, Vec<u8>)> = None;
+    let mut rest = data;
+    while rest.len() >= 4 {
+        let k = match rest[0] % 5 {
+            0 => kind::MSG,
+            1 => kind::FIRST,
+            2 => kind::MORE,
+            3 => kind::CTRL,
+            _ => rest[0],
+        };
+        let tag = rest[1];
+        let len = (u16::from_le_bytes([rest[2], rest[3]]) as usize).min(rest.len() - 4);
+        let body = &rest[4..4 + len];
+        rest = &rest[4 + len..];
+        let out = r.feed(k, tag, Payload::private(body));
+        // The model.
+        let want: Result<Option<(u8, Vec<u8>)>, ()> = match (k, &mut model) {
+            (kind::MSG, None) => Ok(Some((tag, body.to_vec()))),
+            (kind::FIRST, None) => {
+                if body.len() < 8 {
+                    Err(())
+                } else {
+                    let total = u64::from_le_bytes(body[..8].try_into().unwrap());
+                    if total > MAX as u64 || total as usize <= body.len() - 8 {
+                        Err(())
+                    } else {
+                        model = Some((tag, total as usize, body[8..].to_vec()));
+                        Ok(None)
+                    }
+                }
+            }
+            (kind::MORE, Some((t, total, buf))) => {
+                if buf.len() + body.len() > *total {
+                    Err(())
+                } else {
+                    buf.extend_from_slice(body);
+                    if buf.len() == *total {
+                        let m = (*t, std::mem::take(buf));
+                        model = None;
+                        Ok(Some(m))
+                    } else {
+                        Ok(None)
+                    }
+                }
+            }
+            _ => Err(()),
+        };
+        match (out, want) {
+            (Ok(Delivery::Message(t, m)), Ok(Some((wt, wm)))) => {
+                assert_eq!((t, m.to_vec()), (wt, wm));
+                assert!(m.len() <= MAX || k == kind::MSG);
+            }
+            (Ok(Delivery::Partial), Ok(None)) => {}
+            (Err(_), Err(())) => return,
+            (o, w) => panic!(
+                "reassembly {:?} vs model {:?}",
+                o.map(|d| matches!(d, Delivery::Partial)),
+                w.map(|x| x.is_none())
+            ),
+        }
+        assert!(r.capacity() <= 2 * MAX + 64, "buffer {}", r.capacity());
+    }
+}
+
+/// The TCP receive parser over arbitrary bytes in arbitrary chunks: every
+/// message it hands out fits the limits, a violation sticks, and nothing
+/// panics.
+pub fn tcp_stream(data: &[u8]) {
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    const FRAME: usize = 256;
+    const MAX: usize = 2048;
+    let mut p = StreamParser::new(FRAME, MAX);
+    let step = first as usize % 61 + 1;
+    let mut off = 0;
+    let mut delivered = 0u64;
+    loop {
+        match p.parse_next() {
+            Ok(Parsed::Msg(_, ptr, len)) => {
+                assert!(len <= MAX);
+                assert!(!ptr.is_null());
+                delivered += 1;
+                p.release();
+            }
+            Ok(Parsed::More) => {
+                if off >= rest.len() {
+                    break;
+                }
+                let space = p.space();
+                assert!(!space.is_empty(), "no room although a frame is incomplete");
+                let n = step.min(space.len()).min(rest.len() - off);
+                space[..n].copy_from_slice(&rest[off..off + n]);
+                p.filled(n);
+                off += n;
+            }
+            Err(Error::Broken(v)) => {
+                // It stays broken, with the same violation.
+                assert!(matches!(p.parse_next(), Err(Error::Broken(w)) if w == v));
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    assert_eq!(p.rx_msgs, delivered);
+}
+
+/// The xenstore reply parsers: a header from the first 16 bytes, the
+/// value of a read from the rest, a domain id from the rest.
+pub fn xenstore(data: &[u8]) {
+    if data.len() >= xenstore::HEADER {
+        let h: [u8; xenstore::HEADER] = data[..xenstore::HEADER].try_into().unwrap();
+        if let Ok(hdr) = xenstore::parse_header(&h) {
+            assert!(hdr.len <= xenstore::PAYLOAD_MAX);
+            let body = &data[xenstore::HEADER..];
+            let body = &body[..hdr.len.min(body.len())];
+            if let Ok(v) = xenstore::read_value(&hdr, body, hdr.req_id, "domid") {
+                assert!(v.len() <= body.len());
+            }
+        }
+    }
+    if let Ok(d) = xenstore::parse_domid(data) {
+        assert!(d < 0x7ff0);
+        let s = std::str::from_utf8(data).unwrap();
+        assert_eq!(s.trim_end_matches(['\n', '\0']).parse::<u16>().unwrap(), d);
+    }
+}
+
+/// The host backend's region descriptors and socket names: whatever is
+/// accepted is exactly the canonical form (no path separator, no other
+/// byte a peer could smuggle into a path).
+pub fn host_names(data: &[u8]) {
+    if let Some((name, token)) = host::parse_desc(data) {
+        let canon = format!("{name}:{}", host::hex(&token));
+        assert_eq!(canon.as_bytes(), data);
+        assert!(name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'));
+        assert!(host::parse_socket_name(name).is_some());
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Some(n) = host::parse_socket_name(s) {
+            assert_eq!(n, s);
+            assert!(!n.contains('/') && n.len() == 43);
+        }
+    }
+}
+
+/// Cards: whatever parses (binary or printable) round-trips through both
+/// forms, and the public forms never carry the key.
+pub fn card(data: &[u8]) {
+    if let Ok(card) = Card::from_bytes(data) {
+        assert_eq!(Card::from_bytes(&card.to_bytes()).expect("re-parse"), card);
+        assert_eq!(
+            Card::parse(&card.to_secret_string()).expect("printable"),
+            card
+        );
+        assert_eq!(
+            Card::parse(&card.to_string()).expect("public"),
+            card.public()
+        );
+        assert!(card.public_bytes().len() <= card.to_bytes().len());
+    }
+    if let Ok(s) = std::str::from_utf8(data) {
+        if let Ok(card) = Card::parse(s) {
+            assert_eq!(
+                Card::parse(&card.to_secret_string()).expect("re-parse"),
+                card
+            );
+            assert_eq!(Card::from_bytes(&card.to_bytes()).expect("binary"), card);
+        }
+    }
+}
+
+/// The frame header parser: 8 header bytes and a frame limit; an accepted
+/// header is within the limit, of a kind that may travel, and re-encodes
+/// to the same bytes.
+pub fn tcp_header(data: &[u8]) {
+    let mut h = [0u8; 8];
+    let n = data.len().min(8);
+    h[..n].copy_from_slice(&data[..n]);
+    let mut m = [0u8; 8];
+    let rest = &data[n..];
+    let k = rest.len().min(8);
+    m[..k].copy_from_slice(&rest[..k]);
+    let max = u64::from_le_bytes(m) as usize;
+    if let Ok((len, k, tag)) = ivcom_core::tcp::parse_header(h, max) {
+        assert!(len <= max);
+        assert!(kind::valid(k) && k != kind::PAD);
+        assert_eq!(record::encode_bytes(len, k, tag), h);
+    }
+}

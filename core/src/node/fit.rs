@@ -1,0 +1,232 @@
+//! Rings that fit: a pair's rings shrink (and then their records) until
+//! the backend can share them, down to a floor.
+
+use crate::channel::{region_bytes, Channel, Offer};
+use crate::error::Result;
+use crate::hypervisor::Hypervisor;
+use crate::ring::Geometry;
+
+/// Offers a channel with geometry `geo`, or with smaller rings when the
+/// backend cannot share that much: its fixed limit (`max_share`, e.g.
+/// gntalloc's page limit per domain) is respected up front, and a failed
+/// share (no room left now, e.g. pages held by other links) is retried with
+/// half the rings while that remains a valid geometry whose largest record
+/// is at least `min_record` ([`Geometry::halved`]). Returns the offer (or
+/// the last error) and, when the rings were shrunk, why.
+pub(super) fn offer_fitted(
+    hv: &dyn Hypervisor,
+    peer: u32,
+    mut geo: Geometry,
+    min_record: usize,
+    nonce: u64,
+) -> (Result<Offer>, Option<String>) {
+    let mut why = None;
+    while region_bytes(geo) > hv.max_share() {
+        match geo.halved(min_record) {
+            Some(g) => {
+                why.get_or_insert_with(|| {
+                    format!(
+                        "{} bytes exceed what {} can share ({})",
+                        region_bytes(geo),
+                        hv.describe(),
+                        hv.max_share()
+                    )
+                });
+                geo = g;
+            }
+            None => break,
+        }
+    }
+    loop {
+        match Channel::offer(hv, peer, geo, nonce) {
+            Ok(o) => return (Ok(o), why),
+            Err(e) => match geo.halved(min_record) {
+                Some(g) => {
+                    why = Some(e.to_string());
+                    geo = g;
+                }
+                None => return (Err(e), why),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::hypervisor::host::HostBackend;
+    use crate::hypervisor::{BackendKind, BellWords, Doorbell, Region};
+
+    /// The host backend with a fixed share limit (`max_share`, like Xen's
+    /// gntalloc limit) and a smaller room left at share time, in a
+    /// directory of its own that goes with it.
+    struct Limited {
+        inner: HostBackend,
+        max_share: usize,
+        room: usize,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for Limited {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    impl Hypervisor for Limited {
+        fn kind(&self) -> BackendKind {
+            self.inner.kind()
+        }
+        fn domain_id(&self) -> u32 {
+            self.inner.domain_id()
+        }
+        fn host_id(&self) -> [u8; 16] {
+            self.inner.host_id()
+        }
+        fn share(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
+            if len > self.room {
+                return Err(Error::Backend(format!("no room for {len} bytes")));
+            }
+            self.inner.share(peer, len)
+        }
+        fn map(&self, peer: u32, desc: &[u8], len: usize) -> Result<Box<dyn Region>> {
+            self.inner.map(peer, desc, len)
+        }
+        fn bell_offer(&self, peer: u32, w: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)> {
+            self.inner.bell_offer(peer, w)
+        }
+        fn bell_accept(&self, peer: u32, d: &[u8], w: BellWords) -> Result<Box<dyn Doorbell>> {
+            self.inner.bell_accept(peer, d, w)
+        }
+        fn describe(&self) -> String {
+            "limited".into()
+        }
+        fn max_share(&self) -> usize {
+            self.max_share
+        }
+    }
+
+    fn limited(tag: &str, max_share: usize, room: usize) -> Limited {
+        let dir = std::env::temp_dir().join(format!("ivcom-fit-{tag}-{}", std::process::id()));
+        Limited {
+            inner: HostBackend::open_dir(&dir).unwrap(),
+            max_share,
+            room,
+            dir,
+        }
+    }
+
+    const MIB: usize = 1 << 20;
+
+    fn data_size(r: &Result<Offer>) -> usize {
+        r.as_ref().unwrap().channel.geometry().data_size as usize
+    }
+
+    #[test]
+    fn rings_fit_the_backends_share_limit() {
+        // 2 MiB rings (two rings + control pages: 4 MiB + 8 KiB) on a 4 MiB
+        // limit, records of 256 KiB: 1 MiB rings.
+        let hv = limited("limit", 4 * MIB, usize::MAX);
+        let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
+        let (r, why) = offer_fitted(&hv, 1, geo, geo.max_record as usize, 7);
+        assert_eq!(data_size(&r), MIB);
+        assert!(why.unwrap().contains("exceed what limited can share"));
+    }
+
+    #[test]
+    fn rings_shrink_when_the_backend_has_no_room_now() {
+        let hv = limited("room", usize::MAX, 3 * MIB);
+        let geo = Geometry::with_max_record(4 * MIB, 256 << 10).unwrap();
+        let (r, why) = offer_fitted(&hv, 1, geo, geo.max_record as usize, 7);
+        assert_eq!(data_size(&r), MIB);
+        assert!(why.unwrap().contains("no room"));
+    }
+
+    #[test]
+    fn rings_never_shrink_below_the_largest_record() {
+        // 512 KiB records need rings of at least 2 MiB (a record fits in
+        // half a ring): the offer fails with the backend's error.
+        let hv = limited("floor", 4 * MIB, usize::MAX);
+        let geo = Geometry::new(2 * MIB).unwrap();
+        let (r, _) = offer_fitted(&hv, 1, geo, geo.max_record as usize, 7);
+        let e = r.err().expect("no ring of 2 MiB fits");
+        assert!(
+            e.to_string().contains("exceed what limited can share"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn records_shrink_down_to_the_floor_when_rings_must() {
+        // 2 MiB rings of 256 KiB records, floor 8 KiB. With 3 MiB of room
+        // (other links hold the rest) 1 MiB rings keep their records; with
+        // 600 KiB, 256 KiB rings get records of 128 KiB - 8 (the largest
+        // that fits in half a ring).
+        let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
+        let hv = limited("rec1", 4 * MIB, 3 * MIB);
+        let (r, _) = offer_fitted(&hv, 1, geo, 8 << 10, 7);
+        let g = r.unwrap().channel.geometry();
+        assert_eq!((g.data_size, g.max_record), (MIB as u32, 256 << 10));
+        let hv = limited("rec2", 4 * MIB, 600 << 10);
+        let (r, why) = offer_fitted(&hv, 1, geo, 8 << 10, 7);
+        let g = r.unwrap().channel.geometry();
+        assert_eq!((g.data_size, g.max_record), (256 << 10, (128 << 10) - 8));
+        assert!(why.unwrap().contains("no room"));
+    }
+
+    #[test]
+    fn records_never_shrink_below_the_floor() {
+        // 40 KiB of room: 16 KiB rings (two rings + control pages: 40 KiB)
+        // would fit, but their records of 8 KiB - 8 are below the floor of
+        // 8 KiB: no offer.
+        let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
+        let hv = limited("rec3", 4 * MIB, 40 << 10);
+        let (r, _) = offer_fitted(&hv, 1, geo, 8 << 10, 7);
+        assert!(r
+            .err()
+            .expect("no ring fits")
+            .to_string()
+            .contains("no room"));
+        // the same room with a 4000-byte floor: 16 KiB rings
+        let hv = limited("rec4", 4 * MIB, 40 << 10);
+        let (r, _) = offer_fitted(&hv, 1, geo, 4000, 7);
+        let g = r.unwrap().channel.geometry();
+        assert_eq!((g.data_size, g.max_record), (16 << 10, (8 << 10) - 8));
+    }
+
+    #[test]
+    fn halving_keeps_a_valid_geometry() {
+        let mut g = Geometry::with_max_record(4 * MIB, 256 << 10).unwrap();
+        let mut sizes = Vec::new();
+        while let Some(h) = g.halved(1024) {
+            assert!(Geometry::with_max_record(h.data_size as usize, h.max_record as usize).is_ok());
+            assert!(h.max_record <= g.max_record && h.max_record >= 1024);
+            sizes.push(h.data_size);
+            g = h;
+        }
+        // down to the smallest data area (4 KiB, records of 2 KiB - 8)
+        assert_eq!(*sizes.last().unwrap() as usize, crate::ring::MIN_DATA);
+        assert_eq!(
+            Geometry::with_max_record(2 * MIB, 256 << 10)
+                .unwrap()
+                .halved(256 << 10),
+            Some(Geometry::with_max_record(MIB, 256 << 10).unwrap())
+        );
+        assert_eq!(
+            Geometry::with_max_record(MIB, 256 << 10)
+                .unwrap()
+                .halved(256 << 10),
+            None
+        );
+    }
+
+    #[test]
+    fn rings_that_fit_are_left_alone() {
+        let hv = limited("fits", 8 * MIB, usize::MAX);
+        let geo = Geometry::with_max_record(2 * MIB, 256 << 10).unwrap();
+        let (r, why) = offer_fitted(&hv, 1, geo, geo.max_record as usize, 7);
+        assert_eq!(data_size(&r), 2 * MIB);
+        assert!(why.is_none());
+    }
+}

@@ -1,0 +1,390 @@
+//! A link to one peer, on the ring or on TCP. Every fatal error it reports
+//! names the peer.
+
+use crate::card::Card;
+use crate::channel::{Channel, WaitPolicy};
+use crate::error::{Error, Result};
+use crate::frame::Stats;
+use crate::hypervisor::Hypervisor;
+use crate::payload::Payload;
+use crate::tcp::{self, TcpLink};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The path a link took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// Shared ring.
+    Ring,
+    /// TCP.
+    Tcp,
+}
+
+impl std::fmt::Display for PathKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PathKind::Ring => "ring",
+            PathKind::Tcp => "tcp",
+        })
+    }
+}
+
+pub(super) enum Imp {
+    Ring(Box<Channel>),
+    Tcp(Box<TcpLink>),
+}
+
+/// A link to one peer, on whichever path was chosen.
+pub struct Link {
+    pub(super) peer: Card,
+    pub(super) path: PathKind,
+    pub(super) reason: String,
+    pub(super) imp: Imp,
+    /// Control connection of the ring path (liveness).
+    pub(super) ctl: Option<TcpStream>,
+    pub(super) idle_polls: u32,
+    pub(super) policy: WaitPolicy,
+    pub(super) degraded: bool,
+    /// Silence after which the peer is declared gone (`None`: never).
+    pub(super) timeout: Option<Duration>,
+    /// When the connection was last checked (checks are rate-limited).
+    pub(super) last_check: Instant,
+    /// The backend that made the ring (`None` on TCP): it may know that the
+    /// peer's domain is gone.
+    pub(super) hv: Option<Arc<dyn Hypervisor>>,
+}
+
+/// Checks the peer of a ring or TCP link: what the ring's backend knows of
+/// its domain (`hv`), then its connection `sock`.
+fn peer_alive(
+    hv: Option<&Arc<dyn Hypervisor>>,
+    domain: u32,
+    sock: &TcpStream,
+    timeout: Option<Duration>,
+) -> Result<()> {
+    if let Some(hv) = hv {
+        let silence = || Duration::from_millis(tcp::silence_ms(sock).map_or(0, u64::from));
+        hv.check_peer(domain, &silence)?;
+    }
+    tcp::check_alive(sock, timeout)
+}
+
+/// Empty polls between two looks at the clock for a liveness check.
+const ALIVE_EVERY: u32 = 4096;
+/// Liveness checks of an idle link at most this often.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+
+impl Link {
+    /// Names the peer in an error.
+    #[cold]
+    fn ctx(&self, e: Error) -> Error {
+        e.at_peer(|| self.peer.label())
+    }
+
+    /// The peer's card.
+    pub fn peer(&self) -> &Card {
+        &self.peer
+    }
+
+    /// The path this link uses.
+    pub fn path(&self) -> PathKind {
+        self.path
+    }
+
+    /// Why this path was chosen.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// True when the peer was a ring candidate but setting up the ring
+    /// failed (no space, map refused, nonce mismatch): the link works, on
+    /// TCP, and users should be told once.
+    pub fn degraded(&self) -> bool {
+        self.degraded
+    }
+
+    /// Counters of both directions.
+    pub fn stats(&self) -> Stats {
+        match &self.imp {
+            Imp::Ring(c) => c.stats,
+            Imp::Tcp(t) => t.stats,
+        }
+    }
+
+    /// Largest message that travels as one record or frame (and so is
+    /// delivered in place and may be sent with `try_send`/`reserve`).
+    pub fn max_inline(&self) -> usize {
+        match &self.imp {
+            Imp::Ring(c) => c.max_record(),
+            Imp::Tcp(t) => t.max_frame(),
+        }
+    }
+
+    /// File descriptor to poll for input on the TCP path.
+    pub fn tcp_fd(&self) -> Option<i32> {
+        match &self.imp {
+            Imp::Ring(_) => None,
+            Imp::Tcp(t) => Some(t.fd()),
+        }
+    }
+
+    /// The connection that tells whether the peer lives: the control
+    /// connection of a ring, the data connection of a TCP link.
+    fn watched(&self) -> &TcpStream {
+        match (&self.ctl, &self.imp) {
+            (Some(s), _) => s,
+            (None, Imp::Tcp(t)) => t.sock(),
+            (None, Imp::Ring(_)) => unreachable!("a ring link keeps its control connection"),
+        }
+    }
+
+    /// Checks that the peer is alive, at most every [`CHECK_EVERY`]: its
+    /// connection is open and its kernel answered within the timeout.
+    fn check_alive(&mut self) -> Result<()> {
+        let now = Instant::now();
+        if now.duration_since(self.last_check) < CHECK_EVERY {
+            return Ok(());
+        }
+        self.last_check = now;
+        peer_alive(
+            self.hv.as_ref(),
+            self.peer.domain,
+            self.watched(),
+            self.timeout,
+        )
+        .map_err(|e| self.ctx(e))
+    }
+
+    /// Counts an empty poll; every [`ALIVE_EVERY`] of them, checks the peer.
+    #[inline]
+    fn idle(&mut self) -> Result<()> {
+        self.idle_polls += 1;
+        if self.idle_polls >= ALIVE_EVERY {
+            self.idle_polls = 0;
+            self.check_alive()?;
+        }
+        Ok(())
+    }
+
+    /// Sends a message of any size, blocking until it is in the ring or has
+    /// left the process.
+    pub fn send(&mut self, tag: u8, msg: &[u8]) -> Result<()> {
+        self.send_deadline(tag, msg, None)
+    }
+
+    /// [`Link::send`] with a deadline.
+    pub fn send_deadline(&mut self, tag: u8, msg: &[u8], deadline: Option<Instant>) -> Result<()> {
+        let timeout = self.timeout;
+        let r = match &mut self.imp {
+            Imp::Ring(c) => {
+                let ctl = self
+                    .ctl
+                    .as_ref()
+                    .expect("a ring link keeps its control connection");
+                let (hv, dom) = (self.hv.as_ref(), self.peer.domain);
+                c.send(tag, msg, deadline, &mut || {
+                    peer_alive(hv, dom, ctl, timeout)
+                })
+            }
+            Imp::Tcp(t) => t.send(tag, msg, deadline, timeout),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// Sends a message of at most [`Link::max_inline`] bytes, gathered from
+    /// `parts`, without blocking. `Ok(false)` when the ring is full (on
+    /// TCP: when the send queue is over its bound).
+    #[inline]
+    pub fn try_send(&mut self, tag: u8, parts: &[&[u8]]) -> Result<bool> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.try_send_parts(tag, parts),
+            Imp::Tcp(t) => t.try_send(tag, parts),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// True when a [`Link::try_send`] of `len` bytes (at most
+    /// [`Link::max_inline`]) would be accepted now.
+    pub fn can_send(&mut self, len: usize) -> Result<bool> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.fits(len),
+            Imp::Tcp(t) => t.has_room(len),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// Reserves ring space for a message of `len` bytes (at most
+    /// [`Link::max_inline`]) to be written in place. `Ok(None)` when the ring
+    /// is full or the link is on TCP.
+    #[inline]
+    pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.reserve(len),
+            Imp::Tcp(_) => Ok(None),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// Sends the reserved message.
+    #[inline]
+    pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.commit(len, tag),
+            Imp::Tcp(_) => Err(Error::Invalid("commit without reservation".into())),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// Drops a reservation.
+    #[inline]
+    pub fn cancel(&mut self) {
+        if let Imp::Ring(c) = &mut self.imp {
+            c.cancel()
+        }
+    }
+
+    /// Delivers up to `max` messages to `f(tag, bytes)` without blocking
+    /// (in place where possible: the view is valid only during the call),
+    /// and pushes queued TCP output. Returns how many were delivered.
+    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, Payload<'_>)) -> Result<usize> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.poll(max, f),
+            Imp::Tcp(t) => t.poll(max, f),
+        };
+        let n = r.map_err(|e| self.ctx(e))?;
+        if n == 0 {
+            self.idle()?;
+        }
+        Ok(n)
+    }
+
+    /// Cheap test for pollers: `false` when a full poll would certainly find
+    /// nothing (ring path: one load). Every few thousand idle answers it
+    /// returns `true` anyway, so that the full poll checks the peer's close
+    /// flag and the control connection.
+    #[inline]
+    pub fn worth_polling(&mut self) -> bool {
+        match &self.imp {
+            Imp::Ring(c) if c.looks_idle() => {
+                self.idle_polls += 1;
+                // Let the full poll look at the close flag and the control
+                // connection now and then.
+                self.idle_polls >= ALIVE_EVERY
+            }
+            _ => true,
+        }
+    }
+
+    /// The next complete message without blocking, as `(tag, pointer,
+    /// len)`, valid until [`Link::release_msg`] (which must come before the
+    /// next `peek_msg`). No borrow is held meanwhile: the caller may send on
+    /// this link while it handles the message (the Open MPI receive upcall
+    /// does), but must not poll it again.
+    #[inline]
+    pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.peek_msg(),
+            Imp::Tcp(t) => t.peek_msg(),
+        };
+        let r = r.map_err(|e| self.ctx(e))?;
+        if r.is_none() {
+            self.idle()?;
+        }
+        Ok(r)
+    }
+
+    /// Releases the message returned by [`Link::peek_msg`]. On the ring, the
+    /// space may go back to the sender only with the next
+    /// [`Link::flush_rx`]: call it after each batch of messages.
+    #[inline]
+    pub fn release_msg(&mut self) -> Result<()> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.release_msg(),
+            Imp::Tcp(t) => {
+                t.release_msg();
+                Ok(())
+            }
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// Hands the space of all released messages back to the sender.
+    pub fn flush_rx(&mut self) -> Result<()> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.flush_rx(),
+            Imp::Tcp(_) => Ok(()),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// Receives one message into `out` (blocking until `deadline`); returns
+    /// its tag.
+    pub fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<u8> {
+        let timeout = self.timeout;
+        let r = match &mut self.imp {
+            Imp::Ring(c) => {
+                let ctl = self
+                    .ctl
+                    .as_ref()
+                    .expect("a ring link keeps its control connection");
+                let (hv, dom) = (self.hv.as_ref(), self.peer.domain);
+                c.recv(out, deadline, &mut || peer_alive(hv, dom, ctl, timeout))
+            }
+            Imp::Tcp(t) => t.recv(out, deadline, timeout),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// Pushes queued TCP output without blocking; returns the bytes still
+    /// queued.
+    pub fn flush(&mut self) -> Result<usize> {
+        let r = match &mut self.imp {
+            Imp::Ring(_) => Ok(0),
+            Imp::Tcp(t) => t.flush().map(|_| t.queued()),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// Bytes queued on the TCP path and not yet written to the socket.
+    pub fn queued(&self) -> usize {
+        match &self.imp {
+            Imp::Ring(_) => 0,
+            Imp::Tcp(t) => t.queued(),
+        }
+    }
+
+    /// Closes the link: the peer drains what was sent, then sees
+    /// [`Error::Closed`].
+    pub fn close(&mut self) {
+        match &mut self.imp {
+            Imp::Ring(c) => c.close(),
+            Imp::Tcp(t) => t.close(),
+        }
+    }
+
+    /// The sending ring of a ring link (its control page) and geometry, for
+    /// tests that play a hostile peer; `None` on TCP. Not for anything else.
+    #[doc(hidden)]
+    pub fn raw_tx_ring(&self) -> Option<(*mut u8, crate::ring::Geometry)> {
+        match &self.imp {
+            Imp::Ring(c) => Some(c.raw_tx_ring()),
+            Imp::Tcp(_) => None,
+        }
+    }
+
+    /// The wait policy of blocking calls.
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.policy
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("peer", &self.peer.to_string())
+            .field("path", &self.path)
+            .field("reason", &self.reason)
+            .finish()
+    }
+}

@@ -1,0 +1,77 @@
+//! The fuzz targets' bodies (`core/fuzz/src/targets.rs`) on stable, over
+//! pseudo-random inputs and a few shaped ones: the same properties the
+//! fuzzers check, run by every `cargo test` (the soak is `scripts/fuzz`).
+
+#[path = "../fuzz/src/targets.rs"]
+mod targets;
+
+/// Deterministic pseudo-random inputs of lengths up to `max`.
+fn inputs(seed: u32, n: usize, max: usize) -> impl Iterator<Item = Vec<u8>> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x
+    };
+    (0..n).map(move |_| {
+        let len = next() as usize % (max + 1);
+        (0..len).map(|_| next() as u8).collect()
+    })
+}
+
+#[test]
+fn handshake_messages() {
+    for v in inputs(1, 3000, 300) {
+        targets::handshake_messages(&v);
+    }
+    // shaped: a valid record header in front of random payloads
+    for (t, v) in (0u8..14).cycle().zip(inputs(2, 2000, 200)) {
+        let mut b = vec![0x80 | t];
+        b.extend_from_slice(&ivcom_core::record::encode_bytes(v.len(), 4, t));
+        b.extend_from_slice(&v);
+        targets::handshake_messages(&b);
+    }
+}
+
+#[test]
+fn handshake_exchange() {
+    targets::handshake_exchange(&[]);
+    for v in inputs(3, 1500, 16) {
+        targets::handshake_exchange(&v);
+    }
+}
+
+#[test]
+fn reassembly() {
+    for v in inputs(4, 4000, 400) {
+        targets::reassembly(&v);
+    }
+}
+
+#[test]
+fn tcp_stream() {
+    for v in inputs(5, 4000, 600) {
+        targets::tcp_stream(&v);
+    }
+}
+
+#[test]
+fn xenstore() {
+    for v in inputs(6, 4000, 64) {
+        targets::xenstore(&v);
+    }
+    targets::xenstore(b"7\0");
+    targets::xenstore(b"32752");
+}
+
+#[test]
+fn host_names_and_cards() {
+    for v in inputs(7, 4000, 120) {
+        targets::host_names(&v);
+        targets::card(&v);
+        targets::tcp_header(&v);
+    }
+    let good = format!("ivcom-{}.sock:{}", "a1".repeat(16), "0f".repeat(16));
+    targets::host_names(good.as_bytes());
+}

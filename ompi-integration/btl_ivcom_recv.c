@@ -1,0 +1,199 @@
+/*
+ * btl/ivcom: receive. Progress accepts the links peers opened to us, sends
+ * what waits for ring space, and polls every link; each message is handed
+ * to the upper layer in place (a pointer into ring space or the socket
+ * buffer) by mca_btl_ivcom_deliver, the one place that calls up.
+ */
+#include "opal_config.h"
+
+#include <string.h>
+
+#include "opal/sys/atomic.h"
+
+#include "btl_ivcom.h"
+#include "btl_ivcom_compat.h"
+#include "btl_ivcom_frag.h"
+
+#define C (&mca_btl_ivcom_component)
+#define MODULE (&mca_btl_ivcom_module.super)
+
+/* On a ring, a message lies in memory the peer can still write, and the
+ * upper layer parses its header (raw pointers among it) and may read it
+ * more than once: nothing it parses may change under it. So the head of
+ * every message (IVCOM_HEAD bytes: more than any header of ob1 or of the
+ * base active-message protocols) is copied into private memory first, and
+ * a message that short is copied whole; the rest of a longer message,
+ * which the upper layer only copies out as data, is handed over in place
+ * as a second segment. The private head is zero-filled past the message,
+ * so a message shorter than the header its type implies reads zeros,
+ * never the rest of an earlier message. Each thread that delivers has its
+ * own head and descriptor; the upper layer only reads them during the
+ * call, and a thread never delivers two messages at once (progress does
+ * not nest). */
+#define IVCOM_HEAD 256
+static __thread uint8_t recv_head[IVCOM_HEAD] __opal_attribute_aligned__(64);
+/* Bytes of recv_head that hold a previous message: only those need zeroing
+ * past a shorter one (a run of small messages zeroes nothing). */
+static __thread size_t recv_head_used;
+static __thread mca_btl_base_segment_t recv_seg[2];
+static __thread ivcom_recv_desc_t recv_des;
+
+/* Hands one message from peer `ep` to the callback the upper layer
+ * registered for `tag` in the base trigger table: ob1's tags, and in Open
+ * MPI 5 also those of the active-message RDMA emulation that osc/rdma
+ * wraps around a BTL without put/get (it answers through the endpoint,
+ * which 5.0's descriptor carries). */
+void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
+                           const uint8_t *data, size_t len)
+{
+    /* The core breaks the link for tags at or above MCA_BTL_TAG_MAX. */
+    const mca_btl_active_message_callback_t *reg = mca_btl_base_active_message_trigger + tag;
+    if (OPAL_UNLIKELY(NULL == reg->cbfunc)) {
+        __atomic_fetch_add(&mca_btl_ivcom_component.dropped_tags, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    recv_des.des_segments = recv_seg;
+    recv_seg[0].seg_addr.pval = recv_head;
+    if (OPAL_LIKELY(len <= IVCOM_HEAD)) {
+        memcpy(recv_head, data, len);
+        if (OPAL_UNLIKELY(recv_head_used > len)) {
+            memset(recv_head + len, 0, recv_head_used - len);
+        }
+        recv_head_used = len;
+        recv_seg[0].seg_len = len;
+        recv_des.des_segment_count = 1;
+    } else {
+        memcpy(recv_head, data, IVCOM_HEAD);
+        recv_head_used = IVCOM_HEAD;
+        recv_seg[0].seg_len = IVCOM_HEAD;
+        recv_seg[1].seg_addr.pval = (void *) (data + IVCOM_HEAD);
+        recv_seg[1].seg_len = len - IVCOM_HEAD;
+        recv_des.des_segment_count = 2;
+    }
+    ivcom_upcall(MODULE, reg, &recv_des, ep, tag);
+}
+
+/* ivcom_link_poll's callback; ctx is the endpoint. */
+static void recv_cb(void *ctx, uint8_t tag, const uint8_t *data, size_t len)
+{
+    mca_btl_ivcom_deliver((mca_btl_base_endpoint_t *) ctx, tag, data, len);
+}
+
+/* Completes frags whose data left (callbacks run without any lock: they
+ * may send again). */
+void mca_btl_ivcom_complete(opal_list_t *done)
+{
+    opal_list_item_t *item;
+    while (NULL != (item = opal_list_remove_first(done))) {
+        mca_btl_ivcom_frag_done((mca_btl_ivcom_frag_t *) item, true);
+    }
+}
+
+/* One endpoint without threads: the link delivers up to 16 messages by
+ * itself (one call across the C ABI). */
+static int poll_single(mca_btl_base_endpoint_t *ep)
+{
+    int rc;
+    if (!opal_list_is_empty(&ep->pending)) {
+        opal_list_t done;
+        int failed = 0;
+        OBJ_CONSTRUCT(&done, opal_list_t);
+        mca_btl_ivcom_drain_pending(ep, &done, &failed);
+        mca_btl_ivcom_complete(&done);
+        OBJ_DESTRUCT(&done);
+        if (failed) {
+            mca_btl_ivcom_endpoint_failed(ep, failed);
+            return 0;
+        }
+    }
+    rc = ivcom_link_poll(ep->link, 16, recv_cb, ep);
+    if (rc < 0) {
+        mca_btl_ivcom_endpoint_failed(ep, rc);
+        return 0;
+    }
+    return rc;
+}
+
+/* ivcom_link_poll's callback with threads: the endpoint's lock is dropped
+ * around the upcall (which may send on this endpoint) and held again when
+ * the link resumes; rx_busy keeps other threads from polling meanwhile. */
+static void recv_cb_unlocked(void *ctx, uint8_t tag, const uint8_t *data, size_t len)
+{
+    mca_btl_base_endpoint_t *ep = (mca_btl_base_endpoint_t *) ctx;
+    OPAL_THREAD_UNLOCK(&ep->lock);
+    mca_btl_ivcom_deliver(ep, tag, data, len);
+    OPAL_THREAD_LOCK(&ep->lock);
+}
+
+/* One endpoint with threads: claimed for receiving under its lock (an
+ * endpoint another thread holds is passed by: that thread delivers its
+ * messages), polled in one call like poll_single, the lock dropped around
+ * each upcall. */
+static int poll_threaded(mca_btl_base_endpoint_t *ep)
+{
+    opal_list_t done;
+    int failed = 0, rc = 0;
+    if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
+        return 0;
+    }
+    if (ep->rx_busy || NULL == ep->link || ep->failed || ep->closed) {
+        OPAL_THREAD_UNLOCK(&ep->lock);
+        return 0;
+    }
+    OBJ_CONSTRUCT(&done, opal_list_t);
+    if (!opal_list_is_empty(&ep->pending)) {
+        mca_btl_ivcom_drain_pending(ep, &done, &failed);
+    }
+    if (!failed) {
+        ep->rx_busy = true;
+        rc = ivcom_link_poll(ep->link, 16, recv_cb_unlocked, ep);
+        ep->rx_busy = false;
+        if (rc < 0) {
+            failed = rc;
+        }
+    }
+    OPAL_THREAD_UNLOCK(&ep->lock);
+    mca_btl_ivcom_complete(&done);
+    OBJ_DESTRUCT(&done);
+    if (failed < 0) {
+        mca_btl_ivcom_endpoint_failed(ep, failed);
+        return 0;
+    }
+    return rc;
+}
+
+/* Progress does not nest within a thread (an upcall may call progress). */
+static __thread bool in_progress;
+/* Calls of progress by this thread (paces the check for new links). */
+static __thread unsigned progress_calls;
+
+int mca_btl_ivcom_progress(void)
+{
+    int count = 0;
+    mca_btl_ivcom_eps_t *eps;
+    if (in_progress || NULL == C->node) {
+        return 0;
+    }
+    in_progress = true;
+    /* Links that peers opened: checked every 16th call (an FFI call and an
+     * atomic load), and on every call while we have no link at all. */
+    if ((0 == (++progress_calls & 15) || 0 == C->neps_linked)
+        && ivcom_node_pending(C->node) > 0) {
+        mca_btl_ivcom_adopt_incoming();
+    }
+    eps = C->eps;
+    opal_atomic_rmb();
+    for (int i = 0; NULL != eps && i < eps->n; i++) {
+        mca_btl_base_endpoint_t *ep = eps->ep[i];
+        if (!opal_using_threads()) {
+            if (NULL == ep->link || ep->failed || ep->closed) {
+                continue;
+            }
+            count += poll_single(ep);
+        } else {
+            count += poll_threaded(ep);
+        }
+    }
+    in_progress = false;
+    return count;
+}

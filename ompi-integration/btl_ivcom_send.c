@@ -1,0 +1,384 @@
+/*
+ * btl/ivcom: send paths, fastest first:
+ *   sendi        header + payload packed straight into a ring record;
+ *   alloc/prepare_src
+ *                the descriptor's payload *is* ring space when the link is a
+ *                ring and has no other reservation outstanding (zero copy:
+ *                one copy in, one copy out); otherwise a private buffer,
+ *                copied into the ring or socket by send;
+ *   send         commits the reservation, or copies the private buffer; if
+ *                the ring is full the descriptor waits in the endpoint's
+ *                pending list and progress sends it (completion callback).
+ * To this process itself (the self endpoint) a message is delivered in
+ * place, at once.
+ *
+ * Threads: every path holds the endpoint's lock while it touches the link
+ * and the endpoint's state, and drops it before anything that may call
+ * back into the upper layer (completion callbacks, failure reports,
+ * self delivery). A reservation (ep->reserved) belongs to one descriptor
+ * until it is sent or freed; meanwhile other sends to the peer queue behind
+ * it, so the order of each thread's messages to a peer is kept.
+ */
+#include "opal_config.h"
+
+#include <string.h>
+
+#include "opal/datatype/opal_convertor.h"
+
+#include "btl_ivcom.h"
+#include "btl_ivcom_frag.h"
+
+#define MODULE (&mca_btl_ivcom_module.super)
+#define LOCK(ep) OPAL_THREAD_LOCK(&(ep)->lock)
+#define UNLOCK(ep) OPAL_THREAD_UNLOCK(&(ep)->lock)
+
+static int try_send_frag(mca_btl_base_endpoint_t *ep, mca_btl_ivcom_frag_t *f)
+{
+    ivcom_iov iov = {.base = f->segment.seg_addr.pval, .len = (size_t) f->segment.seg_len};
+    return ivcom_link_try_send(ep->link, f->tag, &iov, 1);
+}
+
+/* Sends queued frags in order while the ring has room; called with the
+ * endpoint's lock held. Sent frags go to `done` (for
+ * mca_btl_ivcom_complete once the lock is dropped); a link failure is left
+ * in *failed. */
+void mca_btl_ivcom_drain_pending(mca_btl_base_endpoint_t *ep, opal_list_t *done, int *failed)
+{
+    while (!opal_list_is_empty(&ep->pending) && NULL == ep->reserved && !ep->failed) {
+        mca_btl_ivcom_frag_t *f = (mca_btl_ivcom_frag_t *) opal_list_get_first(&ep->pending);
+        int rc = try_send_frag(ep, f);
+        if (0 == rc) {
+            return;
+        }
+        opal_list_remove_first(&ep->pending);
+        if (rc < 0) {
+            *failed = rc;
+            return;
+        }
+        opal_list_append(done, &f->base.super.super);
+    }
+}
+
+/* Reports what a path left: a failure (without the lock). */
+static int report(mca_btl_base_endpoint_t *ep, int failed, int rc)
+{
+    if (OPAL_UNLIKELY(0 != failed)) {
+        mca_btl_ivcom_endpoint_failed(ep, failed);
+    }
+    return rc;
+}
+
+/* The "record too small" warning, once per process. */
+static void warn_record(mca_btl_base_endpoint_t *ep, size_t size)
+{
+    /* Open MPI 5's active-message RDMA (osc/rdma) sends pieces of
+     * btl_max_send_size: a pair whose ring records were shrunk below that
+     * cannot carry them, and the caller would retry for ever. */
+    static bool warned;
+    if (!warned) {
+        char have[32], want[32];
+        warned = true;
+        snprintf(have, sizeof(have), "%zu", ep->max_send);
+        snprintf(want, sizeof(want), "%zu", size);
+        mca_btl_ivcom_help("record too small",
+                           "a %s-byte send does not fit this pair's ring records (%s bytes): "
+                           "set btl_ivcom_max_send_size to %s or less",
+                           want, have, have);
+    }
+}
+
+mca_btl_base_descriptor_t *mca_btl_ivcom_alloc(struct mca_btl_base_module_t *btl,
+                                               struct mca_btl_base_endpoint_t *ep, uint8_t order,
+                                               size_t size, uint32_t flags)
+{
+    mca_btl_ivcom_frag_t *f;
+    int failed = 0;
+    bool ready, too_big, placed = false;
+    (void) btl;
+    (void) order;
+    /* ob1 allocates at most btl_eager_limit bytes, which every link takes
+     * (the smallest record a ring may shrink to). */
+    if (size > MODULE->btl_max_send_size) {
+        return NULL;
+    }
+    f = mca_btl_ivcom_frag_get(ep);
+    if (NULL == f) {
+        return NULL;
+    }
+    LOCK(ep);
+    ready = OPAL_SUCCESS == mca_btl_ivcom_endpoint_ready(ep, &failed);
+    too_big = ready && size > ep->max_send;
+    if (ready && !too_big && !mca_btl_ivcom_caller_keeps(flags)) {
+        placed = mca_btl_ivcom_frag_ring(ep, f, size);
+    }
+    UNLOCK(ep);
+    if (too_big) {
+        warn_record(ep, size);
+        mca_btl_ivcom_frag_return(f);
+        return NULL;
+    }
+    (void) report(ep, failed, 0);
+    if (!placed && !mca_btl_ivcom_frag_heap(f, size)) {
+        mca_btl_ivcom_frag_return(f);
+        return NULL;
+    }
+    f->segment.seg_len = size;
+    f->base.des_flags = flags;
+    return &f->base;
+}
+
+int mca_btl_ivcom_free(struct mca_btl_base_module_t *btl, mca_btl_base_descriptor_t *des)
+{
+    mca_btl_ivcom_frag_t *f = (mca_btl_ivcom_frag_t *) des;
+    (void) btl;
+    if (f->in_ring) {
+        mca_btl_base_endpoint_t *ep = f->endpoint;
+        LOCK(ep);
+        ivcom_link_cancel(ep->link);
+        ep->reserved = NULL;
+        f->in_ring = false;
+        UNLOCK(ep);
+    }
+    mca_btl_ivcom_frag_return(f);
+    return OPAL_SUCCESS;
+}
+
+mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_t *btl,
+                                                     struct mca_btl_base_endpoint_t *ep,
+                                                     struct opal_convertor_t *conv, uint8_t order,
+                                                     size_t reserve, size_t *size, uint32_t flags)
+{
+    mca_btl_ivcom_frag_t *f;
+    struct iovec iov;
+    uint32_t iov_count = 1;
+    size_t max = *size;
+    size_t limit = MODULE->btl_max_send_size;
+    bool keep, placed = false, ring = false;
+    int failed = 0;
+    (void) btl;
+    (void) order;
+    f = mca_btl_ivcom_frag_get(ep);
+    if (NULL == f) {
+        return NULL;
+    }
+    keep = mca_btl_ivcom_caller_keeps(flags);
+    LOCK(ep);
+    /* A ring with shrunk records takes smaller pieces: ob1 sends the rest
+     * in further fragments. */
+    if (OPAL_SUCCESS == mca_btl_ivcom_endpoint_ready(ep, &failed)) {
+        limit = ep->max_send;
+    }
+    if (reserve < limit) {
+        if (reserve + max > limit) {
+            max = limit - reserve;
+        }
+        if (!keep) {
+            placed = mca_btl_ivcom_frag_ring(ep, f, reserve + max);
+        }
+    }
+    ring = ep->ring;
+    UNLOCK(ep);
+    (void) report(ep, failed, 0);
+    if (reserve >= limit) {
+        mca_btl_ivcom_frag_return(f);
+        return NULL;
+    }
+    if (!placed) {
+        /* On a ring link with no room now, decline: ob1 keeps the request
+         * pending and retries from its progress, instead of this BTL
+         * packing into a private buffer that waits in a queue (an extra
+         * copy and unbounded memory while a fast sender outruns the
+         * receiver). TCP links, the self endpoint and descriptors the
+         * caller keeps always pack into a private buffer. */
+        if (ring && !keep) {
+            mca_btl_ivcom_frag_return(f);
+            return NULL;
+        }
+        if (!mca_btl_ivcom_frag_heap(f, reserve + max)) {
+            mca_btl_ivcom_frag_return(f);
+            return NULL;
+        }
+    }
+    /* Into the reservation this descriptor holds (or its own buffer): no
+     * other thread touches either, so this runs without the lock. */
+    iov.iov_base = (uint8_t *) f->segment.seg_addr.pval + reserve;
+    iov.iov_len = max;
+    if (opal_convertor_pack(conv, &iov, &iov_count, &max) < 0) {
+        mca_btl_ivcom_free(btl, &f->base);
+        return NULL;
+    }
+    *size = max;
+    f->segment.seg_len = reserve + max;
+    f->base.des_flags = flags;
+    return &f->base;
+}
+
+int mca_btl_ivcom_send(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t *ep,
+                       struct mca_btl_base_descriptor_t *des, mca_btl_base_tag_t tag)
+{
+    mca_btl_ivcom_frag_t *f = (mca_btl_ivcom_frag_t *) des;
+    opal_list_t done;
+    int rc, failed = 0, out;
+    (void) btl;
+    f->tag = tag;
+    f->endpoint = ep;
+    if (OPAL_UNLIKELY(ep->failed)) {
+        return OPAL_ERR_UNREACH;
+    }
+    if (ep->self) {
+        mca_btl_ivcom_deliver(ep, tag, f->segment.seg_addr.pval, (size_t) f->segment.seg_len);
+        mca_btl_ivcom_frag_done(f, false);
+        return 1;
+    }
+    OBJ_CONSTRUCT(&done, opal_list_t);
+    LOCK(ep);
+    if (f->in_ring) {
+        rc = ivcom_link_commit(ep->link, (size_t) f->segment.seg_len, tag);
+        f->in_ring = false;
+        ep->reserved = NULL;
+        if (IVCOM_OK != rc) {
+            failed = rc;
+            out = OPAL_ERROR;
+        } else {
+            mca_btl_ivcom_drain_pending(ep, &done, &failed);
+            out = 1;
+        }
+    } else if (OPAL_SUCCESS != mca_btl_ivcom_endpoint_ready(ep, &failed)) {
+        out = OPAL_ERR_UNREACH;
+    } else {
+        rc = 0;
+        if (opal_list_is_empty(&ep->pending) && NULL == ep->reserved) {
+            rc = try_send_frag(ep, f);
+        }
+        if (1 == rc) {
+            out = 1;
+        } else if (rc < 0) {
+            failed = rc;
+            out = OPAL_ERROR;
+        } else {
+            /* Ring full (or ordered behind others): progress sends it. */
+            f->base.des_flags |= MCA_BTL_DES_SEND_ALWAYS_CALLBACK;
+            opal_list_append(&ep->pending, &f->base.super.super);
+            out = OPAL_SUCCESS;
+        }
+    }
+    UNLOCK(ep);
+    mca_btl_ivcom_complete(&done);
+    OBJ_DESTRUCT(&done);
+    if (1 == out) {
+        mca_btl_ivcom_frag_done(f, false);
+    }
+    return report(ep, failed, out);
+}
+
+/* sendi to this process: header and payload gathered into a private
+ * buffer and delivered at once. */
+/* What sendi sends, into dst (room for header_size + payload_size): ob1's
+ * header, then the payload packed from conv. Sets *total to the bytes
+ * written; false when packing failed. */
+static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
+                       struct opal_convertor_t *conv, size_t payload_size, size_t *total)
+{
+    memcpy(dst, header, header_size);
+    *total = header_size;
+    if (payload_size) {
+        struct iovec iov = {.iov_base = dst + header_size, .iov_len = payload_size};
+        uint32_t n = 1;
+        size_t max = payload_size;
+        if (opal_convertor_pack(conv, &iov, &n, &max) < 0) {
+            return false;
+        }
+        *total += max;
+    }
+    return true;
+}
+
+static int sendi_self(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv, void *header,
+                      size_t header_size, size_t payload_size, mca_btl_base_tag_t tag)
+{
+    size_t total = header_size + payload_size;
+    mca_btl_ivcom_frag_t *f = mca_btl_ivcom_frag_get(ep);
+    if (NULL == f || !mca_btl_ivcom_frag_heap(f, total)) {
+        if (f) mca_btl_ivcom_frag_return(f);
+        return OPAL_ERR_RESOURCE_BUSY;
+    }
+    if (!sendi_pack(f->heap, header, header_size, conv, payload_size, &total)) {
+        mca_btl_ivcom_frag_return(f);
+        return OPAL_ERROR;
+    }
+    mca_btl_ivcom_deliver(ep, tag, f->heap, total);
+    mca_btl_ivcom_frag_return(f);
+    return OPAL_SUCCESS;
+}
+
+int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t *ep,
+                        struct opal_convertor_t *conv, void *header, size_t header_size,
+                        size_t payload_size, uint8_t order, uint32_t flags,
+                        mca_btl_base_tag_t tag, mca_btl_base_descriptor_t **descriptor)
+{
+    size_t total = header_size + payload_size;
+    uint8_t *dst = NULL;
+    int rc, failed = 0, out = OPAL_SUCCESS;
+    (void) btl;
+    (void) order;
+    (void) flags;
+    if (NULL != descriptor) {
+        *descriptor = NULL;
+    }
+    if (OPAL_UNLIKELY(ep->self)) {
+        return sendi_self(ep, conv, header, header_size, payload_size, tag);
+    }
+    LOCK(ep);
+    if (OPAL_UNLIKELY(OPAL_SUCCESS != mca_btl_ivcom_endpoint_ready(ep, &failed))) {
+        UNLOCK(ep);
+        return report(ep, failed, OPAL_ERR_UNREACH);
+    }
+    if (NULL != ep->reserved || !opal_list_is_empty(&ep->pending) || total > ep->max_send) {
+        UNLOCK(ep);
+        return OPAL_ERR_RESOURCE_BUSY;
+    }
+    if (ep->ring) {
+        rc = ivcom_link_reserve(ep->link, total, &dst);
+        if (1 != rc) {
+            UNLOCK(ep);
+            return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
+        }
+        if (!sendi_pack(dst, header, header_size, conv, payload_size, &total)) {
+            ivcom_link_cancel(ep->link);
+            UNLOCK(ep);
+            return OPAL_ERROR;
+        }
+        rc = ivcom_link_commit(ep->link, total, tag);
+        if (IVCOM_OK != rc) {
+            failed = rc;
+            out = OPAL_ERROR;
+        }
+        UNLOCK(ep);
+        return report(ep, failed, out);
+    }
+    /* TCP: gather into a scratch frag; the link queues what the socket does
+     * not take, up to its bound: asked first, so that data is packed only
+     * when it will be sent. */
+    rc = ivcom_link_can_send(ep->link, total);
+    if (1 != rc) {
+        UNLOCK(ep);
+        return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
+    }
+    mca_btl_ivcom_frag_t *f = mca_btl_ivcom_frag_get(ep);
+    if (NULL == f || !mca_btl_ivcom_frag_heap(f, total)) {
+        UNLOCK(ep);
+        if (f) mca_btl_ivcom_frag_return(f);
+        return OPAL_ERR_RESOURCE_BUSY;
+    }
+    if (!sendi_pack(f->heap, header, header_size, conv, payload_size, &total)) {
+        UNLOCK(ep);
+        mca_btl_ivcom_frag_return(f);
+        return OPAL_ERROR;
+    }
+    ivcom_iov v = {.base = f->heap, .len = total};
+    /* Room was checked above, under the same lock. */
+    rc = ivcom_link_try_send(ep->link, tag, &v, 1);
+    UNLOCK(ep);
+    mca_btl_ivcom_frag_return(f);
+    return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_SUCCESS;
+}
