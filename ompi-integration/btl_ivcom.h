@@ -99,6 +99,7 @@ typedef struct mca_btl_ivcom_component_t {
     uint64_t dropped_tags;           /* messages to tags nobody registered */
     volatile int32_t neps_linked;    /* endpoints with a link */
     bool warned_degraded;
+    bool job_admitted;               /* the whole job's cards were admitted (Xen) */
     mca_btl_base_module_error_cb_fn_t error_cb;
 } mca_btl_ivcom_component_t;
 
@@ -118,6 +119,7 @@ void mca_btl_ivcom_close_all(void);
 /* btl_ivcom_modex.c */
 int mca_btl_ivcom_card_publish(ivcom_node *node);
 int mca_btl_ivcom_card_fetch(opal_proc_t *proc, uint8_t **card, size_t *len);
+void mca_btl_ivcom_admit_job(ivcom_node *node);
 uint64_t mca_btl_ivcom_name(opal_process_name_t name);
 size_t mca_btl_ivcom_card_resolve(void *ctx, uint64_t name, uint8_t *buf, size_t len);
 

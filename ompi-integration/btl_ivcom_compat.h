@@ -6,6 +6,7 @@
  *                      Open MPI 4.1 (BTL 3.1.0)       Open MPI 5.0 (BTL 3.3.0)
  *   modex header       opal/mca/pmix/pmix.h           opal/mca/pmix/pmix-internal.h
  *   modex scope        OPAL_PMIX_GLOBAL               PMIX_GLOBAL
+ *   job size key       OPAL_PMIX_JOB_SIZE (UINT32)    PMIX_JOB_SIZE (PMIX_UINT32)
  *   mutexes            opal/threads/mutex.h           opal/mca/threads/mutex.h
  *   receive callback   (btl, tag, descriptor, cbdata) (btl, const receive descriptor *)
  *                                                     which also names the endpoint
@@ -49,6 +50,15 @@
 #else
 #    define IVCOM_MODEX_HEADER "opal/mca/pmix/pmix.h"
 #    define IVCOM_MODEX_GLOBAL OPAL_PMIX_GLOBAL
+#endif
+
+/* The number of processes in this job (a job-level PMIx value). */
+#if IVCOM_OMPI5
+#    define IVCOM_KEY_JOB_SIZE PMIX_JOB_SIZE
+#    define IVCOM_TYPE_UINT32 PMIX_UINT32
+#else
+#    define IVCOM_KEY_JOB_SIZE OPAL_PMIX_JOB_SIZE
+#    define IVCOM_TYPE_UINT32 OPAL_UINT32
 #endif
 
 /* Mutexes (OPAL_THREAD_LOCK and friends). */

@@ -65,6 +65,40 @@ size_t mca_btl_ivcom_card_resolve(void *ctx, uint64_t name, uint8_t *buf, size_t
     return size;
 }
 
+/* Admits the card of every process of this job (jobs of up to
+ * IVCOM_ADMIT_JOB_MAX processes), so that the node knows all its
+ * co-resident peers before it offers its first ring: on Xen each offer
+ * takes a fair share of the domain's grant pool (gntalloc's page limit),
+ * and ob1 adds peers lazily, so add_procs alone would tell only of the
+ * peers met so far. Larger jobs count those. Best effort: a process
+ * without a card (it runs without ivcom) is skipped. */
+#define IVCOM_ADMIT_JOB_MAX 4096
+void mca_btl_ivcom_admit_job(ivcom_node *node)
+{
+    opal_process_name_t who = OPAL_PROC_MY_NAME;
+    uint32_t size = 0, *sizep = &size;
+    int rc;
+    who.vpid = OPAL_VPID_WILDCARD;
+    OPAL_MODEX_RECV_VALUE(rc, IVCOM_KEY_JOB_SIZE, &who, &sizep, IVCOM_TYPE_UINT32);
+    if (OPAL_SUCCESS != rc || size > IVCOM_ADMIT_JOB_MAX) {
+        return;
+    }
+    for (uint32_t v = 0; v < size; v++) {
+        uint8_t *data = NULL;
+        size_t len = 0;
+        if (v == OPAL_PROC_MY_NAME.vpid) {
+            continue;
+        }
+        who.vpid = v;
+        OPAL_MODEX_RECV(rc, &mca_btl_ivcom_component.super.btl_version, &who, (void **) &data,
+                        &len);
+        if (OPAL_SUCCESS == rc && NULL != data) {
+            (void) ivcom_node_admit(node, data, len);
+        }
+        free(data);
+    }
+}
+
 /* The card `proc` published: *card is malloc'ed (the caller owns it).
  * Fails when the peer published none (it runs without ivcom). */
 int mca_btl_ivcom_card_fetch(opal_proc_t *proc, uint8_t **card, size_t *len)

@@ -4,6 +4,8 @@
  */
 #include "opal_config.h"
 
+#include <string.h>
+
 #include "btl_ivcom.h"
 
 #define C (&mca_btl_ivcom_component)
@@ -14,6 +16,17 @@ static int ivcom_add_procs(struct mca_btl_base_module_t *btl, size_t nprocs,
 {
     opal_proc_t *me = opal_proc_local_get();
     (void) btl;
+    /* Xen: the whole job's cards first (a fair share of the grant pool) */
+    OPAL_THREAD_LOCK(&C->lock);
+    if (!C->job_admitted && NULL != C->node) {
+        char status[64];
+        C->job_admitted = true;
+        if (1 == ivcom_node_ring_status(C->node, status, sizeof(status))
+            && 0 == strncmp(status, "xen", 3)) {
+            mca_btl_ivcom_admit_job(C->node);
+        }
+    }
+    OPAL_THREAD_UNLOCK(&C->lock);
     for (size_t i = 0; i < nprocs; i++) {
         uint8_t *data = NULL;
         size_t size = 0;

@@ -1,5 +1,6 @@
 //! Rings that fit: a pair's rings shrink (and then their records) until
-//! the backend can share them, down to a floor.
+//! the backend can share them, down to a floor; where one pool serves a
+//! whole domain (Xen's gntalloc), each pair offers at most its fair share.
 
 use crate::channel::{region_bytes, Channel, Offer};
 use crate::error::Result;
@@ -49,6 +50,36 @@ pub(super) fn offer_fitted(
             },
         }
     }
+}
+
+/// `geo`, halved (rings, then records, not below `min_record`) until one
+/// pair's region fits `pool / pairs`: the share of a pool (e.g. gntalloc's
+/// page limit of a domain, which all of the domain's processes draw on)
+/// that leaves room for `pairs` pairs, so the last pair to connect finds as
+/// much as the first. Returns the geometry and, when it was shrunk, why.
+/// (Below the floor the pair offers the floor and relies on
+/// [`offer_fitted`]'s retry.)
+pub(super) fn fair_geometry(
+    mut geo: Geometry,
+    pool: usize,
+    pairs: usize,
+    min_record: usize,
+    what: &str,
+) -> (Geometry, Option<String>) {
+    let share = pool / pairs.max(1);
+    let mut why = None;
+    while region_bytes(geo) > share {
+        match geo.halved(min_record) {
+            Some(g) => {
+                why.get_or_insert_with(|| {
+                    format!("a fair share of {what}'s pool: {pool} bytes over {pairs} pairs")
+                });
+                geo = g;
+            }
+            None => break,
+        }
+    }
+    (geo, why)
 }
 
 #[cfg(test)]
@@ -105,6 +136,29 @@ mod tests {
         fn max_share(&self) -> usize {
             self.max_share
         }
+    }
+
+    #[test]
+    fn a_fair_share_leaves_room_for_every_pair() {
+        const MIB: usize = 1 << 20;
+        let geo = Geometry::new(2 * MIB).unwrap();
+        // one pair alone: the whole pool (4 MiB: rings of 2 MiB do not fit
+        // with their control pages, rings of 1 MiB do)
+        let (g, why) = fair_geometry(geo, 4 * MIB, 1, 4096, "xen:domain 1");
+        assert_eq!(g.data_size as usize, MIB);
+        assert!(why.unwrap().contains("4194304 bytes over 1 pairs"));
+        // 2 processes x 4 peers in other domains: 8 regions fit the pool
+        let (g, _) = fair_geometry(geo, 4 * MIB, 8, 4096, "xen:domain 1");
+        assert!(8 * region_bytes(g) <= 4 * MIB, "{g:?}");
+        assert_eq!(g.data_size as usize, 128 << 10);
+        // far too many pairs: the floor, never less
+        let (g, _) = fair_geometry(geo, 4 * MIB, 100_000, 4096, "xen:domain 1");
+        assert!(g.max_record as usize >= 4096);
+        assert!(g.halved(4096).is_none());
+        // a pool big enough: unchanged
+        let (g, why) = fair_geometry(geo, 1 << 40, 8, 4096, "x");
+        assert_eq!(g, geo);
+        assert!(why.is_none());
     }
 
     fn limited(tag: &str, max_share: usize, room: usize) -> Limited {

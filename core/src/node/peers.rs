@@ -64,6 +64,22 @@ impl Peers {
         self.admitted.get(&id)
     }
 
+    /// How many pairs the processes of `me`'s domain may offer rings for
+    /// from one pool (e.g. Xen's gntalloc pages of the domain): every
+    /// process of the domain (`me` and the admitted peers in it) may offer
+    /// to every admitted co-resident peer in another domain. At least 1.
+    pub fn pool_pairs(&self, me: &Card) -> usize {
+        let (mut local, mut across) = (1usize, 0usize);
+        for c in self.admitted.values().filter(|c| me.ring_candidate(c)) {
+            if c.domain == me.domain {
+                local += 1;
+            } else {
+                across += 1;
+            }
+        }
+        local.saturating_mul(across).max(1)
+    }
+
     pub fn get(&self, id: u64) -> Option<&State> {
         self.states.get(&id)
     }
@@ -193,6 +209,39 @@ mod tests {
         assert!(p.admit(&other).is_err());
         assert!(p.admit(&c.public()).is_err());
         assert_eq!(p.admitted(5), Some(&c));
+    }
+
+    #[test]
+    fn pool_pairs_counts_this_domain_times_the_others() {
+        use crate::hypervisor::BackendKind;
+        let at = |id, domain, host| Card {
+            backend: Some(BackendKind::Xen),
+            host_id: [host; 16],
+            domain,
+            ..card(id)
+        };
+        let me = at(1, 1, 7);
+        let mut p = Peers::default();
+        assert_eq!(p.pool_pairs(&me), 1);
+        // 3 domUs x 2 ranks on host 7, one rank on another host
+        for (id, dom, host) in [
+            (2, 1, 7),
+            (3, 2, 7),
+            (4, 2, 7),
+            (5, 3, 7),
+            (6, 3, 7),
+            (9, 4, 8),
+        ] {
+            p.admit(&at(id, dom, host)).unwrap();
+        }
+        assert_eq!(p.pool_pairs(&me), 2 * 4);
+        // a peer with another backend is no ring candidate
+        p.admit(&Card {
+            backend: Some(BackendKind::Host),
+            ..at(10, 5, 7)
+        })
+        .unwrap();
+        assert_eq!(p.pool_pairs(&me), 2 * 4);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! links at once and at most `max_unclaimed` links wait for the owner
 //! (further peers are told "busy" and retry).
 
-use super::fit::offer_fitted;
+use super::fit::{fair_geometry, offer_fitted};
 use super::handshake::{ty, Acceptor, Decoder, Initiator, Msg, Target, Verdict, MAX_PREAUTH};
 use super::link::PathKind;
 use super::peers::State;
@@ -237,7 +237,16 @@ impl Inner {
         let nonce = hypervisor::random_u64();
         let geo = self.cfg.geometry()?;
         let floor = self.cfg.record_floor(geo);
+        // Xen: gntalloc's page limit is one pool for every process of this
+        // domain; each pair takes at most its fair share of it.
+        let (geo, fair) = if hv.kind() == hypervisor::BackendKind::Xen {
+            let pairs = self.lock().pool_pairs(&self.card);
+            fair_geometry(geo, hv.max_share(), pairs, floor, &hv.describe())
+        } else {
+            (geo, None)
+        };
         let (offered, shrunk) = offer_fitted(&*hv, peer.domain, geo, floor, nonce);
+        let shrunk = shrunk.or(fair);
         let mut offer = match offered {
             Ok(o) => o,
             Err(e) => {
