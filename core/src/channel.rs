@@ -13,7 +13,7 @@
 //! peer publishes to it without the notify protocol's fence.
 
 use crate::error::{Error, Result, Violation};
-use crate::frame::{fragment, take_one, Delivery, Reassembly, Stats};
+use crate::frame::{fragment, poll_inbox, take_one, Delivery, Inbox, Reassembly, Stats};
 use crate::hypervisor::{BellWords, Doorbell, Hypervisor, Region};
 use crate::payload::Payload;
 use crate::ring::{self, kind, Consumer, Geometry, Producer, Record};
@@ -433,19 +433,7 @@ impl Channel {
     /// blocking (in place where possible: the view is valid only during the
     /// call). Returns how many messages were delivered.
     pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, Payload<'_>)) -> Result<usize> {
-        let mut n = 0;
-        while n < max {
-            let Some((tag, p, len)) = self.peek_msg()? else {
-                break;
-            };
-            // SAFETY: p/len describe the message until release_msg (in ring
-            // space or the channel's reassembly buffer).
-            f(tag, unsafe { Payload::shared(p, len) });
-            self.release_msg()?;
-            n += 1;
-        }
-        self.flush_rx()?;
-        Ok(n)
+        poll_inbox(self, max, f)
     }
 
     /// Receives one message into `out` (replacing its contents), blocking
@@ -554,6 +542,23 @@ impl Channel {
                 let _ = self.bell.notify();
             }
         }
+    }
+}
+
+impl Inbox for Channel {
+    // (whole-record messages are views of ring space)
+    const PEER_WRITABLE: bool = true;
+    #[inline]
+    fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        Channel::peek_msg(self)
+    }
+    #[inline]
+    fn release_msg(&mut self) -> Result<()> {
+        Channel::release_msg(self)
+    }
+    #[inline]
+    fn end_batch(&mut self) -> Result<()> {
+        self.flush_rx()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Message framing shared by the ring and TCP paths: a message that does not
 //! fit in one record travels as a `FIRST` record (payload: the message length
-//! as a little-endian u64, then data) followed by `MORE` records.
+//! as a little-endian u64, then data) followed by `MORE` records. Also the
+//! one receive loop of both paths ([`Inbox`], [`poll_inbox`], [`take_one`]).
 
 use crate::error::{Error, Result, Violation};
 use crate::payload::Payload;
@@ -58,6 +59,54 @@ pub fn fragment(
         *sent += n;
     }
     Ok(true)
+}
+
+/// The receive side of either path, one complete message at a time: the
+/// ring's consumer with its reassembly ([`crate::channel::Channel`]) and the
+/// TCP link's receive buffer ([`crate::tcp::TcpLink`]). [`poll_inbox`] is
+/// the one poll loop of both.
+pub trait Inbox {
+    /// Whether a message may lie in memory the peer can still write (ring
+    /// records): its view is then handed up as shared, never as a `&[u8]`.
+    const PEER_WRITABLE: bool;
+    /// The next complete message, as `(tag, pointer, len)`, valid until
+    /// [`Inbox::release_msg`]; `None` when none is complete now.
+    fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>>;
+    /// Consumes the message [`Inbox::peek_msg`] returned.
+    fn release_msg(&mut self) -> Result<()>;
+    /// Ends a batch of messages (the ring hands released space back).
+    fn end_batch(&mut self) -> Result<()>;
+}
+
+/// Delivers up to `max` complete messages of `inbox` to `f(tag, bytes)`
+/// without blocking; each view is valid only during its call. Returns how
+/// many were delivered.
+#[inline]
+pub fn poll_inbox<I: Inbox>(
+    inbox: &mut I,
+    max: usize,
+    f: &mut dyn FnMut(u8, Payload<'_>),
+) -> Result<usize> {
+    let mut n = 0;
+    while n < max {
+        let Some((tag, p, len)) = inbox.peek_msg()? else {
+            break;
+        };
+        let m = if I::PEER_WRITABLE {
+            // SAFETY: p/len describe the message until release_msg (ring
+            // space or the reassembly buffer), and the view ends with f.
+            unsafe { Payload::shared(p, len) }
+        } else {
+            // SAFETY: p/len describe memory private to this link (the
+            // receive or reassembly buffer) until release_msg.
+            Payload::private(unsafe { std::slice::from_raw_parts(p, len) })
+        };
+        f(tag, m);
+        inbox.release_msg()?;
+        n += 1;
+    }
+    inbox.end_batch()?;
+    Ok(n)
 }
 
 /// One non-blocking receive attempt for the blocking `recv` of both paths:

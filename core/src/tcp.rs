@@ -4,7 +4,7 @@
 //! handled; messages larger than a frame are fragmented like ring records.
 
 use crate::error::{Error, Result, Violation};
-use crate::frame::{fragment, take_one, Delivery, Reassembly, Stats};
+use crate::frame::{fragment, poll_inbox, take_one, Delivery, Inbox, Reassembly, Stats};
 use crate::payload::Payload;
 use crate::record::{self, kind, HEADER as RECORD_HEADER};
 use std::io::{ErrorKind, IoSlice, Read, Write};
@@ -407,21 +407,7 @@ impl TcpLink {
     /// Delivers up to `max` complete messages to `f(tag, bytes)` without
     /// blocking. Returns how many were delivered.
     pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, Payload<'_>)) -> Result<usize> {
-        let mut n = 0;
-        while n < max {
-            let Some((tag, p, len)) = self.peek_msg()? else {
-                break;
-            };
-            // SAFETY: p/len describe private memory of this link (the
-            // receive or reassembly buffer) until release_msg.
-            f(
-                tag,
-                Payload::private(unsafe { std::slice::from_raw_parts(p, len) }),
-            );
-            self.release_msg();
-            n += 1;
-        }
-        Ok(n)
+        poll_inbox(self, max, f)
     }
 
     /// Reads more bytes; `Ok(false)` when none are available now.
@@ -491,6 +477,24 @@ impl TcpLink {
             }
         }
         let _ = self.sock.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Inbox for TcpLink {
+    // (messages are copied out of the socket into this link's buffers)
+    const PEER_WRITABLE: bool = false;
+    #[inline]
+    fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        TcpLink::peek_msg(self)
+    }
+    #[inline]
+    fn release_msg(&mut self) -> Result<()> {
+        TcpLink::release_msg(self);
+        Ok(())
+    }
+    #[inline]
+    fn end_batch(&mut self) -> Result<()> {
+        Ok(())
     }
 }
 

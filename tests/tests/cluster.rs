@@ -56,6 +56,18 @@ fn two_hosts_two_vms_each_ring_inside_tcp_across() {
         stats_sum(&r.stderr, "tx_bytes"),
         stats_sum(&r.stderr, "rx_bytes")
     );
+    // The VMs' mount points live in this machine's /dev/shm (the namespaces
+    // share it): what they leave must be a directory this machine's own
+    // jobs still accept as their default (private), not one they refuse.
+    use std::os::unix::fs::PermissionsExt;
+    let d = format!("/dev/shm/ivcom-{}", unsafe { libc::getuid() });
+    if let Ok(m) = std::fs::metadata(&d) {
+        assert_eq!(
+            m.permissions().mode() & 0o077,
+            0,
+            "{d} is reachable by others"
+        );
+    }
 }
 
 /// The pid of the `ivcom-integrity` rank running in VM `vm` (network
