@@ -17,27 +17,19 @@ use crate::ring::Geometry;
 pub(super) fn offer_fitted(
     hv: &dyn Hypervisor,
     peer: u32,
-    mut geo: Geometry,
+    asked: Geometry,
     min_record: usize,
     nonce: u64,
 ) -> (Result<Offer>, Option<String>) {
-    let mut why = None;
-    while region_bytes(geo) > hv.max_share() {
-        match geo.halved(min_record) {
-            Some(g) => {
-                why.get_or_insert_with(|| {
-                    format!(
-                        "{} bytes exceed what {} can share ({})",
-                        region_bytes(geo),
-                        hv.describe(),
-                        hv.max_share()
-                    )
-                });
-                geo = g;
-            }
-            None => break,
-        }
-    }
+    let mut geo = halve_to_fit(asked, hv.max_share(), min_record);
+    let mut why = (geo != asked).then(|| {
+        format!(
+            "{} bytes exceed what {} can share ({})",
+            region_bytes(asked),
+            hv.describe(),
+            hv.max_share()
+        )
+    });
     loop {
         match Channel::offer(hv, peer, geo, nonce) {
             Ok(o) => return (Ok(o), why),
@@ -60,26 +52,29 @@ pub(super) fn offer_fitted(
 /// (Below the floor the pair offers the floor and relies on
 /// [`offer_fitted`]'s retry.)
 pub(super) fn fair_geometry(
-    mut geo: Geometry,
+    asked: Geometry,
     pool: usize,
     pairs: usize,
     min_record: usize,
     what: &str,
 ) -> (Geometry, Option<String>) {
-    let share = pool / pairs.max(1);
-    let mut why = None;
-    while region_bytes(geo) > share {
+    let geo = halve_to_fit(asked, pool / pairs.max(1), min_record);
+    let why = (geo != asked)
+        .then(|| format!("a fair share of {what}'s pool: {pool} bytes over {pairs} pairs"));
+    (geo, why)
+}
+
+/// `geo`, halved ([`Geometry::halved`]: rings, then records, not below
+/// `min_record`) while its region is larger than `limit`, or as far as it
+/// goes.
+fn halve_to_fit(mut geo: Geometry, limit: usize, min_record: usize) -> Geometry {
+    while region_bytes(geo) > limit {
         match geo.halved(min_record) {
-            Some(g) => {
-                why.get_or_insert_with(|| {
-                    format!("a fair share of {what}'s pool: {pool} bytes over {pairs} pairs")
-                });
-                geo = g;
-            }
+            Some(g) => geo = g,
             None => break,
         }
     }
-    (geo, why)
+    geo
 }
 
 #[cfg(test)]
