@@ -2,7 +2,7 @@
 //! names the peer.
 
 use crate::card::Card;
-use crate::channel::{Channel, WaitPolicy};
+use crate::channel::{Alive, Channel, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::frame::Stats;
 use crate::hypervisor::Hypervisor;
@@ -68,6 +68,14 @@ fn peer_alive(
         hv.check_peer(domain, &silence)?;
     }
     tcp::check_alive(sock, timeout)
+}
+
+/// A link's path as a blocking call gets it: the ring with the check of
+/// its peer (the backend's word on the peer's domain, then the control
+/// connection), or TCP with the peer timeout.
+enum Blocking<'a> {
+    Ring(&'a mut Channel, Alive<'a>),
+    Tcp(&'a mut TcpLink, Option<Duration>),
 }
 
 /// Empty polls between two looks at the clock for a liveness check.
@@ -175,6 +183,15 @@ impl Link {
 
     /// [`Link::send`] with a deadline.
     pub fn send_deadline(&mut self, tag: u8, msg: &[u8], deadline: Option<Instant>) -> Result<()> {
+        self.blocking(|p| match p {
+            Blocking::Ring(c, alive) => c.send(tag, msg, deadline, alive),
+            Blocking::Tcp(t, timeout) => t.send(tag, msg, deadline, timeout),
+        })
+    }
+
+    /// Runs a blocking call `f` on this link's path, with what it checks
+    /// the peer by between its waits (see [`Blocking`]).
+    fn blocking<R>(&mut self, f: impl FnOnce(Blocking<'_>) -> Result<R>) -> Result<R> {
         let timeout = self.timeout;
         let r = match &mut self.imp {
             Imp::Ring(c) => {
@@ -183,11 +200,9 @@ impl Link {
                     .as_ref()
                     .expect("a ring link keeps its control connection");
                 let (hv, dom) = (self.hv.as_ref(), self.peer.domain);
-                c.send(tag, msg, deadline, &mut || {
-                    peer_alive(hv, dom, ctl, timeout)
-                })
+                f(Blocking::Ring(c, &mut || peer_alive(hv, dom, ctl, timeout)))
             }
-            Imp::Tcp(t) => t.send(tag, msg, deadline, timeout),
+            Imp::Tcp(t) => f(Blocking::Tcp(t, timeout)),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -321,19 +336,10 @@ impl Link {
     /// Receives one message into `out` (blocking until `deadline`); returns
     /// its tag.
     pub fn recv(&mut self, out: &mut Vec<u8>, deadline: Option<Instant>) -> Result<u8> {
-        let timeout = self.timeout;
-        let r = match &mut self.imp {
-            Imp::Ring(c) => {
-                let ctl = self
-                    .ctl
-                    .as_ref()
-                    .expect("a ring link keeps its control connection");
-                let (hv, dom) = (self.hv.as_ref(), self.peer.domain);
-                c.recv(out, deadline, &mut || peer_alive(hv, dom, ctl, timeout))
-            }
-            Imp::Tcp(t) => t.recv(out, deadline, timeout),
-        };
-        r.map_err(|e| self.ctx(e))
+        self.blocking(|p| match p {
+            Blocking::Ring(c, alive) => c.recv(out, deadline, alive),
+            Blocking::Tcp(t, timeout) => t.recv(out, deadline, timeout),
+        })
     }
 
     /// Pushes queued TCP output without blocking; returns the bytes still
