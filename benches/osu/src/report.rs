@@ -74,9 +74,10 @@ pub fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// True for benchmarks where lower is better.
+/// True for benchmarks where lower is better: the latency tests and the
+/// collectives (their tables give the mean time of one call, in µs).
 pub fn is_latency(bench: &str) -> bool {
-    bench.contains("lat")
+    bench.contains("lat") || matches!(bench, "osu_alltoall" | "osu_allreduce")
 }
 
 /// All samples: bench -> config -> size -> values.
@@ -468,6 +469,9 @@ mod tests {
         let t = "# OSU MPI Latency Test\n# Size          Latency (us)\n0                       0.25\n8                       0.27\n";
         assert_eq!(parse_table(t).unwrap(), vec![(0, 0.25), (8, 0.27)]);
         assert!(parse_table("# only a header\n").is_err());
+        // the collectives report a time too
+        assert!(is_latency("osu_alltoall") && is_latency("osu_allreduce"));
+        assert!(!is_latency("osu_bw") && !is_latency("osu_mbw_mr"));
         assert!(parse_table("0 0.2\nsegfault\n").is_err());
     }
 
