@@ -225,6 +225,7 @@ static int ivcom_open(void)
     c->dropped_tags = 0;
     c->neps_linked = 0;
     c->warned_degraded = false;
+    c->job_admitted = false;
     c->error_cb = NULL;
     OBJ_CONSTRUCT(&c->frags, opal_free_list_t);
     OBJ_CONSTRUCT(&c->lock, opal_mutex_t);
