@@ -21,10 +21,18 @@
 //! much is in flight. Both are the producer's choice alone; the format and
 //! the consumer are the same.
 //!
+//! A record is published by its header (format version 2): the producer
+//! writes the payload, clears the header slot where the next record will
+//! start, then stores the header with release ordering; the consumer polls
+//! the slot at its own index, so a small message costs it the transfer of
+//! the record's own cache line and nothing else. The slot after the last
+//! record is always free (the ring holds at most `data_size - 8` bytes).
+//!
 //! Indices are free-running 64-bit byte counts (`index % size` is the
 //! offset). Each side keeps its own index locally (the shared copy is only
-//! published, never read back) and caches the peer's, reloading it only when
-//! the ring looks full (producer) or empty (consumer).
+//! published, never read back). The producer caches the consumer's,
+//! reloading it only when the ring looks full; the consumer does not need
+//! the producer's.
 //!
 //! Everything in the shared pages is hostile input: every value read from
 //! them is read once into a local and checked before use; a violation breaks
@@ -40,7 +48,7 @@ use std::sync::Arc;
 /// `"IVCR"` little-endian.
 pub const MAGIC: u32 = 0x5243_5649;
 /// Wire-format version of this implementation.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of the control page that precedes each ring's data area.
 pub const CTRL_BYTES: usize = 4096;
 /// Size of a record header.
@@ -262,6 +270,18 @@ impl View {
         // SAFETY: in bounds of the control page, 4-aligned.
         unsafe { self.base.add(OFF_BELL) as *const AtomicU32 }
     }
+
+    /// The header slot at offset `pos` of the data area: the word a
+    /// version 2 consumer polls, and the one the producer publishes a
+    /// record with.
+    #[inline(always)]
+    fn slot(&self, pos: u64) -> &AtomicU64 {
+        debug_assert!(pos < self.size() && pos & 7 == 0);
+        // SAFETY: `pos` is an 8-aligned offset inside the data area (callers
+        // take it modulo the data size), which is mapped while the view is
+        // used; an atomic may be written concurrently by the peer.
+        unsafe { &*(self.data().add(pos as usize) as *const AtomicU64) }
+    }
 }
 
 /// Ring space that the producers of one process share: each producer under
@@ -452,12 +472,17 @@ impl Producer {
     /// so that the next record goes at offset 0, and recomputes the wrap
     /// offset.
     fn pad_to_end(&mut self, pos: u64) {
+        debug_assert!(pos > 0, "a padding record never starts at offset 0");
         let contig = self.v.size() - pos;
-        let pad = (contig - RECORD_HEADER as u64) | (kind::PAD as u64) << 32;
-        // SAFETY: pos + 8 <= size since pos and size are multiples of 8 and
-        // pos < size.
-        unsafe { ptr::write_volatile(self.v.data().add(pos as usize) as *mut u64, pad) };
+        let pad = crate::record::encode((contig - RECORD_HEADER as u64) as u32, kind::PAD, 0);
+        // The next lap's first slot reads "empty" before the padding record
+        // that leads to it is visible (the caller found it free).
+        self.v.slot(0).store(0, Ordering::Relaxed);
+        self.v.slot(pos).store(pad, Ordering::Release);
         self.prod += contig;
+        // A version 2 consumer sees the padding record as soon as it is
+        // written: it counts as published (the consumer may pass it).
+        self.published = self.prod;
         self.relimit();
     }
 
@@ -505,6 +530,8 @@ impl Producer {
         self.rewind(self.prod & (size - 1), total)?;
         let pos = self.prod & (size - 1);
         let (need, wrap) = self.need(pos, total);
+        // (plus the next record's header slot, which the commit clears)
+        let need = need + RECORD_HEADER as u64;
         if size - self.prod.wrapping_sub(self.cons) < need {
             self.reload_cons()?;
             if size - self.prod.wrapping_sub(self.cons) < need {
@@ -570,11 +597,23 @@ impl Producer {
             len <= cap,
             "commit of {len} bytes exceeds reservation of {cap}"
         );
-        let pos = (self.prod & (self.v.size() - 1)) as usize;
-        let hdr = crate::record::encode(len as u32, kind, tag);
-        // SAFETY: the header slot of the reserved record, in bounds.
-        unsafe { ptr::write_volatile(self.v.data().add(pos) as *mut u64, hdr) };
-        self.prod += (RECORD_HEADER + align8(len)) as u64;
+        let size = self.v.size();
+        let pos = self.prod & (size - 1);
+        let total = (RECORD_HEADER + align8(len)) as u64;
+        // The next record's header slot reads "empty" before this record is
+        // visible (reserve found it free; it is offset 0 when this record
+        // ends at the end of the data area), so that a consumer that moves
+        // on to it never takes what an earlier lap left there for a record.
+        self.v
+            .slot((pos + total) & (size - 1))
+            .store(0, Ordering::Relaxed);
+        // The header is the record's publication: payload and the cleared
+        // slot are written before it (release).
+        self.v.slot(pos).store(
+            crate::record::encode(len as u32, kind, tag),
+            Ordering::Release,
+        );
+        self.prod += total;
         self.published = self.prod;
         self.publish()
     }
@@ -613,6 +652,7 @@ impl Producer {
         let size = self.v.size();
         let total = (RECORD_HEADER + align8(len)) as u64;
         let (need, _) = self.need(self.prod & (size - 1), total);
+        let need = need + RECORD_HEADER as u64;
         if size - self.prod.wrapping_sub(self.cons) >= need {
             return Ok(true);
         }
@@ -708,14 +748,20 @@ impl Record {
 }
 
 /// The reading end of a ring.
+///
+/// It polls the header slot where the next record starts (version 2):
+/// a non-zero word there is the producer's publication of that record, so
+/// a message costs the consumer the transfer of the lines the record
+/// occupies and nothing else (version 1 read the producer index first, a
+/// second line the producer writes on every record). The producer index
+/// is still published (for the peer's sleep protocol and for observers);
+/// this consumer never needs it.
 pub struct Consumer {
     v: View,
     /// Local, authoritative consumer index.
     cons: u64,
     /// Last consumer index made visible to the producer.
     published: u64,
-    /// Cached producer index.
-    prod: u64,
     /// Size of the record returned by the last `peek`, if not yet released.
     current: Option<u64>,
     /// The producer declared that it never sleeps: publish without the
@@ -739,7 +785,6 @@ impl Consumer {
             v: View { base, geo },
             cons: 0,
             published: 0,
-            prod: 0,
             current: None,
             peer_polls: false,
             broken: None,
@@ -756,20 +801,14 @@ impl Consumer {
         Error::Broken(v)
     }
 
-    fn reload_prod(&mut self) -> Result<()> {
-        // A broken ring stays broken, with its first violation.
-        if let Some(v) = self.broken {
-            return Err(Error::Broken(v));
-        }
+    /// The ring looks empty: re-checks the header words (a peer that
+    /// rewrote them breaks the ring; this is where a consumer notices, at
+    /// the latest when it has taken every record before the change).
+    #[cold]
+    fn check_idle(&mut self) -> Result<()> {
         if let Err(Error::Broken(v)) = self.v.recheck() {
             return Err(self.fail(v));
         }
-        let p = self.v.word(OFF_PROD).load(Ordering::Acquire);
-        let size = self.v.size();
-        if p.wrapping_sub(self.prod) > size || p.wrapping_sub(self.cons) > size || p & 7 != 0 {
-            return Err(self.fail(Violation::BadIndex));
-        }
-        self.prod = p;
         Ok(())
     }
 
@@ -779,25 +818,31 @@ impl Consumer {
         self.fail(v)
     }
 
+    /// The header word at the consumer index (zero: nothing published
+    /// there yet).
+    #[inline(always)]
+    fn next_header(&self, order: Ordering) -> u64 {
+        self.v.slot(self.cons & (self.v.size() - 1)).load(order)
+    }
+
     /// Cheap hint for pollers: `true` when nothing new was published since
     /// the last look (one relaxed load; no validation). A `false` answer is
     /// followed by [`Consumer::peek`], which validates everything.
     #[inline]
     pub fn looks_empty(&self) -> bool {
-        self.prod == self.cons
-            && self.current.is_none()
-            && self.v.word(OFF_PROD).load(Ordering::Relaxed) == self.cons
+        self.current.is_none() && self.next_header(Ordering::Relaxed) == 0
     }
 
-    /// True when a record is waiting (reloads the producer index if needed).
+    /// True when a record is waiting.
     pub fn has_data(&mut self) -> Result<bool> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
         }
-        if self.prod == self.cons {
-            self.reload_prod()?;
+        if self.current.is_some() || self.next_header(Ordering::Acquire) != 0 {
+            return Ok(true);
         }
-        Ok(self.prod != self.cons)
+        self.check_idle()?;
+        Ok(false)
     }
 
     /// The next record in place, or `None` when the ring is empty. The
@@ -809,31 +854,29 @@ impl Consumer {
             return Err(Error::Broken(v));
         }
         let size = self.v.size();
+        // At most two rounds: a padding record leads to offset 0, where a
+        // second padding record is a violation.
         loop {
-            if self.prod == self.cons {
-                self.reload_prod()?;
-                if self.prod == self.cons {
-                    if self.v.word(OFF_CLOSED).load(Ordering::Acquire) != 0 {
-                        // Re-read the index: records published before the
-                        // close flag must still be delivered.
-                        self.reload_prod()?;
-                        if self.prod == self.cons {
-                            return Err(Error::Closed);
-                        }
-                        continue;
-                    }
+            let pos = self.cons & (size - 1);
+            // One read of the header into a local: no double fetch.
+            let mut hdr = self.v.slot(pos).load(Ordering::Acquire);
+            if hdr == 0 {
+                if self.v.word(OFF_CLOSED).load(Ordering::Acquire) == 0 {
+                    self.check_idle()?;
                     return Ok(None);
                 }
+                // Closed: every record was written before the flag; look
+                // once more, in case one landed after the first look.
+                hdr = self.v.slot(pos).load(Ordering::Acquire);
+                if hdr == 0 {
+                    self.check_idle()?;
+                    return Err(Error::Closed);
+                }
             }
-            let avail = self.prod.wrapping_sub(self.cons);
-            let pos = self.cons & (size - 1);
             let contig = size - pos;
-            // One read of the header into a local: no double fetch.
-            // SAFETY: pos is 8-aligned and pos + 8 <= size.
-            let hdr = unsafe { ptr::read_volatile(self.v.data().add(pos as usize) as *const u64) };
             let (len, k, tag, _) = crate::record::decode(hdr);
             if k == kind::PAD {
-                if len as u64 + RECORD_HEADER as u64 != contig || avail < contig {
+                if pos == 0 || len as u64 + RECORD_HEADER as u64 != contig {
                     return Err(self.fail(Violation::BadPadding));
                 }
                 self.cons += contig;
@@ -846,7 +889,7 @@ impl Consumer {
                 return Err(self.fail(Violation::BadLength));
             }
             let total = (RECORD_HEADER + align8(len)) as u64;
-            if total > contig || total > avail {
+            if total > contig {
                 return Err(self.fail(Violation::BadLength));
             }
             self.current = Some(total);
@@ -914,21 +957,28 @@ impl Consumer {
     /// Announces that the consumer is about to sleep until data arrives or
     /// the producer closes the ring. Returns `false` when data arrived or the
     /// ring was closed meanwhile (do not sleep).
+    ///
+    /// The word re-read after the fence is the header slot at the consumer
+    /// index, with zero as the value seen: the producer writes it before
+    /// its own publish and fence, so either this side sees the record or
+    /// the producer sees the waiting flag (the protocol of
+    /// [`crate::protocol`], over another word).
     pub fn prepare_sleep(&mut self) -> Result<bool> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
         }
+        if self.current.is_some() {
+            return Ok(false);
+        }
+        self.check_idle()?;
         // The closed flag is read after the fence (a close that lands
         // while the sleep is announced is not missed; issue 13).
         let sleep = protocol::prepare_sleep_unless_closed(
             self.v.word(OFF_CONS_WAITING),
-            self.v.word(OFF_PROD),
-            self.prod,
+            self.v.slot(self.cons & (self.v.size() - 1)),
+            0,
             self.v.word(OFF_CLOSED),
         );
-        if !sleep {
-            self.reload_prod()?;
-        }
         Ok(sleep)
     }
 

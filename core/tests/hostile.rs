@@ -582,10 +582,17 @@ fn changed_version_mid_stream_is_bad_version() {
     // SAFETY: valid until release.
     assert_eq!(unsafe { r.payload() }.to_vec(), b"first");
     rx.release_flush();
-    // The peer now speaks version 2.
-    let v2 = ring::MAGIC as u64 | ((ring::VERSION as u64 + 1) << 32) | 1u64 << 48;
-    mem.set_word(ring::OFF_MAGIC, v2);
+    // The peer now speaks another version.
+    let other = ring::MAGIC as u64 | ((ring::VERSION as u64 + 1) << 32) | 1u64 << 48;
+    mem.set_word(ring::OFF_MAGIC, other);
     tx.push(kind::MSG, 2, &[b"second"]).unwrap().unwrap();
+    // A record published by its header is taken as it is (the consumer
+    // reads no control word on the way); the change is noticed as soon as
+    // the ring runs empty.
+    let r = rx.peek().unwrap().unwrap();
+    // SAFETY: valid until release.
+    assert_eq!(unsafe { r.payload() }.to_vec(), b"second");
+    rx.release_flush();
     assert!(matches!(
         rx.peek(),
         Err(Error::Broken(Violation::BadVersion))
@@ -889,4 +896,87 @@ fn a_stream_survives_its_ring_changing_size() {
             "limit {want} never seen: {limits:?}"
         );
     }
+}
+
+/// Version 2: the consumer finds records by their header slot alone.
+/// Payloads made of words that are valid record headers, in bursts of
+/// records whose sizes move the boundaries from lap to lap, never surface
+/// as records: wherever the consumer stands, the slot reads empty until
+/// the producer commits a record there.
+#[test]
+fn stale_words_never_pass_for_records() {
+    let geo = Geometry::with_max_record(DATA, 600).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    let fake = ivcom_core::record::encode(8, kind::MSG, 1).to_le_bytes();
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut sent, mut got) = (0u64, 0u64);
+    let body = |seq: u64, len: usize| -> Vec<u8> {
+        // the sequence number, then header look-alikes
+        let mut v: Vec<u8> = seq
+            .to_le_bytes()
+            .iter()
+            .chain(fake.iter().cycle())
+            .take(len)
+            .copied()
+            .collect();
+        v.resize(len, 0);
+        v
+    };
+    let len_of = |seq: u64| 8 + (seq.wrapping_mul(0x9e37_79b9) % 593) as usize;
+    while got < 50_000 {
+        for _ in 0..rnd() % 5 {
+            let len = len_of(sent);
+            match tx.push(kind::MSG, 2, &[&body(sent, len)]).unwrap() {
+                Some(_) => sent += 1,
+                None => break,
+            }
+        }
+        while got < sent {
+            let r = rx.peek().unwrap().expect("a committed record");
+            assert_eq!(
+                (r.len, r.kind, r.tag),
+                (len_of(got), kind::MSG, 2),
+                "record {got}"
+            );
+            // SAFETY: valid until release.
+            assert_eq!(
+                unsafe { r.payload() }.to_vec(),
+                body(got, len_of(got)),
+                "record {got}"
+            );
+            rx.release();
+            got += 1;
+            if rnd() % 3 == 0 {
+                rx.flush();
+            }
+        }
+        rx.flush();
+        assert!(rx.looks_empty(), "after record {got}");
+        assert!(
+            rx.peek().unwrap().is_none(),
+            "a record out of nothing after {got}"
+        );
+    }
+}
+
+/// A padding record at offset 0 would lead the consumer back to where it
+/// stands, for ever: it is refused.
+#[test]
+fn padding_at_offset_zero_is_refused() {
+    let geo = Geometry::new(DATA).unwrap();
+    let mem = Mem::new(geo);
+    let (_tx, mut rx) = mem.ends(geo);
+    let pad = ivcom_core::record::encode(DATA as u32 - 8, kind::PAD, 0);
+    mem.set_word(ring::CTRL_BYTES, pad);
+    assert!(matches!(
+        rx.peek(),
+        Err(Error::Broken(Violation::BadPadding))
+    ));
 }

@@ -274,7 +274,7 @@ fn a_hostile_ring_peer_breaks_the_link_with_a_named_violation() {
         ("short", "record length out of range"),
         ("overlen", "record length out of range"),
         ("pastend", "record length out of range"),
-        ("jump", "peer index out of range"),
+        ("padloop", "malformed padding record"),
         ("badkind", "unknown record type"),
         // Rewritten records are read once: the victim sees either a valid
         // record (with whatever the peer last wrote: the application then

@@ -8,10 +8,12 @@
 //! ```
 //! Attacks: `tag255` (a record with tag 255), `short` (a first fragment
 //! shorter than its length field), `overlen` (a length past the largest
-//! record), `pastend` (a record longer than what was published), `jump`
-//! (the producer index leaps past the ring), `badkind` (an unknown record
-//! type), `rewrite` (records rewritten after they were published, then a
-//! tag-255 record). Prints `RINGPEER sent=N` and stays up a few seconds so
+//! record), `pastend` (a record that runs past the end of the data area),
+//! `padloop` (a padding record at offset 0, which would lead a reader back
+//! to where it stands), `badkind` (an unknown record type), `rewrite`
+//! (records rewritten after they were published, then a tag-255 record).
+//! Well-formed records are written as `docs/ring-format.md` says: payload,
+//! the next header slot cleared, then the header (release). Prints `RINGPEER sent=N` and stays up a few seconds so
 //! that the victim meets the violation, not a vanished peer.
 
 use ivcom_core::ring::{kind, Geometry, CTRL_BYTES, OFF_BELL, OFF_CONS, OFF_PROD};
@@ -43,11 +45,26 @@ impl Raw {
     fn size(&self) -> u64 {
         self.geo.data_size as u64
     }
+    fn slot(&self, pos: u64) -> &AtomicU64 {
+        // SAFETY: 8-aligned, inside the data area (taken modulo its size).
+        unsafe { &*(self.data().add((pos % self.size()) as usize) as *const AtomicU64) }
+    }
     fn put_u64(&self, pos: u64, v: u64) {
-        // SAFETY: 8-aligned, inside the data area (callers keep pos < size).
-        unsafe {
-            std::ptr::write_volatile(self.data().add((pos % self.size()) as usize) as *mut u64, v)
-        };
+        self.slot(pos).store(v, Ordering::Relaxed);
+    }
+    /// Publishes a record by its header (release: what was written before
+    /// it is visible with it).
+    fn put_header(&self, pos: u64, v: u64) {
+        self.slot(pos).store(v, Ordering::Release);
+    }
+    fn pad_to_end(&mut self) {
+        let contig = self.size() - self.prod % self.size();
+        self.put_u64(0, 0);
+        self.put_header(
+            self.prod,
+            ivcom_core::record::encode((contig - 8) as u32, kind::PAD, 0),
+        );
+        self.prod += contig;
     }
     fn publish(&self, index: u64) {
         self.word(OFF_PROD).store(index, Ordering::Release);
@@ -82,21 +99,18 @@ impl Raw {
         let total = 8 + payload.len().div_ceil(8) as u64 * 8;
         let contig = self.size() - self.prod % self.size();
         if contig < total {
-            self.room(contig + total);
-            self.put_u64(
-                self.prod,
-                ivcom_core::record::encode((contig - 8) as u32, kind::PAD, 0),
-            );
-            self.prod += contig;
+            self.room(contig + total + 8);
+            self.pad_to_end();
         }
-        self.room(total);
+        self.room(total + 8);
         let at = self.prod;
-        self.put_u64(at, ivcom_core::record::encode(payload.len() as u32, k, tag));
         for (i, c) in payload.chunks(8).enumerate() {
             let mut w = [0u8; 8];
             w[..c.len()].copy_from_slice(c);
             self.put_u64(at + 8 + 8 * i as u64, u64::from_le_bytes(w));
         }
+        self.put_u64(at + total, 0);
+        self.put_header(at, ivcom_core::record::encode(payload.len() as u32, k, tag));
         self.prod += total;
         self.publish(self.prod);
         at
@@ -180,20 +194,35 @@ fn main() {
         "overlen" => {
             let at = r.prod;
             r.room(64);
-            r.put_u64(
+            r.put_header(
                 at,
                 ivcom_core::record::encode(geo.max_record + 8, kind::MSG, 1),
             );
             r.publish(at + 64);
         }
         "pastend" => {
-            let at = r.prod;
-            r.room(64);
-            r.put_u64(at, ivcom_core::record::encode(1000, kind::MSG, 1));
-            r.publish(at + 64);
+            // Well-formed records up to the last 72 to 136 bytes of the data
+            // area, then one whose length runs past its end.
+            let mut i = good;
+            while size - r.prod % size >= 2 * 72 {
+                r.record(kind::MSG, 1, &data_msg(i, 64));
+                i += 1;
+            }
+            let contig = size - r.prod % size;
+            r.room(contig);
+            r.put_header(
+                r.prod,
+                ivcom_core::record::encode(contig as u32, kind::MSG, 1),
+            );
+            r.publish(r.prod + contig);
         }
-        "jump" => {
-            r.publish(r.prod + 3 * size);
+        "padloop" => {
+            // A valid padding record to the end, then one at offset 0 that
+            // spans the whole data area.
+            r.room(size - r.prod % size + 8);
+            r.pad_to_end();
+            r.put_header(0, ivcom_core::record::encode(size as u32 - 8, kind::PAD, 0));
+            r.publish(r.prod + size);
         }
         "badkind" => {
             r.record(9, 1, &data_msg(good, 64));
