@@ -43,6 +43,10 @@ struct mca_btl_ivcom_frag_t;
  * `rx_busy` under the lock, and the lock is dropped around each upcall
  * (which may send on this endpoint), so a sender never waits for a
  * receiver's upcall and no two threads deliver one link's messages. */
+/* Bytes of every message copied into private memory before the upper
+ * layer parses them (btl_ivcom_recv.c). */
+#define IVCOM_HEAD 256
+
 struct mca_btl_base_endpoint_t {
     opal_list_item_t super;
     opal_mutex_t lock;
@@ -62,6 +66,15 @@ struct mca_btl_base_endpoint_t {
     bool rx_busy;           /* a thread is delivering this link's messages */
     struct mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
     opal_list_t pending;    /* frags waiting for ring space, in order */
+    /* What mca_btl_ivcom_deliver hands up: the private copy of a message's
+     * head and the descriptor around it. One thread at a time delivers an
+     * endpoint's messages (progress does not nest; with threads, rx_busy),
+     * so they live here, not in thread-local storage, whose every use in a
+     * dlopen()ed library is a call. */
+    size_t recv_head_used;  /* bytes of recv_head that hold an older message */
+    mca_btl_base_segment_t recv_seg[2];
+    ivcom_recv_desc_t recv_des;
+    uint8_t recv_head[IVCOM_HEAD];
 };
 typedef struct mca_btl_base_endpoint_t mca_btl_base_endpoint_t;
 OBJ_CLASS_DECLARATION(mca_btl_base_endpoint_t);

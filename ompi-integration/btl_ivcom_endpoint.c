@@ -42,6 +42,10 @@ static void ep_construct(mca_btl_base_endpoint_t *ep)
     ep->rx_busy = false;
     ep->reserved = NULL;
     OBJ_CONSTRUCT(&ep->pending, opal_list_t);
+    ep->recv_head_used = 0;
+    memset(ep->recv_seg, 0, sizeof(ep->recv_seg));
+    memset(&ep->recv_des, 0, sizeof(ep->recv_des));
+    memset(ep->recv_head, 0, sizeof(ep->recv_head));
 }
 
 static void ep_destruct(mca_btl_base_endpoint_t *ep)

@@ -26,17 +26,12 @@
  * which the upper layer only copies out as data, is handed over in place
  * as a second segment. The private head is zero-filled past the message,
  * so a message shorter than the header its type implies reads zeros,
- * never the rest of an earlier message. Each thread that delivers has its
- * own head and descriptor; the upper layer only reads them during the
- * call, and a thread never delivers two messages at once (progress does
- * not nest). */
-#define IVCOM_HEAD 256
-static __thread uint8_t recv_head[IVCOM_HEAD] __opal_attribute_aligned__(64);
-/* Bytes of recv_head that hold a previous message: only those need zeroing
- * past a shorter one (a run of small messages zeroes nothing). */
-static __thread size_t recv_head_used;
-static __thread mca_btl_base_segment_t recv_seg[2];
-static __thread ivcom_recv_desc_t recv_des;
+ * never the rest of an earlier message. Each endpoint has its own head and
+ * descriptor (btl_ivcom.h): the upper layer only reads them during the
+ * call, and one thread at a time delivers an endpoint's messages, one at a
+ * time (progress does not nest). Only the bytes of the head that held an
+ * older message need zeroing past a shorter one: a run of small messages
+ * zeroes nothing. */
 
 /* Hands one message from peer `ep` to the callback the upper layer
  * registered for `tag` in the base trigger table: ob1's tags, and in Open
@@ -52,25 +47,25 @@ void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
         __atomic_fetch_add(&mca_btl_ivcom_component.dropped_tags, 1, __ATOMIC_RELAXED);
         return;
     }
-    recv_des.des_segments = recv_seg;
-    recv_seg[0].seg_addr.pval = recv_head;
+    ep->recv_des.des_segments = ep->recv_seg;
+    ep->recv_seg[0].seg_addr.pval = ep->recv_head;
     if (OPAL_LIKELY(len <= IVCOM_HEAD)) {
-        memcpy(recv_head, data, len);
-        if (OPAL_UNLIKELY(recv_head_used > len)) {
-            memset(recv_head + len, 0, recv_head_used - len);
+        memcpy(ep->recv_head, data, len);
+        if (OPAL_UNLIKELY(ep->recv_head_used > len)) {
+            memset(ep->recv_head + len, 0, ep->recv_head_used - len);
         }
-        recv_head_used = len;
-        recv_seg[0].seg_len = len;
-        recv_des.des_segment_count = 1;
+        ep->recv_head_used = len;
+        ep->recv_seg[0].seg_len = len;
+        ep->recv_des.des_segment_count = 1;
     } else {
-        memcpy(recv_head, data, IVCOM_HEAD);
-        recv_head_used = IVCOM_HEAD;
-        recv_seg[0].seg_len = IVCOM_HEAD;
-        recv_seg[1].seg_addr.pval = (void *) (data + IVCOM_HEAD);
-        recv_seg[1].seg_len = len - IVCOM_HEAD;
-        recv_des.des_segment_count = 2;
+        memcpy(ep->recv_head, data, IVCOM_HEAD);
+        ep->recv_head_used = IVCOM_HEAD;
+        ep->recv_seg[0].seg_len = IVCOM_HEAD;
+        ep->recv_seg[1].seg_addr.pval = (void *) (data + IVCOM_HEAD);
+        ep->recv_seg[1].seg_len = len - IVCOM_HEAD;
+        ep->recv_des.des_segment_count = 2;
     }
-    ivcom_upcall(MODULE, reg, &recv_des, ep, tag);
+    ivcom_upcall(MODULE, reg, &ep->recv_des, ep, tag);
 }
 
 /* ivcom_link_poll's callback; ctx is the endpoint. */
@@ -162,22 +157,29 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
     return rc;
 }
 
-/* Progress does not nest within a thread (an upcall may call progress). */
-static __thread bool in_progress;
-/* Calls of progress by this thread (paces the check for new links). */
-static __thread unsigned progress_calls;
+/* Progress does not nest within a thread (an upcall may call progress):
+ * the thread's flag, and the count of its calls (which paces the check for
+ * new links). Without threads, plain statics: a thread-local in a
+ * dlopen()ed library costs a call on every use. */
+typedef struct {
+    bool in_progress;
+    unsigned calls;
+} progress_state_t;
+static __thread progress_state_t progress_tls;
+static progress_state_t progress_st;
 
 int mca_btl_ivcom_progress(void)
 {
     int count = 0;
     mca_btl_ivcom_eps_t *eps;
-    if (in_progress || NULL == C->node) {
+    progress_state_t *ps = opal_using_threads() ? &progress_tls : &progress_st;
+    if (ps->in_progress || NULL == C->node) {
         return 0;
     }
-    in_progress = true;
+    ps->in_progress = true;
     /* Links that peers opened: checked every 16th call (an FFI call and an
      * atomic load), and on every call while we have no link at all. */
-    if ((0 == (++progress_calls & 15) || 0 == C->neps_linked)
+    if ((0 == (++ps->calls & 15) || 0 == C->neps_linked)
         && ivcom_node_pending(C->node) > 0) {
         mca_btl_ivcom_adopt_incoming();
     }
@@ -194,6 +196,6 @@ int mca_btl_ivcom_progress(void)
             count += poll_threaded(ep);
         }
     }
-    in_progress = false;
+    ps->in_progress = false;
     return count;
 }
