@@ -271,17 +271,42 @@ int mca_btl_ivcom_send(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
     return report(ep, failed, out);
 }
 
-/* sendi to this process: header and payload gathered into a private
- * buffer and delivered at once. */
+/* Where the next `payload_size` bytes of `conv` lie when they lie in one
+ * piece of the caller's memory (a contiguous datatype, same architecture),
+ * else NULL: they must be packed. */
+static inline const void *contiguous_payload(struct opal_convertor_t *conv, size_t payload_size)
+{
+    void *src = NULL;
+    if (0 == payload_size || opal_convertor_need_buffers(conv)) {
+        return NULL;
+    }
+    opal_convertor_get_current_pointer(conv, &src);
+    return src;
+}
+
+/* Moves `conv` past `n` bytes taken from it without packing, as a pack
+ * would have. */
+static inline void advance(struct opal_convertor_t *conv, size_t n)
+{
+    size_t pos = conv->bConverted + n;
+    (void) opal_convertor_set_position(conv, &pos);
+}
+
 /* What sendi sends, into dst (room for header_size + payload_size): ob1's
- * header, then the payload packed from conv. Sets *total to the bytes
+ * header, then the payload from conv (copied straight from the caller's
+ * memory when it is contiguous, else packed). Sets *total to the bytes
  * written; false when packing failed. */
 static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
                        struct opal_convertor_t *conv, size_t payload_size, size_t *total)
 {
+    const void *src = contiguous_payload(conv, payload_size);
     memcpy(dst, header, header_size);
     *total = header_size;
-    if (payload_size) {
+    if (NULL != src) {
+        memcpy(dst + header_size, src, payload_size);
+        advance(conv, payload_size);
+        *total += payload_size;
+    } else if (payload_size) {
         struct iovec iov = {.iov_base = dst + header_size, .iov_len = payload_size};
         uint32_t n = 1;
         size_t max = payload_size;
@@ -293,6 +318,8 @@ static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
     return true;
 }
 
+/* sendi to this process: header and payload gathered into a private
+ * buffer and delivered at once. */
 static int sendi_self(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv, void *header,
                       size_t header_size, size_t payload_size, mca_btl_base_tag_t tag)
 {
