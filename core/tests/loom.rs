@@ -17,6 +17,10 @@
 //! - no lost close: a consumer that decides to sleep as its producer closes
 //!   the ring is always rung (or saw the close and did not sleep), and a
 //!   consumer that sleeps on a doorbell token always wakes up to the close;
+//! - format version 2: a record published by its header (payload, the
+//!   next slot cleared, then the header with release ordering) is seen
+//!   whole, never after a stale word, and a consumer that sleeps on the
+//!   header slot is always rung;
 //! - no overwrite of unread data: a two-slot ring of `loom::cell::UnsafeCell`
 //!   slots through which three items pass; loom's race detector proves the
 //!   producer never writes a slot the consumer is reading or has not read;
@@ -495,6 +499,88 @@ fn a_sleeping_consumer_always_sees_the_close() {
 }
 
 // ---------------------------------------------------------------------------
+// (d) Format version 2: a record is published by its header
+
+/// One record through a version 2 ring (`Producer::commit`,
+/// `Consumer::peek`, `Consumer::prepare_sleep`): the producer writes the
+/// payload (a plain cell), clears the next header slot (which still holds
+/// a word an earlier lap left there), stores the header with release
+/// ordering and publishes its index with the protocol. The consumer found
+/// the header slot at its index empty; it looks at the slot once more
+/// (`poll_first`) or goes straight to announcing sleep against the slot
+/// (seen 0), as `Consumer::prepare_sleep` does. Whenever it sleeps, the
+/// producer rings; whenever it sees the header, the payload is complete
+/// (loom's race detector checks the read) and the next slot reads empty,
+/// never the stale word.
+fn v2_one_record<T: Word + Send + Sync + 'static>(mk: fn(u64) -> T, poll_first: bool) {
+    struct R<T> {
+        payload: UnsafeCell<u64>,
+        slot: T,
+        next: T,
+        index: T,
+        waiting: T,
+        closed: T,
+    }
+    const HEADER: u64 = 8 | 1 << 32; // 8 bytes, MSG
+    const STALE: u64 = 16 | 1 << 32; // a header of an earlier lap
+    let r = Arc::new(R {
+        payload: UnsafeCell::new(0),
+        slot: mk(0),
+        next: mk(STALE),
+        index: mk(0),
+        waiting: mk(0),
+        closed: mk(0),
+    });
+    let p = r.clone();
+    let producer = thread::spawn(move || {
+        // SAFETY (model): loom checks that no read of this cell races.
+        p.payload.with_mut(|x| unsafe { *x = 42 });
+        p.next.store(0, Ordering::Relaxed);
+        p.slot.store(HEADER, Ordering::Release);
+        protocol::publish(&p.index, 16, &p.waiting)
+    });
+    let mut header = if poll_first {
+        r.slot.load(Ordering::Acquire)
+    } else {
+        0
+    };
+    let mut sleeps = false;
+    if header == 0 {
+        sleeps = protocol::prepare_sleep_unless_closed(&r.waiting, &r.slot, 0, &r.closed);
+        if !sleeps {
+            header = r.slot.load(Ordering::Acquire);
+            assert_ne!(header, 0, "no sleep, but no record either");
+        }
+    }
+    if header != 0 {
+        assert_eq!(header, HEADER);
+        // SAFETY (model): loom checks that no write of this cell races.
+        let v = r.payload.with(|x| unsafe { *x });
+        assert_eq!(v, 42, "a record without its payload");
+        assert_eq!(
+            r.next.load(Ordering::Acquire),
+            0,
+            "a stale word after the record"
+        );
+    }
+    let rang = producer.join().unwrap();
+    assert!(
+        !sleeps || rang,
+        "lost wake-up: the consumer sleeps, nobody rings"
+    );
+}
+
+#[test]
+fn v2_header_publishes_the_record() {
+    model(|| v2_one_record(W::new, true));
+}
+
+#[test]
+fn v2_sleep_on_the_header_slot_loses_no_wakeup() {
+    model(|| v2_one_record(W::new, false));
+}
+
+// ---------------------------------------------------------------------------
 // Negative controls: the models catch the bugs they are about.
 
 /// The ordering before issue 13 (the closed flag read before the fence)
@@ -535,6 +621,22 @@ fn control_without_fence_loses_wakeups() {
 #[should_panic]
 fn control_relaxed_indices_race_on_slots() {
     model(|| two_slot_ring(|v| Relaxed(AtomicU64::new(v))));
+}
+
+/// Version 2 with a relaxed header store: the consumer may see the header
+/// before the payload or the cleared slot.
+#[test]
+#[should_panic(expected = "Causality violation")]
+fn control_v2_relaxed_header_races_on_the_payload() {
+    model(|| v2_one_record(|v| Relaxed(AtomicU64::new(v)), true));
+}
+
+/// Version 2 without the fences: the sleep on the header slot loses the
+/// wake-up.
+#[test]
+#[should_panic(expected = "lost wake-up: the consumer sleeps, nobody rings")]
+fn control_v2_without_fence_loses_wakeups() {
+    model(|| v2_one_record(|v| NoFence(AtomicU64::new(v)), false));
 }
 
 // ---------------------------------------------------------------------------
