@@ -252,6 +252,17 @@ impl Drop for Mem {
     }
 }
 
+/// A xorshift64 generator from `seed` (not zero): random enough to vary
+/// bursts and sizes, and the same every run.
+fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 fn payload(seq: u64, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (seq as u8).wrapping_mul(31) ^ (i as u8) ^ ((i >> 8) as u8).wrapping_mul(7))
@@ -835,13 +846,7 @@ fn a_stream_survives_its_ring_changing_size() {
     let mut joined: Vec<(Producer, Consumer)> = Vec::new();
     let mut limits = std::collections::BTreeSet::new();
     let (mut sent, mut next, mut change) = (0u64, 0u64, 5000u64);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = xorshift(0x9e37_79b9_7f4a_7c15);
     let size_of = |seq: u64| (seq.wrapping_mul(2654435761) % 4001) as usize;
     while next < 100_000 {
         // Every 5,000 messages another producer joins, or all leave.
@@ -909,13 +914,7 @@ fn stale_words_never_pass_for_records() {
     let mem = Mem::new(geo);
     let (mut tx, mut rx) = mem.ends(geo);
     let fake = ivcom_core::record::encode(8, kind::MSG, 1).to_le_bytes();
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
     let (mut sent, mut got) = (0u64, 0u64);
     let body = |seq: u64, len: usize| -> Vec<u8> {
         // the sequence number, then header look-alikes
