@@ -952,7 +952,7 @@ fn stale_words_never_pass_for_records() {
             );
             rx.release();
             got += 1;
-            if rnd() % 3 == 0 {
+            if rnd().is_multiple_of(3) {
                 rx.flush();
             }
         }
