@@ -1,8 +1,9 @@
 /*
  * btl/ivcom: receive. Progress accepts the links peers opened to us, sends
  * what waits for ring space, and polls every link; each message is handed
- * to the upper layer in place (a pointer into ring space or the socket
- * buffer) by mca_btl_ivcom_deliver, the one place that calls up.
+ * to the upper layer by mca_btl_ivcom_deliver (a link's messages) or
+ * mca_btl_ivcom_deliver_private (this process's own, on the self
+ * endpoint), the two places that call up.
  */
 #include "opal_config.h"
 
@@ -66,6 +67,30 @@ void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
         ep->recv_des.des_segment_count = 2;
     }
     ivcom_upcall(MODULE, reg, &ep->recv_des, ep, tag);
+}
+
+/* Hands up a message that this process wrote into a buffer of its own (the
+ * self endpoint's sends): nobody else can change it, so it goes up in
+ * place, without the head copy, under a descriptor of this call's own:
+ * several threads may send to themselves at once, and the endpoint's
+ * descriptor belongs to the one thread that polls its link. */
+void mca_btl_ivcom_deliver_private(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
+                                   uint8_t *data, size_t len)
+{
+    const mca_btl_active_message_callback_t *reg = mca_btl_base_active_message_trigger + tag;
+    mca_btl_base_segment_t seg;
+    ivcom_recv_desc_t des;
+    if (OPAL_UNLIKELY(NULL == reg->cbfunc)) {
+        __atomic_fetch_add(&mca_btl_ivcom_component.dropped_tags, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    memset(&seg, 0, sizeof(seg));
+    memset(&des, 0, sizeof(des));
+    seg.seg_addr.pval = data;
+    seg.seg_len = len;
+    des.des_segments = &seg;
+    des.des_segment_count = 1;
+    ivcom_upcall(MODULE, reg, &des, ep, tag);
 }
 
 /* ivcom_link_poll's callback; ctx is the endpoint. */

@@ -226,7 +226,8 @@ int mca_btl_ivcom_send(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
         return OPAL_ERR_UNREACH;
     }
     if (ep->self) {
-        mca_btl_ivcom_deliver(ep, tag, f->segment.seg_addr.pval, (size_t) f->segment.seg_len);
+        mca_btl_ivcom_deliver_private(ep, tag, f->segment.seg_addr.pval,
+                                      (size_t) f->segment.seg_len);
         mca_btl_ivcom_frag_done(f, false);
         return 1;
     }
@@ -333,7 +334,7 @@ static int sendi_self(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv
         mca_btl_ivcom_frag_return(f);
         return OPAL_ERROR;
     }
-    mca_btl_ivcom_deliver(ep, tag, f->heap, total);
+    mca_btl_ivcom_deliver_private(ep, tag, f->heap, total);
     mca_btl_ivcom_frag_return(f);
     return OPAL_SUCCESS;
 }
