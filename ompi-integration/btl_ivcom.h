@@ -37,16 +37,16 @@ BEGIN_C_DECLS
 
 struct mca_btl_ivcom_frag_t;
 
+/* Bytes of every message copied into private memory before the upper
+ * layer parses them (btl_ivcom_recv.c). */
+#define IVCOM_HEAD 256
+
 /* One peer. Under MPI_THREAD_MULTIPLE, `lock` guards everything below it
  * but `failed`; when Open MPI runs without threads the lock costs nothing
  * (OPAL_THREAD_LOCK is a branch). The receive side is claimed with
  * `rx_busy` under the lock, and the lock is dropped around each upcall
  * (which may send on this endpoint), so a sender never waits for a
  * receiver's upcall and no two threads deliver one link's messages. */
-/* Bytes of every message copied into private memory before the upper
- * layer parses them (btl_ivcom_recv.c). */
-#define IVCOM_HEAD 256
-
 struct mca_btl_base_endpoint_t {
     opal_list_item_t super;
     opal_mutex_t lock;

@@ -29,23 +29,34 @@
  * so a message shorter than the header its type implies reads zeros,
  * never the rest of an earlier message. Each endpoint has its own head and
  * descriptor (btl_ivcom.h): the upper layer only reads them during the
- * call, and one thread at a time delivers an endpoint's messages, one at a
- * time (progress does not nest). Only the bytes of the head that held an
+ * call, and one thread at a time delivers a link's messages, one message
+ * at a time (progress does not nest). Only the bytes of the head that held an
  * older message need zeroing past a shorter one: a run of small messages
  * zeroes nothing. */
 
-/* Hands one message from peer `ep` to the callback the upper layer
- * registered for `tag` in the base trigger table: ob1's tags, and in Open
- * MPI 5 also those of the active-message RDMA emulation that osc/rdma
- * wraps around a BTL without put/get (it answers through the endpoint,
- * which 5.0's descriptor carries). */
-void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
-                           const uint8_t *data, size_t len)
+/* The callback the upper layer registered for `tag` in the base trigger
+ * table (ob1's tags, and in Open MPI 5 also those of the active-message
+ * RDMA emulation that osc/rdma wraps around a BTL without put/get: it
+ * answers through the endpoint, which 5.0's descriptor carries), or NULL,
+ * counted as a dropped message, when nobody registered one. `tag` is below
+ * MCA_BTL_TAG_MAX: the core breaks a link for any other, and this
+ * process's own sends use ob1's tags. */
+static inline const mca_btl_active_message_callback_t *callback_for(mca_btl_base_tag_t tag)
 {
-    /* The core breaks the link for tags at or above MCA_BTL_TAG_MAX. */
     const mca_btl_active_message_callback_t *reg = mca_btl_base_active_message_trigger + tag;
     if (OPAL_UNLIKELY(NULL == reg->cbfunc)) {
         __atomic_fetch_add(&mca_btl_ivcom_component.dropped_tags, 1, __ATOMIC_RELAXED);
+        return NULL;
+    }
+    return reg;
+}
+
+/* Hands one message from peer `ep` to the upper layer. */
+void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
+                           const uint8_t *data, size_t len)
+{
+    const mca_btl_active_message_callback_t *reg = callback_for(tag);
+    if (NULL == reg) {
         return;
     }
     ep->recv_des.des_segments = ep->recv_seg;
@@ -77,11 +88,10 @@ void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
 void mca_btl_ivcom_deliver_private(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
                                    uint8_t *data, size_t len)
 {
-    const mca_btl_active_message_callback_t *reg = mca_btl_base_active_message_trigger + tag;
+    const mca_btl_active_message_callback_t *reg = callback_for(tag);
     mca_btl_base_segment_t seg;
     ivcom_recv_desc_t des;
-    if (OPAL_UNLIKELY(NULL == reg->cbfunc)) {
-        __atomic_fetch_add(&mca_btl_ivcom_component.dropped_tags, 1, __ATOMIC_RELAXED);
+    if (NULL == reg) {
         return;
     }
     memset(&seg, 0, sizeof(seg));

@@ -412,15 +412,16 @@ impl Producer {
         };
     }
 
-    /// Ring bytes a record of `total` bytes (header included) takes at
-    /// offset `pos`: itself, plus a padding record to the end of the data
-    /// area when it does not fit before the wrap offset.
+    /// Free ring bytes a record of `total` bytes (header included) needs
+    /// at offset `pos`: itself, plus a padding record to the end of the
+    /// data area when it does not fit before the wrap offset, plus the next
+    /// record's header slot (the commit clears it, so it must be free too).
     #[inline(always)]
     fn need(&self, pos: u64, total: u64) -> (u64, bool) {
         if total <= self.limit.saturating_sub(pos) {
-            (total, false)
+            (total + RECORD_HEADER as u64, false)
         } else {
-            (self.v.size() - pos + total, true)
+            (self.v.size() - pos + total + RECORD_HEADER as u64, true)
         }
     }
 
@@ -530,8 +531,6 @@ impl Producer {
         self.rewind(self.prod & (size - 1), total)?;
         let pos = self.prod & (size - 1);
         let (need, wrap) = self.need(pos, total);
-        // (plus the next record's header slot, which the commit clears)
-        let need = need + RECORD_HEADER as u64;
         if size - self.prod.wrapping_sub(self.cons) < need {
             self.reload_cons()?;
             if size - self.prod.wrapping_sub(self.cons) < need {
@@ -652,7 +651,6 @@ impl Producer {
         let size = self.v.size();
         let total = (RECORD_HEADER + align8(len)) as u64;
         let (need, _) = self.need(self.prod & (size - 1), total);
-        let need = need + RECORD_HEADER as u64;
         if size - self.prod.wrapping_sub(self.cons) >= need {
             return Ok(true);
         }
