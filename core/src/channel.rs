@@ -278,7 +278,7 @@ impl Channel {
     /// returns a pointer to write it in place; `None` when the ring is full.
     #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
-        self.tx.reserve(len)
+        self.tx.reserve_heard(len, self.rx.taken())
     }
 
     /// Sends the reserved record with `len` bytes and `tag`.
@@ -304,7 +304,7 @@ impl Channel {
     /// without blocking. `Ok(false)` when the ring is full.
     pub fn try_send_parts(&mut self, tag: u8, parts: &[&[u8]]) -> Result<bool> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        match self.tx.push(kind::MSG, tag, parts)? {
+        match self.tx.push_heard(kind::MSG, tag, parts, self.rx.taken())? {
             None => Ok(false),
             Some(n) => {
                 self.stats.tx_msgs += 1;
@@ -328,8 +328,9 @@ impl Channel {
         let mut sent = 0;
         loop {
             let (tx, bell, stats) = (&mut self.tx, &*self.bell, &mut self.stats);
+            let heard = self.rx.taken();
             let done = fragment(tag, msg, max, &mut sent, |k, t, parts| {
-                match tx.push(k, t, parts)? {
+                match tx.push_heard(k, t, parts, heard)? {
                     None => Ok(false),
                     Some(n) => {
                         if n {

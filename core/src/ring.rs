@@ -8,10 +8,11 @@
 //! payload padded to 8 bytes. Records never wrap: a padding record fills the
 //! end of the data area when the next record does not fit before it.
 //!
-//! A producer that finds the ring empty once it is past the first
-//! [`REWIND_AT`] bytes pads to the end and starts over at offset 0 (an early
-//! wrap, in the format's own padding record): traffic that the consumer
-//! keeps up with stays in the first pages of the ring, so the pages behind
+//! A producer whose next record would end past the first [`REWIND_AT`]
+//! bytes, and that finds the ring empty, pads to the end and starts over at
+//! offset 0 (an early wrap, in the format's own padding record): traffic
+//! that the consumer keeps up with stays in the first pages of the ring
+//! (or in its largest record), so the pages behind
 //! them are never touched (the host backend does not populate them up
 //! front) and the working set stays in the caches.
 //!
@@ -57,12 +58,29 @@ pub const RECORD_HEADER: usize = crate::record::HEADER;
 pub const MIN_DATA: usize = 4096;
 /// Largest data area (1 GiB).
 pub const MAX_DATA: usize = 1 << 30;
-/// Offset past which a producer that finds the ring empty wraps early
-/// (rings of at least four times this size).
+/// Offset that a producer's records do not cross while it finds the ring
+/// empty: it wraps early instead (rings of at least four times this size).
 pub const REWIND_AT: u64 = 16 << 10;
 /// Producer progress between two looks at the consumer index for an early
 /// wrap while the ring is not empty.
 const REWIND_STRIDE: u64 = 16 << 10;
+
+/// The coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`: a few nanoseconds
+/// to read, no system call; it advances once per kernel tick, 1 to 10 ms),
+/// in nanoseconds.
+#[inline]
+fn coarse_ticks() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write; the call cannot fail for
+    // this clock on Linux (if it did, `t` stays zero: no look, as before).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) };
+    (t.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(t.tv_nsec as u64)
+}
 
 pub const OFF_MAGIC: usize = 0x00; // magic u32, version u16, ctrl_pages u16
 pub const OFF_GEOMETRY: usize = 0x08; // data_size u32, max_record u32
@@ -345,6 +363,10 @@ pub struct Producer {
     /// an early wrap (`rewind_at` at the start of each lap, 16 KiB further
     /// on after each look that found the ring not empty).
     look_at: u64,
+    /// The caller's `heard` count at the last look (see `rewind`).
+    heard: u64,
+    /// [`coarse_ticks`] at the last look.
+    looked: u64,
     /// Offset at which records wrap (the end of the data area, or less
     /// under a budget).
     limit: u64,
@@ -381,6 +403,8 @@ impl Producer {
             peer_polls: false,
             rewind_at,
             look_at: rewind_at,
+            heard: 0,
+            looked: 0,
             limit: geo.data_size as u64,
             budget: None,
             broken: None,
@@ -435,30 +459,54 @@ impl Producer {
         self.v.geo.max_record as usize
     }
 
-    /// Early wrap: past [`REWIND_AT`], when the consumer has taken
-    /// everything, pad to the end of the data area and go on at offset 0.
-    /// While the ring is not empty, looks at the consumer index once per
-    /// 16 KiB written (a look costs the transfer of the consumer's cache
-    /// line).
+    /// Early wrap: when a record at `pos` would end past [`REWIND_AT`], fits
+    /// before `pos`, and the consumer has taken everything, pad to the end
+    /// of the data area and put the record at offset 0 instead: a ring that
+    /// the consumer keeps up with never reaches past `REWIND_AT` (or past
+    /// twice its largest record when that is larger).
+    ///
+    /// Whether the ring is empty costs a look at the consumer index (the
+    /// transfer of the consumer's cache line). The first record of a lap
+    /// that would cross `REWIND_AT` looks; when the ring is not empty, the
+    /// producer looks again 16 KiB further on, or at its next record when
+    /// both `heard` and the coarse clock moved since the last look.
+    ///
+    /// `heard` is the caller's count of what it took from its peer (the
+    /// other ring of a channel), and the coarse clock ticks every few
+    /// milliseconds: a producer that heard from its peer, and whose
+    /// records on this ring are further apart than a tick, is exchanging
+    /// rather than streaming (many ranks on few cores, the consumer
+    /// descheduled). For it a look per record is cheap, and each is another
+    /// chance to wrap: with a look per 16 KiB such rings grew by that much
+    /// at a time (64 ranks on 2 cores: 151 MiB of rings, against 102 MiB
+    /// with this rule). A producer that streams looks once per 16 KiB:
+    /// a look per KiB halved the bandwidth of 1 KiB messages, and a look
+    /// per record whenever `heard` moved (an acknowledgement per message,
+    /// as in ob1's rendezvous) halved it from 2 to 64 KiB.
     #[inline]
-    fn rewind(&mut self, pos: u64, total: u64) -> Result<()> {
-        if pos < self.look_at {
-            if pos == 0 {
-                // a new lap
-                self.look_at = self.rewind_at;
-            }
+    fn rewind(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
+        if pos == 0 {
+            // a new lap
+            self.look_at = self.rewind_at;
             return Ok(());
         }
-        if total > pos {
+        let end = pos + total;
+        if end <= self.look_at
+            && (end <= self.rewind_at || heard == self.heard || coarse_ticks() == self.looked)
+        {
             return Ok(());
         }
+        // Wrapping pays only when the record and the free header slot after
+        // it fit before `pos`: the padding record holds the rest of the
+        // data area until the consumer passes it.
+        if total + RECORD_HEADER as u64 > pos {
+            return Ok(());
+        }
+        self.heard = heard;
+        self.looked = coarse_ticks();
         if self.prod != self.cons {
             self.reload_cons()?;
             if self.prod != self.cons {
-                // Not empty: look again 16 KiB further on. Looking on
-                // every record would move the consumer's line back and
-                // forth (measured: a look per KiB halved the bandwidth of
-                // 1 KiB messages).
                 self.look_at = pos + REWIND_STRIDE;
                 return Ok(());
             }
@@ -519,6 +567,15 @@ impl Producer {
     /// At most one reservation is outstanding; a second call replaces it.
     #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
+        self.reserve_heard(len, self.heard)
+    }
+
+    /// [`Producer::reserve`], told how much the caller has taken from its
+    /// peer so far (a count that grows while the peer's records arrive, as
+    /// [`Consumer::taken`] of the other ring): it decides how often the
+    /// producer looks whether it may wrap early.
+    #[inline]
+    pub fn reserve_heard(&mut self, len: usize, heard: u64) -> Result<Option<*mut u8>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
         }
@@ -528,7 +585,7 @@ impl Producer {
         }
         let size = self.v.size();
         let total = (RECORD_HEADER + align8(len)) as u64;
-        self.rewind(self.prod & (size - 1), total)?;
+        self.rewind(self.prod & (size - 1), total, heard)?;
         let pos = self.prod & (size - 1);
         let (need, wrap) = self.need(pos, total);
         if size - self.prod.wrapping_sub(self.cons) < need {
@@ -625,8 +682,20 @@ impl Producer {
     /// Copies `parts` into one record. `Ok(None)` when the ring is full;
     /// `Ok(Some(notify))` otherwise.
     pub fn push(&mut self, kind: u8, tag: u8, parts: &[&[u8]]) -> Result<Option<bool>> {
+        self.push_heard(kind, tag, parts, self.heard)
+    }
+
+    /// [`Producer::push`] with the caller's `heard` count (see
+    /// [`Producer::reserve_heard`]).
+    pub fn push_heard(
+        &mut self,
+        kind: u8,
+        tag: u8,
+        parts: &[&[u8]],
+        heard: u64,
+    ) -> Result<Option<bool>> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        let Some(dst) = self.reserve(len)? else {
+        let Some(dst) = self.reserve_heard(len, heard)? else {
             return Ok(None);
         };
         let mut off = 0;
@@ -909,6 +978,13 @@ impl Consumer {
         if let Some(total) = self.current.take() {
             self.cons += total;
         }
+    }
+
+    /// Bytes taken from this ring so far (the local consumer index): the
+    /// `heard` count for the producer of the other ring of a channel.
+    #[inline]
+    pub fn taken(&self) -> u64 {
+        self.cons
     }
 
     /// Bytes released locally but not yet published to the producer.

@@ -681,42 +681,116 @@ fn offset(mem: &Mem, r: &ring::Record) -> usize {
     r.ptr as usize - (mem.base as usize + ring::CTRL_BYTES)
 }
 
-/// A consumer that keeps up: the producer wraps early (past REWIND_AT,
-/// when it finds the ring empty), so 4 MiB through a 1 MiB ring never
-/// reach past its first REWIND_AT bytes plus one record; every byte and
-/// the order intact.
+/// A consumer that keeps up: the producer wraps early (when its next
+/// record would end past REWIND_AT, fits before the producer's offset, and
+/// the ring is empty), so 4 MiB through a 1 MiB ring never reach past its
+/// first REWIND_AT bytes, nor past two records when records are larger
+/// than half of it; every byte and the order intact.
 #[test]
 fn a_ring_that_is_kept_empty_is_used_from_its_start() {
-    let geo = Geometry::new(1 << 20).unwrap();
-    let mem = Mem::new(geo);
-    let (mut tx, mut rx) = mem.ends(geo);
-    let mut highest = 0;
-    let mut wraps = 0;
-    let mut last = 0;
-    for seq in 0..4096u64 {
-        let len = 1000 + (seq as usize % 7) * 8;
-        let data = payload(seq, len);
-        tx.push(kind::MSG, (seq % 200) as u8, &[&data])
-            .unwrap()
-            .unwrap();
-        let r = rx.peek().unwrap().unwrap();
-        assert_eq!((r.len, r.tag), (len, (seq % 200) as u8));
-        // SAFETY: valid until release.
-        assert_eq!(unsafe { r.payload() }.to_vec(), data, "record {seq}");
-        let at = offset(&mem, &r);
-        if at < last {
-            wraps += 1;
+    for (base, step, bound) in [
+        (1000, 8, ring::REWIND_AT as usize),
+        // records of 6-12 KiB: two at most below REWIND_AT
+        (6 << 10, 1000, 2 * ((6 << 10) + 6 * 1000 + RECORD_HEADER)),
+        // records larger than REWIND_AT: at offset 0 or after one record
+        (20 << 10, 1000, 2 * ((20 << 10) + 6 * 1000 + RECORD_HEADER)),
+    ] {
+        let geo = Geometry::new(1 << 20).unwrap();
+        let mem = Mem::new(geo);
+        let (mut tx, mut rx) = mem.ends(geo);
+        let mut highest = 0;
+        let mut wraps = 0;
+        let mut last = 0;
+        let n = 4096u64.min((4 << 20) / base as u64);
+        for seq in 0..n {
+            let len = base + (seq as usize % 7) * step;
+            let data = payload(seq, len);
+            tx.push(kind::MSG, (seq % 200) as u8, &[&data])
+                .unwrap()
+                .unwrap_or_else(|| panic!("{base}: record {seq} did not fit"));
+            let r = rx.peek().unwrap().unwrap();
+            assert_eq!((r.len, r.tag), (len, (seq % 200) as u8));
+            // SAFETY: valid until release.
+            assert_eq!(unsafe { r.payload() }.to_vec(), data, "record {seq}");
+            let at = offset(&mem, &r);
+            if at < last {
+                wraps += 1;
+            }
+            last = at;
+            highest = highest.max(at + len);
+            rx.release_flush();
         }
-        last = at;
-        highest = highest.max(at + len);
-        rx.release_flush();
+        assert!(
+            highest <= bound,
+            "{base}: reached offset {highest}, bound {bound}"
+        );
+        assert!(wraps as u64 >= n / 20, "{base}: {wraps} early wraps of {n}");
+        assert!(rx.peek().unwrap().is_none());
     }
-    assert!(
-        highest <= ring::REWIND_AT as usize + 1100,
-        "reached offset {highest}"
+}
+
+/// A consumer that is behind by one record most of the time and catches
+/// up at every third: a producer that hears from its peer between its
+/// records (the count it passes grows), with records further apart than a
+/// tick of the coarse clock, looks at every record once past REWIND_AT, so
+/// it wraps at the first chance. One that hears nothing (streaming), or
+/// whose records come faster than the clock ticks, looks once per 16 KiB
+/// and goes further. Every byte and the order intact each way.
+#[test]
+fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec to write.
+    assert_eq!(
+        unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) },
+        0
     );
-    assert!(wraps >= 50, "{wraps} early wraps");
-    assert!(rx.peek().unwrap().is_none());
+    let tick = std::time::Duration::new(res.tv_sec as u64, res.tv_nsec as u32);
+    let mut highest = [0usize; 3];
+    for (i, (hears, slow)) in [(true, true), (false, true), (true, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let geo = Geometry::new(1 << 20).unwrap();
+        let mem = Mem::new(geo);
+        let (mut tx, mut rx) = mem.ends(geo);
+        let (mut sent, mut next, mut heard) = (0u64, 0u64, 0u64);
+        for round in 0..120u64 {
+            if slow && round >= 10 {
+                std::thread::sleep(tick + tick / 4);
+            }
+            let data = payload(sent, 1000);
+            let h = if hears { heard } else { 0 };
+            tx.push_heard(kind::MSG, 1, &[&data], h)
+                .unwrap()
+                .expect("room");
+            sent += 1;
+            // Take all but the newest record, or everything at every third.
+            let keep = u64::from(round % 3 != 2);
+            while sent - next > keep {
+                let r = rx.peek().unwrap().unwrap();
+                // SAFETY: valid until release.
+                assert_eq!(unsafe { r.payload() }.to_vec(), payload(next, 1000));
+                highest[i] = highest[i].max(offset(&mem, &r) + r.len);
+                next += 1;
+                heard += 1;
+                rx.release_flush();
+            }
+        }
+        while let Some(r) = rx.peek().unwrap() {
+            // SAFETY: valid until release.
+            assert_eq!(unsafe { r.payload() }.to_vec(), payload(next, 1000));
+            next += 1;
+            rx.release_flush();
+        }
+        assert_eq!(next, sent);
+    }
+    let bound = ring::REWIND_AT as usize + 3 * 1008;
+    assert!(highest[0] <= bound, "hearing, slow: reached {}", highest[0]);
+    assert!(highest[1] > bound, "streaming: reached {}", highest[1]);
+    assert!(highest[2] > bound, "hearing, fast: reached {}", highest[2]);
 }
 
 /// A consumer that lags: no early wrap while records wait, so a full
