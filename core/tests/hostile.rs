@@ -681,6 +681,23 @@ fn offset(mem: &Mem, r: &ring::Record) -> usize {
     r.ptr as usize - (mem.base as usize + ring::CTRL_BYTES)
 }
 
+/// Takes the next record, which must hold `payload(*next, len)`, counts it
+/// and releases it; returns its payload's offset, `None` when the ring is
+/// empty.
+fn take_expected(mem: &Mem, rx: &mut Consumer, next: &mut u64, len: usize) -> Option<usize> {
+    let r = rx.peek().unwrap()?;
+    // SAFETY: valid until release.
+    assert_eq!(
+        unsafe { r.payload() }.to_vec(),
+        payload(*next, len),
+        "record {next}"
+    );
+    let at = offset(mem, &r);
+    *next += 1;
+    rx.release_flush();
+    Some(at)
+}
+
 /// A consumer that keeps up: the producer wraps early (when its next
 /// record would end past REWIND_AT, fits before the producer's offset, and
 /// the ring is empty), so 4 MiB through a 1 MiB ring never reach past its
@@ -770,21 +787,12 @@ fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
             // Take all but the newest record, or everything at every third.
             let keep = u64::from(round % 3 != 2);
             while sent - next > keep {
-                let r = rx.peek().unwrap().unwrap();
-                // SAFETY: valid until release.
-                assert_eq!(unsafe { r.payload() }.to_vec(), payload(next, 1000));
-                highest[i] = highest[i].max(offset(&mem, &r) + r.len);
-                next += 1;
+                let at = take_expected(&mem, &mut rx, &mut next, 1000).expect("a record");
+                highest[i] = highest[i].max(at + 1000);
                 heard += 1;
-                rx.release_flush();
             }
         }
-        while let Some(r) = rx.peek().unwrap() {
-            // SAFETY: valid until release.
-            assert_eq!(unsafe { r.payload() }.to_vec(), payload(next, 1000));
-            next += 1;
-            rx.release_flush();
-        }
+        while take_expected(&mem, &mut rx, &mut next, 1000).is_some() {}
         assert_eq!(next, sent);
     }
     let bound = ring::REWIND_AT as usize + 3 * 1008;
@@ -811,19 +819,10 @@ fn a_ring_that_is_not_empty_is_not_wrapped_early() {
                 sent += 1;
             }
         }
-        let r = rx.peek().unwrap().unwrap();
-        // SAFETY: valid until release.
-        assert_eq!(unsafe { r.payload() }.to_vec(), payload(next, 1000));
-        highest = highest.max(offset(&mem, &r));
-        next += 1;
-        rx.release_flush();
+        let at = take_expected(&mem, &mut rx, &mut next, 1000).expect("a record");
+        highest = highest.max(at);
     }
-    while let Some(r) = rx.peek().unwrap() {
-        // SAFETY: valid until release.
-        assert_eq!(unsafe { r.payload() }.to_vec(), payload(next, 1000));
-        next += 1;
-        rx.release_flush();
-    }
+    while take_expected(&mem, &mut rx, &mut next, 1000).is_some() {}
     assert_eq!(next, sent);
     // Never empty: the records went on past the early-wrap point.
     assert!(highest > 2 * ring::REWIND_AT as usize, "{highest}");
