@@ -491,9 +491,8 @@ impl Producer {
             return Ok(());
         }
         let end = pos + total;
-        if end <= self.look_at
-            && (end <= self.rewind_at || heard == self.heard || coarse_ticks() == self.looked)
-        {
+        let due = end > self.look_at;
+        if !due && (end <= self.rewind_at || heard == self.heard) {
             return Ok(());
         }
         // Wrapping pays only when the record and the free header slot after
@@ -502,8 +501,12 @@ impl Producer {
         if total + RECORD_HEADER as u64 > pos {
             return Ok(());
         }
+        let now = coarse_ticks();
+        if !due && now == self.looked {
+            return Ok(());
+        }
         self.heard = heard;
-        self.looked = coarse_ticks();
+        self.looked = now;
         if self.prod != self.cons {
             self.reload_cons()?;
             if self.prod != self.cons {
