@@ -99,6 +99,7 @@ typedef struct mca_btl_ivcom_component_t {
     unsigned long max_record;
     unsigned long shm_limit;
     unsigned long ring_budget;
+    unsigned long piece_size;
     char *if_include;
     char *if_exclude;
     int verbose;

@@ -174,6 +174,13 @@ static int ivcom_register(void)
               "few of its pages however much is in flight; with few peers every ring is used "
               "whole",
               &c->ring_budget, 8UL << 20);
+    reg_ulong("piece_size",
+              "Bytes of the pieces a large message is cut into while the receiver keeps up "
+              "(less than btl_ivcom_max_send_size of this pair's sent data not yet taken): "
+              "it copies one piece out while the sender copies the next in; pieces of "
+              "btl_ivcom_max_send_size otherwise (a stream). Raised to btl_ivcom_eager_limit; "
+              "0, or btl_ivcom_max_send_size or more: never cut",
+              &c->piece_size, 16UL << 10);
     reg_string("if_include",
                "Comma-separated interfaces or IPv4 subnets (CIDR) whose address this process "
                "publishes for TCP and the ring handshake (like btl_tcp_if_include)",
@@ -302,6 +309,13 @@ static bool check_params(ivcom_config *cfg)
         snprintf(err, sizeof(err), "must be between 64 and btl_ivcom_max_send_size (%zu)",
                  m->btl_max_send_size);
         return bad("btl_ivcom_eager_limit", buf, err);
+    }
+    /* Pieces between the eager limit and a whole piece (which is no cut). */
+    if (0 != c->piece_size && c->piece_size < m->btl_eager_limit) {
+        c->piece_size = m->btl_eager_limit;
+    }
+    if (c->piece_size >= m->btl_max_send_size) {
+        c->piece_size = 0;
     }
     if (m->btl_rndv_eager_limit > m->btl_eager_limit) {
         m->btl_rndv_eager_limit = m->btl_eager_limit;

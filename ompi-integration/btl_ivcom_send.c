@@ -143,6 +143,31 @@ int mca_btl_ivcom_free(struct mca_btl_base_module_t *btl, mca_btl_base_descripto
     return OPAL_SUCCESS;
 }
 
+/* A large piece goes out smaller while the receiver keeps up (less than
+ * `limit` bytes of what this side sent not yet taken), so that it copies
+ * one piece out while this side copies the next in: a message that would
+ * go as one piece arrives after about one copy and a piece instead of two
+ * copies in a row. A receiver that falls behind (a stream) gets whole
+ * pieces, which cost less each. ob1 sends the rest of the message in
+ * further pieces. Called with the endpoint's lock held. */
+static size_t cut_piece(mca_btl_base_endpoint_t *ep, size_t reserve, size_t max, size_t limit,
+                        int *failed)
+{
+    size_t piece = mca_btl_ivcom_component.piece_size;
+    uint64_t backlog;
+    int rc;
+    if (0 == piece || !ep->ring || NULL == ep->link || ep->failed || reserve + max <= piece
+        || reserve >= piece) {
+        return max;
+    }
+    rc = ivcom_link_backlog(ep->link, &backlog);
+    if (OPAL_UNLIKELY(rc < 0)) {
+        *failed = rc;
+        return max;
+    }
+    return 1 == rc && backlog < limit ? piece - reserve : max;
+}
+
 mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_t *btl,
                                                      struct mca_btl_base_endpoint_t *ep,
                                                      struct opal_convertor_t *conv, uint8_t order,
@@ -153,7 +178,7 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
     uint32_t iov_count = 1;
     size_t max = *size;
     size_t limit = MODULE->btl_max_send_size;
-    bool keep, placed = false, ring = false;
+    bool keep, ready, placed = false, ring = false;
     int failed = 0;
     (void) btl;
     (void) order;
@@ -165,12 +190,16 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
     LOCK(ep);
     /* A ring with shrunk records takes smaller pieces: ob1 sends the rest
      * in further fragments. */
-    if (OPAL_SUCCESS == mca_btl_ivcom_endpoint_ready(ep, &failed)) {
+    ready = OPAL_SUCCESS == mca_btl_ivcom_endpoint_ready(ep, &failed);
+    if (ready) {
         limit = ep->max_send;
     }
     if (reserve < limit) {
         if (reserve + max > limit) {
             max = limit - reserve;
+        }
+        if (ready) {
+            max = cut_piece(ep, reserve, max, limit, &failed);
         }
         if (!keep) {
             placed = mca_btl_ivcom_frag_ring(ep, f, reserve + max);

@@ -506,6 +506,17 @@ int ivcom_link_try_send(ivcom_link *link, uint8_t tag, const ivcom_iov *iov, siz
 int ivcom_link_can_send(ivcom_link *link, size_t len);
 
 /**
+ * On a ring link, sets `*out` to the bytes this side sent that the peer
+ * has not yet taken and handed back (a fresh look at the peer's index):
+ * small while the peer keeps up. Returns 1 (ring), 0 (TCP: `*out`
+ * untouched) or a negative error (the ring broke: a bad index).
+ *
+ * # Safety
+ * `link` valid; `out` writable.
+ */
+int ivcom_link_backlog(ivcom_link *link, uint64_t *out);
+
+/**
  * Sends a message of any size, blocking (with `timeout_ms`, 0 = none).
  *
  * # Safety

@@ -892,6 +892,29 @@ pub unsafe extern "C" fn ivcom_link_can_send(link: *mut ivcom_link, len: usize) 
     })
 }
 
+/// On a ring link, sets `*out` to the bytes this side sent that the peer
+/// has not yet taken and handed back (a fresh look at the peer's index):
+/// small while the peer keeps up. Returns 1 (ring), 0 (TCP: `*out`
+/// untouched) or a negative error (the ring broke: a bad index).
+///
+/// # Safety
+/// `link` valid; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_backlog(link: *mut ivcom_link, out: *mut u64) -> c_int {
+    guard(|| {
+        // SAFETY: valid handle.
+        match unsafe { &mut *link }.link.backlog() {
+            Ok(Some(b)) => {
+                // SAFETY: writable per contract.
+                unsafe { *out = b };
+                1
+            }
+            Ok(None) => 0,
+            Err(e) => fail(e),
+        }
+    })
+}
+
 /// Sends a message of any size, blocking (with `timeout_ms`, 0 = none).
 ///
 /// # Safety

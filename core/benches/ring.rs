@@ -6,7 +6,13 @@
 //!   processes on the same cores;
 //! - streaming throughput of 64 KiB records (producer copies in with
 //!   reserve/commit, consumer copies every byte out) vs a single-core memcpy
-//!   of 64 KiB chunks.
+//!   of 64 KiB chunks;
+//! - round trips of a 56 KiB message copied into the ring and out again,
+//!   as one record or in 16 KiB records (the receiver copies one out while
+//!   the sender copies the next in), vs one copy out of a shared buffer
+//!   that is never written (single-copy shared memory in a ping-pong that
+//!   sends the same buffer again and again) or that the sender rewrites
+//!   before each message.
 //!
 //! The parent is pinned to CPU 0, a forked child to CPU 1; the rings live in
 //! a shared anonymous mapping (`ring::init` + `Producer`/`Consumer`, as the
@@ -369,6 +375,138 @@ fn ring_stream(c: &mut Criterion, out: &Samples) {
 }
 
 // ---------------------------------------------------------------------------
+// (e) a 56 KiB message in a ping-pong: two copies through the ring, whole or
+// in pieces, against one copy of a buffer both cores already hold
+
+/// What follows the first 8 KiB of a 64 KiB MPI message (ob1's rendezvous).
+const MSG: usize = 56 << 10;
+
+/// How the message of [`message_round_trip`] travels.
+#[derive(Clone, Copy, PartialEq)]
+enum Carry {
+    /// The child copies it out of a shared buffer the parent never writes
+    /// (single-copy shared memory in a ping-pong that sends the same
+    /// buffer again and again): one copy, the lines cached in both cores.
+    Unchanged,
+    /// The same, but the parent writes the whole buffer before each
+    /// message (an application that sends what it just computed).
+    Rewritten,
+    /// The parent copies it into ring A in records of this many bytes, the
+    /// child copies every record out: two copies.
+    Ring(usize),
+}
+
+/// Round trips of `MSG` bytes carried as `how`; the child answers with 8
+/// bytes on ring B once it has the whole message.
+fn message_round_trip(c: &mut Criterion, how: Carry, name: &str, out: &Samples) {
+    let geo = Geometry::with_max_record(256 << 10, CHUNK).unwrap();
+    let rb = geo.ring_bytes();
+    let shm = Shm::new(2 * rb + MSG);
+    let (a, b) = (shm.ptr, shm.ptr.wrapping_add(rb));
+    let shared = shm.ptr.wrapping_add(2 * rb);
+    // SAFETY: fresh mapping of two rings and the shared buffer, page aligned.
+    unsafe {
+        ring::init(a, geo, 4);
+        ring::init(b, geo, 5);
+        ptr::write_bytes(shared, 7, MSG);
+    }
+    let child = Child::spawn(|| {
+        // SAFETY: the child is the only consumer of A and producer of B.
+        let (mut rx, mut tx) = unsafe {
+            (
+                Consumer::new(a, geo).unwrap(),
+                Producer::new(b, geo).unwrap(),
+            )
+        };
+        let mut dst = vec![0u8; MSG];
+        let mut have = 0;
+        loop {
+            let Some(rec) = rx.peek().unwrap() else {
+                std::hint::spin_loop();
+                continue;
+            };
+            if rec.kind == kind::CTRL {
+                break;
+            }
+            if let Carry::Unchanged | Carry::Rewritten = how {
+                // SAFETY: the shared buffer holds MSG bytes; dst is MSG.
+                unsafe { ptr::copy_nonoverlapping(shared, dst.as_mut_ptr(), MSG) };
+                have = MSG;
+            } else {
+                assert!(have + rec.len <= MSG);
+                // SAFETY: rec covers rec.len bytes until release; dst has room.
+                unsafe { ptr::copy_nonoverlapping(rec.ptr, dst.as_mut_ptr().add(have), rec.len) };
+                have += rec.len;
+            }
+            rx.release_flush();
+            if have == MSG {
+                have = 0;
+                black_box(&mut dst);
+                let p = tx.reserve(8).unwrap().expect("one answer in flight");
+                // SAFETY: 8 reserved bytes; the message's first word.
+                unsafe { ptr::copy_nonoverlapping(dst.as_ptr(), p, 8) };
+                tx.commit(8, kind::MSG, 0);
+            }
+        }
+    });
+    // SAFETY: the parent is the only producer of A and consumer of B.
+    let (mut tx, mut rx) = unsafe {
+        (
+            Producer::new(a, geo).unwrap(),
+            Consumer::new(b, geo).unwrap(),
+        )
+    };
+    let mut src = vec![7u8; MSG];
+    let mut seq = 0u64;
+    let samples = out.clone();
+    let mut g = c.benchmark_group("56 KiB message round trip");
+    g.bench_function(name, |bch| {
+        bch.iter_custom(|iters| {
+            samples.run(iters, || {
+                seq += 1;
+                src[..8].copy_from_slice(&seq.to_ne_bytes());
+                if let Carry::Ring(piece) = how {
+                    for chunk in src.chunks(piece) {
+                        let p = loop {
+                            if let Some(p) = tx.reserve(chunk.len()).unwrap() {
+                                break p;
+                            }
+                            std::hint::spin_loop();
+                        };
+                        // SAFETY: chunk.len() reserved bytes.
+                        unsafe { ptr::copy_nonoverlapping(chunk.as_ptr(), p, chunk.len()) };
+                        tx.commit(chunk.len(), kind::MSG, 0);
+                    }
+                } else {
+                    if how == Carry::Rewritten {
+                        // SAFETY: the shared buffer holds MSG bytes, which
+                        // the child reads only between a message and its
+                        // answer.
+                        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), shared, MSG) };
+                    }
+                    tx.push(kind::MSG, 0, &[&[0; 8]]).unwrap().unwrap();
+                }
+                let rec = loop {
+                    if let Some(r) = rx.peek().unwrap() {
+                        break r;
+                    }
+                    std::hint::spin_loop();
+                };
+                // SAFETY: an 8-byte record, valid until release.
+                let v = unsafe { ptr::read_unaligned(rec.ptr as *const u64) };
+                if how != Carry::Unchanged {
+                    assert_eq!(v, seq);
+                }
+                rx.release_flush();
+            })
+        })
+    });
+    g.finish();
+    tx.push(kind::CTRL, 0, &[&[0; 8]]).unwrap().unwrap();
+    child.wait();
+}
+
+// ---------------------------------------------------------------------------
 // (d) single-core memcpy of 64 KiB chunks
 
 fn memcpy_baseline(c: &mut Criterion, out: &Samples) {
@@ -417,6 +555,19 @@ fn main() {
     line_ping_pong(&mut c, &line_rt);
     ring_stream(&mut c, &stream);
     memcpy_baseline(&mut c, &copy);
+    let one = Samples::new(8);
+    let fresh = Samples::new(8);
+    let whole = Samples::new(8);
+    let cut = Samples::new(8);
+    message_round_trip(&mut c, Carry::Unchanged, "one copy, unchanged buffer", &one);
+    message_round_trip(
+        &mut c,
+        Carry::Rewritten,
+        "one copy, rewritten buffer",
+        &fresh,
+    );
+    message_round_trip(&mut c, Carry::Ring(MSG), "ring, one record", &whole);
+    message_round_trip(&mut c, Carry::Ring(16 << 10), "ring, 16 KiB records", &cut);
     c.final_summary();
     let load_after = load();
     if !bench {
@@ -441,6 +592,18 @@ fn main() {
         a / b,
         am / bm
     );
+    let us = |s: &Samples, q| s.quantile_ns(q) / 1000.0;
+    for (q, what) in [(0.1, "10th percentile"), (0.5, "median")] {
+        let (o, f) = (us(&one, q), us(&fresh, q));
+        let (w, p) = (us(&whole, q), us(&cut, q));
+        println!(
+            "56 KiB message round trip ({what}): one copy of an unchanged buffer {o:.2} us, of a rewritten one {f:.2} us; ring, one record {w:.2} us ({:.2}x unchanged, {:.2}x rewritten); ring, 16 KiB records {p:.2} us ({:.2}x, {:.2}x)",
+            w / o,
+            w / f,
+            p / o,
+            p / f
+        );
+    }
     println!(
         "load average before {load_before}, after {load_after} (2 CPUs; parent on CPU {PARENT_CPU}, child on CPU {CHILD_CPU})"
     );

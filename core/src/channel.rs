@@ -295,6 +295,12 @@ impl Channel {
         self.tx.fits(len)
     }
 
+    /// Bytes this side sent that the peer has not yet handed back
+    /// ([`Producer::backlog`]).
+    pub fn backlog(&mut self) -> Result<u64> {
+        self.tx.backlog()
+    }
+
     /// Drops the reservation.
     pub fn cancel(&mut self) {
         self.tx.cancel()

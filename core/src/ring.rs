@@ -770,6 +770,14 @@ impl Producer {
         )
     }
 
+    /// Bytes committed but not yet handed back by the consumer, from a fresh
+    /// look at its index (one load of the consumer's line, validated like
+    /// every other look: a bad index breaks the ring).
+    pub fn backlog(&mut self) -> Result<u64> {
+        self.reload_cons()?;
+        Ok(self.in_flight())
+    }
+
     /// Bytes committed but not yet consumed (from the cached index).
     pub fn in_flight(&self) -> u64 {
         self.published.wrapping_sub(self.cons)

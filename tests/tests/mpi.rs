@@ -101,6 +101,47 @@ fn integrity_with_small_ring_and_fragments() {
     );
 }
 
+/// `rounds` checked round trips of `len` bytes between two ranks on the
+/// ring, with `btl_ivcom_piece_size` = `piece`.
+fn ping_pong(len: usize, rounds: usize, piece: &str) -> Run {
+    require_component();
+    let mut c = mpirun(2, "ivcom,self");
+    c.args(["--mca", "btl_ivcom_verbose", "1"])
+        .args(["--mca", "btl_ivcom_piece_size", piece])
+        .arg(bin("ivcom-integrity"))
+        .args(["--pingpong", &len.to_string(), &rounds.to_string()]);
+    let r = run(&mut c, LIMIT);
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=2"),
+        "piece {piece}: {}",
+        r.text()
+    );
+    assert_paths(&r, 2, |_, _| "ring");
+    r
+}
+
+#[test]
+fn a_receiver_that_keeps_up_gets_large_messages_in_pieces() {
+    // ob1 sends a 64 KiB message as its first 8 KiB (the eager limit) and,
+    // after the receiver's acknowledgement, the other 56 KiB in pieces of
+    // btl_ivcom_max_send_size (64 KiB): one piece. In a ping-pong the
+    // receiver keeps up (less than 64 KiB of a side's data is ever waiting),
+    // so with 16 KiB pieces those 56 KiB go as four records: at least two
+    // more per message, 600 messages. Every byte is checked either way.
+    let rounds = 300;
+    let whole = stats_sum(&ping_pong(65536, rounds, "0").stderr, "tx_msgs");
+    let cut = stats_sum(&ping_pong(65536, rounds, "16384").stderr, "tx_msgs");
+    assert!(
+        cut >= whole + 2 * 2 * rounds as u64,
+        "records sent: {cut} in pieces of 16 KiB, {whole} whole"
+    );
+    // Messages that go whole anyway (at most one piece) are not cut: the
+    // same count of records either way.
+    let small = stats_sum(&ping_pong(16000, rounds, "0").stderr, "tx_msgs");
+    let small_cut = stats_sum(&ping_pong(16000, rounds, "16384").stderr, "tx_msgs");
+    assert_eq!(small, small_cut);
+}
+
 #[test]
 fn bad_mca_values_are_rejected_by_name() {
     require_component();
@@ -145,6 +186,7 @@ fn ompi_info_lists_the_component_and_its_parameters() {
         "btl_ivcom_if_include",
         "btl_ivcom_shm_limit",
         "btl_ivcom_ring_budget",
+        "btl_ivcom_piece_size",
     ] {
         assert!(r.stdout.contains(p), "{p} missing:\n{}", r.stdout);
     }

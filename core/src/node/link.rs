@@ -229,6 +229,17 @@ impl Link {
         r.map_err(|e| self.ctx(e))
     }
 
+    /// On the ring, the bytes sent that the peer has not yet taken and
+    /// handed back: small while it keeps up, growing when it falls behind.
+    /// `Ok(None)` on TCP.
+    pub fn backlog(&mut self) -> Result<Option<u64>> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.backlog().map(Some),
+            Imp::Tcp(_) => Ok(None),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
     /// Reserves ring space for a message of `len` bytes (at most
     /// [`Link::max_inline`]) to be written in place. `Ok(None)` when the ring
     /// is full or the link is on TCP.

@@ -5,7 +5,10 @@
 //!
 //! `ivcom-integrity --forever` exchanges messages until killed (for the
 //! killed-rank test); `--thread-multiple` initializes MPI with
-//! MPI_THREAD_MULTIPLE.
+//! MPI_THREAD_MULTIPLE; `--pingpong LEN COUNT` replaces the suite with
+//! COUNT round trips of LEN-byte messages between ranks 0 and 1 (a
+//! receiver that keeps up: the piece-size test), each message a new
+//! pattern checked byte for byte on arrival.
 
 use mpi::datatype::PartitionMut;
 use mpi::point_to_point as p2p;
@@ -113,10 +116,20 @@ fn main() {
         .nth(1)
         .map(|v| v.parse().expect("--seconds N"))
         .unwrap_or(0);
+    let pingpong: Vec<usize> = std::env::args()
+        .skip_while(|a| a != "--pingpong")
+        .skip(1)
+        .take(2)
+        .map(|v| v.parse().expect("--pingpong LEN COUNT"))
+        .collect();
     let t0 = std::time::Instant::now();
     let mut rounds = 0u64;
     loop {
-        suite(&world, &mut c);
+        if let [len, count] = pingpong[..] {
+            ping_pong(&world, &mut c, len, count as u64);
+        } else {
+            suite(&world, &mut c);
+        }
         rounds += 1;
         let more = (t0.elapsed().as_secs() < seconds) as i32;
         let mut all = 0i32;
@@ -151,6 +164,28 @@ fn main() {
     }
     if errors != 0 {
         world.abort(3);
+    }
+}
+
+/// `count` round trips of `len` bytes between ranks 0 and 1, every byte
+/// of every message checked (other ranks wait).
+fn ping_pong(world: &mpi::topology::SimpleCommunicator, c: &mut Checker, len: usize, count: u64) {
+    let rank = world.rank();
+    if rank > 1 {
+        return;
+    }
+    let peer = world.process_at_rank(1 - rank);
+    let mut got = vec![0u8; len];
+    for seq in 0..count {
+        if rank == 0 {
+            peer.send(&pattern(0, 1, seq, len)[..]);
+            peer.receive_into(&mut got[..]);
+            c.bytes("pingpong reply", &got, &pattern(1, 0, seq, len));
+        } else {
+            peer.receive_into(&mut got[..]);
+            c.bytes("pingpong message", &got, &pattern(0, 1, seq, len));
+            peer.send(&pattern(1, 0, seq, len)[..]);
+        }
     }
 }
 
