@@ -8,11 +8,18 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(180);
 
 fn integrity(np: usize, extra: &[&str]) -> Run {
+    integrity_with(np, extra, &[])
+}
+
+/// `ivcom-integrity` with mpirun options `extra` and program arguments
+/// `args`.
+fn integrity_with(np: usize, extra: &[&str], args: &[&str]) -> Run {
     require_component();
     let mut c = mpirun(np, "ivcom,self");
     c.args(["--mca", "btl_ivcom_verbose", "1"])
         .args(extra)
-        .arg(bin("ivcom-integrity"));
+        .arg(bin("ivcom-integrity"))
+        .args(args);
     run(&mut c, LIMIT)
 }
 
@@ -31,6 +38,16 @@ fn assert_paths(r: &Run, np: u32, want: impl Fn(u32, u32) -> &'static str) {
             assert_eq!(l.path, want(a, b), "rank {a} -> {b}: {l:?}");
         }
     }
+}
+
+/// The job passed its checks with `np` ranks, every pair on `path`.
+fn assert_passed_on(r: &Run, np: u32, path: &'static str) {
+    assert!(
+        r.ok() && r.stdout.contains(&format!("INTEGRITY PASS ranks={np}")),
+        "{}",
+        r.text()
+    );
+    assert_paths(r, np, |_, _| path);
 }
 
 #[test]
@@ -57,23 +74,13 @@ fn integrity_2_ranks_on_the_ring() {
 #[test]
 fn integrity_4_ranks_on_the_ring() {
     let r = integrity(4, &[]);
-    assert!(
-        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
-        "{}",
-        r.text()
-    );
-    assert_paths(&r, 4, |_, _| "ring");
+    assert_passed_on(&r, 4, "ring");
 }
 
 #[test]
 fn integrity_4_ranks_over_tcp_when_rings_are_disabled() {
     let r = integrity(4, &["--mca", "btl_ivcom_backend", "none"]);
-    assert!(
-        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
-        "{}",
-        r.text()
-    );
-    assert_paths(&r, 4, |_, _| "tcp");
+    assert_passed_on(&r, 4, "tcp");
 }
 
 #[test]
@@ -104,19 +111,13 @@ fn integrity_with_small_ring_and_fragments() {
 /// `rounds` checked round trips of `len` bytes between two ranks on the
 /// ring, with `btl_ivcom_piece_size` = `piece`.
 fn ping_pong(len: usize, rounds: usize, piece: &str) -> Run {
-    require_component();
-    let mut c = mpirun(2, "ivcom,self");
-    c.args(["--mca", "btl_ivcom_verbose", "1"])
-        .args(["--mca", "btl_ivcom_piece_size", piece])
-        .arg(bin("ivcom-integrity"))
-        .args(["--pingpong", &len.to_string(), &rounds.to_string()]);
-    let r = run(&mut c, LIMIT);
-    assert!(
-        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=2"),
-        "piece {piece}: {}",
-        r.text()
+    let (len, rounds) = (len.to_string(), rounds.to_string());
+    let r = integrity_with(
+        2,
+        &["--mca", "btl_ivcom_piece_size", piece],
+        &["--pingpong", &len, &rounds],
     );
-    assert_paths(&r, 2, |_, _| "ring");
+    assert_passed_on(&r, 2, "ring");
     r
 }
 
