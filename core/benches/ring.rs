@@ -21,7 +21,7 @@
 //! `cargo bench -p ivcom-core` (about a minute).
 
 use criterion::{black_box, Criterion, Throughput};
-use ivcom_core::ring::{self, kind, Consumer, Geometry, Producer};
+use ivcom_core::ring::{self, kind, Consumer, Geometry, Producer, Record};
 use std::cell::RefCell;
 use std::ptr;
 use std::rc::Rc;
@@ -131,6 +131,26 @@ impl Drop for Child {
     }
 }
 
+/// The next record of `rx`, spinning until one is published.
+fn next_record(rx: &mut Consumer) -> Record {
+    loop {
+        if let Some(r) = rx.peek().unwrap() {
+            return r;
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Ring space for a record of `len` bytes, spinning while the ring is full.
+fn reserve_spin(tx: &mut Producer, len: usize) -> *mut u8 {
+    loop {
+        if let Some(p) = tx.reserve(len).unwrap() {
+            return p;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// Timings of one benchmark for the summary: besides criterion's samples,
 /// each sample is cut into short batches of `batch` iterations whose
 /// per-iteration times are kept. On a loaded machine (the two cores are
@@ -205,10 +225,7 @@ fn ring_ping_pong(c: &mut Criterion, out: &Samples) {
             )
         };
         loop {
-            let Some(rec) = rx.peek().unwrap() else {
-                std::hint::spin_loop();
-                continue;
-            };
+            let rec = next_record(&mut rx);
             // SAFETY: an 8-byte record, valid until release.
             let v = unsafe { ptr::read_unaligned(rec.ptr as *const u64) };
             let k = rec.kind;
@@ -239,12 +256,7 @@ fn ring_ping_pong(c: &mut Criterion, out: &Samples) {
                 // SAFETY: 8 reserved bytes.
                 unsafe { ptr::write_unaligned(p as *mut u64, seq) };
                 tx.commit(8, kind::MSG, 0);
-                let rec = loop {
-                    if let Some(r) = rx.peek().unwrap() {
-                        break r;
-                    }
-                    std::hint::spin_loop();
-                };
+                let rec = next_record(&mut rx);
                 // SAFETY: an 8-byte record, valid until release.
                 let v = unsafe { ptr::read_unaligned(rec.ptr as *const u64) };
                 assert_eq!(v, seq);
@@ -326,10 +338,7 @@ fn ring_stream(c: &mut Criterion, out: &Samples) {
                 break;
             }
             while made < t {
-                let Some(p) = tx.reserve(CHUNK).unwrap() else {
-                    std::hint::spin_loop();
-                    continue;
-                };
+                let p = reserve_spin(&mut tx, CHUNK);
                 // SAFETY: CHUNK reserved bytes; src is CHUNK bytes.
                 unsafe {
                     ptr::copy_nonoverlapping(src.as_ptr(), p, CHUNK);
@@ -353,12 +362,7 @@ fn ring_stream(c: &mut Criterion, out: &Samples) {
         bch.iter_custom(|iters| {
             target.store(got + iters, Ordering::Release);
             samples.run(iters, || {
-                let rec = loop {
-                    if let Some(r) = rx.peek().unwrap() {
-                        break r;
-                    }
-                    std::hint::spin_loop();
-                };
+                let rec = next_record(&mut rx);
                 assert_eq!(rec.len, CHUNK);
                 // SAFETY: rec covers CHUNK bytes until release; dst is CHUNK.
                 unsafe { ptr::copy_nonoverlapping(rec.ptr, dst.as_mut_ptr(), CHUNK) };
@@ -421,10 +425,7 @@ fn message_round_trip(c: &mut Criterion, how: Carry, name: &str, out: &Samples) 
         let mut dst = vec![0u8; MSG];
         let mut have = 0;
         loop {
-            let Some(rec) = rx.peek().unwrap() else {
-                std::hint::spin_loop();
-                continue;
-            };
+            let rec = next_record(&mut rx);
             if rec.kind == kind::CTRL {
                 break;
             }
@@ -467,12 +468,7 @@ fn message_round_trip(c: &mut Criterion, how: Carry, name: &str, out: &Samples) 
                 src[..8].copy_from_slice(&seq.to_ne_bytes());
                 if let Carry::Ring(piece) = how {
                     for chunk in src.chunks(piece) {
-                        let p = loop {
-                            if let Some(p) = tx.reserve(chunk.len()).unwrap() {
-                                break p;
-                            }
-                            std::hint::spin_loop();
-                        };
+                        let p = reserve_spin(&mut tx, chunk.len());
                         // SAFETY: chunk.len() reserved bytes.
                         unsafe { ptr::copy_nonoverlapping(chunk.as_ptr(), p, chunk.len()) };
                         tx.commit(chunk.len(), kind::MSG, 0);
@@ -486,12 +482,7 @@ fn message_round_trip(c: &mut Criterion, how: Carry, name: &str, out: &Samples) 
                     }
                     tx.push(kind::MSG, 0, &[&[0; 8]]).unwrap().unwrap();
                 }
-                let rec = loop {
-                    if let Some(r) = rx.peek().unwrap() {
-                        break r;
-                    }
-                    std::hint::spin_loop();
-                };
+                let rec = next_record(&mut rx);
                 // SAFETY: an 8-byte record, valid until release.
                 let v = unsafe { ptr::read_unaligned(rec.ptr as *const u64) };
                 if how != Carry::Unchanged {
