@@ -51,6 +51,13 @@ fn run_all(btl: &str) {
     check("osu_bibw", 2, btl, &bw, &bw_sizes);
     check("osu_mbw_mr", 4, btl, &bw, &bw_sizes);
     check("osu_multi_lat", 4, btl, &lat, &lat_sizes);
+    // -F: fresh data, every message of a window from its own buffer.
+    let lat_f: Vec<&str> = lat.iter().copied().chain(["-F"]).collect();
+    let bw_f: Vec<&str> = bw.iter().copied().chain(["-F"]).collect();
+    check("osu_latency", 2, btl, &lat_f, &lat_sizes);
+    check("osu_bw", 2, btl, &bw_f, &bw_sizes);
+    check("osu_bibw", 2, btl, &bw_f, &bw_sizes);
+    check("osu_mbw_mr", 4, btl, &bw_f, &bw_sizes);
     // MPI_THREAD_MULTIPLE: one thread (-T), then 4 threads per rank.
     let lat_t: Vec<&str> = lat.iter().copied().chain(["-T"]).collect();
     check("osu_latency", 2, btl, &lat_t, &lat_sizes);
@@ -80,6 +87,24 @@ fn benchmark_programs_over_ivcom() {
         return;
     }
     run_all("ivcom,self");
+}
+
+#[test]
+fn fresh_data_is_refused_by_the_programs_that_send_none() {
+    // -F is parsed before MPI starts: no mpirun needed.
+    for prog in [
+        "osu_multi_lat",
+        "osu_mt_mr",
+        "osu_alltoall",
+        "osu_allreduce",
+    ] {
+        let r = run(
+            std::process::Command::new(bin(prog)).arg("-F"),
+            Duration::from_secs(30),
+        );
+        assert_eq!(r.status, Some(2), "{prog} -F:\n{}", r.text());
+        assert!(r.stderr.contains("-F: "), "{prog} -F:\n{}", r.text());
+    }
 }
 
 #[test]

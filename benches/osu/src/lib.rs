@@ -55,6 +55,13 @@ pub struct Opts {
     /// `-t N`: communicating threads per rank (multi-threaded tests only;
     /// more than one implies `-T`; 0 when not given).
     pub threads: usize,
+    /// `-F`: fresh data. The sender writes every cache line of a message
+    /// just before it sends it, and each message of a window comes from a
+    /// buffer of its own, as an application sends what it has just
+    /// computed. OSU sends one unchanged buffer again and again, which a
+    /// single-copy transport then reads from caches that already hold it.
+    /// The time spent writing is taken off the reported figures.
+    pub fresh: bool,
 }
 
 const USAGE: &str = "options:
@@ -65,6 +72,10 @@ const USAGE: &str = "options:
   -c             data check (always done after every size; accepted for OSU compatibility)
   -T             start MPI with MPI_THREAD_MULTIPLE (one thread still communicates)
   -t THREADS     communicating threads per rank (multi-threaded tests; default 4 there)
+  -F             fresh data: the sender writes each message's cache lines just before
+                 sending it, each message of a window from its own buffer; the writing
+                 time is not counted (osu_latency, osu_bw, osu_bibw, osu_mbw_mr; OSU
+                 sends one unchanged buffer)
   -h             this help";
 
 impl Opts {
@@ -89,12 +100,21 @@ impl Opts {
         skip: (usize, usize),
         threads: usize,
     ) -> Opts {
-        let mut o = Self::parse_or_exit(min, iters, skip);
+        let mut o = Self::parse_or_exit(min, iters, skip).without_fresh("osu_mt_mr");
         if o.threads == 0 {
             o.threads = threads;
         }
         o.multiple = true;
         o
+    }
+
+    /// Exits when `-F` was given to a program that does not take it.
+    pub fn without_fresh(self, prog: &str) -> Opts {
+        if self.fresh {
+            eprintln!("-F: {prog} sends no fresh data (osu_latency, osu_bw, osu_bibw and osu_mbw_mr take it)");
+            std::process::exit(2)
+        }
+        self
     }
 
     fn parse_or_exit(min: usize, iters: (usize, usize), skip: (usize, usize)) -> Opts {
@@ -124,6 +144,7 @@ impl Opts {
             check: false,
             multiple: false,
             threads: 0,
+            fresh: false,
         };
         let mut a = args.into_iter();
         fn num(k: &str, s: Option<&str>) -> Result<usize, String> {
@@ -158,6 +179,7 @@ impl Opts {
                 "-W" => o.window = num("-W", a.next().as_deref())?,
                 "-c" => o.check = true,
                 "-T" => o.multiple = true,
+                "-F" => o.fresh = true,
                 "-t" => {
                     o.threads = num("-t", a.next().as_deref())?;
                     if o.threads == 0 {
@@ -197,6 +219,24 @@ impl Opts {
             s *= 2;
         }
         v
+    }
+
+    /// How many messages of one window need a send buffer of their own:
+    /// the window with `-F`, otherwise one buffer serves them all.
+    pub fn send_copies(&self) -> usize {
+        if self.fresh {
+            self.window
+        } else {
+            1
+        }
+    }
+
+    /// The part of `touched` (seconds of writing over the warm-up and the
+    /// timed iterations) that fell in the timed ones: the writing takes
+    /// the same time each iteration, and `timed` does not count the
+    /// warm-up.
+    pub fn timed_share(&self, touched: f64, iters: usize, skip: usize) -> f64 {
+        touched * iters as f64 / (iters + skip) as f64
     }
 
     /// (iterations, warm-up) for a message size.
@@ -303,6 +343,39 @@ impl Buf {
         }
     }
 
+    /// Fills `copies` consecutive messages of `size` bytes with the check
+    /// pattern (the send buffers of a window with `-F`).
+    pub fn fill_copies(&mut self, size: usize, copies: usize) {
+        for k in 0..copies {
+            for (i, b) in self[k * size..(k + 1) * size].iter_mut().enumerate() {
+                *b = pattern_byte(size, i);
+            }
+        }
+    }
+
+    /// Writes one byte of every cache line of `copies` consecutive messages
+    /// of `size` bytes (the byte the pattern already holds, so the data
+    /// check still holds): the lines are then modified in this core's
+    /// cache, as after an application computed them, and a transport must
+    /// move them from here. Returns the seconds it took, which the timed
+    /// loops take off their time: they report what the transport took.
+    pub fn touch(&mut self, size: usize, copies: usize) -> f64 {
+        assert!(size * copies <= self.len);
+        let t0 = std::time::Instant::now();
+        for k in 0..copies {
+            for i in (0..size).step_by(64) {
+                // SAFETY: in bounds (asserted above); a volatile write, so
+                // the compiler keeps the store of a value already there.
+                unsafe {
+                    self.ptr
+                        .add(k * size + i)
+                        .write_volatile(pattern_byte(size, i))
+                };
+            }
+        }
+        t0.elapsed().as_secs_f64()
+    }
+
     /// Zeroes the first `size` bytes.
     pub fn clear(&mut self, size: usize) {
         self[..size].fill(0);
@@ -378,6 +451,8 @@ pub struct Net {
     byte: ffi::MPI_Datatype,
     reqs: Vec<ffi::MPI_Request>,
     ack: [u8; 4],
+    /// `-F`: message k of a window is sent from `k * size` of the buffer.
+    fresh: bool,
 }
 
 impl Net {
@@ -392,7 +467,15 @@ impl Net {
             byte: u8::equivalent_datatype().as_raw(),
             reqs: Vec::new(),
             ack: [0; 4],
+            fresh: false,
         }
+    }
+
+    /// With `-F`, message k of a window goes from `k * size` of the send
+    /// buffer (which holds a window of messages: [`Opts::send_copies`]).
+    pub fn with_fresh(mut self, o: &Opts) -> Net {
+        self.fresh = o.fresh;
+        self
     }
 
     /// Blocking send of `buf[..size]`.
@@ -461,21 +544,31 @@ impl Net {
     }
 
     /// One ping-pong of `size` bytes with `peer`: the `first` side sends
-    /// first, the other answers.
+    /// first, the other answers (with `-F`, each writes its message's cache
+    /// lines just before it sends). Returns the seconds spent writing them.
     #[inline]
-    pub fn ping_pong(&self, first: bool, sbuf: &Buf, rbuf: &mut Buf, size: usize, peer: i32) {
-        if first {
-            self.send(sbuf, size, peer, 1);
+    pub fn ping_pong(
+        &self,
+        first: bool,
+        sbuf: &mut Buf,
+        rbuf: &mut Buf,
+        size: usize,
+        peer: i32,
+    ) -> f64 {
+        if !first {
             self.recv(rbuf, size, peer, 1);
-        } else {
-            self.recv(rbuf, size, peer, 1);
-            self.send(sbuf, size, peer, 1);
         }
+        let touched = if self.fresh { sbuf.touch(size, 1) } else { 0.0 };
+        self.send(sbuf, size, peer, 1);
+        if first {
+            self.recv(rbuf, size, peer, 1);
+        }
+        touched
     }
 
     /// Posts `n` receives of `size` bytes into the same buffer and/or `n`
-    /// sends of `buf[..size]` (receives first, as a window), then waits for
-    /// all of them.
+    /// sends of `buf[..size]` (with `-F`, send k of `buf[k * size..]`;
+    /// receives first, as a window), then waits for all of them.
     pub fn window(
         &mut self,
         send: Option<&Buf>,
@@ -505,12 +598,15 @@ impl Net {
             });
         }
         if let Some(s) = send {
-            assert!(size <= s.len);
-            // SAFETY: `s` holds `size` bytes and stays borrowed until the wait
-            // below completes every request.
+            let stride = if self.fresh { size } else { 0 };
+            assert!(size + (n - 1) * stride <= s.len);
+            let mut k = 0;
+            // SAFETY: `s` holds the `n` messages (asserted) and stays
+            // borrowed until the wait below completes every request.
             self.post(n, "MPI_Isend", |req| unsafe {
+                k += 1;
                 ffi::MPI_Isend(
-                    s.ptr as *const c_void,
+                    s.ptr.add((k - 1) * stride) as *const c_void,
                     size as c_int,
                     byte,
                     peer,
@@ -658,5 +754,28 @@ mod tests {
         b.clear(1000);
         assert_eq!(b.mismatch(1000), Some(0));
         assert_eq!(b.mismatch(0), None);
+    }
+
+    #[test]
+    fn fresh_data_keeps_the_pattern_in_every_copy() {
+        let o = Opts::parse_from(args("-W 8 -F"), 1, (1, 1), (1, 1)).unwrap();
+        assert!(o.fresh);
+        assert_eq!(o.send_copies(), 8);
+        let plain = Opts::parse_from(args("-W 8"), 1, (1, 1), (1, 1)).unwrap();
+        assert_eq!(plain.send_copies(), 1);
+        assert_eq!(o.timed_share(3.0, 20, 10), 2.0);
+        let size = 1000;
+        let mut b = Buf::new(size * 8);
+        b.fill_copies(size, 8);
+        assert!(b.touch(size, 8) >= 0.0);
+        for k in 0..8 {
+            let copy = &b[k * size..(k + 1) * size];
+            assert!(
+                copy.iter()
+                    .enumerate()
+                    .all(|(i, &v)| v == pattern_byte(size, i)),
+                "copy {k}"
+            );
+        }
     }
 }

@@ -12,7 +12,7 @@ fn element(r: i32, i: usize) -> i32 {
 }
 
 fn main() {
-    let o = Opts::parse(4, (1_000, 100), (200, 10));
+    let o = Opts::parse(4, (1_000, 100), (200, 10)).without_fresh("osu_allreduce");
     let universe = init(&o);
     let world = universe.world();
     let rank = world.rank();

@@ -12,7 +12,7 @@ fn block_byte(src: i32, dst: i32, size: usize, i: usize) -> u8 {
 }
 
 fn main() {
-    let o = Opts::parse(1, (1_000, 100), (200, 10));
+    let o = Opts::parse(1, (1_000, 100), (200, 10)).without_fresh("osu_alltoall");
     let universe = init(&o);
     let world = universe.world();
     let rank = world.rank();

@@ -10,9 +10,10 @@ fn main() {
     require_ranks(&world, 2, "osu_bibw");
     let rank = world.rank();
     let peer = 1 - rank;
-    let mut net = Net::new(&world);
+    let mut net = Net::new(&world).with_fresh(&o);
     let w = o.window;
-    let mut sbuf = Buf::new(o.max);
+    let copies = o.send_copies();
+    let mut sbuf = Buf::new(o.max * copies);
     let mut rbuf = Buf::new(o.max);
     if rank == 0 {
         header(
@@ -22,12 +23,17 @@ fn main() {
     }
     for size in o.sizes().into_iter().filter(|&s| s > 0) {
         let (iters, skip) = o.counts(size);
-        sbuf.fill(size);
+        sbuf.fill_copies(size, copies);
         rbuf.clear(size);
         world.barrier();
+        let mut touched = 0.0;
         let t = timed(iters, skip, || {
+            if o.fresh {
+                touched += sbuf.touch(size, copies);
+            }
             net.window(Some(&sbuf), Some(&mut rbuf), size, w, peer)
         });
+        let t = t - o.timed_share(touched, iters, skip);
         verify(&world, &rbuf, size, "osu_bibw");
         if rank == 0 {
             row(size, &[(2 * size * w * iters) as f64 / 1e6 / t]);

@@ -15,9 +15,10 @@ fn main() {
     let pairs = world.size() / 2;
     let sender = rank < pairs;
     let peer = if sender { rank + pairs } else { rank - pairs };
-    let mut net = Net::new(&world);
+    let mut net = Net::new(&world).with_fresh(&o);
     let w = o.window;
-    let mut sbuf = Buf::new(o.max);
+    let copies = o.send_copies();
+    let mut sbuf = Buf::new(o.max * copies);
     let mut rbuf = Buf::new(o.max);
     if rank == 0 {
         header(
@@ -30,13 +31,21 @@ fn main() {
     }
     for size in o.sizes().into_iter().filter(|&s| s > 0) {
         let (iters, skip) = o.counts(size);
-        sbuf.fill(size);
+        sbuf.fill_copies(size, copies);
         rbuf.clear(size);
         world.barrier();
+        let mut touched = 0.0;
         let t = timed(iters, skip, || {
+            if o.fresh && sender {
+                touched += sbuf.touch(size, copies);
+            }
             net.bw_window(sender, &sbuf, &mut rbuf, size, w, peer)
         });
-        let t = if sender { t } else { 0.0 };
+        let t = if sender {
+            t - o.timed_share(touched, iters, skip)
+        } else {
+            0.0
+        };
         if !sender {
             verify(&world, &rbuf, size, "osu_mbw_mr");
         }

@@ -5,7 +5,7 @@ use mpi::collective::SystemOperation;
 use mpi::traits::*;
 
 fn main() {
-    let o = Opts::parse(0, (10_000, 1_000), (1_000, 100));
+    let o = Opts::parse(0, (10_000, 1_000), (1_000, 100)).without_fresh("osu_multi_lat");
     let universe = init(&o);
     let world = universe.world();
     require_ranks(&world, 0, "osu_multi_lat");
@@ -26,7 +26,7 @@ fn main() {
         rbuf.clear(size);
         world.barrier();
         let t = timed(iters, skip, || {
-            net.ping_pong(first, &sbuf, &mut rbuf, size, peer)
+            net.ping_pong(first, &mut sbuf, &mut rbuf, size, peer);
         });
         let lat = t * 1e6 / (2.0 * iters as f64);
         verify(&world, &rbuf, size, "osu_multi_lat");
