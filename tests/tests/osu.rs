@@ -141,14 +141,17 @@ fn the_report_renders_a_comparison() {
                 ),
             )
             .unwrap();
-            std::fs::write(
-                raw.join(format!("osu_bw__{cfg}__{rep}.txt")),
-                format!(
-                    "# OSU MPI Bandwidth Test\n# Size      Bandwidth (MB/s)\n1048576{:>22.2}\n",
-                    bw
-                ),
-            )
-            .unwrap();
+            // OSU's unchanged buffer, and fresh data (-F)
+            for bench in ["osu_bw", "osu_bw-F"] {
+                std::fs::write(
+                    raw.join(format!("{bench}__{cfg}__{rep}.txt")),
+                    format!(
+                        "# OSU MPI Bandwidth Test\n# Size      Bandwidth (MB/s)\n1048576{:>22.2}\n",
+                        bw
+                    ),
+                )
+                .unwrap();
+            }
         }
     }
     std::fs::write(
@@ -173,8 +176,11 @@ fn the_report_renders_a_comparison() {
         r.stdout
     );
     let csv = std::fs::read_to_string(dir.join("results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 7, "{csv}");
+    assert_eq!(csv.lines().count(), 10, "{csv}");
+    assert!(r.stdout.contains("## osu_bw-F (MB/s"), "{}", r.stdout);
     let svg = std::fs::read_to_string(dir.join("plot.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("osu_bw"), "plot");
+    // a second row of panels for the fresh-data runs
+    assert!(svg.contains("osu_bw-F: fresh data"), "plot: fresh data");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -384,17 +384,37 @@ pub fn human_size(x: f64) -> String {
     }
 }
 
-/// An SVG with latency and bandwidth against message size (log scales).
+/// The plotted benchmarks: latency and bandwidth with OSU's unchanged
+/// buffer, and with fresh data (`-F`) when the run has them.
+const PLOTTED: [(&str, &str, &str); 4] = [
+    (
+        "osu_latency",
+        "latency (us)",
+        "ivcom vs Open MPI's transports",
+    ),
+    (
+        "osu_bw",
+        "bandwidth (MB/s)",
+        "ivcom vs Open MPI's transports",
+    ),
+    ("osu_latency-F", "latency (us)", "fresh data (-F)"),
+    ("osu_bw-F", "bandwidth (MB/s)", "fresh data (-F)"),
+];
+
+/// An SVG with latency and bandwidth against message size (log scales):
+/// one row for OSU's method, and one for fresh data when it ran.
 pub fn plot(m: &Medians, path: &Path) -> Result<(), String> {
     use plotters::prelude::*;
-    let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
+    let rows = if m.contains_key(PLOTTED[2].0) || m.contains_key(PLOTTED[3].0) {
+        2
+    } else {
+        1
+    };
+    let root = SVGBackend::new(path, (1400, 560 * rows)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let (left, right) = root.split_horizontally(700);
+    let areas = root.split_evenly((rows as usize, 2));
     let colors = [RED, BLUE, GREEN, MAGENTA, CYAN, BLACK];
-    for (area, bench, ylabel) in [
-        (&left, "osu_latency", "latency (us)"),
-        (&right, "osu_bw", "bandwidth (MB/s)"),
-    ] {
+    for (area, (bench, ylabel, what)) in areas.iter().zip(PLOTTED) {
         let Some(cfgs) = m.get(bench) else { continue };
         let pts: Vec<(String, Vec<(f64, f64)>)> = cfgs
             .iter()
@@ -417,10 +437,7 @@ pub fn plot(m: &Medians, path: &Path) -> Result<(), String> {
         let ymin = all.iter().map(|p| p.1).fold(f64::MAX, f64::min) / 1.5;
         let ymax = all.iter().map(|p| p.1).fold(0.0, f64::max) * 1.5;
         let mut chart = ChartBuilder::on(area)
-            .caption(
-                format!("{bench}: ivcom vs Open MPI's transports"),
-                ("sans-serif", 20),
-            )
+            .caption(format!("{bench}: {what}"), ("sans-serif", 20))
             .margin(15)
             .x_label_area_size(45)
             .y_label_area_size(70)
