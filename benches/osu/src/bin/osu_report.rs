@@ -54,7 +54,7 @@ fn main() {
             Some(false) => "MISSED",
             None => "not measured",
         };
-        println!("{:<36} {:>10}   goal {:<8} {s}", t.what, v, t.goal);
+        println!("{:<48} {:>10}   goal {:<8} {s}", t.what, v, t.goal);
     }
     if msgs > 0 {
         println!("(doorbells: {bells} over {msgs} messages in the ivcom bw runs)");
