@@ -123,9 +123,9 @@ fn ping_pong(len: usize, rounds: usize, piece: &str) -> Run {
 
 #[test]
 fn a_receiver_that_keeps_up_gets_large_messages_in_pieces() {
-    // ob1 sends a 64 KiB message as its first 8 KiB (the eager limit) and,
-    // after the receiver's acknowledgement, the other 56 KiB in pieces of
-    // btl_ivcom_max_send_size (64 KiB): one piece. In a ping-pong the
+    // ob1 sends a 64 KiB message as its first 8 KiB (the rendezvous eager
+    // limit) and, after the receiver's acknowledgement, the other 56 KiB in
+    // pieces of btl_ivcom_max_send_size (64 KiB): one piece. In a ping-pong the
     // receiver keeps up (less than 64 KiB of a side's data is ever waiting),
     // so with 16 KiB pieces those 56 KiB go as four records: at least two
     // more per message, 600 messages. Every byte is checked either way.
@@ -141,6 +141,36 @@ fn a_receiver_that_keeps_up_gets_large_messages_in_pieces() {
     let small = stats_sum(&ping_pong(16000, rounds, "0").stderr, "tx_msgs");
     let small_cut = stats_sum(&ping_pong(16000, rounds, "16384").stderr, "tx_msgs");
     assert_eq!(small, small_cut);
+}
+
+#[test]
+fn an_8_kib_message_goes_eagerly_by_default() {
+    // The eager limit counts ob1's header: at 8 KiB exactly, an 8 KiB
+    // message went by rendezvous (its start with the match, the receiver's
+    // acknowledgement, the rest as a piece: three records where one does).
+    // The default (8 KiB + 64) sends it whole. Counted in records, 300
+    // checked round trips each; every byte is checked either way.
+    let rounds = 300u64;
+    let eager = stats_sum(&ping_pong(8192, rounds as usize, "16384").stderr, "tx_msgs");
+    let r = integrity_with(
+        2,
+        &["--mca", "btl_ivcom_eager_limit", "8192"],
+        &["--pingpong", "8192", &rounds.to_string()],
+    );
+    assert_passed_on(&r, 2, "ring");
+    let rendezvous = stats_sum(&r.stderr, "tx_msgs");
+    // One record per message each way, plus what the run sends besides
+    // (start-up, the check, the barrier: far fewer than a round trip each).
+    assert!(
+        eager < 2 * rounds + rounds / 2,
+        "records sent with the default eager limit: {eager} for {rounds} round trips"
+    );
+    // By rendezvous: three records per message (its start, the
+    // acknowledgement, the rest), two messages per round trip.
+    assert!(
+        rendezvous >= 3 * 2 * rounds,
+        "records sent: {rendezvous} with an 8 KiB eager limit, {eager} with the default"
+    );
 }
 
 #[test]
