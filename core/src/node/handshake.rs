@@ -859,6 +859,30 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_of_another_version_is_refused_by_name() {
+        // A peer of another build (version 1 had another record format; a
+        // later one may change anything) never reaches the proofs: the
+        // acceptor names both versions and goes no further.
+        let (i, a) = (node(1), node(2));
+        for other in [VERSION - 1, VERSION + 1] {
+            let hello = Msg::Hello {
+                version: other,
+                nonce: [1; NONCE],
+                card: i.clone(),
+            };
+            let mut acc = Acceptor::new(&a, [2; NONCE]);
+            let e = acc.on_hello(wire(&hello)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("version {other} (this node speaks {VERSION})")),
+                "{e}"
+            );
+            // Nothing was recorded: the right HELLO still starts afresh.
+            let (_, good) = Initiator::start(&i, Target::Card(a.clone()), [1; NONCE]);
+            assert!(acc.on_hello(wire(&good)).is_ok());
+        }
+    }
+
+    #[test]
     fn out_of_order_messages_are_protocol_errors() {
         let (i, a) = (node(1), node(2));
         let mut acc = Acceptor::new(&a, [2; NONCE]);
