@@ -111,12 +111,13 @@ fn integrity_with_small_ring_and_fragments() {
 /// `rounds` checked round trips of `len` bytes between two ranks on the
 /// ring, with `btl_ivcom_piece_size` = `piece`.
 fn ping_pong(len: usize, rounds: usize, piece: &str) -> Run {
+    ping_pong_with(len, rounds, &["--mca", "btl_ivcom_piece_size", piece])
+}
+
+/// [`ping_pong`] with any `mpirun` arguments (none: the defaults).
+fn ping_pong_with(len: usize, rounds: usize, args: &[&str]) -> Run {
     let (len, rounds) = (len.to_string(), rounds.to_string());
-    let r = integrity_with(
-        2,
-        &["--mca", "btl_ivcom_piece_size", piece],
-        &["--pingpong", &len, &rounds],
-    );
+    let r = integrity_with(2, args, &["--pingpong", &len, &rounds]);
     assert_passed_on(&r, 2, "ring");
     r
 }
