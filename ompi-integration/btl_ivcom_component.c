@@ -169,11 +169,11 @@ static int ivcom_register(void)
               &c->shm_limit, 0);
     reg_ulong("ring_budget",
               "Bytes of ring data the rings this process sends on share (0: no budget, each "
-              "ring whole): each ring's records stay within its share of the budget (at least "
-              "two of its largest records), so with many co-resident peers each ring touches "
-              "few of its pages however much is in flight; with few peers every ring is used "
-              "whole",
-              &c->ring_budget, 8UL << 20);
+              "ring whole): each ring's records stay within its share (the budget divided by "
+              "the rings, at least 24 KiB, at most the ring), and large messages are cut into "
+              "pieces that fit twice in it, so with many co-resident peers each ring touches "
+              "few of its pages however much is in flight",
+              &c->ring_budget, 3UL << 19);
     reg_ulong("piece_size",
               "Bytes of the pieces a large message is cut into while the receiver keeps up "
               "(less than btl_ivcom_max_send_size of this pair's sent data not yet taken): "

@@ -83,10 +83,10 @@ static void print_stats(mca_btl_base_endpoint_t *ep)
     opal_output(0,
                 "[ivcom] stats rank=%u peer=%u path=%s tx_msgs=%" PRIu64 " tx_bytes=%" PRIu64
                 " tx_doorbells=%" PRIu64 " rx_msgs=%" PRIu64 " rx_bytes=%" PRIu64
-                " rx_doorbells=%" PRIu64,
+                " rx_doorbells=%" PRIu64 " tx_reach=%" PRIu64,
                 my_rank(), peer_rank(ep),
                 ep->ring ? "ring" : "tcp", s.tx_msgs,
-                s.tx_bytes, s.tx_doorbells, s.rx_msgs, s.rx_bytes, s.rx_doorbells);
+                s.tx_bytes, s.tx_doorbells, s.rx_msgs, s.rx_bytes, s.rx_doorbells, s.tx_reach);
 }
 
 /* Gives `ep` its link; called with the endpoint's lock held. */

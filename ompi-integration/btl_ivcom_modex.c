@@ -69,8 +69,9 @@ size_t mca_btl_ivcom_card_resolve(void *ctx, uint64_t name, uint8_t *buf, size_t
  * IVCOM_ADMIT_JOB_MAX processes), so that the node knows all its
  * co-resident peers before it offers its first ring: on Xen each offer
  * takes a fair share of the domain's grant pool (gntalloc's page limit),
- * and ob1 adds peers lazily, so add_procs alone would tell only of the
- * peers met so far. Larger jobs count those. Best effort: a process
+ * each ring wraps within its share of the ring budget (divided among the
+ * co-resident peers), and ob1 adds peers lazily, so add_procs alone would
+ * tell only of the peers met so far. Larger jobs count those. Best effort: a process
  * without a card (it runs without ivcom) is skipped. */
 #define IVCOM_ADMIT_JOB_MAX 4096
 void mca_btl_ivcom_admit_job(ivcom_node *node)

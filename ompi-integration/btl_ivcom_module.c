@@ -16,13 +16,14 @@ static int ivcom_add_procs(struct mca_btl_base_module_t *btl, size_t nprocs,
 {
     opal_proc_t *me = opal_proc_local_get();
     (void) btl;
-    /* Xen: the whole job's cards first (a fair share of the grant pool) */
+    /* With a ring backend, the whole job's cards first: on Xen each offer
+     * takes a fair share of the grant pool, and on any backend the ring
+     * budget is divided among the co-resident peers from the start */
     OPAL_THREAD_LOCK(&C->lock);
     if (!C->job_admitted && NULL != C->node) {
         char status[64];
         C->job_admitted = true;
-        if (1 == ivcom_node_ring_status(C->node, status, sizeof(status))
-            && 0 == strncmp(status, "xen", 3)) {
+        if (1 == ivcom_node_ring_status(C->node, status, sizeof(status))) {
             mca_btl_ivcom_admit_job(C->node);
         }
     }

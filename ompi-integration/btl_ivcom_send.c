@@ -193,6 +193,15 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
     ready = OPAL_SUCCESS == mca_btl_ivcom_endpoint_ready(ep, &failed);
     if (ready) {
         limit = ep->max_send;
+        /* So does a ring that wraps within a small share of the ring
+         * budget (a process with many peers): two pieces fit in it, and
+         * the ring's pages stay within the share (btl_ivcom_ring_budget). */
+        if (ep->ring && NULL != ep->link) {
+            size_t piece = ivcom_link_piece(ep->link);
+            if (piece < limit) {
+                limit = piece;
+            }
+        }
     }
     if (reserve < limit) {
         if (reserve + max > limit) {

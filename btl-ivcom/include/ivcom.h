@@ -263,6 +263,11 @@ typedef struct {
   uint64_t rx_msgs;
   uint64_t rx_bytes;
   uint64_t rx_doorbells;
+  /**
+   * Ring path: bytes of the sending ring's data area written so far
+   * (the pages it touched); 0 on TCP.
+   */
+  uint64_t tx_reach;
 } ivcom_stats;
 
 #ifdef __cplusplus
@@ -482,6 +487,18 @@ size_t ivcom_link_reason(const ivcom_link *link, char *buf, size_t len);
  * `link` valid.
  */
 size_t ivcom_link_max_inline(const ivcom_link *link);
+
+/**
+ * Largest piece to cut a large message into now (at most
+ * `ivcom_link_max_inline`): on a ring whose share of the process's ring
+ * budget is small (many peers), less than the largest record, so that two
+ * pieces fit in the share and the ring's pages stay within it. Read it
+ * under the same lock as the sends: it changes when the ring wraps.
+ *
+ * # Safety
+ * `link` valid.
+ */
+size_t ivcom_link_piece(const ivcom_link *link);
 
 /**
  * Sends a message gathered from `n` pieces (total at most

@@ -171,6 +171,9 @@ pub struct ivcom_stats {
     pub rx_msgs: u64,
     pub rx_bytes: u64,
     pub rx_doorbells: u64,
+    /// Ring path: bytes of the sending ring's data area written so far
+    /// (the pages it touched); 0 on TCP.
+    pub tx_reach: u64,
 }
 
 /// One piece of a gathered message.
@@ -824,6 +827,20 @@ pub unsafe extern "C" fn ivcom_link_max_inline(link: *const ivcom_link) -> usize
     unsafe { &*link }.link.max_inline()
 }
 
+/// Largest piece to cut a large message into now (at most
+/// `ivcom_link_max_inline`): on a ring whose share of the process's ring
+/// budget is small (many peers), less than the largest record, so that two
+/// pieces fit in the share and the ring's pages stay within it. Read it
+/// under the same lock as the sends: it changes when the ring wraps.
+///
+/// # Safety
+/// `link` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_piece(link: *const ivcom_link) -> usize {
+    // SAFETY: valid handle.
+    unsafe { &*link }.link.piece()
+}
+
 /// Sends a message gathered from `n` pieces (total at most
 /// `ivcom_link_max_inline`) without blocking. Returns 1 when sent (or
 /// queued, on TCP), 0 when the ring is full or the TCP send queue is over
@@ -1085,6 +1102,7 @@ pub unsafe extern "C" fn ivcom_link_stats(link: *const ivcom_link, out: *mut ivc
             rx_msgs: s.rx_msgs,
             rx_bytes: s.rx_bytes,
             rx_doorbells: s.rx_doorbells,
+            tx_reach: s.tx_reach,
         })
     };
 }

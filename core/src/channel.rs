@@ -248,6 +248,19 @@ impl Channel {
         self.geo.max_record as usize
     }
 
+    /// How far into its data area the sending ring has written so far
+    /// ([`ring::Producer::reach`]).
+    pub fn tx_reach(&self) -> u64 {
+        self.tx.reach()
+    }
+
+    /// Largest payload of a piece of a large message now
+    /// ([`ring::Producer::piece`]): the largest record, or less while the
+    /// sending ring wraps within a small share of its budget.
+    pub fn piece(&self) -> usize {
+        self.tx.piece()
+    }
+
     /// Puts this channel's sending ring under `budget`
     /// ([`ring::Budget`]).
     pub fn set_budget(&mut self, budget: std::sync::Arc<ring::Budget>) {
@@ -322,7 +335,7 @@ impl Channel {
     }
 
     /// Sends `msg` of any size, blocking while the ring is full. Messages
-    /// larger than a record are fragmented.
+    /// larger than a piece ([`Channel::piece`]) are fragmented.
     pub fn send(
         &mut self,
         tag: u8,
@@ -330,9 +343,10 @@ impl Channel {
         deadline: Option<Instant>,
         alive: Alive,
     ) -> Result<()> {
-        let max = self.max_record();
         let mut sent = 0;
         loop {
+            // (read again after each wait: the share changes at a wrap)
+            let max = self.tx.piece();
             let (tx, bell, stats) = (&mut self.tx, &*self.bell, &mut self.stats);
             let heard = self.rx.taken();
             let done = fragment(tag, msg, max, &mut sent, |k, t, parts| {

@@ -22,6 +22,9 @@ pub struct Stats {
     pub rx_bytes: u64,
     /// Doorbells rung to wake a sender waiting for space.
     pub rx_doorbells: u64,
+    /// Ring path: how far into its data area the sending ring has written
+    /// so far (bytes from its start; the pages it touched). 0 on TCP.
+    pub tx_reach: u64,
 }
 
 /// Splits a message into records of at most `max` payload bytes (`max` >

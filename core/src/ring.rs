@@ -61,6 +61,11 @@ pub const MAX_DATA: usize = 1 << 30;
 /// Offset that a producer's records do not cross while it finds the ring
 /// empty: it wraps early instead (rings of at least four times this size).
 pub const REWIND_AT: u64 = 16 << 10;
+/// Smallest piece a producer under a [`Budget`] asks large messages to be
+/// cut into ([`Producer::piece`]): two of them, with their headers and the
+/// free header slot after them, fill 32 KiB, the least ring a share of the
+/// budget holds (less when the largest record is smaller).
+pub const MIN_PIECE: usize = (24 << 10) / 2 - 2 * RECORD_HEADER;
 /// Producer progress between two looks at the consumer index for an early
 /// wrap while the ring is not empty.
 const REWIND_STRIDE: u64 = 16 << 10;
@@ -304,14 +309,24 @@ impl View {
 
 /// Ring space that the producers of one process share: each producer under
 /// the budget keeps its records within the first `bytes / producers` of its
-/// data area (rounded down to 4 KiB, at least two of its largest records,
-/// at most the whole area), recomputed each time it wraps. A process with
+/// data area (rounded down to 4 KiB, at least two pieces of
+/// [`MIN_PIECE`] or two of its largest records if those are smaller, at
+/// most the whole area), recomputed each time it wraps. A process with
 /// few peers gives each the whole ring; one with many bounds the pages its
-/// rings touch, however full they get.
+/// rings touch, however full they get. Senders cut large messages into
+/// [`Producer::piece`]s, which fit twice in the share; a record larger
+/// than that still goes, and wraps at twice its size.
+///
+/// The division counts the rings the process may come to have, too
+/// ([`Budget::expect_one`]: the co-resident peers it admitted): a process
+/// of a large job that talks to a few of its peers (a collective's
+/// neighbours) gives those few their share of the job, not the whole
+/// budget.
 #[derive(Debug)]
 pub struct Budget {
     bytes: usize,
     producers: AtomicUsize,
+    expected: AtomicUsize,
 }
 
 impl Budget {
@@ -320,6 +335,7 @@ impl Budget {
         Arc::new(Budget {
             bytes,
             producers: AtomicUsize::new(0),
+            expected: AtomicUsize::new(0),
         })
     }
 
@@ -328,8 +344,16 @@ impl Budget {
         self.producers.load(Ordering::Relaxed)
     }
 
+    /// Counts one more ring the process may come to send on (a peer that
+    /// may share its memory): shares divide the budget by this count when
+    /// it exceeds the producers there are.
+    pub fn expect_one(&self) {
+        self.expected.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn share(&self) -> u64 {
-        (self.bytes / self.producers().max(1)) as u64
+        let n = self.producers().max(self.expected.load(Ordering::Relaxed));
+        (self.bytes / n.max(1)) as u64
     }
 }
 
@@ -371,6 +395,8 @@ pub struct Producer {
     /// under a budget).
     limit: u64,
     budget: Option<Share>,
+    /// Furthest offset written in a lap that has ended (see `reach`).
+    reach: u64,
     broken: Option<Violation>,
 }
 
@@ -407,6 +433,7 @@ impl Producer {
             looked: 0,
             limit: geo.data_size as u64,
             budget: None,
+            reach: 0,
             broken: None,
         })
     }
@@ -423,6 +450,20 @@ impl Producer {
         self.limit
     }
 
+    /// How far into the data area this producer has written so far: the
+    /// end of the furthest record or padding header, plus the header slot
+    /// after it that a commit clears (the pages past it were never
+    /// touched by this side).
+    pub fn reach(&self) -> u64 {
+        let pos = self.prod & (self.v.size() - 1);
+        let now = if self.prod == 0 {
+            0
+        } else {
+            pos + RECORD_HEADER as u64
+        };
+        self.reach.max(now)
+    }
+
     /// Recomputes the wrap offset from the budget (at a wrap, and when the
     /// budget is set).
     fn relimit(&mut self) {
@@ -430,7 +471,9 @@ impl Producer {
         self.limit = match &self.budget {
             None => size,
             Some(Share(b)) => {
-                let floor = (2 * (self.max_record() as u64 + RECORD_HEADER as u64) + 4095) & !4095;
+                let piece = self.max_record().min(MIN_PIECE) as u64;
+                let floor =
+                    (2 * (piece + RECORD_HEADER as u64) + RECORD_HEADER as u64 + 4095) & !4095;
                 (b.share() & !4095).clamp(floor.min(size), size)
             }
         };
@@ -440,12 +483,24 @@ impl Producer {
     /// at offset `pos`: itself, plus a padding record to the end of the
     /// data area when it does not fit before the wrap offset, plus the next
     /// record's header slot (the commit clears it, so it must be free too).
+    ///
+    /// A record larger than half the wrap offset (under a small share of a
+    /// budget, from a sender that does not cut its messages into
+    /// [`Producer::piece`]s) wraps at twice its size instead, as under a
+    /// share of two of the largest records: a wrap needs the record to fit
+    /// before `pos`, so a wrap offset below that could leave it waiting for
+    /// ever.
     #[inline(always)]
     fn need(&self, pos: u64, total: u64) -> (u64, bool) {
         if total <= self.limit.saturating_sub(pos) {
+            return (total + RECORD_HEADER as u64, false);
+        }
+        let size = self.v.size();
+        let limit = self.limit.max(2 * total + RECORD_HEADER as u64).min(size);
+        if total <= limit.saturating_sub(pos) {
             (total + RECORD_HEADER as u64, false)
         } else {
-            (self.v.size() - pos + total + RECORD_HEADER as u64, true)
+            (size - pos + total + RECORD_HEADER as u64, true)
         }
     }
 
@@ -457,6 +512,20 @@ impl Producer {
     /// Largest payload of one record.
     pub fn max_record(&self) -> usize {
         self.v.geo.max_record as usize
+    }
+
+    /// Largest payload of a piece of a large message now: two such records,
+    /// their headers and the free header slot after them fit before the
+    /// wrap offset, so the receiver copies one out while the sender writes
+    /// the next, within the ring's share of its budget. The largest record
+    /// when the ring is used whole.
+    #[inline]
+    pub fn piece(&self) -> usize {
+        if self.limit >= self.v.size() {
+            return self.max_record();
+        }
+        let fit = (self.limit.saturating_sub(3 * RECORD_HEADER as u64) / 2) as usize & !7;
+        self.max_record().min(fit)
     }
 
     /// Early wrap: when a record at `pos` would end past [`REWIND_AT`], fits
@@ -526,6 +595,7 @@ impl Producer {
     fn pad_to_end(&mut self, pos: u64) {
         debug_assert!(pos > 0, "a padding record never starts at offset 0");
         let contig = self.v.size() - pos;
+        self.reach = self.reach.max(pos + RECORD_HEADER as u64);
         let pad = crate::record::encode((contig - RECORD_HEADER as u64) as u32, kind::PAD, 0);
         // The next lap's first slot reads "empty" before the padding record
         // that leads to it is visible (the caller found it free).

@@ -252,6 +252,20 @@ impl Drop for Mem {
     }
 }
 
+/// `CLOCK_MONOTONIC_COARSE` now, the clock the producer's early wrap reads.
+fn coarse_now() -> (libc::time_t, libc::c_long) {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid timespec to write.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut t) },
+        0
+    );
+    (t.tv_sec, t.tv_nsec)
+}
+
 /// A xorshift64 generator from `seed` (not zero): random enough to vary
 /// bursts and sizes, and the same every run.
 fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
@@ -776,7 +790,13 @@ fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
         let (mut sent, mut next, mut heard) = (0u64, 0u64, 0u64);
         for round in 0..120u64 {
             if slow && round >= 10 {
-                std::thread::sleep(tick + tick / 4);
+                // Until the coarse clock moved (a sleep of a tick is not
+                // always enough on a loaded virtual machine, whose ticks
+                // come late).
+                let t0 = coarse_now();
+                while coarse_now() == t0 {
+                    std::thread::sleep(tick / 4);
+                }
             }
             let data = payload(sent, 1000);
             let h = if hears { heard } else { 0 };
@@ -865,6 +885,142 @@ fn a_budget_keeps_records_within_its_share() {
     }
     assert!(sent > 15_000, "{sent} records");
     assert!(highest <= 256 << 10, "a record reached offset {highest}");
+}
+
+/// A share smaller than two of the ring's largest records: the producer
+/// asks for pieces that fit twice in it (`piece`), and a stream of records
+/// up to that size stays within the share, every byte intact, however far
+/// the consumer lags; records larger than that still go whole (a sender
+/// that does not cut: they wrap at twice their size), and the records
+/// after them are back within the share.
+#[test]
+fn a_small_share_asks_for_pieces_and_still_takes_a_whole_record() {
+    let geo = Geometry::with_max_record(1 << 20, 256 << 10).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    assert_eq!(
+        tx.piece(),
+        256 << 10,
+        "a ring used whole: the largest record"
+    );
+    // Half of the budget each with a second producer: 24 KiB, the floor.
+    let budget = ring::Budget::new(48 << 10);
+    tx.set_budget(budget.clone());
+    let other = Mem::new(geo);
+    let (mut b, _brx) = other.ends(geo);
+    b.set_budget(budget.clone());
+    // (the share changes at tx's next wrap)
+    tx.push(kind::MSG, 1, &[&[1u8; 8]]).unwrap().unwrap();
+    rx.peek().unwrap().unwrap();
+    rx.release_flush();
+    let mut next = 1u64;
+    tx.push(kind::MSG, 1, &[&payload(next, 40 << 10)])
+        .unwrap()
+        .unwrap();
+    take_expected(&mem, &mut rx, &mut next, 40 << 10).unwrap();
+    tx.push(kind::MSG, 1, &[&payload(next, 40 << 10)])
+        .unwrap()
+        .unwrap();
+    take_expected(&mem, &mut rx, &mut next, 40 << 10).unwrap();
+    assert_eq!(tx.limit(), 24 << 10);
+    let piece = tx.piece();
+    assert_eq!(piece, (24 << 10) / 2 - 2 * RECORD_HEADER);
+    assert_eq!(piece, ring::MIN_PIECE);
+    let reach_before = tx.reach();
+    // A lagging consumer, records of 1 byte to a whole piece.
+    let mut rnd = xorshift(0x5851_f42d_4c95_7f2d);
+    let size_of = |seq: u64| 1 + (seq.wrapping_mul(2654435761) % piece as u64) as usize;
+    let (mut sent, mut got) = (next, next);
+    while got < next + 20_000 {
+        for _ in 0..(rnd() % 4) {
+            let data = payload(sent, size_of(sent));
+            match tx.push(kind::MSG, 3, &[&data]).unwrap() {
+                Some(_) => sent += 1,
+                None => break,
+            }
+        }
+        for _ in 0..(rnd() % 4) {
+            let want = size_of(got);
+            let Some(at) = take_expected(&mem, &mut rx, &mut got, want) else {
+                break;
+            };
+            assert!(
+                at + want <= 24 << 10,
+                "record {} ends at {}",
+                got - 1,
+                at + want
+            );
+        }
+    }
+    loop {
+        let want = size_of(got);
+        let Some(at) = take_expected(&mem, &mut rx, &mut got, want) else {
+            break;
+        };
+        assert!(at + want <= 24 << 10);
+    }
+    assert_eq!(got, sent);
+    // (the 40 KiB records before the share shrank reached past it)
+    assert_eq!(tx.reach(), reach_before);
+    // Records of 100 KiB still go, whole, wrapping at twice their size,
+    // with the consumer lagging by up to 3 of them.
+    let big = 100 << 10;
+    let end = 2 * (big + RECORD_HEADER) + RECORD_HEADER;
+    let mut lag = 0;
+    for _ in 0..2000 {
+        while tx
+            .push(kind::MSG, 4, &[&payload(sent, big)])
+            .unwrap()
+            .is_none()
+        {
+            take_expected(&mem, &mut rx, &mut got, big).unwrap();
+            lag -= 1;
+        }
+        sent += 1;
+        lag += 1;
+        if lag > (rnd() % 4) as i32 {
+            let at = take_expected(&mem, &mut rx, &mut got, big).unwrap();
+            assert!(at + big <= end, "ends at {}", at + big);
+            lag -= 1;
+        }
+    }
+    while take_expected(&mem, &mut rx, &mut got, big).is_some() {}
+    assert_eq!(got, sent);
+    assert!(
+        tx.reach() > 200 << 10 && tx.reach() <= end as u64,
+        "{}",
+        tx.reach()
+    );
+    for _ in 0..100 {
+        tx.push(kind::MSG, 5, &[&payload(sent, piece)])
+            .unwrap()
+            .unwrap();
+        sent += 1;
+        let at = take_expected(&mem, &mut rx, &mut got, piece).unwrap();
+        assert!(at + piece <= 24 << 10, "ends at {}", at + piece);
+    }
+    drop(b);
+}
+
+/// The rings a process may come to send on count before they exist: a
+/// lone producer under a budget that expects four peers takes a quarter,
+/// and the producers there are count when they outnumber the expected.
+#[test]
+fn a_budget_divides_among_the_peers_expected() {
+    let geo = Geometry::with_max_record(1 << 20, 16 << 10).unwrap();
+    let mems: Vec<Mem> = (0..6).map(|_| Mem::new(geo)).collect();
+    let budget = ring::Budget::new(768 << 10);
+    for _ in 0..4 {
+        budget.expect_one();
+    }
+    let mut ends: Vec<(Producer, Consumer)> = Vec::new();
+    for (i, m) in mems.iter().enumerate() {
+        let (mut tx, rx) = m.ends(geo);
+        tx.set_budget(budget.clone());
+        let want = ((768 << 10) / (i + 1).max(4) as u64) & !4095;
+        assert_eq!(tx.limit(), want, "producer {}", i + 1);
+        ends.push((tx, rx));
+    }
 }
 
 /// Producers share a budget: two get half each; when one goes, the other

@@ -295,11 +295,16 @@ pub fn path_lines(stderr: &str) -> Vec<PathLine> {
 
 /// Sum of a counter over the `[ivcom] stats` lines.
 pub fn stats_sum(stderr: &str, key: &str) -> u64 {
+    stats_values(stderr, key).iter().sum()
+}
+
+/// A counter's value on each `[ivcom] stats` line (one per link end).
+pub fn stats_values(stderr: &str, key: &str) -> Vec<u64> {
     stderr
         .lines()
         .filter(|l| l.contains("[ivcom] stats "))
         .flat_map(|l| l.split_whitespace())
         .filter_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
         .filter_map(|v| v.parse::<u64>().ok())
-        .sum()
+        .collect()
 }

@@ -203,6 +203,28 @@ fn bad_mca_values_are_rejected_by_name() {
     }
 }
 
+/// Under a small ring budget (what many co-resident peers leave each
+/// ring), the BTL cuts large messages into pieces that fit twice in the
+/// ring's share: with 64 KiB of budget no ring writes past its share of
+/// it (64 KiB with one peer; 24 KiB, the least share, with three: the
+/// budget is divided among the job's co-resident peers from the start),
+/// where its 64 KiB records alone would take 128 KiB; and the suite's
+/// messages of up to 16 MiB arrive intact.
+#[test]
+fn a_small_ring_budget_keeps_every_ring_within_its_share() {
+    for np in [2u32, 4] {
+        let r = integrity(np as usize, &["--mca", "btl_ivcom_ring_budget", "65536"]);
+        assert_passed_on(&r, np, "ring");
+        let share = ((65536 / (np as u64 - 1)) & !4095).max(24 << 10);
+        let reach = stats_values(&r.stderr, "tx_reach");
+        assert_eq!(reach.len(), (np * (np - 1)) as usize, "{}", r.text());
+        assert!(
+            reach.iter().all(|&b| b > 0 && b <= share),
+            "rings written past their share of {share}: {reach:?}"
+        );
+    }
+}
+
 #[test]
 fn ompi_info_lists_the_component_and_its_parameters() {
     require_component();

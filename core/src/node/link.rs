@@ -115,7 +115,10 @@ impl Link {
     /// Counters of both directions.
     pub fn stats(&self) -> Stats {
         match &self.imp {
-            Imp::Ring(c) => c.stats,
+            Imp::Ring(c) => Stats {
+                tx_reach: c.tx_reach(),
+                ..c.stats
+            },
             Imp::Tcp(t) => t.stats,
         }
     }
@@ -125,6 +128,16 @@ impl Link {
     pub fn max_inline(&self) -> usize {
         match &self.imp {
             Imp::Ring(c) => c.max_record(),
+            Imp::Tcp(t) => t.max_frame(),
+        }
+    }
+
+    /// Largest piece to cut a large message into now: on a ring, what fits
+    /// twice in the sending ring's share of the process's ring budget (the
+    /// largest record while the ring is used whole); on TCP, a frame.
+    pub fn piece(&self) -> usize {
+        match &self.imp {
+            Imp::Ring(c) => c.piece(),
             Imp::Tcp(t) => t.max_frame(),
         }
     }

@@ -187,7 +187,7 @@ impl Node {
         if card.id == self.inner.card.id {
             return Err(Error::Invalid("cannot admit this node itself".into()));
         }
-        self.inner.lock().admit(card)
+        self.inner.admit(card)
     }
 
     /// The link to `peer` (a full card): established now (as initiator)
@@ -211,7 +211,7 @@ impl Node {
                 )))
             }
         };
-        inner.lock().admit(&peer)?;
+        inner.admit(&peer)?;
         let deadline = Instant::now() + inner.cfg.connect_timeout;
         {
             let mut peers = inner.lock();
@@ -345,6 +345,19 @@ impl Inner {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Peers> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits `card` as a peer. A new one that may share this host's
+    /// memory counts toward the ring budget's division from now on
+    /// ([`crate::ring::Budget::expect_one`]), before any ring to it exists.
+    fn admit(&self, card: &Card) -> Result<()> {
+        let new = self.lock().admit(card)?;
+        if new && self.card.ring_candidate(card) {
+            if let Some(b) = &self.budget {
+                b.expect_one();
+            }
+        }
+        Ok(())
     }
 
     fn log(&self, msg: &str) {

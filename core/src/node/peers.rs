@@ -38,8 +38,9 @@ pub(super) struct Peers {
 
 impl Peers {
     /// Records the full card of a peer. A second card for the same id must
-    /// describe the same node with the same key.
-    pub fn admit(&mut self, card: &Card) -> Result<()> {
+    /// describe the same node with the same key. Returns whether the card
+    /// is new.
+    pub fn admit(&mut self, card: &Card) -> Result<bool> {
         if card.key.is_none() {
             return Err(Error::Invalid(format!(
                 "the card of {} has no key: only full cards admit a peer",
@@ -47,14 +48,14 @@ impl Peers {
             )));
         }
         match self.admitted.get(&card.id) {
-            Some(c) if c.same_node(card) && c.key == card.key => Ok(()),
+            Some(c) if c.same_node(card) && c.key == card.key => Ok(false),
             Some(c) => Err(Error::Invalid(format!(
                 "a different card for {} was admitted before",
                 c.label()
             ))),
             None => {
                 self.admitted.insert(card.id, card.clone());
-                Ok(())
+                Ok(true)
             }
         }
     }

@@ -327,7 +327,7 @@ impl Inner {
                 if c.id != claimed.id || !c.same_node(claimed) {
                     return Err(differs(&c));
                 }
-                self.lock().admit(&c)?;
+                self.admit(&c)?;
                 return Ok(c);
             }
         }
