@@ -391,9 +391,14 @@ pub struct Producer {
     heard: u64,
     /// [`coarse_ticks`] at the last look.
     looked: u64,
-    /// Offset at which records wrap (the end of the data area, or less
-    /// under a budget).
+    /// The ring's share of its budget (the end of the data area without
+    /// one).
     limit: u64,
+    /// Offset that records end at or before: `limit`, less the header slot
+    /// that follows the last record (the commit clears it) when `limit` is
+    /// not the end of the data area, so that no byte past the share is
+    /// ever written.
+    wrap_at: u64,
     budget: Option<Share>,
     /// Furthest offset written in a lap that has ended (see `reach`).
     reach: u64,
@@ -432,6 +437,7 @@ impl Producer {
             heard: 0,
             looked: 0,
             limit: geo.data_size as u64,
+            wrap_at: geo.data_size as u64,
             budget: None,
             reach: 0,
             broken: None,
@@ -477,6 +483,11 @@ impl Producer {
                 (b.share() & !4095).clamp(floor.min(size), size)
             }
         };
+        self.wrap_at = if self.limit < size {
+            self.limit - RECORD_HEADER as u64
+        } else {
+            size
+        };
     }
 
     /// Free ring bytes a record of `total` bytes (header included) needs
@@ -492,11 +503,11 @@ impl Producer {
     /// ever.
     #[inline(always)]
     fn need(&self, pos: u64, total: u64) -> (u64, bool) {
-        if total <= self.limit.saturating_sub(pos) {
+        if total <= self.wrap_at.saturating_sub(pos) {
             return (total + RECORD_HEADER as u64, false);
         }
         let size = self.v.size();
-        let limit = self.limit.max(2 * total + RECORD_HEADER as u64).min(size);
+        let limit = self.wrap_at.max(2 * total + RECORD_HEADER as u64).min(size);
         if total <= limit.saturating_sub(pos) {
             (total + RECORD_HEADER as u64, false)
         } else {

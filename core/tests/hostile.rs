@@ -885,6 +885,9 @@ fn a_budget_keeps_records_within_its_share() {
     }
     assert!(sent > 15_000, "{sent} records");
     assert!(highest <= 256 << 10, "a record reached offset {highest}");
+    // (nor did the header slot after the last record: nothing written
+    // past the share)
+    assert!(tx.reach() <= 256 << 10, "reach {}", tx.reach());
 }
 
 /// A share smaller than two of the ring's largest records: the producer
