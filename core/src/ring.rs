@@ -63,7 +63,7 @@ pub const MAX_DATA: usize = 1 << 30;
 pub const REWIND_AT: u64 = 16 << 10;
 /// Smallest piece a producer under a [`Budget`] asks large messages to be
 /// cut into ([`Producer::piece`]): two of them, with their headers and the
-/// free header slot after them, fill 32 KiB, the least ring a share of the
+/// free header slot after them, fill 24 KiB, the least ring a share of the
 /// budget holds (less when the largest record is smaller).
 pub const MIN_PIECE: usize = (24 << 10) / 2 - 2 * RECORD_HEADER;
 /// Producer progress between two looks at the consumer index for an early
@@ -391,13 +391,10 @@ pub struct Producer {
     heard: u64,
     /// [`coarse_ticks`] at the last look.
     looked: u64,
-    /// The ring's share of its budget (the end of the data area without
-    /// one).
-    limit: u64,
-    /// Offset that records end at or before: `limit`, less the header slot
-    /// that follows the last record (the commit clears it) when `limit` is
-    /// not the end of the data area, so that no byte past the share is
-    /// ever written.
+    /// Offset that records end at or before: the end of the data area,
+    /// or under a budget the ring's share of it ([`Producer::limit`]) less
+    /// the header slot that follows the last record (the commit clears
+    /// it), so that no byte past the share is ever written.
     wrap_at: u64,
     budget: Option<Share>,
     /// Furthest offset written in a lap that has ended (see `reach`).
@@ -436,7 +433,6 @@ impl Producer {
             look_at: rewind_at,
             heard: 0,
             looked: 0,
-            limit: geo.data_size as u64,
             wrap_at: geo.data_size as u64,
             budget: None,
             reach: 0,
@@ -451,9 +447,14 @@ impl Producer {
         self.relimit();
     }
 
-    /// Offset at which records wrap now.
+    /// The ring's share of its budget now: the offset past which it
+    /// writes nothing (the end of the data area when used whole).
     pub fn limit(&self) -> u64 {
-        self.limit
+        if self.wrap_at < self.v.size() {
+            self.wrap_at + RECORD_HEADER as u64
+        } else {
+            self.wrap_at
+        }
     }
 
     /// How far into the data area this producer has written so far: the
@@ -474,7 +475,7 @@ impl Producer {
     /// budget is set).
     fn relimit(&mut self) {
         let size = self.v.size();
-        self.limit = match &self.budget {
+        let limit = match &self.budget {
             None => size,
             Some(Share(b)) => {
                 let piece = self.max_record().min(MIN_PIECE) as u64;
@@ -483,8 +484,8 @@ impl Producer {
                 (b.share() & !4095).clamp(floor.min(size), size)
             }
         };
-        self.wrap_at = if self.limit < size {
-            self.limit - RECORD_HEADER as u64
+        self.wrap_at = if limit < size {
+            limit - RECORD_HEADER as u64
         } else {
             size
         };
@@ -532,10 +533,10 @@ impl Producer {
     /// when the ring is used whole.
     #[inline]
     pub fn piece(&self) -> usize {
-        if self.limit >= self.v.size() {
+        if self.wrap_at >= self.v.size() {
             return self.max_record();
         }
-        let fit = (self.limit.saturating_sub(3 * RECORD_HEADER as u64) / 2) as usize & !7;
+        let fit = (self.wrap_at.saturating_sub(2 * RECORD_HEADER as u64) / 2) as usize & !7;
         self.max_record().min(fit)
     }
 
