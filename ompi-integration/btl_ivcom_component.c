@@ -173,7 +173,7 @@ static int ivcom_register(void)
               "the rings, at least 24 KiB, at most the ring), and large messages are cut into "
               "pieces that fit twice in it, so with many co-resident peers each ring touches "
               "few of its pages however much is in flight",
-              &c->ring_budget, 3UL << 19);
+              &c->ring_budget, 7UL << 18);
     reg_ulong("piece_size",
               "Bytes of the pieces a large message is cut into while the receiver keeps up "
               "(less than btl_ivcom_max_send_size of this pair's sent data not yet taken): "
