@@ -159,11 +159,29 @@ impl Card {
     /// Parses a card (public or full); rejects anything malformed.
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         let bad = |why: &str| Error::Protocol(format!("bad card: {why}"));
+        // A card of another build of ivcom (its own "IVC" magic, another
+        // format digit) says so, whatever its length: a job across builds
+        // then stops naming both formats, not "bad magic".
+        if b.len() >= 4 && b[..3] == MAGIC[..3] && b[3] != MAGIC[3] {
+            let f = b[3];
+            let f = if f.is_ascii_graphic() {
+                char::from(f).to_string()
+            } else {
+                format!("\\x{f:02x}")
+            };
+            let ours = char::from(MAGIC[3]);
+            return Err(bad(&format!(
+                "format IVC{f} of another ivcom build (this build reads IVC{ours})"
+            )));
+        }
         if b.len() < MIN_LEN || &b[..4] != MAGIC {
             return Err(bad("length or magic"));
         }
         if b[4] != VERSION {
-            return Err(bad("version"));
+            return Err(bad(&format!(
+                "version {} (this build reads {VERSION})",
+                b[4]
+            )));
         }
         let backend = match b[5] {
             0 => None,
@@ -343,6 +361,37 @@ mod tests {
         assert_eq!(Key::derive(&psk, 1), Key::derive(&psk, 1));
         assert_ne!(Key::derive(&psk, 1), Key::derive(&psk, 2));
         assert_ne!(Key::derive(&psk, 1), Key::derive(&Key::random(), 1));
+    }
+
+    #[test]
+    fn a_card_of_another_build_names_both_formats() {
+        // An older build's card ("IVC1", shorter) and a made-up later one.
+        for (magic, shown) in [
+            (*b"IVC1", "IVC1"),
+            (*b"IVC3", "IVC3"),
+            (*b"IVC\x07", "IVC\\x07"),
+        ] {
+            let mut b = card("1.2.3.4:5", true).to_bytes();
+            b[..4].copy_from_slice(&magic);
+            for len in [4, 40, b.len()] {
+                let e = Card::from_bytes(&b[..len]).unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!(
+                        "format {shown} of another ivcom build (this build reads IVC2)"
+                    )),
+                    "{e}"
+                );
+            }
+        }
+        let mut b = card("1.2.3.4:5", true).to_bytes();
+        b[4] = 9;
+        let e = Card::from_bytes(&b).unwrap_err().to_string();
+        assert!(e.contains("version 9 (this build reads 2)"), "{e}");
+        // Not ours at all: the plain message.
+        let mut b = card("1.2.3.4:5", true).to_bytes();
+        b[..4].copy_from_slice(b"XYZ2");
+        let e = Card::from_bytes(&b).unwrap_err().to_string();
+        assert!(e.contains("length or magic"), "{e}");
     }
 
     #[test]
