@@ -261,7 +261,7 @@ fn netpipe_completes_over_ivcom() {
     let mut c = mpirun(2, "ivcom,self");
     c.args(["--mca", "btl_ivcom_verbose", "1"])
         .arg(np)
-        .args(["-u", "4194304", "-o"])
+        .args(["-u", "4194304", "-n", "50", "-o"])
         .arg(&out);
     let r = run(&mut c, LIMIT);
     assert!(r.ok(), "{}", r.text());

@@ -258,7 +258,11 @@ fn main() {
         a => die(&format!("unknown attack {a}")),
     }
     println!("RINGPEER attack={attack} sent={}", r.prod);
-    // Stay up: the victim must meet the violation, not a vanished peer.
-    std::thread::sleep(Duration::from_secs(3));
+    // Stay up until the victim breaks the link (its close ends the wait)
+    // or 3 s pass: the victim must meet the violation, not a vanished peer.
+    let mut link = link;
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut sink = Vec::new();
+    while Instant::now() < until && link.recv(&mut sink, Some(until)).is_ok() {}
     drop(link);
 }
