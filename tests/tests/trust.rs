@@ -131,10 +131,15 @@ fn rank_addrs(lines: &[String]) -> Vec<std::net::SocketAddr> {
 #[test]
 fn a_hostile_client_during_a_real_job_is_refused_and_the_data_is_intact() {
     require_component();
+    // The job runs its suite again and again until the attacks are over
+    // (the stop file), for at most 120 s.
+    let stop = std::env::temp_dir().join(format!("ivcom-trust-stop-{}", std::process::id()));
+    let _ = std::fs::remove_file(&stop);
     let mut c = mpirun(2, "ivcom,self");
     c.args(["--mca", "btl_ivcom_verbose", "2"])
         .arg(bin("ivcom-integrity"))
-        .args(["--seconds", "25"])
+        .args(["--seconds", "120", "--stop-file"])
+        .arg(&stop)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -181,6 +186,12 @@ fn a_hostile_client_during_a_real_job_is_refused_and_the_data_is_intact() {
     for r in &reports {
         eprintln!("{r}");
     }
+    // Every attack met the running job; now it may finish.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the job ended before the attacks did"
+    );
+    std::fs::write(&stop, b"").unwrap();
     // The job finishes, with every byte checked.
     let deadline = Instant::now() + Duration::from_secs(240);
     let status = loop {
@@ -193,6 +204,7 @@ fn a_hostile_client_during_a_real_job_is_refused_and_the_data_is_intact() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    let _ = std::fs::remove_file(&stop);
     reader.join().unwrap();
     let stdout = stdout.join().unwrap();
     let stderr = lines.lock().unwrap().join("\n");

@@ -116,6 +116,12 @@ fn main() {
         .nth(1)
         .map(|v| v.parse().expect("--seconds N"))
         .unwrap_or(0);
+    // --stop-file PATH: with --seconds, stop early once PATH exists (the
+    // test that acts on the job says when it is done).
+    let stop_file: Option<std::path::PathBuf> = std::env::args()
+        .skip_while(|a| a != "--stop-file")
+        .nth(1)
+        .map(Into::into);
     let pingpong: Vec<usize> = std::env::args()
         .skip_while(|a| a != "--pingpong")
         .skip(1)
@@ -131,7 +137,8 @@ fn main() {
             suite(&world, &mut c);
         }
         rounds += 1;
-        let more = (t0.elapsed().as_secs() < seconds) as i32;
+        let stop = stop_file.as_deref().is_some_and(|f| f.exists());
+        let more = (t0.elapsed().as_secs() < seconds && !stop) as i32;
         let mut all = 0i32;
         world.all_reduce_into(&more, &mut all, mpi::collective::SystemOperation::min());
         if all == 0 {
