@@ -172,7 +172,7 @@ fn main() {
         ..Config::default()
     })
     .unwrap_or_else(|e| die(&e.to_string()));
-    let link = node.link(&peer).unwrap_or_else(|e| die(&e.to_string()));
+    let mut link = node.link(&peer).unwrap_or_else(|e| die(&e.to_string()));
     if link.path() != PathKind::Ring {
         die(&format!("no ring: {}", link.reason()));
     }
@@ -260,7 +260,6 @@ fn main() {
     println!("RINGPEER attack={attack} sent={}", r.prod);
     // Stay up until the victim breaks the link (its close ends the wait)
     // or 3 s pass: the victim must meet the violation, not a vanished peer.
-    let mut link = link;
     let until = Instant::now() + Duration::from_secs(3);
     let mut sink = Vec::new();
     while Instant::now() < until && link.recv(&mut sink, Some(until)).is_ok() {}
