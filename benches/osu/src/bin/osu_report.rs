@@ -54,7 +54,16 @@ fn main() {
             Some(false) => "MISSED",
             None => "not measured",
         };
-        println!("{:<48} {:>10}   goal {:<8} {s}", t.what, v, t.goal);
+        let unresolved = match t.spread {
+            Some(sp) if sp > SPREAD_UNRESOLVED && t.met.is_some() => {
+                format!(" (unresolved: runs spread {sp:.0}x at this size)")
+            }
+            _ => String::new(),
+        };
+        println!(
+            "{:<48} {:>10}   goal {:<8} {s}{unresolved}",
+            t.what, v, t.goal
+        );
     }
     if msgs > 0 {
         println!("(doorbells: {bells} over {msgs} messages in the ivcom bw runs)");
