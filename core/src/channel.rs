@@ -19,6 +19,15 @@ use crate::payload::Payload;
 use crate::ring::{self, kind, Consumer, Geometry, Producer, Record};
 use std::time::{Duration, Instant};
 
+/// Released ring space the consumer hands back at once, within a batch,
+/// at most (the largest record of the BTL, one piece of a stream). The
+/// producer's records stay within its share of a budget, which can be far
+/// less than the ring: with an eighth of a 4 MiB ring, four ranks on one
+/// host (shares of 596 KiB) got their space back only every 512 KiB, and
+/// their streams of 64 KiB to 512 KiB messages moved about 0.6x of what
+/// the 2 MiB rings of the build before moved (docs/PERFORMANCE.md).
+pub const RELEASE_STEP: u64 = 64 << 10;
+
 /// How long a blocking wait spins before yielding, yields before sleeping,
 /// and sleeps per slice between liveness checks.
 #[derive(Debug, Clone, Copy)]
@@ -423,18 +432,18 @@ impl Channel {
     }
 
     /// Releases the message returned by `peek_msg`. Its space goes back to
-    /// the sender at once when an eighth of the ring or more is released
-    /// but not handed back yet (so a streaming sender keeps room); otherwise
-    /// with the next [`Channel::flush_rx`], which a poller calls once per
-    /// batch: publishing the index costs a full fence, which small messages
-    /// should not pay one by one.
+    /// the sender at once when an eighth of the ring, or [`RELEASE_STEP`]
+    /// if less, is released but not handed back yet (so a streaming sender
+    /// keeps room); otherwise with the next [`Channel::flush_rx`], which a
+    /// poller calls once per batch: publishing the index costs a full
+    /// fence, which small messages should not pay one by one.
     #[inline]
     pub fn release_msg(&mut self) -> Result<()> {
         if self.in_place {
             self.in_place = false;
             self.rx.release();
         }
-        if self.rx.unpublished() >= self.geo.data_size as u64 / 8 {
+        if self.rx.unpublished() >= (self.geo.data_size as u64 / 8).min(RELEASE_STEP) {
             return self.flush_rx();
         }
         Ok(())
@@ -869,6 +878,33 @@ mod tests {
             assert!(a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
         }
         assert!(!a.try_send_parts(1, &[&[7u8; 8]]).unwrap());
+    }
+
+    #[test]
+    fn a_large_ring_hands_space_back_every_release_step() {
+        // 1 MiB: an eighth is 128 KiB, more than RELEASE_STEP (64 KiB).
+        let (mut a, mut b, _dir) = pair(1 << 20);
+        let msg = [5u8; 8000]; // records of 8,008 bytes
+        let mut sent = 0;
+        while a.try_send_parts(1, &[&msg]).unwrap() {
+            sent += 1;
+        }
+        assert!(sent > 100, "{sent}");
+        // 8 records (64,064 bytes) released: not handed back yet ...
+        for _ in 0..8 {
+            b.peek_msg().unwrap().unwrap();
+            b.release_msg().unwrap();
+        }
+        assert!(!a.try_send_parts(1, &[&msg]).unwrap());
+        // ... the 9th passes 64 KiB: the 9 records' space goes back (8
+        // records and the padding to the end of the ring, or 9).
+        b.peek_msg().unwrap().unwrap();
+        b.release_msg().unwrap();
+        let mut again = 0;
+        while a.try_send_parts(1, &[&msg]).unwrap() {
+            again += 1;
+        }
+        assert!((8..=9).contains(&again), "{again}");
     }
 
     /// A pair of `data`-byte rings whose records are as large as a shrunk
