@@ -53,9 +53,12 @@ mca_btl_ivcom_impl(const char *built_for)
     return &mca_btl_ivcom_component.super;
 }
 
-/* The default ring: 2 MiB per direction (records of btl_max_send_size,
- * 64 KiB, set in ivcom_register). */
-#define IVCOM_DEFAULT_RING (2UL << 20)
+/* The default ring: 4 MiB per direction (records of btl_max_send_size,
+ * 64 KiB, set in ivcom_register). Under the ring budget a ring touches at
+ * most its share of it, except the one ring of a process with a single
+ * co-resident peer that streams large messages, which may use all of it
+ * (docs/design.md). */
+#define IVCOM_DEFAULT_RING (4UL << 20)
 
 #define IVCOM_HELP_FILE "help-mpi-btl-ivcom.txt"
 
@@ -172,7 +175,9 @@ static int ivcom_register(void)
               "ring whole): each ring's records stay within its share (the budget divided by "
               "the rings, at least 24 KiB, at most the ring), and large messages are cut into "
               "pieces that fit twice in it, so with many co-resident peers each ring touches "
-              "few of its pages however much is in flight",
+              "few of its pages however much is in flight. A process with one co-resident "
+              "peer uses its ring whole once it sends records of btl_ivcom_max_send_size (a "
+              "stream of large messages)",
               &c->ring_budget, 7UL << 18);
     reg_ulong("piece_size",
               "Bytes of the pieces a large message is cut into while the receiver keeps up "

@@ -1063,6 +1063,83 @@ fn producers_share_a_budget_and_take_it_back() {
     assert_eq!(a.limit(), 512 << 10);
 }
 
+/// The one ring of a process with a single peer grows to the whole ring
+/// once it carries a record of the largest size (a stream of large
+/// messages), at its next wrap; small records never grow it. When a
+/// second producer joins the budget, the ring goes back to its share at
+/// the next wrap. Every record of the stream arrives intact and in order,
+/// however far the consumer lags.
+#[test]
+fn a_sole_ring_that_streams_large_records_grows_to_the_whole_ring() {
+    let max = 16 << 10;
+    let geo = Geometry::with_max_record(1 << 20, max).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    let budget = ring::Budget::new(256 << 10);
+    budget.expect_one();
+    tx.set_budget(budget.clone());
+    let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
+    let (mut sent, mut got, mut highest) = (0u64, 0u64, 0usize);
+    // A lagging consumer: bursts of up to 40 records, then up to 40 taken.
+    // (each phase ends with the ring drained: its sizes are its own)
+    let mut stream = |tx: &mut Producer,
+                      rx: &mut Consumer,
+                      rounds: usize,
+                      size_of: &dyn Fn(u64) -> usize,
+                      highest: &mut usize| {
+        for round in 0..=rounds {
+            for _ in 0..(rnd() % 40) {
+                match tx
+                    .push(kind::MSG, 6, &[&payload(sent, size_of(sent))])
+                    .unwrap()
+                {
+                    Some(_) => sent += 1,
+                    None => break,
+                }
+            }
+            let take = if round == rounds {
+                u64::MAX
+            } else {
+                rnd() % 40
+            };
+            for _ in 0..take {
+                let want = size_of(got);
+                let Some(at) = take_expected(&mem, rx, &mut got, want) else {
+                    break;
+                };
+                *highest = (*highest).max(at + want);
+            }
+        }
+        assert_eq!(got, sent);
+    };
+    // Records below the largest: the share, however full the ring.
+    let small = |seq: u64| 1 + (seq.wrapping_mul(2654435761) % (max as u64 - 1)) as usize;
+    stream(&mut tx, &mut rx, 2000, &small, &mut highest);
+    assert_eq!(tx.limit(), 256 << 10);
+    assert!(highest <= 256 << 10, "{highest}");
+    // Records of the largest size among them: the whole ring from the
+    // next wrap on, and the stream uses it.
+    let large = |seq: u64| {
+        if seq.is_multiple_of(3) {
+            max
+        } else {
+            small(seq)
+        }
+    };
+    stream(&mut tx, &mut rx, 2000, &large, &mut highest);
+    assert_eq!(tx.limit(), 1 << 20);
+    assert!(highest > 512 << 10, "the ring did not grow: {highest}");
+    // A second producer: back to half the budget at the next wrap.
+    let other = Mem::new(geo);
+    let (mut b, _brx) = other.ends(geo);
+    b.set_budget(budget.clone());
+    stream(&mut tx, &mut rx, 2000, &large, &mut highest);
+    assert_eq!(tx.limit(), 128 << 10);
+    assert!(rx.peek().unwrap().is_none());
+    assert!(sent > 20_000, "{sent} records");
+    drop(b);
+}
+
 /// A ring whose share of the budget changes again and again in the middle
 /// of a 100,000-message stream (other producers join and leave): every
 /// message arrives once, in order, intact, and the ring grows back to its

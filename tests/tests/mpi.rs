@@ -443,7 +443,7 @@ fn rings_fit_a_share_limit(tag: &str, limit: &str, geometry: &str) {
 
 #[test]
 fn rings_shrink_to_fit_the_share_limit() {
-    // 3 MiB cannot hold a pair's 2 MiB rings (4 MiB + 8 KiB), but holds
+    // 3 MiB cannot hold a pair's 4 MiB or 2 MiB rings (8 or 4 MiB + 8 KiB), but holds
     // 1 MiB rings: the pair gets those instead of TCP, and says so.
     rings_fit_a_share_limit("shrink", "3145728", "rings of 1024 KiB, records of 64 KiB");
 }
