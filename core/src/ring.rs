@@ -488,7 +488,7 @@ impl Producer {
     /// has carried a record of the largest size (a stream of large
     /// messages), is used whole: a budget bounds the memory of a process
     /// with many peers, and with one the ring size bounds it. Streams of
-    /// 128 to 512 KiB messages between two pinned processes moved 10-15 %
+    /// 128 KiB to 1 MiB messages between two pinned processes moved 3-23 %
     /// more with 4 MiB of ring than with the 1.75 MiB of the budget
     /// (docs/PERFORMANCE.md). Only a large stream grows the ring: a stream
     /// of small messages would touch every page of it, each a page fault
