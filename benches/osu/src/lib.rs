@@ -434,15 +434,29 @@ fn check_rc(rc: c_int, what: &str) {
 
 /// Runs `body` `skip` times as warm-up, then `iters` times timed; returns
 /// the seconds (`MPI_Wtime`) the timed iterations took.
-pub fn timed(iters: usize, skip: usize, mut body: impl FnMut()) -> f64 {
+pub fn timed(iters: usize, skip: usize, body: impl FnMut()) -> f64 {
+    let (t0, t1) = timed_span(iters, skip, || {}, body);
+    t1 - t0
+}
+
+/// [`timed`], calling `ready` between the warm-up and the start of the
+/// clock (e.g. to wait for other threads' warm-ups); returns the
+/// `MPI_Wtime` at the start and at the end of the timed iterations.
+pub fn timed_span(
+    iters: usize,
+    skip: usize,
+    ready: impl FnOnce(),
+    mut body: impl FnMut(),
+) -> (f64, f64) {
     for _ in 0..skip {
         body();
     }
+    ready();
     let t0 = mpi::time();
     for _ in 0..iters {
         body();
     }
-    mpi::time() - t0
+    (t0, mpi::time())
 }
 
 /// The point-to-point operations of the timed loops on one communicator.

@@ -258,13 +258,11 @@ pub const SPREAD_UNRESOLVED: f64 = 3.0;
 /// e.g. vader in the real-Xen runs) are left out; goals whose figures are
 /// missing otherwise stay in as "not measured".
 pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
-    let get = |b: &str, c: &str, s: usize| m.get(b)?.get(c)?.get(&s).map(|v| v.0);
+    let at = |b: &str, c: &str, s: usize| m.get(b)?.get(c)?.get(&s).copied();
+    let get = |b: &str, c: &str, s: usize| at(b, c, s).map(|v| v.0);
     // slowest over fastest run (both orders of "slow": latency or rate)
     let spread = |b: &str, c: &str, s: usize| {
-        m.get(b)?
-            .get(c)?
-            .get(&s)
-            .map(|v| if v.1 > 0.0 { v.2 / v.1 } else { f64::INFINITY })
+        at(b, c, s).map(|v| if v.1 > 0.0 { v.2 / v.1 } else { f64::INFINITY })
     };
     let ran = |c: &str| m.values().any(|b| b.contains_key(c));
     let mut out = Vec::new();

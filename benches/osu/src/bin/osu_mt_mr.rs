@@ -63,15 +63,14 @@ fn main() {
                         let mut sbuf = Buf::new(size);
                         let mut rbuf = Buf::new(size);
                         sbuf.fill(size);
-                        for _ in 0..skip {
-                            net.bw_window(sender, &sbuf, &mut rbuf, size, w, peer);
-                        }
-                        warm.wait();
-                        let t0 = mpi::time();
-                        for _ in 0..iters {
-                            net.bw_window(sender, &sbuf, &mut rbuf, size, w, peer);
-                        }
-                        let t1 = mpi::time();
+                        let span = timed_span(
+                            iters,
+                            skip,
+                            || {
+                                warm.wait();
+                            },
+                            || net.bw_window(sender, &sbuf, &mut rbuf, size, w, peer),
+                        );
                         if !sender {
                             if let Some(i) = rbuf.mismatch(size) {
                                 eprintln!(
@@ -80,7 +79,7 @@ fn main() {
                                 std::process::exit(4);
                             }
                         }
-                        (t0, t1)
+                        span
                     })
                 })
                 .collect();
