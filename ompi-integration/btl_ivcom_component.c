@@ -6,6 +6,7 @@
 #include <dlfcn.h>
 #include <libgen.h>
 #include <stdarg.h>
+#include <limits.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -289,6 +290,22 @@ static bool check_params(ivcom_config *cfg)
 
     if (parse_backend(c->backend ? c->backend : "auto") < 0) {
         return bad("btl_ivcom_backend", c->backend, "expected auto, host, xen or none");
+    }
+    /* Open MPI reads a negative value of an unsigned parameter as a huge
+     * one (-5 as 2^64 - 5), which these would take for "no limit". */
+    const struct {
+        const char *name;
+        unsigned long value;
+    } sizes[] = {
+        {"btl_ivcom_ring_size", c->ring_size},     {"btl_ivcom_max_record", c->max_record},
+        {"btl_ivcom_shm_limit", c->shm_limit},     {"btl_ivcom_ring_budget", c->ring_budget},
+        {"btl_ivcom_piece_size", c->piece_size},
+    };
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        if (sizes[i].value > (unsigned long) LONG_MAX) {
+            snprintf(buf, sizeof(buf), "%ld", (long) sizes[i].value);
+            return bad(sizes[i].name, buf, "must not be negative");
+        }
     }
     cfg->ring_size = c->ring_size;
     cfg->max_record = 0;
