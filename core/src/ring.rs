@@ -69,10 +69,6 @@ pub const MIN_PIECE: usize = (24 << 10) / 2 - 2 * RECORD_HEADER;
 /// Producer progress between two looks at the consumer index for an early
 /// wrap while the ring is not empty.
 const REWIND_STRIDE: u64 = 16 << 10;
-/// Producer progress between two reads of the coarse clock while waiting
-/// for it to move (see `Producer::rewind`): a record of this size or more
-/// reads it each time, smaller ones once per this many bytes.
-const CLOCK_STRIDE: u64 = 512;
 
 /// The coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`: a few nanoseconds
 /// to read, no system call; it advances once per kernel tick, 1 to 10 ms),
@@ -401,9 +397,8 @@ pub struct Producer {
     heard: u64,
     /// [`coarse_ticks`] at the last look.
     looked: u64,
-    /// Producer index from which `rewind` may read the clock again
-    /// ([`CLOCK_STRIDE`]).
-    clock_at: u64,
+    /// The caller's `heard` count when `rewind` last read the clock.
+    clock_heard: u64,
     /// Offset that records end at or before: the end of the data area,
     /// or under a budget the ring's share of it ([`Producer::limit`]) less
     /// the header slot that follows the last record (the commit clears
@@ -449,7 +444,7 @@ impl Producer {
             look_at: rewind_at,
             heard: 0,
             looked: 0,
-            clock_at: 0,
+            clock_heard: 0,
             wrap_at: geo.data_size as u64,
             budget: None,
             large: false,
@@ -594,11 +589,10 @@ impl Producer {
     /// per record whenever `heard` moved (an acknowledgement per message,
     /// as in ob1's rendezvous) halved it from 2 to 64 KiB.
     ///
-    /// Until the clock moves, a producer that heard from its peer reads it
-    /// again once per [`CLOCK_STRIDE`] bytes of records, not per record:
+    /// The clock is read again only when `heard` moved since the last read:
     /// a stream of small messages whose receiver acknowledges each window
-    /// (osu_bw) would otherwise pay a clock read per message, a tenth of
-    /// the sending rank's time at 8 bytes.
+    /// (osu_bw) hears from its peer once per window, and reading the clock
+    /// at every record until the next tick cost a clock read per message.
     #[inline]
     fn rewind(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
         if pos == 0 {
@@ -617,10 +611,10 @@ impl Producer {
         if total + RECORD_HEADER as u64 > pos {
             return Ok(());
         }
-        if !due && self.prod < self.clock_at {
+        if !due && heard == self.clock_heard {
             return Ok(());
         }
-        self.clock_at = self.prod + CLOCK_STRIDE;
+        self.clock_heard = heard;
         let now = coarse_ticks();
         if !due && now == self.looked {
             return Ok(());

@@ -821,6 +821,51 @@ fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
     assert!(highest[2] > bound, "hearing, fast: reached {}", highest[2]);
 }
 
+/// As above with records of 100 bytes, in the order a producer checks:
+/// it reads the coarse clock only when it heard from its peer since its
+/// last read (not at every record until the clock moves), so one that
+/// hears between its records still wraps at the first chance. Every byte
+/// and the order intact.
+#[test]
+fn a_producer_of_small_records_that_hears_from_its_peer_wraps_at_the_first_chance() {
+    const LEN: usize = 100;
+    let rec = ring::RECORD_HEADER + LEN.div_ceil(8) * 8;
+    let geo = Geometry::new(1 << 20).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    let (mut sent, mut next, mut heard, mut highest) = (0u64, 0u64, 0u64, 0usize);
+    // From 2 KiB before the early-wrap point, a tick between records.
+    let slow_from = (ring::REWIND_AT as usize - 2048) / rec;
+    for round in 0..(ring::REWIND_AT as usize + 8192) / rec {
+        if round >= slow_from {
+            let t0 = coarse_now();
+            while coarse_now() == t0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        let data = payload(sent, LEN);
+        tx.push_heard(kind::MSG, 1, &[&data], heard)
+            .unwrap()
+            .expect("room");
+        sent += 1;
+        let keep = u64::from(round % 3 != 2);
+        while sent - next > keep {
+            let at = take_expected(&mem, &mut rx, &mut next, LEN).expect("a record");
+            highest = highest.max(at + LEN);
+            heard += 1;
+        }
+    }
+    while take_expected(&mem, &mut rx, &mut next, LEN).is_some() {}
+    assert_eq!(next, sent);
+    let bound = ring::REWIND_AT as usize + 3 * rec;
+    assert!(highest <= bound, "reached {highest}, bound {bound}");
+    // (and it did go past the early-wrap point before it wrapped)
+    assert!(
+        highest > ring::REWIND_AT as usize - rec,
+        "reached {highest}"
+    );
+}
+
 /// A consumer that lags: no early wrap while records wait, so a full
 /// ring's worth of records goes in, then comes out in order, intact.
 #[test]
