@@ -760,15 +760,9 @@ fn a_ring_that_is_kept_empty_is_used_from_its_start() {
     }
 }
 
-/// A consumer that is behind by one record most of the time and catches
-/// up at every third: a producer that hears from its peer between its
-/// records (the count it passes grows), with records further apart than a
-/// tick of the coarse clock, looks at every record once past REWIND_AT, so
-/// it wraps at the first chance. One that hears nothing (streaming), or
-/// whose records come faster than the clock ticks, looks once per 16 KiB
-/// and goes further. Every byte and the order intact each way.
-#[test]
-fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
+/// Waits until the coarse clock moved (a sleep of a tick is not always
+/// enough on a loaded virtual machine, whose ticks come late).
+fn wait_for_tick() {
     let mut res = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -779,87 +773,86 @@ fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
         0
     );
     let tick = std::time::Duration::new(res.tv_sec as u64, res.tv_nsec as u32);
-    let mut highest = [0usize; 3];
-    for (i, (hears, slow)) in [(true, true), (false, true), (true, false)]
-        .into_iter()
-        .enumerate()
-    {
-        let geo = Geometry::new(1 << 20).unwrap();
-        let mem = Mem::new(geo);
-        let (mut tx, mut rx) = mem.ends(geo);
-        let (mut sent, mut next, mut heard) = (0u64, 0u64, 0u64);
-        for round in 0..120u64 {
-            if slow && round >= 10 {
-                // Until the coarse clock moved (a sleep of a tick is not
-                // always enough on a loaded virtual machine, whose ticks
-                // come late).
-                let t0 = coarse_now();
-                while coarse_now() == t0 {
-                    std::thread::sleep(tick / 4);
-                }
-            }
-            let data = payload(sent, 1000);
-            let h = if hears { heard } else { 0 };
-            tx.push_heard(kind::MSG, 1, &[&data], h)
-                .unwrap()
-                .expect("room");
-            sent += 1;
-            // Take all but the newest record, or everything at every third.
-            let keep = u64::from(round % 3 != 2);
-            while sent - next > keep {
-                let at = take_expected(&mem, &mut rx, &mut next, 1000).expect("a record");
-                highest[i] = highest[i].max(at + 1000);
-                heard += 1;
-            }
-        }
-        while take_expected(&mem, &mut rx, &mut next, 1000).is_some() {}
-        assert_eq!(next, sent);
+    let t0 = coarse_now();
+    while coarse_now() == t0 {
+        std::thread::sleep(tick / 4);
     }
-    let bound = ring::REWIND_AT as usize + 3 * 1008;
-    assert!(highest[0] <= bound, "hearing, slow: reached {}", highest[0]);
-    assert!(highest[1] > bound, "streaming: reached {}", highest[1]);
-    assert!(highest[2] > bound, "hearing, fast: reached {}", highest[2]);
 }
 
-/// As above with records of 100 bytes, in the order a producer checks:
-/// it reads the coarse clock only when it heard from its peer since its
-/// last read (not at every record until the clock moves), so one that
-/// hears between its records still wraps at the first chance. Every byte
-/// and the order intact.
-#[test]
-fn a_producer_of_small_records_that_hears_from_its_peer_wraps_at_the_first_chance() {
-    const LEN: usize = 100;
-    let rec = ring::RECORD_HEADER + LEN.div_ceil(8) * 8;
+/// `rounds` records of `len` bytes on a fresh 1 MiB ring, a tick of the
+/// coarse clock before each from round `slow_from` on. The consumer is
+/// behind by one record most of the time and catches up at every third;
+/// the producer passes the count of records taken when `hears` (as if it
+/// heard from its peer), 0 otherwise. Returns the highest offset a record
+/// reached; every byte and the order are checked.
+fn exchange(len: usize, rounds: usize, slow_from: usize, hears: bool) -> usize {
     let geo = Geometry::new(1 << 20).unwrap();
     let mem = Mem::new(geo);
     let (mut tx, mut rx) = mem.ends(geo);
     let (mut sent, mut next, mut heard, mut highest) = (0u64, 0u64, 0u64, 0usize);
-    // From 2 KiB before the early-wrap point, a tick between records.
-    let slow_from = (ring::REWIND_AT as usize - 2048) / rec;
-    for round in 0..(ring::REWIND_AT as usize + 8192) / rec {
+    for round in 0..rounds {
         if round >= slow_from {
-            let t0 = coarse_now();
-            while coarse_now() == t0 {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            wait_for_tick();
         }
-        let data = payload(sent, LEN);
-        tx.push_heard(kind::MSG, 1, &[&data], heard)
+        let data = payload(sent, len);
+        let h = if hears { heard } else { 0 };
+        tx.push_heard(kind::MSG, 1, &[&data], h)
             .unwrap()
             .expect("room");
         sent += 1;
+        // Take all but the newest record, or everything at every third.
         let keep = u64::from(round % 3 != 2);
         while sent - next > keep {
-            let at = take_expected(&mem, &mut rx, &mut next, LEN).expect("a record");
-            highest = highest.max(at + LEN);
+            let at = take_expected(&mem, &mut rx, &mut next, len).expect("a record");
+            highest = highest.max(at + len);
             heard += 1;
         }
     }
-    while take_expected(&mem, &mut rx, &mut next, LEN).is_some() {}
+    while take_expected(&mem, &mut rx, &mut next, len).is_some() {}
     assert_eq!(next, sent);
+    highest
+}
+
+/// A producer that hears from its peer between its records (the count it
+/// passes grows), with records further apart than a tick of the coarse
+/// clock, looks at every record once past REWIND_AT, so it wraps at the
+/// first chance. One that hears nothing (streaming), or whose records
+/// come faster than the clock ticks, looks once per 16 KiB and goes
+/// further.
+#[test]
+fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
+    let bound = ring::REWIND_AT as usize + 3 * 1008;
+    let hearing_slow = exchange(1000, 120, 10, true);
+    assert!(
+        hearing_slow <= bound,
+        "hearing, slow: reached {hearing_slow}"
+    );
+    let streaming = exchange(1000, 120, 10, false);
+    assert!(streaming > bound, "streaming: reached {streaming}");
+    let hearing_fast = exchange(1000, 120, usize::MAX, true);
+    assert!(
+        hearing_fast > bound,
+        "hearing, fast: reached {hearing_fast}"
+    );
+}
+
+/// The same with records of 100 bytes: the producer reads the coarse
+/// clock only when it heard from its peer since its last read (not at
+/// every record until the clock moves), so one that hears between its
+/// records still wraps at the first chance.
+#[test]
+fn a_producer_of_small_records_that_hears_from_its_peer_wraps_at_the_first_chance() {
+    let rec = ring::RECORD_HEADER + 104;
+    // From 2 KiB before the early-wrap point, a tick between records.
+    let highest = exchange(
+        100,
+        (ring::REWIND_AT as usize + 8192) / rec,
+        (ring::REWIND_AT as usize - 2048) / rec,
+        true,
+    );
     let bound = ring::REWIND_AT as usize + 3 * rec;
     assert!(highest <= bound, "reached {highest}, bound {bound}");
-    // (and it did go past the early-wrap point before it wrapped)
+    // (it did reach the early-wrap point before it wrapped)
     assert!(
         highest > ring::REWIND_AT as usize - rec,
         "reached {highest}"
