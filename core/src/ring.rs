@@ -393,12 +393,11 @@ pub struct Producer {
     /// an early wrap (`rewind_at` at the start of each lap, 16 KiB further
     /// on after each look that found the ring not empty).
     look_at: u64,
-    /// The caller's `heard` count at the last look (see `rewind`).
+    /// The caller's `heard` count when `rewind` last read the clock (every
+    /// look reads it).
     heard: u64,
     /// [`coarse_ticks`] at the last look.
     looked: u64,
-    /// The caller's `heard` count when `rewind` last read the clock.
-    clock_heard: u64,
     /// Offset that records end at or before: the end of the data area,
     /// or under a budget the ring's share of it ([`Producer::limit`]) less
     /// the header slot that follows the last record (the commit clears
@@ -444,7 +443,6 @@ impl Producer {
             look_at: rewind_at,
             heard: 0,
             looked: 0,
-            clock_heard: 0,
             wrap_at: geo.data_size as u64,
             budget: None,
             large: false,
@@ -574,7 +572,8 @@ impl Producer {
     /// transfer of the consumer's cache line). The first record of a lap
     /// that would cross `REWIND_AT` looks; when the ring is not empty, the
     /// producer looks again 16 KiB further on, or at its next record when
-    /// both `heard` and the coarse clock moved since the last look.
+    /// `heard` moved since it last read the coarse clock and the clock
+    /// moved since the last look.
     ///
     /// `heard` is the caller's count of what it took from its peer (the
     /// other ring of a channel), and the coarse clock ticks every few
@@ -589,10 +588,11 @@ impl Producer {
     /// per record whenever `heard` moved (an acknowledgement per message,
     /// as in ob1's rendezvous) halved it from 2 to 64 KiB.
     ///
-    /// The clock is read again only when `heard` moved since the last read:
-    /// a stream of small messages whose receiver acknowledges each window
-    /// (osu_bw) hears from its peer once per window, and reading the clock
-    /// at every record until the next tick cost a clock read per message.
+    /// So the clock is read again only when `heard` moved since the last
+    /// read: a stream of small messages whose receiver acknowledges each
+    /// window (osu_bw) hears from its peer once per window, and reading
+    /// the clock at every record until the next tick cost a clock read per
+    /// message.
     #[inline]
     fn rewind(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
         if pos == 0 {
@@ -611,15 +611,11 @@ impl Producer {
         if total + RECORD_HEADER as u64 > pos {
             return Ok(());
         }
-        if !due && heard == self.clock_heard {
-            return Ok(());
-        }
-        self.clock_heard = heard;
+        self.heard = heard;
         let now = coarse_ticks();
         if !due && now == self.looked {
             return Ok(());
         }
-        self.heard = heard;
         self.looked = now;
         if self.prod != self.cons {
             self.reload_cons()?;
