@@ -842,10 +842,11 @@ fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
 /// records still wraps at the first chance.
 #[test]
 fn a_producer_of_small_records_that_hears_from_its_peer_wraps_at_the_first_chance() {
-    let rec = ring::RECORD_HEADER + 104;
+    let len = 100usize;
+    let rec = ring::RECORD_HEADER + len.next_multiple_of(8);
     // From 2 KiB before the early-wrap point, a tick between records.
     let highest = exchange(
-        100,
+        len,
         (ring::REWIND_AT as usize + 8192) / rec,
         (ring::REWIND_AT as usize - 2048) / rec,
         true,

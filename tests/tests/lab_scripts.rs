@@ -4,6 +4,7 @@
 //! result, `lab-domu wait` creates the guest again), cannot be driven into
 //! every state on real Xen (a domain that Xen keeps dying, say).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,7 +19,7 @@ fn fake_xl(name: &str, list: Option<&str>) -> PathBuf {
     };
     let xl = dir.join("xl");
     std::fs::write(&xl, body).unwrap();
-    Command::new("chmod").arg("755").arg(&xl).status().unwrap();
+    std::fs::set_permissions(&xl, std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
 
