@@ -18,6 +18,9 @@ typedef struct mca_btl_ivcom_frag_t {
     uint8_t *heap;          /* private buffer (kept across reuse) */
     size_t heap_size;
     bool in_ring;           /* segment points at the link's reservation */
+    size_t sent;            /* bytes of a message larger than the pair's
+                               records already in the ring (it waits at the
+                               head of the pending list for the rest) */
     mca_btl_base_tag_t tag;
 } mca_btl_ivcom_frag_t;
 OBJ_CLASS_DECLARATION(mca_btl_ivcom_frag_t);
@@ -29,6 +32,7 @@ static inline mca_btl_ivcom_frag_t *mca_btl_ivcom_frag_get(mca_btl_base_endpoint
     if (NULL != f) {
         f->endpoint = ep;
         f->in_ring = false;
+        f->sent = 0;
         f->base.des_cbfunc = NULL;
         f->base.des_cbdata = NULL;
         f->base.des_flags = 0;
@@ -56,7 +60,6 @@ static inline bool mca_btl_ivcom_caller_keeps(uint32_t flags)
     return !(flags & MCA_BTL_DES_FLAGS_BTL_OWNERSHIP);
 }
 
-/* Places the frag's payload in ring space when it can be sent in order. */
 /* Places the frag's payload in ring space when it can be sent in order;
  * called with the endpoint's lock held, its link opened. */
 static inline bool mca_btl_ivcom_frag_ring(mca_btl_base_endpoint_t *ep, mca_btl_ivcom_frag_t *f,

@@ -32,10 +32,19 @@
 #define LOCK(ep) OPAL_THREAD_LOCK(&(ep)->lock)
 #define UNLOCK(ep) OPAL_THREAD_UNLOCK(&(ep)->lock)
 
+/* Sends a private frag's message, or what is left of it: one record (or
+ * TCP frame) when it fits the pair's records, else a run of records of at
+ * most a piece each, resumed from f->sent while the frag waits at the head
+ * of the pending list (nothing else goes to the peer before the run ends:
+ * every send queues behind a non-empty pending list). */
 static int try_send_frag(mca_btl_base_endpoint_t *ep, mca_btl_ivcom_frag_t *f)
 {
-    ivcom_iov iov = {.base = f->segment.seg_addr.pval, .len = (size_t) f->segment.seg_len};
-    return ivcom_link_try_send(ep->link, f->tag, &iov, 1);
+    size_t len = (size_t) f->segment.seg_len;
+    if (OPAL_LIKELY(len <= ep->max_send && 0 == f->sent)) {
+        ivcom_iov iov = {.base = f->segment.seg_addr.pval, .len = len};
+        return ivcom_link_try_send(ep->link, f->tag, &iov, 1);
+    }
+    return ivcom_link_try_send_more(ep->link, f->tag, f->segment.seg_addr.pval, len, &f->sent);
 }
 
 /* Sends queued frags in order while the ring has room; called with the
@@ -68,36 +77,18 @@ static int report(mca_btl_base_endpoint_t *ep, int failed, int rc)
     return rc;
 }
 
-/* The "record too small" warning, once per process. */
-static void warn_record(mca_btl_base_endpoint_t *ep, size_t size)
-{
-    /* Open MPI 5's active-message RDMA (osc/rdma) sends pieces of
-     * btl_max_send_size: a pair whose ring records were shrunk below that
-     * cannot carry them, and the caller would retry for ever. */
-    static bool warned;
-    if (!warned) {
-        char have[32], want[32];
-        warned = true;
-        snprintf(have, sizeof(have), "%zu", ep->max_send);
-        snprintf(want, sizeof(want), "%zu", size);
-        mca_btl_ivcom_help("record too small",
-                           "a %s-byte send does not fit this pair's ring records (%s bytes): "
-                           "set btl_ivcom_max_send_size to %s or less",
-                           want, have, have);
-    }
-}
-
 mca_btl_base_descriptor_t *mca_btl_ivcom_alloc(struct mca_btl_base_module_t *btl,
                                                struct mca_btl_base_endpoint_t *ep, uint8_t order,
                                                size_t size, uint32_t flags)
 {
     mca_btl_ivcom_frag_t *f;
     int failed = 0;
-    bool ready, too_big, placed = false;
+    bool ready, placed = false;
     (void) btl;
     (void) order;
-    /* ob1 allocates at most btl_eager_limit bytes, which every link takes
-     * (the smallest record a ring may shrink to). */
+    /* ob1 allocates at most btl_eager_limit bytes, the smallest record a
+     * ring may shrink to; Open MPI 5's active-message RDMA up to
+     * btl_max_send_size. */
     if (size > MODULE->btl_max_send_size) {
         return NULL;
     }
@@ -107,16 +98,14 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_alloc(struct mca_btl_base_module_t *btl
     }
     LOCK(ep);
     ready = OPAL_SUCCESS == mca_btl_ivcom_endpoint_ready(ep, &failed);
-    too_big = ready && size > ep->max_send;
-    if (ready && !too_big && !mca_btl_ivcom_caller_keeps(flags)) {
+    /* A message larger than this pair's records (rings shrunk to fit the
+     * backend: Open MPI 5's active-message RDMA allocates
+     * btl_max_send_size) goes from a private buffer as a run of records
+     * (try_send_frag). */
+    if (ready && !mca_btl_ivcom_caller_keeps(flags)) {
         placed = mca_btl_ivcom_frag_ring(ep, f, size);
     }
     UNLOCK(ep);
-    if (too_big) {
-        warn_record(ep, size);
-        mca_btl_ivcom_frag_return(f);
-        return NULL;
-    }
     (void) report(ep, failed, 0);
     if (!placed && !mca_btl_ivcom_frag_heap(f, size)) {
         mca_btl_ivcom_frag_return(f);
@@ -260,6 +249,8 @@ int mca_btl_ivcom_send(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
     (void) btl;
     f->tag = tag;
     f->endpoint = ep;
+    /* A descriptor the caller keeps may come back to be sent again. */
+    f->sent = 0;
     if (OPAL_UNLIKELY(ep->failed)) {
         return OPAL_ERR_UNREACH;
     }

@@ -512,6 +512,22 @@ size_t ivcom_link_piece(const ivcom_link *link);
 int ivcom_link_try_send(ivcom_link *link, uint8_t tag, const ivcom_iov *iov, size_t n);
 
 /**
+ * Sends what is left of the message `msg` of `len` bytes (any size up to
+ * the peer's largest message) past `*sent` without blocking. On a ring, a
+ * message larger than the pair's records goes as a run of records of at
+ * most `ivcom_link_piece` bytes; on TCP it goes whole. Returns 1 when all
+ * of it went, 0 when the ring filled first (`*sent` says how far it got)
+ * or the TCP send queue is over its bound, negative on error. Call again
+ * with the same message and `sent` (0 at first), and send nothing else on
+ * this link meanwhile: the peer takes the run of records as one message.
+ *
+ * # Safety
+ * `link` valid; `msg` has `len` readable bytes; `sent` valid and at most
+ * `len`.
+ */
+int ivcom_link_try_send_more(ivcom_link *link, uint8_t tag, const uint8_t *msg, size_t len, size_t *sent);
+
+/**
  * 1 when `ivcom_link_try_send` of `len` bytes (at most
  * `ivcom_link_max_inline`) would be accepted now, 0 when the ring is full
  * or the TCP send queue is over its bound, negative on error. Lets a

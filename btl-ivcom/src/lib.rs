@@ -891,6 +891,50 @@ pub unsafe extern "C" fn ivcom_link_try_send(
     })
 }
 
+/// Sends what is left of the message `msg` of `len` bytes (any size up to
+/// the peer's largest message) past `*sent` without blocking. On a ring, a
+/// message larger than the pair's records goes as a run of records of at
+/// most `ivcom_link_piece` bytes; on TCP it goes whole. Returns 1 when all
+/// of it went, 0 when the ring filled first (`*sent` says how far it got)
+/// or the TCP send queue is over its bound, negative on error. Call again
+/// with the same message and `sent` (0 at first), and send nothing else on
+/// this link meanwhile: the peer takes the run of records as one message.
+///
+/// # Safety
+/// `link` valid; `msg` has `len` readable bytes; `sent` valid and at most
+/// `len`.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_try_send_more(
+    link: *mut ivcom_link,
+    tag: u8,
+    msg: *const u8,
+    len: usize,
+    sent: *mut usize,
+) -> c_int {
+    guard(|| {
+        let msg = if len == 0 {
+            &[][..]
+        } else {
+            // SAFETY: readable per contract.
+            unsafe { std::slice::from_raw_parts(msg, len) }
+        };
+        // SAFETY: valid per contract.
+        let sent = unsafe { &mut *sent };
+        if *sent > len {
+            return fail(Error::Invalid(format!(
+                "{} bytes sent of a {len}-byte message",
+                *sent
+            )));
+        }
+        // SAFETY: valid handle, no other reference live (contract).
+        match unsafe { &mut *link }.link.try_send_more(tag, msg, sent) {
+            Ok(true) => 1,
+            Ok(false) => 0,
+            Err(e) => fail(e),
+        }
+    })
+}
+
 /// 1 when `ivcom_link_try_send` of `len` bytes (at most
 /// `ivcom_link_max_inline`) would be accepted now, 0 when the ring is full
 /// or the TCP send queue is over its bound, negative on error. Lets a

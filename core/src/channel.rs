@@ -353,32 +353,43 @@ impl Channel {
         alive: Alive,
     ) -> Result<()> {
         let mut sent = 0;
-        loop {
-            // (read again after each wait: the share changes at a wrap)
-            let max = self.tx.piece();
-            let (tx, bell, stats) = (&mut self.tx, &*self.bell, &mut self.stats);
-            let heard = self.rx.taken();
-            let done = fragment(tag, msg, max, &mut sent, |k, t, parts| {
-                match tx.push_heard(k, t, parts, heard)? {
-                    None => Ok(false),
-                    Some(n) => {
-                        if n {
-                            stats.tx_doorbells += 1;
-                            bell.notify()?;
-                        }
-                        Ok(true)
-                    }
-                }
-            })?;
-            if done {
-                self.stats.tx_msgs += 1;
-                self.stats.tx_bytes += msg.len() as u64;
-                return Ok(());
-            }
+        while !self.try_send_more(tag, msg, &mut sent)? {
             // The payload of the next record (`fits` adds the header).
-            let need = (msg.len() - sent).min(max);
+            let need = (msg.len() - sent).min(self.tx.piece());
             self.wait_writable(need, deadline, alive)?;
         }
+        Ok(())
+    }
+
+    /// Sends what is left of `msg` past `*sent` without blocking, in
+    /// records of at most a piece ([`Channel::piece`], read again at each
+    /// call: the share changes at a wrap), as one record when it fits one.
+    /// `Ok(true)` once all of it is in the ring; `Ok(false)` when the ring
+    /// filled first, with `*sent` saying how far it got. The caller calls
+    /// again with the same message and the same `sent`, and sends nothing
+    /// else on this channel meanwhile: the peer takes the records of a
+    /// fragmented message as one run.
+    pub fn try_send_more(&mut self, tag: u8, msg: &[u8], sent: &mut usize) -> Result<bool> {
+        let max = self.tx.piece();
+        let (tx, bell, stats) = (&mut self.tx, &*self.bell, &mut self.stats);
+        let heard = self.rx.taken();
+        let done = fragment(tag, msg, max, sent, |k, t, parts| {
+            match tx.push_heard(k, t, parts, heard)? {
+                None => Ok(false),
+                Some(n) => {
+                    if n {
+                        stats.tx_doorbells += 1;
+                        bell.notify()?;
+                    }
+                    Ok(true)
+                }
+            }
+        })?;
+        if done {
+            self.stats.tx_msgs += 1;
+            self.stats.tx_bytes += msg.len() as u64;
+        }
+        Ok(done)
     }
 
     /// The next complete message, without blocking: `(tag, pointer, len)`.
@@ -830,6 +841,52 @@ mod tests {
             b.recv(&mut out, None, &mut ok),
             Err(Error::Closed)
         ));
+    }
+
+    #[test]
+    fn a_message_larger_than_the_records_goes_as_a_run_without_blocking() {
+        // 8 KiB rings (records of 4 KiB - 8): messages up to 40 KiB go as
+        // runs of records, resumed each time the receiver made room, with
+        // one-record messages between them; one thread does both sides, so
+        // nothing may block. Every byte and the order are checked.
+        let (mut a, mut b, _dir) = pair(8192);
+        let msgs: Vec<Vec<u8>> = (0..60usize)
+            .map(|i| {
+                let len = if i % 3 == 0 {
+                    40_000 - i * 97
+                } else {
+                    1 + i * 31
+                };
+                (0..len).map(|j| (j * 13 + i * 7) as u8).collect()
+            })
+            .collect();
+        let mut got: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut resumed = 0;
+        for (i, m) in msgs.iter().enumerate() {
+            let mut sent = 0;
+            while !a.try_send_more(i as u8, m, &mut sent).unwrap() {
+                assert!(sent < m.len());
+                resumed += 1;
+                b.poll(4, &mut |t, p| got.push((t, p.to_vec()))).unwrap();
+                b.flush_rx().unwrap();
+            }
+            assert_eq!(sent, m.len());
+        }
+        while got.len() < msgs.len() {
+            assert!(b.poll(4, &mut |t, p| got.push((t, p.to_vec()))).unwrap() > 0);
+        }
+        assert!(resumed > 20, "only {resumed} sends had to wait");
+        for (i, (m, (t, g))) in msgs.iter().zip(&got).enumerate() {
+            assert_eq!(*t, i as u8);
+            assert!(
+                g == m,
+                "message {i}: {} bytes, expected {}",
+                g.len(),
+                m.len()
+            );
+        }
+        assert_eq!(a.stats.tx_msgs, 60);
+        assert_eq!(b.stats.rx_msgs, 60);
     }
 
     #[test]

@@ -232,6 +232,25 @@ impl Link {
         r.map_err(|e| self.ctx(e))
     }
 
+    /// Sends what is left of `msg` of any size (up to the peer's largest
+    /// message) past `*sent` without blocking: on the ring in records of at
+    /// most a piece when it does not fit one ([`Channel::try_send_more`]),
+    /// on TCP whole. `Ok(true)` once all of it went; `Ok(false)` when the
+    /// ring filled first (`*sent` says how far it got) or the TCP send
+    /// queue is over its bound (nothing sent). Call again with the same
+    /// message and `sent`, sending nothing else on this link meanwhile.
+    pub fn try_send_more(&mut self, tag: u8, msg: &[u8], sent: &mut usize) -> Result<bool> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.try_send_more(tag, msg, sent),
+            Imp::Tcp(t) => t.try_send(tag, &[msg]).inspect(|&ok| {
+                if ok {
+                    *sent = msg.len();
+                }
+            }),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
     /// True when a [`Link::try_send`] of `len` bytes (at most
     /// [`Link::max_inline`]) would be accepted now.
     pub fn can_send(&mut self, len: usize) -> Result<bool> {
