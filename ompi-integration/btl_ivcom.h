@@ -97,6 +97,7 @@ typedef struct mca_btl_ivcom_component_t {
     char *host_dir;
     unsigned long ring_size;
     unsigned long max_record;
+    unsigned long min_record;
     unsigned long shm_limit;
     unsigned long ring_budget;
     unsigned long piece_size;

@@ -167,7 +167,7 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
     uint32_t iov_count = 1;
     size_t max = *size;
     size_t limit = MODULE->btl_max_send_size;
-    bool keep, ready, placed = false, ring = false;
+    bool keep, ready, placed = false, ring = false, too_big = false;
     int failed = 0;
     (void) btl;
     (void) order;
@@ -191,6 +191,13 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
                 limit = piece;
             }
         }
+        /* Never below the eager limit: ob1 sends an eager message whole
+         * (its match header and all of its data in one descriptor). On
+         * rings shrunk below it (a crowded grant pool) such a descriptor
+         * is a private buffer that goes as a run of records. */
+        if (limit < MODULE->btl_eager_limit) {
+            limit = MODULE->btl_eager_limit;
+        }
     }
     if (reserve < limit) {
         if (reserve + max > limit) {
@@ -198,6 +205,7 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
         }
         if (ready) {
             max = cut_piece(ep, reserve, max, limit, &failed);
+            too_big = reserve + max > ep->max_send;
         }
         if (!keep) {
             placed = mca_btl_ivcom_frag_ring(ep, f, reserve + max);
@@ -215,9 +223,10 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
          * pending and retries from its progress, instead of this BTL
          * packing into a private buffer that waits in a queue (an extra
          * copy and unbounded memory while a fast sender outruns the
-         * receiver). TCP links, the self endpoint and descriptors the
-         * caller keeps always pack into a private buffer. */
-        if (ring && !keep) {
+         * receiver). TCP links, the self endpoint, descriptors the caller
+         * keeps and descriptors larger than the pair's records (bounded
+         * by ob1's pipeline depth) always pack into a private buffer. */
+        if (ring && !keep && !too_big) {
             mca_btl_ivcom_frag_return(f);
             return NULL;
         }
@@ -376,9 +385,6 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
     size_t total = header_size + payload_size;
     uint8_t *dst = NULL;
     int rc, failed = 0, out = OPAL_SUCCESS;
-    (void) btl;
-    (void) order;
-    (void) flags;
     if (NULL != descriptor) {
         *descriptor = NULL;
     }
@@ -390,7 +396,18 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
         UNLOCK(ep);
         return report(ep, failed, OPAL_ERR_UNREACH);
     }
-    if (NULL != ep->reserved || !opal_list_is_empty(&ep->pending) || total > ep->max_send) {
+    if (OPAL_UNLIKELY(total > ep->max_send)) {
+        /* Larger than this pair's records (a ring shrunk below the eager
+         * limit): ob1 sends the descriptor a failed sendi returns, and
+         * without one it would only try sendi again. A private buffer,
+         * which goes as a run of records. */
+        UNLOCK(ep);
+        if (NULL != descriptor) {
+            *descriptor = mca_btl_ivcom_alloc(btl, ep, order, total, flags);
+        }
+        return OPAL_ERR_RESOURCE_BUSY;
+    }
+    if (NULL != ep->reserved || !opal_list_is_empty(&ep->pending)) {
         UNLOCK(ep);
         return OPAL_ERR_RESOURCE_BUSY;
     }

@@ -187,6 +187,8 @@ fn bad_mca_values_are_rejected_by_name() {
         ("btl_ivcom_connect_timeout", "0"),
         // (Open MPI reads it as 2^64 - 5: no budget, were it not refused)
         ("btl_ivcom_ring_budget", "-5"),
+        ("btl_ivcom_min_record", "512"),
+        ("btl_ivcom_min_record", "-1"),
     ] {
         let mut c = mpirun(2, "ivcom,self");
         c.args(["--mca", param, value]).arg(bin("ivcom-integrity"));
@@ -246,6 +248,7 @@ fn ompi_info_lists_the_component_and_its_parameters() {
         "btl_ivcom_shm_limit",
         "btl_ivcom_ring_budget",
         "btl_ivcom_piece_size",
+        "btl_ivcom_min_record",
     ] {
         assert!(r.stdout.contains(p), "{p} missing:\n{}", r.stdout);
     }
@@ -381,21 +384,20 @@ fn killed_rank_aborts_the_job_quickly_and_leaves_nothing() {
 }
 
 /// The integrity program on 2 ranks whose host backend may share at most
-/// `limit` bytes of rings at once; it must pass.
-fn integrity_with_share_limit(tag: &str, limit: &str) -> (HostDir, Run) {
+/// `limit` bytes of rings at once, with `extra` arguments; it must pass.
+fn integrity_with_share_limit(tag: &str, extra: &[&str], limit: &str) -> (HostDir, Run) {
     require_component();
     let dir = HostDir::new(tag);
-    let r = integrity(
-        2,
-        &[
-            "--mca",
-            "btl_ivcom_host_dir",
-            dir.path(),
-            "--mca",
-            "btl_ivcom_shm_limit",
-            limit,
-        ],
-    );
+    let mut args = vec![
+        "--mca",
+        "btl_ivcom_host_dir",
+        dir.path(),
+        "--mca",
+        "btl_ivcom_shm_limit",
+        limit,
+    ];
+    args.extend_from_slice(extra);
+    let r = integrity(2, &args);
     assert!(
         r.ok() && r.stdout.contains("INTEGRITY PASS"),
         "{}",
@@ -408,7 +410,7 @@ fn integrity_with_share_limit(tag: &str, limit: &str) -> (HostDir, Run) {
 fn no_room_for_a_ring_falls_back_to_tcp_with_one_warning() {
     // 64 KiB cannot hold the smallest pair of rings with records of the
     // eager limit (2 x (32 + 4) KiB): TCP, said once.
-    let (dir, r) = integrity_with_share_limit("nospace", "65536");
+    let (dir, r) = integrity_with_share_limit("nospace", &[], "65536");
     assert_paths(&r, 2, |_, _| "tcp");
     let warnings = r.stderr.matches("could not be given a shared ring").count()
         + r.stderr.matches("co-resident peer").count();
@@ -431,8 +433,8 @@ fn no_room_for_a_ring_falls_back_to_tcp_with_one_warning() {
 
 /// The integrity program under a share limit: both ranks on a ring whose
 /// path line names `geometry` (the rings the pair shrank to).
-fn rings_fit_a_share_limit(tag: &str, limit: &str, geometry: &str) {
-    let (dir, r) = integrity_with_share_limit(tag, limit);
+fn rings_fit_a_share_limit(tag: &str, extra: &[&str], limit: &str, geometry: &str) {
+    let (dir, r) = integrity_with_share_limit(tag, extra, limit);
     assert_paths(&r, 2, |_, _| "ring");
     let lines = path_lines(&r.stderr);
     assert!(
@@ -447,7 +449,12 @@ fn rings_fit_a_share_limit(tag: &str, limit: &str, geometry: &str) {
 fn rings_shrink_to_fit_the_share_limit() {
     // 3 MiB cannot hold a pair's 4 MiB or 2 MiB rings (8 or 4 MiB + 8 KiB), but holds
     // 1 MiB rings: the pair gets those instead of TCP, and says so.
-    rings_fit_a_share_limit("shrink", "3145728", "rings of 1024 KiB, records of 64 KiB");
+    rings_fit_a_share_limit(
+        "shrink",
+        &[],
+        "3145728",
+        "rings of 1024 KiB, records of 64 KiB",
+    );
 }
 
 #[test]
@@ -457,7 +464,38 @@ fn records_shrink_when_even_the_smallest_rings_with_full_records_do_not_fit() {
     // (136 KiB a pair); 32 KiB rings with records of 16 KiB - 8 (72 KiB a
     // pair) do. The pair stays on a ring, and ob1's 16 MiB messages
     // travel in the smaller pieces prepare_src packs.
-    rings_fit_a_share_limit("records", "102400", "rings of 32 KiB, records of 15 KiB");
+    rings_fit_a_share_limit(
+        "records",
+        &[],
+        "102400",
+        "rings of 32 KiB, records of 15 KiB",
+    );
+}
+
+#[test]
+fn records_shrink_below_the_eager_limit_down_to_btl_ivcom_min_record() {
+    // With btl_ivcom_min_record 1024, 64 KiB holds 16 KiB rings with
+    // records of 8 KiB - 8 (40 KiB a pair), 16 KiB only the smallest rings:
+    // 4 KiB with records of 2040 bytes; 12 KiB not even those (TCP). Below
+    // the eager limit (8 KiB + 128), ob1's eager messages, its rendezvous
+    // pieces and the integrity program's messages up to 16 MiB go as runs
+    // of records, every byte checked. (With the default floor, the eager
+    // limit, 64 KiB leaves the pair on TCP: the test above.)
+    let small = ["--mca", "btl_ivcom_min_record", "1024"];
+    rings_fit_a_share_limit(
+        "small16",
+        &small,
+        "65536",
+        "rings of 16 KiB, records of 7 KiB",
+    );
+    rings_fit_a_share_limit(
+        "small4",
+        &small,
+        "16384",
+        "rings of 4 KiB, records of 1 KiB",
+    );
+    let (_dir, r) = integrity_with_share_limit("small0", &small, "12288");
+    assert_paths(&r, 2, |_, _| "tcp");
 }
 
 #[test]
