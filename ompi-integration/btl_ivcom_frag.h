@@ -20,7 +20,8 @@ typedef struct mca_btl_ivcom_frag_t {
     bool in_ring;           /* segment points at the link's reservation */
     size_t sent;            /* bytes of a message larger than the pair's
                                records already in the ring (it waits at the
-                               head of the pending list for the rest) */
+                               head of the pending list for the rest); set
+                               by mca_btl_ivcom_send */
     mca_btl_base_tag_t tag;
 } mca_btl_ivcom_frag_t;
 OBJ_CLASS_DECLARATION(mca_btl_ivcom_frag_t);
@@ -32,7 +33,6 @@ static inline mca_btl_ivcom_frag_t *mca_btl_ivcom_frag_get(mca_btl_base_endpoint
     if (NULL != f) {
         f->endpoint = ep;
         f->in_ring = false;
-        f->sent = 0;
         f->base.des_cbfunc = NULL;
         f->base.des_cbdata = NULL;
         f->base.des_flags = 0;

@@ -258,7 +258,9 @@ int mca_btl_ivcom_send(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
     (void) btl;
     f->tag = tag;
     f->endpoint = ep;
-    /* A descriptor the caller keeps may come back to be sent again. */
+    /* Every send starts at the message's beginning (a descriptor the
+     * caller keeps comes back here to be sent again); only the pending
+     * list resumes a run. */
     f->sent = 0;
     if (OPAL_UNLIKELY(ep->failed)) {
         return OPAL_ERR_UNREACH;
