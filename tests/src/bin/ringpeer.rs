@@ -179,6 +179,7 @@ fn main() {
     let (base, geo) = link.raw_tx_ring().expect("a ring link");
     let mut r = Raw { base, geo, prod: 0 };
     // Well-formed traffic first: the victim delivers and checks it.
+    // tests/tests/trust.rs knows this count (RINGPEER_GOOD_MESSAGES).
     let good = 20u64;
     for i in 0..good {
         r.record(kind::MSG, 1, &data_msg(i, 64));
