@@ -132,6 +132,15 @@ fn words(region: &dyn Region, geo: Geometry, offerer: bool) -> (*mut u8, *mut u8
     (tx, rx, w)
 }
 
+/// How long a sending ring's pages past [`ring::KEEP_BYTES`] stay unused
+/// before it gives them back, where the backend allows it
+/// ([`Region::gives_pages_back`]): a stream of large messages grows a
+/// ring to megabytes, which a pair that went back to small messages no
+/// longer needs. A second keeps a pause inside a stream (a compute phase
+/// between two exchanges is usually shorter) from paying its page faults
+/// again; giving back costs one system call.
+pub const GIVE_BACK_AFTER: Duration = Duration::from_secs(1);
+
 /// Bytes of shared memory a channel with `geo` rings needs.
 pub fn region_bytes(geo: Geometry) -> usize {
     2 * geo.ring_bytes()
@@ -152,11 +161,14 @@ impl Channel {
         let (region, grant) = hv.share(peer, len)?;
         let (tx, rx, w) = words(&*region, geo, true);
         // SAFETY: a fresh private region of two rings; nobody else maps it yet.
-        let (txp, rxc) = unsafe {
+        let (mut txp, rxc) = unsafe {
             ring::init(tx, geo, nonce);
             ring::init(rx, geo, nonce);
             (Producer::new(tx, geo)?, Consumer::new(rx, geo)?)
         };
+        if region.gives_pages_back() {
+            txp.give_back_idle_pages(GIVE_BACK_AFTER);
+        }
         let (bell, bell_desc) = hv.bell_offer(peer, w)?;
         Ok(Offer {
             channel: Channel::assemble(txp, rxc, bell, region, geo),
@@ -186,6 +198,10 @@ impl Channel {
             }
             (Producer::new(tx, geo)?, Consumer::new(rx, geo)?, n0)
         };
+        let mut txp = txp;
+        if region.gives_pages_back() {
+            txp.give_back_idle_pages(GIVE_BACK_AFTER);
+        }
         let bell = hv.bell_accept(peer, bell, w)?;
         Ok((Channel::assemble(txp, rxc, bell, region, geo), nonce))
     }
@@ -887,6 +903,203 @@ mod tests {
         }
         assert_eq!(a.stats.tx_msgs, 60);
         assert_eq!(b.stats.rx_msgs, 60);
+    }
+
+    /// Pages of the sending ring's data area past `ring::KEEP_BYTES` that
+    /// are resident (`mincore`: in the memfd's page cache).
+    fn tail_resident(c: &Channel) -> usize {
+        let (base, geo) = c.raw_tx_ring();
+        let keep = ring::KEEP_BYTES as usize;
+        let len = geo.data_size as usize - keep;
+        let mut v = vec![0u8; len / 4096];
+        // SAFETY: a page-aligned range of the ring's mapping; `v` holds a
+        // byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                base.add(ring::CTRL_BYTES + keep).cast(),
+                len,
+                v.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        v.iter().filter(|&&b| b & 1 != 0).count()
+    }
+
+    /// Message `i` of `len` bytes: its index, then bytes that depend on
+    /// both (a message delivered from the wrong place or a zeroed page
+    /// differs).
+    fn numbered(i: usize, len: usize) -> Vec<u8> {
+        let mut m: Vec<u8> = (0..len).map(|j| (j * 31 + i * 7 + 1) as u8).collect();
+        let n = (i as u32).to_le_bytes();
+        let k = len.min(4);
+        m[..k].copy_from_slice(&n[..k]);
+        m
+    }
+
+    #[test]
+    fn a_ring_gives_its_idle_pages_back_and_grows_again_intact() {
+        // 1 MiB rings, one thread doing both sides. Large messages (60 KB,
+        // one record each) with the receiver a burst behind run the ring
+        // through its whole data area; small ones that the receiver takes
+        // at once, each batch answered (as ob1's acknowledgements do: the
+        // sender looks for an early wrap when it heard from its peer and
+        // the clock moved), wrap early. Three cycles of large then small;
+        // every message checked.
+        let (mut a, mut b, _dir) = pair(1 << 20);
+        a.tx.give_back_idle_pages(Duration::from_millis(30));
+        let mut next = 0usize;
+        let mut in_flight: std::collections::VecDeque<Vec<u8>> = Default::default();
+        // Sends `n` messages of `len` bytes, then takes all but the last
+        // `lag` messages sent (in order, every byte checked).
+        let mut step = |a: &mut Channel, b: &mut Channel, n: usize, len: usize, lag: usize| {
+            for _ in 0..n {
+                let m = numbered(next, len);
+                assert!(a.try_send_parts(1, &[&m]).unwrap(), "ring full at {next}");
+                in_flight.push_back(m);
+                next += 1;
+            }
+            while in_flight.len() > lag {
+                let mut got = Vec::new();
+                assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
+                let m = in_flight.pop_front().unwrap();
+                assert!(
+                    got[0] == m,
+                    "a message of {} bytes arrived changed",
+                    m.len()
+                );
+            }
+            b.flush_rx().unwrap();
+            // the answer
+            assert!(b.try_send_parts(2, &[b"ack"]).unwrap());
+            let mut acks = 0;
+            while acks == 0 {
+                acks = a
+                    .poll(16, &mut |t, p| {
+                        assert_eq!((t, p.to_vec()), (2, b"ack".to_vec()))
+                    })
+                    .unwrap();
+            }
+            a.flush_rx().unwrap();
+        };
+        // Large messages with the receiver a burst behind: no look finds
+        // the ring empty, so records run through the whole data area.
+        let stream = |step: &mut dyn FnMut(&mut Channel, &mut Channel, usize, usize, usize),
+                      a: &mut Channel,
+                      b: &mut Channel| {
+            for _ in 0..12 {
+                step(a, b, 4, 60_000, 4);
+            }
+            step(a, b, 0, 0, 0);
+        };
+        for cycle in 0..3u64 {
+            stream(&mut step, &mut a, &mut b);
+            assert!(
+                tail_resident(&a) > 200,
+                "cycle {cycle}: the stream did not grow the ring"
+            );
+            assert_eq!(a.tx.pages_given_back(), cycle);
+            // Small messages the receiver keeps up with, in batches a clock
+            // tick or more apart: the first lap after the stream ends past
+            // the kept area, the next ones wrap early below it, and the
+            // first early wrap 30 ms after that far lap gives the pages
+            // back.
+            let t = Instant::now();
+            while a.tx.pages_given_back() == cycle {
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "cycle {cycle}: never gave back: {}",
+                    a.tx.dbg()
+                );
+                for _ in 0..200 {
+                    step(&mut a, &mut b, 1, 100, 0);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(a.tx.pages_given_back(), cycle + 1, "cycle {cycle}");
+            assert_eq!(
+                tail_resident(&a),
+                0,
+                "cycle {cycle}: pages past the kept area stayed"
+            );
+        }
+        // Before the delay has passed the pages stay.
+        a.tx.give_back_idle_pages(Duration::from_secs(30));
+        stream(&mut step, &mut a, &mut b);
+        for _ in 0..2000 {
+            step(&mut a, &mut b, 1, 100, 0);
+        }
+        assert_eq!(a.tx.pages_given_back(), 3);
+        assert!(tail_resident(&a) > 200);
+    }
+
+    #[test]
+    fn a_stream_of_100000_messages_that_grows_and_gives_back_its_ring_arrives_intact() {
+        // Two threads; the sender gives pages back as soon as a far lap
+        // ended (no delay) and alternates bursts of large messages (whole
+        // records and runs of them) with bursts of small ones and short
+        // pauses, so that the ring grows and gives back over and over while
+        // the receiver runs behind or keeps up. Every byte and the order
+        // are checked.
+        let (mut a, mut b, _dir) = pair(1 << 20);
+        a.tx.give_back_idle_pages(Duration::ZERO);
+        const N: usize = 100_000;
+        let len_of = |i: usize| -> usize {
+            match (i / 500) % 4 {
+                0 => 40_000 + (i * 977) % 200_000,
+                1 | 2 => 1 + (i * 131) % 900,
+                _ => (i * 7919) % 20_000,
+            }
+        };
+        std::thread::scope(|s| {
+            let h = s.spawn(|| {
+                let mut ok = || Ok(());
+                let mut out = Vec::new();
+                for i in 0..N {
+                    assert_eq!(b.recv(&mut out, None, &mut ok).unwrap(), 2);
+                    assert!(out == numbered(i, len_of(i)), "message {i} arrived changed");
+                    // an answer per 64 (as osu_bw's window): what the
+                    // sender hears from its peer prompts its looks for an
+                    // early wrap
+                    if i % 64 == 63 {
+                        b.send(3, b"ack", None, &mut ok).unwrap();
+                    }
+                }
+            });
+            let mut ok = || Ok(());
+            let mut acks = 0usize;
+            for i in 0..N {
+                a.send(2, &numbered(i, len_of(i)), None, &mut ok).unwrap();
+                acks += a
+                    .poll(16, &mut |t, p| {
+                        assert_eq!((t, p.to_vec()), (3, b"ack".to_vec()))
+                    })
+                    .unwrap();
+                a.flush_rx().unwrap();
+                // In the first small burst of each four the sender waits
+                // for each window's answer and a clock tick, as a sender
+                // between two phases of an exchange: its ring is then
+                // empty, and its next record looks and wraps early, below
+                // the kept area.
+                if (i / 500) % 4 == 1 && i % 64 == 63 {
+                    while acks < (i + 1) / 64 {
+                        let mut out = Vec::new();
+                        assert_eq!(a.recv(&mut out, None, &mut ok).unwrap(), 3);
+                        acks += 1;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            h.join().unwrap();
+        });
+        eprintln!(
+            "the ring gave its pages back {} times",
+            a.tx.pages_given_back()
+        );
+        assert!(
+            a.tx.pages_given_back() >= 10,
+            "gave back only {} times",
+            a.tx.pages_given_back()
+        );
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub const MIN_PIECE: usize = (24 << 10) / 2 - 2 * RECORD_HEADER;
 /// Producer progress between two looks at the consumer index for an early
 /// wrap while the ring is not empty.
 const REWIND_STRIDE: u64 = 16 << 10;
+/// A ring that gives idle pages back ([`Producer::give_back_idle_pages`])
+/// keeps the first this many bytes of its data area: the records of a
+/// producer whose consumer keeps up stay below [`REWIND_AT`].
+pub const KEEP_BYTES: u64 = 64 << 10;
 
 /// The coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`: a few nanoseconds
 /// to read, no system call; it advances once per kernel tick, 1 to 10 ms),
@@ -390,8 +394,15 @@ pub struct Producer {
     /// small rings).
     rewind_at: u64,
     /// Offset in this lap at which to look at the consumer index next for
-    /// an early wrap (`rewind_at` at the start of each lap, 16 KiB further
-    /// on after each look that found the ring not empty).
+    /// an early wrap: `rewind_at` at first, 16 KiB further on after each
+    /// look that found the ring not empty. A lap that begins after a
+    /// padding record keeps it (only one whose last record ended exactly
+    /// at the end of the data area starts over at `rewind_at`), so a
+    /// one-way stream that once ran on past 16 KiB keeps its larger laps
+    /// until a look finds the ring empty: measured faster for streams of
+    /// 512 B to 64 KiB than starting each lap over (0.65-0.88 of this,
+    /// docs/PERFORMANCE.md). Looks prompted by the peer's traffic
+    /// (`heard`) still come anywhere past `rewind_at`.
     look_at: u64,
     /// The caller's `heard` count when `rewind` last read the clock (every
     /// look reads it).
@@ -409,6 +420,18 @@ pub struct Producer {
     large: bool,
     /// Furthest offset written in a lap that has ended (see `reach`).
     reach: u64,
+    /// Gives the pages past [`KEEP_BYTES`] back to the backend once no lap
+    /// has written there for this many nanoseconds (see
+    /// [`Producer::give_back_idle_pages`]); `None`: never.
+    give_back: Option<u64>,
+    /// [`coarse_ticks`] when a lap last ended past [`KEEP_BYTES`] (0: no
+    /// lap has written there since the pages were last given back).
+    far_at: u64,
+    /// Producer index at the start of the last lap that ended exactly at
+    /// the end of the data area (seen once per lap).
+    end_lap: u64,
+    /// How many times pages were given back.
+    given_back: u64,
     broken: Option<Violation>,
 }
 
@@ -447,8 +470,70 @@ impl Producer {
             budget: None,
             large: false,
             reach: 0,
+            give_back: None,
+            far_at: 0,
+            end_lap: 0,
+            given_back: 0,
             broken: None,
         })
+    }
+
+    /// Lets this producer give the pages of its data area past
+    /// [`KEEP_BYTES`] back to the backend (`MADV_REMOVE`: they read as
+    /// zeros, which is "no record", and come back, zeroed, with their next
+    /// write) when it finds the ring empty at an early wrap below
+    /// `KEEP_BYTES` and no lap has written past it for `after`. A stream
+    /// of large messages grows a ring to megabytes; this hands them back
+    /// after the stream, at the first early wrap `after` it ended. Only
+    /// for memory that the backend lets either side free (the host
+    /// backend's memfds; not Xen's granted pages), and only for rings
+    /// larger than `KEEP_BYTES`. Neither side reads or writes there at
+    /// that moment: the consumer has taken everything, and the next record
+    /// of either lap lies below it.
+    pub fn give_back_idle_pages(&mut self, after: std::time::Duration) {
+        if self.v.size() > KEEP_BYTES && self.rewind_at != u64::MAX {
+            self.give_back = Some(after.as_nanos().min(u64::MAX as u128) as u64);
+        }
+    }
+
+    /// The producer's indexes and give-back state, for test messages.
+    #[cfg(test)]
+    pub(crate) fn dbg(&self) -> String {
+        format!(
+            "prod={} cons={} look_at={} wrap_at={} far_at={} given_back={}",
+            self.prod, self.cons, self.look_at, self.wrap_at, self.far_at, self.given_back
+        )
+    }
+    /// How many times this producer gave pages back.
+    pub fn pages_given_back(&self) -> u64 {
+        self.given_back
+    }
+
+    /// Notes a lap that ended past [`KEEP_BYTES`], for the give-back.
+    #[cold]
+    fn went_far(&mut self) {
+        self.far_at = coarse_ticks().max(1);
+    }
+
+    /// Gives the data area past [`KEEP_BYTES`] back (the caller found the
+    /// ring empty, its next records below it).
+    #[cold]
+    fn give_pages_back(&mut self) {
+        let keep = KEEP_BYTES as usize;
+        // SAFETY: KEEP_BYTES < size: the range lies inside the data area,
+        // which starts page aligned (the mapping is, and CTRL_BYTES is a
+        // page); nothing reads it as Rust memory.
+        let p = unsafe { self.v.data().add(keep) };
+        let len = self.v.size() as usize - keep;
+        // SAFETY: a page-aligned range of this producer's shared mapping.
+        let rc = unsafe { libc::madvise(p.cast(), len, libc::MADV_REMOVE) };
+        if rc != 0 {
+            // The backend's memory cannot be freed this way: keep it.
+            self.give_back = None;
+            return;
+        }
+        self.far_at = 0;
+        self.given_back += 1;
     }
 
     /// Puts this producer under `budget` (see [`Budget`]).
@@ -598,6 +683,11 @@ impl Producer {
         if pos == 0 {
             // a new lap
             self.look_at = self.rewind_at;
+            if self.give_back.is_some() && self.prod != 0 && self.prod != self.end_lap {
+                // the last lap ran to the end of the data area
+                self.end_lap = self.prod;
+                self.went_far();
+            }
             return Ok(());
         }
         let end = pos + total;
@@ -625,6 +715,14 @@ impl Producer {
             }
         }
         // The ring is empty, so the space is free.
+        if let Some(after) = self.give_back {
+            if self.far_at != 0
+                && pos + RECORD_HEADER as u64 <= KEEP_BYTES
+                && now.wrapping_sub(self.far_at) >= after
+            {
+                self.give_pages_back();
+            }
+        }
         self.pad_to_end(pos);
         Ok(())
     }
@@ -637,6 +735,9 @@ impl Producer {
         debug_assert!(pos > 0, "a padding record never starts at offset 0");
         let contig = self.v.size() - pos;
         self.reach = self.reach.max(pos + RECORD_HEADER as u64);
+        if self.give_back.is_some() && pos + RECORD_HEADER as u64 > KEEP_BYTES {
+            self.went_far();
+        }
         let pad = crate::record::encode((contig - RECORD_HEADER as u64) as u32, kind::PAD, 0);
         // The next lap's first slot reads "empty" before the padding record
         // that leads to it is visible (the caller found it free).

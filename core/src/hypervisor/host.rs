@@ -450,6 +450,11 @@ impl Region for HostRegion {
     fn peer_attached(&self) {
         self.drop_handover();
     }
+    /// A memfd (shmem): a hole punched through either mapping frees the
+    /// pages for both.
+    fn gives_pages_back(&self) -> bool {
+        true
+    }
 
     /// Hands the region to the one connection that presents the token,
     /// until `deadline` or until `abort` (the handshake connection) turns

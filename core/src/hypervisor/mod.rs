@@ -92,6 +92,12 @@ pub trait Region: Send + Sync {
     /// The peer has proved that it mapped the region: drop whatever name
     /// still lets a third party find it.
     fn peer_attached(&self) {}
+    /// Whether either side may give pages of the region back to the
+    /// backend while both keep it mapped (`MADV_REMOVE`: they read as
+    /// zeros until written again). Granted pages may not.
+    fn gives_pages_back(&self) -> bool {
+        false
+    }
     /// The sharer's part of the peer's map, where the backend needs one
     /// (the host backend hands its memfd over a socket): serves the peer
     /// until `deadline`, or until `abort` (the handshake connection) is
