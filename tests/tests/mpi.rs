@@ -229,6 +229,52 @@ fn a_small_ring_budget_keeps_every_ring_within_its_share() {
     }
 }
 
+/// A pair whose sending ring grew to megabytes with a stream of 4 MiB
+/// messages gives those pages back once it only exchanges small messages
+/// for a second and more (tests/c/ivcom-giveback.c: every byte of the
+/// stream and every value of the ping-pongs checked; the sender's
+/// resident ring memory read from /proc/self/smaps).
+#[test]
+fn a_ring_grown_by_a_stream_gives_its_pages_back_in_a_real_job() {
+    require_component();
+    let dir = repo().join(format!("target/giveback{}", ompi_major()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prog = dir.join("ivcom-giveback");
+    let r = run(
+        Command::new("mpicc")
+            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&prog)
+            .arg(repo().join("tests/c/ivcom-giveback.c")),
+        Duration::from_secs(120),
+    );
+    assert!(r.ok(), "mpicc ivcom-giveback.c:\n{}", r.text());
+    let mut c = mpirun(2, "ivcom,self");
+    c.args(["--mca", "btl_ivcom_verbose", "1"]).arg(&prog);
+    let r = run(&mut c, LIMIT);
+    assert!(r.ok(), "{}", r.text());
+    assert_paths(&r, 2, |_, _| "ring");
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("GIVEBACK PASS"))
+        .unwrap_or_else(|| panic!("no GIVEBACK line:\n{}", r.text()));
+    let kib = |key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    let (before, stream, after) = (kib("before="), kib("after_stream="), kib("after_pingpong="));
+    // The stream grows the sending ring to (nearly) all of its 4 MiB; the
+    // ping-pongs keep it within its first 64 KiB, and the rest goes back.
+    assert!(
+        stream >= before + 2048,
+        "the stream did not grow the ring: {line}"
+    );
+    assert!(after <= before + 256, "the ring kept its pages: {line}");
+    eprintln!("{line}");
+}
+
 #[test]
 fn ompi_info_lists_the_component_and_its_parameters() {
     require_component();
