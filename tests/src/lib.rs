@@ -16,6 +16,24 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
+/// Builds the C MPI program `tests/c/<name>.c` with this Open MPI's
+/// `mpicc` (warnings are errors) into `target/<name>-<series>/` and returns
+/// its path.
+pub fn mpicc_program(name: &str) -> PathBuf {
+    let dir = repo().join(format!("target/{name}-{}", ompi_major()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    let r = run(
+        Command::new("mpicc")
+            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(&out)
+            .arg(repo().join(format!("tests/c/{name}.c"))),
+        Duration::from_secs(120),
+    );
+    assert!(r.ok(), "mpicc {name}.c:\n{}", r.text());
+    out
+}
+
 /// Major version of the Open MPI on this machine (or in this root): 4 or 5.
 pub fn ompi_major() -> u32 {
     static MAJOR: std::sync::OnceLock<u32> = std::sync::OnceLock::new();

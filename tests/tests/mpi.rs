@@ -237,17 +237,7 @@ fn a_small_ring_budget_keeps_every_ring_within_its_share() {
 #[test]
 fn a_ring_grown_by_a_stream_gives_its_pages_back_in_a_real_job() {
     require_component();
-    let dir = repo().join(format!("target/giveback{}", ompi_major()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let prog = dir.join("ivcom-giveback");
-    let r = run(
-        Command::new("mpicc")
-            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&prog)
-            .arg(repo().join("tests/c/ivcom-giveback.c")),
-        Duration::from_secs(120),
-    );
-    assert!(r.ok(), "mpicc ivcom-giveback.c:\n{}", r.text());
+    let prog = mpicc_program("ivcom-giveback");
     let mut c = mpirun(2, "ivcom,self");
     c.args(["--mca", "btl_ivcom_verbose", "1"]).arg(&prog);
     let r = run(&mut c, LIMIT);

@@ -14,7 +14,6 @@
 
 use ivcom_tests::*;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -23,21 +22,7 @@ const LIMIT: Duration = Duration::from_secs(180);
 /// The RMA program, built once per run with this Open MPI's mpicc.
 fn rma_program() -> PathBuf {
     static PROG: OnceLock<PathBuf> = OnceLock::new();
-    PROG.get_or_init(|| {
-        let dir = repo().join(format!("target/rma{}", ompi_major()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("ivcom-rma");
-        let r = run(
-            Command::new("mpicc")
-                .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
-                .arg(&out)
-                .arg(repo().join("tests/c/ivcom-rma.c")),
-            Duration::from_secs(120),
-        );
-        assert!(r.ok(), "mpicc ivcom-rma.c:\n{}", r.text());
-        out
-    })
-    .clone()
+    PROG.get_or_init(|| mpicc_program("ivcom-rma")).clone()
 }
 
 /// osc component arguments for this series (see the module comment).
