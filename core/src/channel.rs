@@ -136,9 +136,9 @@ fn words(region: &dyn Region, geo: Geometry, offerer: bool) -> (*mut u8, *mut u8
 /// before it gives them back, where the backend allows it
 /// ([`Region::gives_pages_back`]): a stream of large messages grows a
 /// ring to megabytes, which a pair that went back to small messages no
-/// longer needs. A second keeps a pause inside a stream (a compute phase
-/// between two exchanges is usually shorter) from paying its page faults
-/// again; giving back costs one system call.
+/// longer needs. Giving back costs one system call, and a later stream
+/// pays a page fault per page it writes again; a second keeps pauses
+/// shorter than that from paying it. (Not measured against other delays.)
 pub const GIVE_BACK_AFTER: Duration = Duration::from_secs(1);
 
 /// Bytes of shared memory a channel with `geo` rings needs.
@@ -161,14 +161,11 @@ impl Channel {
         let (region, grant) = hv.share(peer, len)?;
         let (tx, rx, w) = words(&*region, geo, true);
         // SAFETY: a fresh private region of two rings; nobody else maps it yet.
-        let (mut txp, rxc) = unsafe {
+        let (txp, rxc) = unsafe {
             ring::init(tx, geo, nonce);
             ring::init(rx, geo, nonce);
             (Producer::new(tx, geo)?, Consumer::new(rx, geo)?)
         };
-        if region.gives_pages_back() {
-            txp.give_back_idle_pages(GIVE_BACK_AFTER);
-        }
         let (bell, bell_desc) = hv.bell_offer(peer, w)?;
         Ok(Offer {
             channel: Channel::assemble(txp, rxc, bell, region, geo),
@@ -198,21 +195,20 @@ impl Channel {
             }
             (Producer::new(tx, geo)?, Consumer::new(rx, geo)?, n0)
         };
-        let mut txp = txp;
-        if region.gives_pages_back() {
-            txp.give_back_idle_pages(GIVE_BACK_AFTER);
-        }
         let bell = hv.bell_accept(peer, bell, w)?;
         Ok((Channel::assemble(txp, rxc, bell, region, geo), nonce))
     }
 
     fn assemble(
-        tx: Producer,
+        mut tx: Producer,
         rx: Consumer,
         bell: Box<dyn Doorbell>,
         region: Box<dyn Region>,
         geo: Geometry,
     ) -> Channel {
+        if region.gives_pages_back() {
+            tx.give_back_idle_pages(GIVE_BACK_AFTER);
+        }
         Channel {
             tx,
             rx,

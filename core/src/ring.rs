@@ -489,9 +489,10 @@ impl Producer {
     /// backend's memfds; not Xen's granted pages), and only for rings
     /// larger than `KEEP_BYTES`. Neither side reads or writes there at
     /// that moment: the consumer has taken everything, and the next record
-    /// of either lap lies below it.
+    /// of either lap lies below it. (Such rings are larger than 64 KiB, so
+    /// they also wrap early: `rewind_at` is set.)
     pub fn give_back_idle_pages(&mut self, after: std::time::Duration) {
-        if self.v.size() > KEEP_BYTES && self.rewind_at != u64::MAX {
+        if self.v.size() > KEEP_BYTES {
             self.give_back = Some(after.as_nanos().min(u64::MAX as u128) as u64);
         }
     }
@@ -504,6 +505,7 @@ impl Producer {
             self.prod, self.cons, self.look_at, self.wrap_at, self.far_at, self.given_back
         )
     }
+
     /// How many times this producer gave pages back.
     pub fn pages_given_back(&self) -> u64 {
         self.given_back
