@@ -575,6 +575,13 @@ impl Channel {
         }
     }
 
+    /// For a caller's idle moments (a poll found nothing, now and then):
+    /// lets a sending ring that fell silent give its idle pages back
+    /// ([`Producer::idle_look`]).
+    pub fn idle_look(&mut self) -> Result<()> {
+        self.tx.idle_look()
+    }
+
     /// Cheap hint for pollers: nothing new arrived and nothing is held.
     #[inline]
     pub fn looks_idle(&self) -> bool {
@@ -1026,6 +1033,107 @@ mod tests {
         }
         assert_eq!(a.tx.pages_given_back(), 3);
         assert!(tail_resident(&a) > 200);
+    }
+
+    #[test]
+    fn a_silent_ring_gives_its_pages_back_from_idle_looks_and_resumes_intact() {
+        // 1 MiB rings, one thread doing both sides. Each cycle: a stream of
+        // 60 KB messages with the receiver four behind runs the ring far,
+        // the receiver takes everything, and then the sender sends nothing
+        // more: only idle looks (what a poll that found nothing calls now
+        // and then) and the receiver's empty polls follow. The ring ends
+        // the stream past its kept area (16 messages: a padding record is
+        // written by the look, passed by the receiver's poll, and the next
+        // look gives back) or just below it after a lap that ran to the end
+        // (18 messages: the next look gives back). Then small and large
+        // messages arrive intact, every byte checked.
+        let (mut a, mut b, _dir) = pair(1 << 20);
+        a.tx.give_back_idle_pages(Duration::from_millis(30));
+        let mut next = 0usize;
+        let mut in_flight: std::collections::VecDeque<Vec<u8>> = Default::default();
+        let mut send = |a: &mut Channel, b: &mut Channel, n: usize, len: usize, lag: usize| {
+            for _ in 0..n {
+                let m = numbered(next, len);
+                assert!(a.try_send_parts(1, &[&m]).unwrap(), "ring full at {next}");
+                in_flight.push_back(m);
+                next += 1;
+                while in_flight.len() > lag {
+                    let mut got = Vec::new();
+                    assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
+                    let want = in_flight.pop_front().unwrap();
+                    assert!(got[0] == want, "a message of {} bytes changed", want.len());
+                }
+            }
+            while let Some(want) = in_flight.pop_front() {
+                let mut got = Vec::new();
+                assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
+                assert!(got[0] == want, "a message of {} bytes changed", want.len());
+            }
+            b.flush_rx().unwrap();
+        };
+        for cycle in 0..4u64 {
+            let far = cycle % 2 == 0;
+            send(&mut a, &mut b, if far { 16 } else { 18 }, 60_000, 4);
+            assert_eq!(
+                a.tx.offset() + 8 > ring::KEEP_BYTES,
+                far,
+                "cycle {cycle}: {}",
+                a.tx.dbg()
+            );
+            assert!(
+                tail_resident(&a) > 200,
+                "cycle {cycle}: the stream did not grow the ring: {}",
+                a.tx.dbg()
+            );
+            // Looks before the delay has passed keep the pages.
+            for _ in 0..3 {
+                a.idle_look().unwrap();
+            }
+            assert_eq!(a.tx.pages_given_back(), cycle, "{}", a.tx.dbg());
+            let t = Instant::now();
+            while a.tx.pages_given_back() == cycle {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "cycle {cycle}: a silent ring never gave back: {}",
+                    a.tx.dbg()
+                );
+                a.idle_look().unwrap();
+                // the receiver polls and finds no message
+                assert_eq!(
+                    b.poll(16, &mut |_, _| panic!("a message nobody sent"))
+                        .unwrap(),
+                    0
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(a.tx.pages_given_back(), cycle + 1);
+            assert_eq!(
+                tail_resident(&a),
+                0,
+                "cycle {cycle}: pages past the kept area stayed"
+            );
+            // Traffic resumes intact: small ones, then large ones that run
+            // through the given-back pages again.
+            send(&mut a, &mut b, 50, 100, 2);
+            send(&mut a, &mut b, 8, 60_000, 4);
+        }
+        // A reservation held over the delay: the looks leave the ring
+        // alone, and the reserved record goes out as written.
+        send(&mut a, &mut b, 16, 60_000, 4);
+        let p = a.reserve(64).unwrap().expect("room for 64 bytes");
+        let m = numbered(next, 64);
+        // SAFETY: `p` is the reservation's 64 writable bytes.
+        unsafe { std::ptr::copy_nonoverlapping(m.as_ptr(), p, 64) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(200) {
+            a.idle_look().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(a.tx.pages_given_back(), 4);
+        a.commit(64, 1).unwrap();
+        let mut got = Vec::new();
+        assert_eq!(b.poll(16, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
+        assert!(got[0] == m, "the reserved record changed");
     }
 
     #[test]

@@ -432,6 +432,11 @@ pub struct Producer {
     end_lap: u64,
     /// How many times pages were given back.
     given_back: u64,
+    /// Producer index at the last [`Producer::idle_look`] that saw it
+    /// move, and [`coarse_ticks`] then (0: not looked yet): the producer
+    /// has been silent since.
+    silent_prod: u64,
+    silent_since: u64,
     broken: Option<Violation>,
 }
 
@@ -474,6 +479,8 @@ impl Producer {
             far_at: 0,
             end_lap: 0,
             given_back: 0,
+            silent_prod: 0,
+            silent_since: 0,
             broken: None,
         })
     }
@@ -506,6 +513,12 @@ impl Producer {
         )
     }
 
+    /// The producer's offset in the data area.
+    #[cfg(test)]
+    pub(crate) fn offset(&self) -> u64 {
+        self.prod & (self.v.size() - 1)
+    }
+
     /// How many times this producer gave pages back.
     pub fn pages_given_back(&self) -> u64 {
         self.given_back
@@ -536,6 +549,70 @@ impl Producer {
         }
         self.far_at = 0;
         self.given_back += 1;
+    }
+
+    /// The give-back of a producer that fell silent, for the caller's
+    /// idle moments (the channel's, when a poll found nothing now and
+    /// then; not per message). The give-back at an early wrap needs a
+    /// next record; a pair whose stream ended and that sends nothing more
+    /// would keep its pages. So once this producer has sent nothing since
+    /// a look `after` ago (the delay of [`Producer::give_back_idle_pages`])
+    /// and the consumer has taken everything, a look:
+    /// - standing past [`KEEP_BYTES`], wraps (the padding record of an
+    ///   early wrap; the consumer passes it at its next poll);
+    /// - standing below it after a lap that ended past it, gives the pages
+    ///   back, as the early wrap would have.
+    ///
+    /// So a silent pair gives its pages back at about twice the delay, as
+    /// long as its processes poll. Does nothing during a reservation, nor
+    /// for a producer that does not give back.
+    #[cold]
+    pub fn idle_look(&mut self) -> Result<()> {
+        let Some(after) = self.give_back else {
+            return Ok(());
+        };
+        if self.reserved.is_some() {
+            return Ok(());
+        }
+        let now = coarse_ticks().max(1);
+        if self.silent_since == 0 || self.prod != self.silent_prod {
+            self.silent_prod = self.prod;
+            self.silent_since = now;
+            return Ok(());
+        }
+        if now.wrapping_sub(self.silent_since) < after {
+            return Ok(());
+        }
+        let pos = self.prod & (self.v.size() - 1);
+        // A lap that ended exactly at the end of the data area (the next
+        // record's `rewind` would note it).
+        let end_lap = pos == 0 && self.prod != 0 && self.prod != self.end_lap;
+        let far = pos + RECORD_HEADER as u64 > KEEP_BYTES;
+        if self.far_at == 0 && !far && !end_lap {
+            return Ok(());
+        }
+        if self.prod != self.cons {
+            self.reload_cons()?;
+            if self.prod != self.cons {
+                return Ok(());
+            }
+        }
+        if end_lap {
+            self.end_lap = self.prod;
+            self.far_at = self.silent_since;
+        }
+        if far {
+            // The ring is empty, so the space to the end is free. The lap
+            // ended with the last record, when the silence began.
+            self.pad_to_end(pos);
+            self.far_at = self.silent_since;
+            self.silent_prod = self.prod;
+            return Ok(());
+        }
+        if now.wrapping_sub(self.far_at) >= after {
+            self.give_pages_back();
+        }
+        Ok(())
     }
 
     /// Puts this producer under `budget` (see [`Budget`]).

@@ -5,12 +5,16 @@
  *
  * Rank 0 streams 64 messages of 4 MiB to rank 1 (every byte checked), then
  * the two exchange 3,000 ping-pongs of 8 bytes (every value checked),
- * pausing 50 ms every 100, about 1.5 s in all. Rank 0 reads the resident
- * size of its mappings of ivcom's rings (the memfds named "ivcom-ring" in
- * /proc/self/smaps) before the stream, after it and after the ping-pongs,
- * and prints
- *   "GIVEBACK PASS ring_kib before=A after_stream=B after_pingpong=C"
- * and exits 0, or prints the first mismatch and aborts.
+ * pausing 50 ms every 100, about 1.5 s in all. Then rank 0 streams 16
+ * messages of 4 MiB again, and the pair falls silent for 3 s: rank 1 polls
+ * (MPI_Iprobe) without a message on the pair, rank 0 waits in MPI_Recv for
+ * the one that ends the silence. Rank 0 reads the resident size of its
+ * mappings of ivcom's rings (the memfds named "ivcom-ring" in
+ * /proc/self/smaps) before the first stream, after it, after the
+ * ping-pongs, after the second stream and after the silence, and prints
+ *   "GIVEBACK PASS ring_kib before=A after_stream=B after_pingpong=C
+ *    after_stream2=D after_silence=E"
+ * (one line) and exits 0, or prints the first mismatch and aborts.
  */
 #include <mpi.h>
 #include <stdint.h>
@@ -21,7 +25,9 @@
 
 #define BIG (4u << 20)
 #define STREAM 64
+#define STREAM2 16
 #define PINGS 3000
+#define SILENCE 3.0
 
 static int rank;
 
@@ -60,10 +66,31 @@ static unsigned char byte_of(long msg, size_t i)
     return (unsigned char) (msg * 131 + i * 7 + (i >> 12));
 }
 
+/* Rank 0 sends messages first..first+count-1 of BIG bytes to rank 1, which
+ * checks every byte. */
+static void stream(unsigned char *big, long first, long count)
+{
+    for (long m = first; m < first + count; m++) {
+        if (0 == rank) {
+            for (size_t i = 0; i < BIG; i++) {
+                big[i] = byte_of(m, i);
+            }
+            MPI_Send(big, BIG, MPI_BYTE, 1, 1, MPI_COMM_WORLD);
+        } else {
+            MPI_Recv(big, BIG, MPI_BYTE, 0, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            for (size_t i = 0; i < BIG; i++) {
+                if (big[i] != byte_of(m, i)) {
+                    fail("stream byte", (long) i, big[i], byte_of(m, i));
+                }
+            }
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
     int n;
-    long before, after_stream, after_pingpong;
+    long before, after_stream, after_pingpong, after_stream2, after_silence;
     unsigned char *big;
     uint64_t v = 0;
     MPI_Init(&argc, &argv);
@@ -80,21 +107,7 @@ int main(int argc, char **argv)
     MPI_Sendrecv_replace(&v, 1, MPI_UINT64_T, 1 - rank, 3, 1 - rank, 3, MPI_COMM_WORLD,
                          MPI_STATUS_IGNORE);
     before = ring_kib();
-    for (long m = 0; m < STREAM; m++) {
-        if (0 == rank) {
-            for (size_t i = 0; i < BIG; i++) {
-                big[i] = byte_of(m, i);
-            }
-            MPI_Send(big, BIG, MPI_BYTE, 1, 1, MPI_COMM_WORLD);
-        } else {
-            MPI_Recv(big, BIG, MPI_BYTE, 0, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-            for (size_t i = 0; i < BIG; i++) {
-                if (big[i] != byte_of(m, i)) {
-                    fail("stream byte", (long) i, big[i], byte_of(m, i));
-                }
-            }
-        }
-    }
+    stream(big, 0, STREAM);
     MPI_Barrier(MPI_COMM_WORLD);
     after_stream = ring_kib();
     for (long i = 0; i < PINGS; i++) {
@@ -120,10 +133,32 @@ int main(int argc, char **argv)
     }
     MPI_Barrier(MPI_COMM_WORLD);
     after_pingpong = ring_kib();
+    /* The second stream ends with the receiver's check, then silence: no
+     * message on the pair until rank 1 ends it, both ranks in MPI. */
+    stream(big, STREAM, STREAM2);
     if (0 == rank) {
-        printf("GIVEBACK PASS ring_kib before=%ld after_stream=%ld after_pingpong=%ld\n", before,
-               after_stream, after_pingpong);
+        after_stream2 = ring_kib();
+        MPI_Recv(&v, 1, MPI_UINT64_T, 1, 4, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        if (v != 0x5117E9CEu) {
+            fail("end of silence", 0, (long) v, 0x5117E9CEL);
+        }
+        after_silence = ring_kib();
+        printf("GIVEBACK PASS ring_kib before=%ld after_stream=%ld after_pingpong=%ld "
+               "after_stream2=%ld after_silence=%ld\n",
+               before, after_stream, after_pingpong, after_stream2, after_silence);
+    } else {
+        double end = MPI_Wtime() + SILENCE;
+        int flag;
+        while (MPI_Wtime() < end) {
+            MPI_Iprobe(0, 5, MPI_COMM_WORLD, &flag, MPI_STATUS_IGNORE);
+            if (flag) {
+                fail("a message during the silence", 0, 1, 0);
+            }
+        }
+        v = 0x5117E9CEu;
+        MPI_Send(&v, 1, MPI_UINT64_T, 0, 4, MPI_COMM_WORLD);
     }
+    MPI_Barrier(MPI_COMM_WORLD);
     free(big);
     MPI_Finalize();
     return 0;

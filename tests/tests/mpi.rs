@@ -231,8 +231,9 @@ fn a_small_ring_budget_keeps_every_ring_within_its_share() {
 
 /// A pair whose sending ring grew to megabytes with a stream of 4 MiB
 /// messages gives those pages back once it only exchanges small messages
-/// for a second and more (tests/c/ivcom-giveback.c: every byte of the
-/// stream and every value of the ping-pongs checked; the sender's
+/// for a second and more, and once it falls silent for a few seconds
+/// with both ranks in MPI (tests/c/ivcom-giveback.c: every byte of the
+/// streams and every value of the ping-pongs checked; the sender's
 /// resident ring memory read from /proc/self/smaps).
 #[test]
 fn a_ring_grown_by_a_stream_gives_its_pages_back_in_a_real_job() {
@@ -255,6 +256,7 @@ fn a_ring_grown_by_a_stream_gives_its_pages_back_in_a_real_job() {
             .unwrap_or_else(|| panic!("no {key} in {line}"))
     };
     let (before, stream, after) = (kib("before="), kib("after_stream="), kib("after_pingpong="));
+    let (stream2, silence) = (kib("after_stream2="), kib("after_silence="));
     // The stream grows the sending ring to (nearly) all of its 4 MiB; the
     // ping-pongs keep it within its first 64 KiB, and the rest goes back.
     assert!(
@@ -262,6 +264,15 @@ fn a_ring_grown_by_a_stream_gives_its_pages_back_in_a_real_job() {
         "the stream did not grow the ring: {line}"
     );
     assert!(after <= before + 256, "the ring kept its pages: {line}");
+    // The second stream grows it again; silence alone gives it back.
+    assert!(
+        stream2 >= before + 2048,
+        "the second stream did not grow the ring: {line}"
+    );
+    assert!(
+        silence <= before + 256,
+        "the silent ring kept its pages: {line}"
+    );
     eprintln!("{line}");
 }
 

@@ -184,6 +184,12 @@ impl Link {
         if self.idle_polls >= ALIVE_EVERY {
             self.idle_polls = 0;
             self.check_alive()?;
+            // a sending ring that fell silent gives its pages back
+            let r = match &mut self.imp {
+                Imp::Ring(c) => c.idle_look(),
+                Imp::Tcp(_) => Ok(()),
+            };
+            r.map_err(|e| self.ctx(e))?;
         }
         Ok(())
     }
