@@ -83,9 +83,39 @@ pub fn is_latency(bench: &str) -> bool {
 /// All samples: bench -> config -> size -> values.
 pub type Samples = BTreeMap<String, BTreeMap<String, BTreeMap<usize, Vec<f64>>>>;
 
+/// Every run by its repetition: bench -> config -> repetition -> size ->
+/// value. The configurations of one repetition of one benchmark ran one
+/// after the other (`scripts/compare`), so they pair up.
+pub type Runs = BTreeMap<String, BTreeMap<String, BTreeMap<String, BTreeMap<usize, f64>>>>;
+
 /// Reads `<bench>__<config>__<rep>.txt` files of `dir`.
 pub fn load(dir: &Path) -> Result<Samples, String> {
+    load_runs(dir).map(|r| samples(&r))
+}
+
+/// All values of `runs` per size, the repetitions pooled.
+pub fn samples(runs: &Runs) -> Samples {
     let mut s = Samples::new();
+    for (bench, cfgs) in runs {
+        for (cfg, reps) in cfgs {
+            let per = s
+                .entry(bench.clone())
+                .or_default()
+                .entry(cfg.clone())
+                .or_default();
+            for rows in reps.values() {
+                for (&size, &v) in rows {
+                    per.entry(size).or_default().push(v);
+                }
+            }
+        }
+    }
+    s
+}
+
+/// Reads `<bench>__<config>__<rep>.txt` files of `dir`, by repetition.
+pub fn load_runs(dir: &Path) -> Result<Runs, String> {
+    let mut s = Runs::new();
     let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     for ent in rd.flatten() {
         let name = ent.file_name().to_string_lossy().into_owned();
@@ -98,14 +128,11 @@ pub fn load(dir: &Path) -> Result<Samples, String> {
         }
         let text = std::fs::read_to_string(ent.path()).map_err(|e| e.to_string())?;
         let rows = parse_table(&text).map_err(|e| format!("{name}: {e}"))?;
-        let per = s
-            .entry(parts[0].into())
+        s.entry(parts[0].into())
             .or_default()
             .entry(parts[1].into())
-            .or_default();
-        for (size, v) in rows {
-            per.entry(size).or_default().push(v);
-        }
+            .or_default()
+            .insert(parts[2].into(), rows.into_iter().collect());
     }
     Ok(s)
 }
@@ -244,6 +271,67 @@ pub struct Target {
     /// several times means the median is a draw between modes, not a
     /// measurement (`SPREAD_UNRESOLVED`).
     pub spread: Option<f64>,
+    /// The same ratio from runs paired by repetition (see [`add_paired`]);
+    /// `None` until then, and for goals that are not a ratio.
+    pub paired: Option<f64>,
+    /// The goal read on [`Target::paired`].
+    pub paired_met: Option<bool>,
+    ok: fn(f64) -> bool,
+    /// What the ratio compares: (bench, config, baseline, sizes, higher is
+    /// better).
+    key: Option<(
+        String,
+        String,
+        String,
+        std::ops::RangeInclusive<usize>,
+        bool,
+    )>,
+}
+
+/// Fills in [`Target::paired`]: at each size, the median over the
+/// repetitions in which both configurations ran of the ratio between
+/// their two runs (run one after the other), then the worst size of the
+/// goal's range. The ratio of the medians pools each configuration's runs
+/// first; on a machine whose speed jumps between modes from one run to
+/// the next (this project's: 2 virtual cores whose host places them now
+/// on one core's threads, now on two cores), the two medians can come
+/// from different modes, and their ratio then measures the host. A pair
+/// of runs a few seconds apart mostly shares one mode. The verdicts stay
+/// those of the medians; the paired figure is printed beside them.
+pub fn add_paired(targets: &mut [Target], runs: &Runs) {
+    for t in targets.iter_mut() {
+        let Some((bench, cfg, base, sizes, higher)) = &t.key else {
+            continue;
+        };
+        t.paired = paired_worst(runs, bench, cfg, base, sizes.clone(), *higher);
+        t.paired_met = t.paired.map(t.ok);
+    }
+}
+
+/// The paired ratio `cfg`/`base` of `bench` at every size of `sizes`
+/// (medians over repetitions), worst first by `higher_is_better`.
+fn paired_worst(
+    runs: &Runs,
+    bench: &str,
+    cfg: &str,
+    base: &str,
+    sizes: std::ops::RangeInclusive<usize>,
+    higher_is_better: bool,
+) -> Option<f64> {
+    let (a, b) = (runs.get(bench)?.get(cfg)?, runs.get(bench)?.get(base)?);
+    let mut per_size: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for (rep, rows) in a {
+        let Some(brows) = b.get(rep) else { continue };
+        for (size, v) in rows.range(sizes.clone()) {
+            if let Some(w) = brows.get(size).filter(|w| **w > 0.0) {
+                per_size.entry(*size).or_default().push(v / w);
+            }
+        }
+    }
+    per_size
+        .into_values()
+        .map(|mut v| median(&mut v))
+        .reduce(|x, y| if higher_is_better { x.min(y) } else { x.max(y) })
 }
 
 /// A spread of runs above which a goal's median is reported as unresolved:
@@ -266,16 +354,31 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
     };
     let ran = |c: &str| m.values().any(|b| b.contains_key(c));
     let mut out = Vec::new();
-    let mut goal =
-        |what: &str, value: Option<f64>, spread: Option<f64>, goal: &str, ok: fn(f64) -> bool| {
-            out.push(Target {
-                what: what.into(),
-                value,
-                goal: goal.into(),
-                met: value.map(ok),
-                spread,
-            })
-        };
+    type Key = Option<(
+        String,
+        String,
+        String,
+        std::ops::RangeInclusive<usize>,
+        bool,
+    )>;
+    let mut goal = |what: &str,
+                    value: Option<f64>,
+                    spread: Option<f64>,
+                    goal: &str,
+                    ok: fn(f64) -> bool,
+                    key: Key| {
+        out.push(Target {
+            what: what.into(),
+            value,
+            goal: goal.into(),
+            met: value.map(ok),
+            spread,
+            paired: None,
+            paired_met: None,
+            ok,
+            key,
+        })
+    };
     // The shared-memory baseline: vader (Open MPI 4.1) or sm (5.0).
     let shm = if ran("sm") && !ran("vader") {
         "sm"
@@ -378,7 +481,8 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
             let sp = spread(bench, cfg, size)
                 .zip(spread(bench, base, size))
                 .map(|(a, b)| a.max(b));
-            goal(&format!("{what} {cfg}/{base}"), r, sp, g, ok);
+            let key = (bench.into(), cfg.into(), base.into(), size..=size, true);
+            goal(&format!("{what} {cfg}/{base}"), r, sp, g, ok, Some(key));
         }
     }
     // Goals over a range of sizes, read at the worst size: latency at
@@ -446,7 +550,14 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
                 format!(" ({})", human_size(size as f64))
             });
             let name = format!("{bench} {what} ivcom/{shm}, worst{at}");
-            goal(&name, w.map(|(r, _)| r), None, g, ok);
+            let key = (
+                bench.into(),
+                "ivcom".into(),
+                shm.into(),
+                lo..=hi,
+                higher_is_better,
+            );
+            goal(&name, w.map(|(r, _)| r), None, g, ok, Some(key));
         }
     }
     goal(
@@ -455,6 +566,7 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
         None,
         "<= 0.01",
         |v| v <= 0.01,
+        None,
     );
     out
 }
@@ -669,6 +781,66 @@ mod tests {
         assert!(tg[5..8].iter().all(|t| t.met.is_none()));
         // spread: the larger of the two configurations' (0.3 / 0.2)
         assert!((tg[0].spread.unwrap() - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn paired_ratios_compare_the_runs_of_one_repetition() {
+        // osu_bw at 8 B and 64 B over three repetitions; in the second, the
+        // machine ran vader fast and ivcom slow: the medians come from
+        // different modes, the pairs do not.
+        let mut r = Runs::new();
+        let b = r.entry("osu_bw".into()).or_default();
+        for (cfg, rep, v8, v64) in [
+            ("ivcom", "1", 21.0, 100.0),
+            ("ivcom", "2", 8.5, 40.0),
+            ("ivcom", "3", 8.4, 50.0),
+            ("vader", "1", 24.0, 100.0),
+            ("vader", "2", 23.9, 50.0),
+            ("vader", "3", 9.5, 50.0),
+            // a repetition whose baseline run is missing pairs with nothing
+            ("ivcom", "4", 1.0, 1.0),
+        ] {
+            b.entry(cfg.into())
+                .or_default()
+                .insert(rep.into(), [(8, v8), (64, v64)].into_iter().collect());
+        }
+        let s = samples(&r);
+        assert_eq!(s["osu_bw"]["ivcom"][&8].len(), 4);
+        let mut tg = targets(&medians(&s), None);
+        add_paired(&mut tg, &r);
+        let bw = tg
+            .iter()
+            .find(|t| t.what.starts_with("osu_bw all sizes ivcom/vader"))
+            .unwrap();
+        // medians: ivcom 8.45 (four runs), vader 23.9
+        assert!((bw.value.unwrap() - 8.45 / 23.9).abs() < 1e-9);
+        assert_eq!(bw.met, Some(false));
+        // pairs at 8 B: 0.875, 0.356, 0.884 -> 0.875; at 64 B: 1, 0.8, 1 -> 1
+        assert!(
+            (bw.paired.unwrap() - 21.0 / 24.0).abs() < 1e-9,
+            "{:?}",
+            bw.paired
+        );
+        assert_eq!(bw.paired_met, Some(false));
+        // a goal that is not a ratio has no paired figure
+        let bells = tg.iter().find(|t| t.what.starts_with("doorbells")).unwrap();
+        assert_eq!(bells.paired, None);
+        // a latency goal takes the highest paired ratio
+        let mut r = Runs::new();
+        let b = r.entry("osu_latency".into()).or_default();
+        for (cfg, rep, v16k, v1m) in [("ivcom", "1", 2.0, 50.0), ("vader", "1", 1.0, 100.0)] {
+            b.entry(cfg.into()).or_default().insert(
+                rep.into(),
+                [(16384, v16k), (1 << 20, v1m)].into_iter().collect(),
+            );
+        }
+        let mut tg = targets(&medians(&samples(&r)), None);
+        add_paired(&mut tg, &r);
+        let lat = tg
+            .iter()
+            .find(|t| t.what.starts_with("osu_latency 16K-1M"))
+            .unwrap();
+        assert_eq!((lat.paired, lat.paired_met), (Some(2.0), Some(false)));
     }
 
     #[test]

@@ -12,7 +12,7 @@ fn main() {
         std::process::exit(2)
     }));
     let raw = dir.join("raw");
-    let samples = match load(&raw) {
+    let runs = match load_runs(&raw) {
         Ok(s) if !s.is_empty() => s,
         Ok(_) => {
             eprintln!("osu-report: no results in {}", raw.display());
@@ -23,7 +23,7 @@ fn main() {
             std::process::exit(1)
         }
     };
-    let m = medians(&samples);
+    let m = medians(&samples(&runs));
     // Doorbells per message over all ivcom bandwidth runs, and the paths
     // the ivcom runs took.
     let (mut bells, mut msgs) = (0u64, 0u64);
@@ -47,7 +47,11 @@ fn main() {
     let per_msg = (msgs > 0).then(|| bells as f64 / msgs as f64);
     print!("{}", table(&m));
     println!("\n## targets (benchmark goals, from the medians above)");
-    for t in targets(&m, per_msg) {
+    println!("(paired: the median over repetitions of the ratio between the two runs of one");
+    println!(" repetition, which ran one after the other; see add_paired in report.rs)");
+    let mut tg = targets(&m, per_msg);
+    add_paired(&mut tg, &runs);
+    for t in tg {
         let v = t.value.map_or("n/a".to_string(), |v| format!("{v:.4}"));
         let s = match t.met {
             Some(true) => "met",
@@ -60,8 +64,14 @@ fn main() {
             }
             _ => String::new(),
         };
+        let paired = match (t.paired, t.paired_met) {
+            (Some(p), Some(ok)) => {
+                format!("; paired {p:.4} {}", if ok { "met" } else { "MISSED" })
+            }
+            _ => String::new(),
+        };
         println!(
-            "{:<48} {:>10}   goal {:<8} {s}{unresolved}",
+            "{:<48} {:>10}   goal {:<8} {s}{unresolved}{paired}",
             t.what, v, t.goal
         );
     }
