@@ -386,6 +386,7 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
 {
     size_t total = header_size + payload_size;
     uint8_t *dst = NULL;
+    const void *src;
     int rc, failed = 0, out = OPAL_SUCCESS;
     if (NULL != descriptor) {
         *descriptor = NULL;
@@ -413,6 +414,21 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
         UNLOCK(ep);
         return OPAL_ERR_RESOURCE_BUSY;
     }
+    /* A contiguous payload, or none (ob1's small messages): header and
+     * payload copied straight from the caller into the ring record (on TCP,
+     * into the link's send queue) in one call. */
+    src = contiguous_payload(conv, payload_size);
+    if (NULL != src || 0 == payload_size) {
+        rc = ivcom_link_try_send2(ep->link, tag, header, header_size, src, payload_size);
+        UNLOCK(ep);
+        if (1 != rc) {
+            return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
+        }
+        if (payload_size) {
+            advance(conv, payload_size);
+        }
+        return OPAL_SUCCESS;
+    }
     if (ep->ring) {
         rc = ivcom_link_reserve(ep->link, total, &dst);
         if (1 != rc) {
@@ -432,9 +448,9 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
         UNLOCK(ep);
         return report(ep, failed, out);
     }
-    /* TCP: gather into a scratch frag; the link queues what the socket does
-     * not take, up to its bound: asked first, so that data is packed only
-     * when it will be sent. */
+    /* TCP, a payload to pack: gather into a scratch frag; the link queues
+     * what the socket does not take, up to its bound: asked first, so that
+     * data is packed only when it will be sent. */
     rc = ivcom_link_can_send(ep->link, total);
     if (1 != rc) {
         UNLOCK(ep);

@@ -501,6 +501,20 @@ size_t ivcom_link_max_inline(const ivcom_link *link);
 size_t ivcom_link_piece(const ivcom_link *link);
 
 /**
+ * Sends a message of two pieces, `head` then `body` (total at most
+ * `ivcom_link_max_inline`; either may be empty, and then NULL), without
+ * blocking: `ivcom_link_try_send` of two pieces in one call, with no
+ * gather loop (an upper layer's header and its payload). Returns 1 when
+ * sent (or queued, on TCP), 0 when the ring is full or the TCP send queue
+ * is over its bound (nothing sent), negative on error.
+ *
+ * # Safety
+ * `link` valid; `head` and `body` have `head_len` and `body_len` readable
+ * bytes (or are anything when their length is 0).
+ */
+int ivcom_link_try_send2(ivcom_link *link, uint8_t tag, const uint8_t *head, size_t head_len, const uint8_t *body, size_t body_len);
+
+/**
  * Sends a message gathered from `n` pieces (total at most
  * `ivcom_link_max_inline`) without blocking. Returns 1 when sent (or
  * queued, on TCP), 0 when the ring is full or the TCP send queue is over

@@ -841,6 +841,44 @@ pub unsafe extern "C" fn ivcom_link_piece(link: *const ivcom_link) -> usize {
     unsafe { &*link }.link.piece()
 }
 
+/// Sends a message of two pieces, `head` then `body` (total at most
+/// `ivcom_link_max_inline`; either may be empty, and then NULL), without
+/// blocking: `ivcom_link_try_send` of two pieces in one call, with no
+/// gather loop (an upper layer's header and its payload). Returns 1 when
+/// sent (or queued, on TCP), 0 when the ring is full or the TCP send queue
+/// is over its bound (nothing sent), negative on error.
+///
+/// # Safety
+/// `link` valid; `head` and `body` have `head_len` and `body_len` readable
+/// bytes (or are anything when their length is 0).
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_try_send2(
+    link: *mut ivcom_link,
+    tag: u8,
+    head: *const u8,
+    head_len: usize,
+    body: *const u8,
+    body_len: usize,
+) -> c_int {
+    // SAFETY: readable per contract (an empty piece is never read).
+    let piece = |p: *const u8, n: usize| -> &[u8] {
+        if n == 0 {
+            &[]
+        } else {
+            unsafe { std::slice::from_raw_parts(p, n) }
+        }
+    };
+    let (head, body) = (piece(head, head_len), piece(body, body_len));
+    guard(|| {
+        // SAFETY: valid handle, no other reference live (contract).
+        match unsafe { &mut *link }.link.try_send2(tag, head, body) {
+            Ok(true) => 1,
+            Ok(false) => 0,
+            Err(e) => fail(e),
+        }
+    })
+}
+
 /// Sends a message gathered from `n` pieces (total at most
 /// `ivcom_link_max_inline`) without blocking. Returns 1 when sent (or
 /// queued, on TCP), 0 when the ring is full or the TCP send queue is over

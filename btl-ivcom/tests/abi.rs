@@ -113,7 +113,9 @@ fn gathered_and_in_place_sends_arrive_intact_over_the_ring() {
     let max = unsafe { ivcom_link_max_inline(la) };
 
     // What a sends: gathered from 1 piece, from 6 pieces (more than fit
-    // the C ABI's stack array), and written in place with reserve/commit.
+    // the C ABI's stack array), in two pieces (try_send2: a head of up to
+    // 40 bytes, the rest; an empty piece passed as NULL), and written in
+    // place with reserve/commit.
     let mut want: Vec<(u8, Vec<u8>)> = Vec::new();
     let mut got: Vec<(u8, Vec<u8>)> = Vec::new();
     let poll = |got: &mut Vec<(u8, Vec<u8>)>| {
@@ -142,6 +144,22 @@ fn gathered_and_in_place_sends_arrive_intact_over_the_ring() {
             }
             want.push((tag, msg));
         }
+        k += 1;
+        let msg = pattern(k, len);
+        let cut = len.min(k % 41);
+        let piece = |from: usize, to: usize| {
+            if to == from {
+                std::ptr::null()
+            } else {
+                msg[from..].as_ptr()
+            }
+        };
+        let (head, body) = (piece(0, cut), piece(cut, len));
+        // SAFETY: the pieces are readable parts of msg (NULL when empty).
+        while unsafe { ivcom_link_try_send2(la, 202, head, cut, body, len - cut) } == 0 {
+            poll(&mut got);
+        }
+        want.push((202, msg));
         k += 1;
         let msg = pattern(k, len);
         let mut p = std::ptr::null_mut();

@@ -757,8 +757,21 @@ impl Producer {
     /// window (osu_bw) hears from its peer once per window, and reading
     /// the clock at every record until the next tick cost a clock read per
     /// message.
-    #[inline]
+    ///
+    /// Inlined into every reservation: the test that most records end at
+    /// (no look due); the rest is [`Producer::rewind_look`].
+    #[inline(always)]
     fn rewind(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
+        let end = pos + total;
+        if pos != 0 && end <= self.look_at && (end <= self.rewind_at || heard == self.heard) {
+            return Ok(());
+        }
+        self.rewind_look(pos, total, heard)
+    }
+
+    /// [`Producer::rewind`] past its first test: a new lap, or a look.
+    #[inline(never)]
+    fn rewind_look(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
         if pos == 0 {
             // a new lap
             self.look_at = self.rewind_at;
@@ -868,7 +881,7 @@ impl Producer {
     /// peer so far (a count that grows while the peer's records arrive, as
     /// [`Consumer::taken`] of the other ring): it decides how often the
     /// producer looks whether it may wrap early.
-    #[inline]
+    #[inline(always)]
     pub fn reserve_heard(&mut self, len: usize, heard: u64) -> Result<Option<*mut u8>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
@@ -940,7 +953,7 @@ impl Producer {
     /// Commits the outstanding reservation with `len` payload bytes (at most
     /// the reserved length). Returns `true` when the consumer sleeps and the
     /// caller must ring the doorbell.
-    #[inline]
+    #[inline(always)]
     pub fn commit(&mut self, len: usize, kind: u8, tag: u8) -> bool {
         let cap = self.reserved.take().expect("commit without reserve");
         assert!(

@@ -238,6 +238,17 @@ impl Link {
         r.map_err(|e| self.ctx(e))
     }
 
+    /// [`Link::try_send`] of a message in two pieces, `head` then `body`
+    /// (on the ring: [`Channel::try_send2`]).
+    #[inline]
+    pub fn try_send2(&mut self, tag: u8, head: &[u8], body: &[u8]) -> Result<bool> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.try_send2(tag, head, body),
+            Imp::Tcp(t) => t.try_send(tag, &[head, body]),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
     /// Sends what is left of `msg` of any size (up to the peer's largest
     /// message) past `*sent` without blocking: on the ring in records of at
     /// most a piece when it does not fit one ([`Channel::try_send_more`]),
