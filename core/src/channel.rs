@@ -1088,6 +1088,42 @@ mod tests {
     }
 
     #[test]
+    fn small_records_wrap_early_behind_a_receiver_that_lags() {
+        // osu_bw's pattern in one thread: the receiver is always a few
+        // messages behind (it takes a window while the next one is being
+        // written). Small records wrap at the first look past 16 KiB as
+        // soon as what the receiver passed holds the next record, so the
+        // ring's reach stays near 16 KiB; records larger than
+        // WRAP_BEHIND_MAX wrap early only when the ring is empty, which it
+        // never is here, and run through the data area. Every byte checked.
+        for (len, lagging_reach_ok) in [
+            (24usize, (|r: u64| r <= 17 << 10) as fn(u64) -> bool),
+            (1000, |r: u64| r > 512 << 10),
+        ] {
+            let (mut a, mut b, _dir) = pair(1 << 20);
+            let mut in_flight: std::collections::VecDeque<Vec<u8>> = Default::default();
+            for i in 0..4000 {
+                let m = numbered(i, len);
+                assert!(a.try_send_parts(1, &[&m]).unwrap(), "ring full at {i}");
+                in_flight.push_back(m);
+                while in_flight.len() > 8 {
+                    let mut got = Vec::new();
+                    assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
+                    let want = in_flight.pop_front().unwrap();
+                    assert!(got[0] == want, "a message of {len} bytes changed");
+                }
+                b.flush_rx().unwrap();
+            }
+            let reach = a.tx.reach();
+            assert!(
+                lagging_reach_ok(reach),
+                "{len}-byte records reached {reach}: {}",
+                a.tx.dbg()
+            );
+        }
+    }
+
+    #[test]
     fn two_piece_sends_of_every_short_length_arrive_intact() {
         // try_send2 copies pieces of up to 16 bytes inline (two moves that
         // may overlap) and longer ones with memcpy: every pair of lengths

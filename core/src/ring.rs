@@ -9,7 +9,9 @@
 //! end of the data area when the next record does not fit before it.
 //!
 //! A producer whose next record would end past the first [`REWIND_AT`]
-//! bytes, and that finds the ring empty, pads to the end and starts over at
+//! bytes, and that finds the ring empty (for a record of at most
+//! [`WRAP_BEHIND_MAX`] bytes: finds that what the consumer passed in this
+//! lap holds it), pads to the end and starts over at
 //! offset 0 (an early wrap, in the format's own padding record): traffic
 //! that the consumer keeps up with stays in the first pages of the ring
 //! (or in its largest record), so the pages behind
@@ -73,6 +75,11 @@ const REWIND_STRIDE: u64 = 16 << 10;
 /// keeps the first this many bytes of its data area: the records of a
 /// producer whose consumer keeps up stay below [`REWIND_AT`].
 pub const KEEP_BYTES: u64 = 64 << 10;
+
+/// Records of at most this many bytes (header included) wrap early while
+/// the consumer is still behind; larger ones only with the ring empty (see
+/// `Producer::rewind`).
+pub const WRAP_BEHIND_MAX: u64 = 512;
 
 /// The coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`: a few nanoseconds
 /// to read, no system call; it advances once per kernel tick, 1 to 10 ms),
@@ -398,8 +405,9 @@ pub struct Producer {
     /// look that found the ring not empty. A lap that begins after a
     /// padding record keeps it (only one whose last record ended exactly
     /// at the end of the data area starts over at `rewind_at`), so a
-    /// one-way stream that once ran on past 16 KiB keeps its larger laps
-    /// until a look finds the ring empty: measured faster for streams of
+    /// one-way stream of records larger than [`WRAP_BEHIND_MAX`] that once
+    /// ran on past 16 KiB keeps its larger laps until a look finds the
+    /// ring empty: measured faster for streams of
     /// 512 B to 64 KiB than starting each lap over (0.65-0.88 of this,
     /// docs/PERFORMANCE.md). Looks prompted by the peer's traffic
     /// (`heard`) still come anywhere past `rewind_at`.
@@ -488,15 +496,16 @@ impl Producer {
     /// Lets this producer give the pages of its data area past
     /// [`KEEP_BYTES`] back to the backend (`MADV_REMOVE`: they read as
     /// zeros, which is "no record", and come back, zeroed, with their next
-    /// write) when it finds the ring empty at an early wrap below
-    /// `KEEP_BYTES` and no lap has written past it for `after`. A stream
+    /// write) at an early wrap below `KEEP_BYTES` (what the consumer has
+    /// not taken then lies below it too) when no lap has written past it
+    /// for `after`. A stream
     /// of large messages grows a ring to megabytes; this hands them back
     /// after the stream, at the first early wrap `after` it ended. Only
     /// for memory that the backend lets either side free (the host
     /// backend's memfds; not Xen's granted pages), and only for rings
     /// larger than `KEEP_BYTES`. Neither side reads or writes there at
-    /// that moment: the consumer has taken everything, and the next record
-    /// of either lap lies below it. (Such rings are larger than 64 KiB, so
+    /// that moment: what the consumer has not taken yet, and the next
+    /// record of either side, lie below it. (Such rings are larger than 64 KiB, so
     /// they also wrap early: `rewind_at` is set.)
     pub fn give_back_idle_pages(&mut self, after: std::time::Duration) {
         if self.v.size() > KEEP_BYTES {
@@ -530,8 +539,9 @@ impl Producer {
         self.far_at = coarse_ticks().max(1);
     }
 
-    /// Gives the data area past [`KEEP_BYTES`] back (the caller found the
-    /// ring empty, its next records below it).
+    /// Gives the data area past [`KEEP_BYTES`] back (the caller found
+    /// nothing the consumer has yet to take past it, and its next records
+    /// below it).
     #[cold]
     fn give_pages_back(&mut self) {
         let keep = KEEP_BYTES as usize;
@@ -730,7 +740,17 @@ impl Producer {
     /// before `pos`, and the consumer has taken everything, pad to the end
     /// of the data area and put the record at offset 0 instead: a ring that
     /// the consumer keeps up with never reaches past `REWIND_AT` (or past
-    /// twice its largest record when that is larger).
+    /// twice its largest record when that is larger). A record of at most
+    /// [`WRAP_BEHIND_MAX`] bytes does not wait for the consumer to take
+    /// everything: it wraps as soon as what the consumer passed in this
+    /// lap holds it and the header slot after it. A stream of small
+    /// messages whose receiver is always a few of them behind (a window of
+    /// osu_bw) otherwise found the ring empty at almost no look and ran
+    /// laps of megabytes: 1.8 MiB of ring for 8-byte messages, and the
+    /// first lap over fresh pages at half the speed of the next ones.
+    /// Larger records keep the rule: between two pinned ranks, wrapping
+    /// them behind the consumer too cost streams of 1 KiB to 256 KiB
+    /// 10-25 % (docs/PERFORMANCE.md).
     ///
     /// Whether the ring is empty costs a look at the consumer index (the
     /// transfer of the consumer's cache line). The first record of a lap
@@ -801,12 +821,22 @@ impl Producer {
         self.looked = now;
         if self.prod != self.cons {
             self.reload_cons()?;
-            if self.prod != self.cons {
-                self.look_at = pos + REWIND_STRIDE;
-                return Ok(());
-            }
         }
-        // The ring is empty, so the space is free.
+        // What the consumer has not taken yet lies before `pos` in this
+        // lap when there is less of it than `pos`; what it passed in this
+        // lap is free for the next one, and so is the rest of the data
+        // area. A small record wraps when it and the free header slot
+        // after it fit in what the consumer passed; a larger one when the
+        // ring is empty (see `rewind`).
+        let backlog = self.prod.wrapping_sub(self.cons);
+        let behind_ok = backlog == 0 || total <= WRAP_BEHIND_MAX;
+        if !behind_ok || backlog + total + RECORD_HEADER as u64 > pos {
+            self.look_at = pos + REWIND_STRIDE;
+            return Ok(());
+        }
+        // Everything the consumer has not taken lies in [pos - backlog,
+        // pos): below KEEP_BYTES when `pos` is, so the pages past it are
+        // free to give back.
         if let Some(after) = self.give_back {
             if self.far_at != 0
                 && pos + RECORD_HEADER as u64 <= KEEP_BYTES
