@@ -294,6 +294,20 @@ static bool bad(const char *param, const char *value, const char *problem)
     return false;
 }
 
+/* True when the parameter `name` has its default value: the user set it
+ * nowhere (command line, environment, files). */
+static bool left_default(const char *name)
+{
+    int idx = -1;
+    const void *value = NULL;
+    mca_base_var_source_t source = MCA_BASE_VAR_SOURCE_DEFAULT;
+    if (OPAL_SUCCESS != mca_base_var_find_by_name(name, &idx)
+        || OPAL_SUCCESS != mca_base_var_get_value(idx, &value, &source, NULL)) {
+        return false;
+    }
+    return MCA_BASE_VAR_SOURCE_DEFAULT == source;
+}
+
 /* Checks every parameter; reports the first bad one by name. */
 static bool check_params(ivcom_config *cfg)
 {
@@ -334,6 +348,16 @@ static bool check_params(ivcom_config *cfg)
         return bad("btl_ivcom_max_record", buf, err);
     }
     size_t max_record = ivcom_config_max_record(cfg);
+    /* A smaller btl_ivcom_ring_size alone brings the sizes it bounds down
+     * with it when the user left them at their defaults: the largest send
+     * to the ring's records, the eager limit to the largest send. Set
+     * explicitly, they are checked as given. */
+    if (m->btl_max_send_size > max_record && left_default("btl_ivcom_max_send_size")) {
+        m->btl_max_send_size = max_record;
+    }
+    if (m->btl_eager_limit > m->btl_max_send_size && left_default("btl_ivcom_eager_limit")) {
+        m->btl_eager_limit = m->btl_max_send_size;
+    }
     if (m->btl_max_send_size > max_record || m->btl_max_send_size < 1024) {
         snprintf(buf, sizeof(buf), "%zu", m->btl_max_send_size);
         snprintf(err, sizeof(err), "must be between 1024 and the largest ring record (%zu bytes)",

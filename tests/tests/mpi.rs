@@ -207,6 +207,35 @@ fn bad_mca_values_are_rejected_by_name() {
     }
 }
 
+/// A smaller `btl_ivcom_ring_size` alone works: the largest send (64 KiB
+/// by default) and the eager limit, left at their defaults, come down to
+/// the ring's largest record (16 KiB for 64 KiB rings; 8 KiB for 32 KiB
+/// rings, below the default eager limit of 8 KiB + 128) instead of
+/// refusing the component; set by the user, a size the records cannot
+/// hold is still refused by name.
+#[test]
+fn a_smaller_ring_alone_brings_the_send_sizes_down_with_it() {
+    for ring in ["65536", "32768"] {
+        let r = integrity(2, &["--mca", "btl_ivcom_ring_size", ring]);
+        assert_passed_on(&r, 2, "ring");
+    }
+    let mut c = mpirun(2, "ivcom,self");
+    c.args(["--mca", "btl_ivcom_ring_size", "65536"])
+        .args(["--mca", "btl_ivcom_max_send_size", "65536"])
+        .arg(bin("ivcom-integrity"));
+    let r = run(&mut c, Duration::from_secs(60));
+    assert!(
+        !r.timed_out && r.status != Some(0),
+        "64 KiB sends accepted over 16 KiB records:\n{}",
+        r.text()
+    );
+    assert!(
+        format!("{}{}", r.stdout, r.stderr).contains("btl_ivcom_max_send_size"),
+        "{}",
+        r.text()
+    );
+}
+
 /// Under a small ring budget (what many co-resident peers leave each
 /// ring), the BTL cuts large messages into pieces that fit twice in the
 /// ring's share: with 64 KiB of budget no ring writes past its share of
