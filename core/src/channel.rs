@@ -991,6 +991,40 @@ mod tests {
         m
     }
 
+    /// Numbered messages ([`numbered`]) sent from one channel and taken,
+    /// in order and every byte checked, on the other.
+    #[derive(Default)]
+    struct Traffic {
+        next: usize,
+        in_flight: std::collections::VecDeque<Vec<u8>>,
+    }
+
+    impl Traffic {
+        /// Sends `n` messages of `len` bytes on `a` (the ring has room).
+        fn send(&mut self, a: &mut Channel, n: usize, len: usize) {
+            for _ in 0..n {
+                let m = numbered(self.next, len);
+                assert!(
+                    a.try_send_parts(1, &[&m]).unwrap(),
+                    "ring full at {}",
+                    self.next
+                );
+                self.in_flight.push_back(m);
+                self.next += 1;
+            }
+        }
+
+        /// Takes messages on `b` until at most `lag` are in flight.
+        fn take(&mut self, b: &mut Channel, lag: usize) {
+            while self.in_flight.len() > lag {
+                let mut got = Vec::new();
+                assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
+                let want = self.in_flight.pop_front().unwrap();
+                assert!(got[0] == want, "a message of {} bytes changed", want.len());
+            }
+        }
+    }
+
     #[test]
     fn a_ring_gives_its_idle_pages_back_and_grows_again_intact() {
         // 1 MiB rings, one thread doing both sides. Large messages (60 KB,
@@ -1002,27 +1036,12 @@ mod tests {
         // every message checked.
         let (mut a, mut b, _dir) = pair(1 << 20);
         a.tx.give_back_idle_pages(Duration::from_millis(30));
-        let mut next = 0usize;
-        let mut in_flight: std::collections::VecDeque<Vec<u8>> = Default::default();
+        let mut t = Traffic::default();
         // Sends `n` messages of `len` bytes, then takes all but the last
         // `lag` messages sent (in order, every byte checked).
         let mut step = |a: &mut Channel, b: &mut Channel, n: usize, len: usize, lag: usize| {
-            for _ in 0..n {
-                let m = numbered(next, len);
-                assert!(a.try_send_parts(1, &[&m]).unwrap(), "ring full at {next}");
-                in_flight.push_back(m);
-                next += 1;
-            }
-            while in_flight.len() > lag {
-                let mut got = Vec::new();
-                assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
-                let m = in_flight.pop_front().unwrap();
-                assert!(
-                    got[0] == m,
-                    "a message of {} bytes arrived changed",
-                    m.len()
-                );
-            }
+            t.send(a, n, len);
+            t.take(b, lag);
             b.flush_rx().unwrap();
             // the answer
             assert!(b.try_send_parts(2, &[b"ack"]).unwrap());
@@ -1058,10 +1077,10 @@ mod tests {
             // the kept area, the next ones wrap early below it, and the
             // first early wrap 30 ms after that far lap gives the pages
             // back.
-            let t = Instant::now();
+            let since = Instant::now();
             while a.tx.pages_given_back() == cycle {
                 assert!(
-                    t.elapsed() < Duration::from_secs(20),
+                    since.elapsed() < Duration::from_secs(20),
                     "cycle {cycle}: never gave back: {}",
                     a.tx.dbg()
                 );
@@ -1101,17 +1120,10 @@ mod tests {
             (1000, |r: u64| r > 512 << 10),
         ] {
             let (mut a, mut b, _dir) = pair(1 << 20);
-            let mut in_flight: std::collections::VecDeque<Vec<u8>> = Default::default();
-            for i in 0..4000 {
-                let m = numbered(i, len);
-                assert!(a.try_send_parts(1, &[&m]).unwrap(), "ring full at {i}");
-                in_flight.push_back(m);
-                while in_flight.len() > 8 {
-                    let mut got = Vec::new();
-                    assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
-                    let want = in_flight.pop_front().unwrap();
-                    assert!(got[0] == want, "a message of {len} bytes changed");
-                }
+            let mut t = Traffic::default();
+            for _ in 0..4000 {
+                t.send(&mut a, 1, len);
+                t.take(&mut b, 8);
                 b.flush_rx().unwrap();
             }
             let reach = a.tx.reach();
@@ -1167,26 +1179,15 @@ mod tests {
         // messages arrive intact, every byte checked.
         let (mut a, mut b, _dir) = pair(1 << 20);
         a.tx.give_back_idle_pages(Duration::from_millis(30));
-        let mut next = 0usize;
-        let mut in_flight: std::collections::VecDeque<Vec<u8>> = Default::default();
+        let mut t = Traffic::default();
+        // `n` messages of `len` bytes with the receiver `lag` behind, then
+        // all of them taken.
         let mut send = |a: &mut Channel, b: &mut Channel, n: usize, len: usize, lag: usize| {
             for _ in 0..n {
-                let m = numbered(next, len);
-                assert!(a.try_send_parts(1, &[&m]).unwrap(), "ring full at {next}");
-                in_flight.push_back(m);
-                next += 1;
-                while in_flight.len() > lag {
-                    let mut got = Vec::new();
-                    assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
-                    let want = in_flight.pop_front().unwrap();
-                    assert!(got[0] == want, "a message of {} bytes changed", want.len());
-                }
+                t.send(a, 1, len);
+                t.take(b, lag);
             }
-            while let Some(want) = in_flight.pop_front() {
-                let mut got = Vec::new();
-                assert_eq!(b.poll(1, &mut |_, p| got.push(p.to_vec())).unwrap(), 1);
-                assert!(got[0] == want, "a message of {} bytes changed", want.len());
-            }
+            t.take(b, 0);
             b.flush_rx().unwrap();
         };
         for cycle in 0..4u64 {
@@ -1208,10 +1209,10 @@ mod tests {
                 a.idle_look().unwrap();
             }
             assert_eq!(a.tx.pages_given_back(), cycle, "{}", a.tx.dbg());
-            let t = Instant::now();
+            let since = Instant::now();
             while a.tx.pages_given_back() == cycle {
                 assert!(
-                    t.elapsed() < Duration::from_secs(10),
+                    since.elapsed() < Duration::from_secs(10),
                     "cycle {cycle}: a silent ring never gave back: {}",
                     a.tx.dbg()
                 );
@@ -1239,11 +1240,11 @@ mod tests {
         // alone, and the reserved record goes out as written.
         send(&mut a, &mut b, 16, 60_000, 4);
         let p = a.reserve(64).unwrap().expect("room for 64 bytes");
-        let m = numbered(next, 64);
+        let m = numbered(1 << 20, 64);
         // SAFETY: `p` is the reservation's 64 writable bytes.
         unsafe { std::ptr::copy_nonoverlapping(m.as_ptr(), p, 64) };
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_millis(200) {
+        let since = Instant::now();
+        while since.elapsed() < Duration::from_millis(200) {
             a.idle_look().unwrap();
             std::thread::sleep(Duration::from_millis(5));
         }
