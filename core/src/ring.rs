@@ -750,7 +750,7 @@ impl Producer {
     /// first lap over fresh pages at half the speed of the next ones.
     /// Larger records keep the rule: between two pinned ranks, wrapping
     /// them behind the consumer too cost streams of 1 KiB to 256 KiB
-    /// 10-25 % (docs/PERFORMANCE.md).
+    /// 8-31 % (docs/PERFORMANCE.md).
     ///
     /// Whether the ring is empty costs a look at the consumer index (the
     /// transfer of the consumer's cache line). The first record of a lap
