@@ -533,6 +533,14 @@ impl Producer {
         self.given_back
     }
 
+    /// Whether the producer, at offset `pos`, stands at the start of a lap
+    /// whose last one ended exactly at the end of the data area and was
+    /// not noted yet (`end_lap`): such a lap has no padding record to note
+    /// it by.
+    fn ended_at_the_end(&self, pos: u64) -> bool {
+        pos == 0 && self.prod != 0 && self.prod != self.end_lap
+    }
+
     /// Notes a lap that ended past [`KEEP_BYTES`], for the give-back.
     #[cold]
     fn went_far(&mut self) {
@@ -594,9 +602,8 @@ impl Producer {
             return Ok(());
         }
         let pos = self.prod & (self.v.size() - 1);
-        // A lap that ended exactly at the end of the data area (the next
-        // record's `rewind` would note it).
-        let end_lap = pos == 0 && self.prod != 0 && self.prod != self.end_lap;
+        // (the next record's `rewind` would note it)
+        let end_lap = self.ended_at_the_end(pos);
         let far = pos + RECORD_HEADER as u64 > KEEP_BYTES;
         if self.far_at == 0 && !far && !end_lap {
             return Ok(());
@@ -789,24 +796,20 @@ impl Producer {
         self.rewind_look(pos, total, heard)
     }
 
-    /// [`Producer::rewind`] past its first test: a new lap, or a look.
+    /// [`Producer::rewind`] past its first test: a new lap, or a record
+    /// at which a look is due or may come (the peer was heard from).
     #[inline(never)]
     fn rewind_look(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
         if pos == 0 {
             // a new lap
             self.look_at = self.rewind_at;
-            if self.give_back.is_some() && self.prod != 0 && self.prod != self.end_lap {
-                // the last lap ran to the end of the data area
+            if self.give_back.is_some() && self.ended_at_the_end(pos) {
                 self.end_lap = self.prod;
                 self.went_far();
             }
             return Ok(());
         }
-        let end = pos + total;
-        let due = end > self.look_at;
-        if !due && (end <= self.rewind_at || heard == self.heard) {
-            return Ok(());
-        }
+        let due = pos + total > self.look_at;
         // Wrapping pays only when the record and the free header slot after
         // it fit before `pos`: the padding record holds the rest of the
         // data area until the consumer passes it.
