@@ -213,6 +213,20 @@ fn guard(f: impl FnOnce() -> c_int) -> c_int {
     }
 }
 
+/// The `n` items at `p` that a C caller passed (`p` may be anything,
+/// NULL included, when `n` is 0: an empty slice, never read).
+///
+/// # Safety
+/// `p` readable for `n` items for `'a` when `n` is not 0.
+unsafe fn c_slice<'a, T>(p: *const T, n: usize) -> &'a [T] {
+    if n == 0 {
+        &[]
+    } else {
+        // SAFETY: forwarded contract.
+        unsafe { std::slice::from_raw_parts(p, n) }
+    }
+}
+
 /// Copies `s` into `buf` (NUL-terminated, truncated); returns the full length.
 unsafe fn write_str(s: &str, buf: *mut c_char, len: usize) -> usize {
     if !buf.is_null() && len > 0 {
@@ -861,14 +875,7 @@ pub unsafe extern "C" fn ivcom_link_try_send2(
     body_len: usize,
 ) -> c_int {
     // SAFETY: readable per contract (an empty piece is never read).
-    let piece = |p: *const u8, n: usize| -> &[u8] {
-        if n == 0 {
-            &[]
-        } else {
-            unsafe { std::slice::from_raw_parts(p, n) }
-        }
-    };
-    let (head, body) = (piece(head, head_len), piece(body, body_len));
+    let (head, body) = unsafe { (c_slice(head, head_len), c_slice(body, body_len)) };
     guard(|| {
         // SAFETY: valid handle, no other reference live (contract).
         match unsafe { &mut *link }.link.try_send2(tag, head, body) {
@@ -895,19 +902,9 @@ pub unsafe extern "C" fn ivcom_link_try_send(
 ) -> c_int {
     guard(|| {
         // SAFETY: iov has n entries (contract).
-        let iov = if n == 0 {
-            &[][..]
-        } else {
-            unsafe { std::slice::from_raw_parts(iov, n) }
-        };
-        let part = |v: &ivcom_iov| -> &[u8] {
-            if v.len == 0 {
-                &[][..]
-            } else {
-                // SAFETY: readable per contract.
-                unsafe { std::slice::from_raw_parts(v.base, v.len) }
-            }
-        };
+        let iov = unsafe { c_slice(iov, n) };
+        // SAFETY: readable per contract.
+        let part = |v: &ivcom_iov| -> &[u8] { unsafe { c_slice(v.base, v.len) } };
         // A few pieces (the component passes one) need no allocation.
         let mut few: [&[u8]; 4] = [&[]; 4];
         let many: Vec<&[u8]>;
@@ -950,12 +947,8 @@ pub unsafe extern "C" fn ivcom_link_try_send_more(
     sent: *mut usize,
 ) -> c_int {
     guard(|| {
-        let msg = if len == 0 {
-            &[][..]
-        } else {
-            // SAFETY: readable per contract.
-            unsafe { std::slice::from_raw_parts(msg, len) }
-        };
+        // SAFETY: readable per contract.
+        let msg = unsafe { c_slice(msg, len) };
         // SAFETY: valid per contract.
         let sent = unsafe { &mut *sent };
         if *sent > len {
@@ -1030,11 +1023,7 @@ pub unsafe extern "C" fn ivcom_link_send(
         let d =
             (timeout_ms != 0).then(|| Instant::now() + Duration::from_millis(timeout_ms as u64));
         // SAFETY: readable per contract.
-        let msg = if len == 0 {
-            &[][..]
-        } else {
-            unsafe { std::slice::from_raw_parts(data, len) }
-        };
+        let msg = unsafe { c_slice(data, len) };
         // SAFETY: valid handle.
         match unsafe { &mut *link }.link.send_deadline(tag, msg, d) {
             Ok(()) => IVCOM_OK,
