@@ -277,15 +277,30 @@ pub struct Target {
     /// The goal read on [`Target::paired`].
     pub paired_met: Option<bool>,
     ok: fn(f64) -> bool,
-    /// What the ratio compares: (bench, config, baseline, sizes, higher is
-    /// better).
-    key: Option<(
-        String,
-        String,
-        String,
-        std::ops::RangeInclusive<usize>,
-        bool,
-    )>,
+    /// What the ratio compares.
+    key: Option<Compared>,
+}
+
+/// What a ratio goal compares: `cfg` over `base` in `bench`, over
+/// `sizes`, read at the worst of them.
+struct Compared {
+    bench: String,
+    cfg: String,
+    base: String,
+    sizes: std::ops::RangeInclusive<usize>,
+    /// Bandwidth (the lowest ratio is the worst), else time.
+    higher_is_better: bool,
+}
+
+impl Compared {
+    /// Whether ratio `a` is worse than `than`.
+    fn worse(&self, a: f64, than: f64) -> bool {
+        if self.higher_is_better {
+            a < than
+        } else {
+            a > than
+        }
+    }
 }
 
 /// Fills in [`Target::paired`]: at each size, the median over the
@@ -300,29 +315,23 @@ pub struct Target {
 /// those of the medians; the paired figure is printed beside them.
 pub fn add_paired(targets: &mut [Target], runs: &Runs) {
     for t in targets.iter_mut() {
-        let Some((bench, cfg, base, sizes, higher)) = &t.key else {
+        let Some(c) = &t.key else {
             continue;
         };
-        t.paired = paired_worst(runs, bench, cfg, base, sizes.clone(), *higher);
+        t.paired = paired_worst(runs, c);
         t.paired_met = t.paired.map(t.ok);
     }
 }
 
-/// The paired ratio `cfg`/`base` of `bench` at every size of `sizes`
-/// (medians over repetitions), worst first by `higher_is_better`.
-fn paired_worst(
-    runs: &Runs,
-    bench: &str,
-    cfg: &str,
-    base: &str,
-    sizes: std::ops::RangeInclusive<usize>,
-    higher_is_better: bool,
-) -> Option<f64> {
-    let (a, b) = (runs.get(bench)?.get(cfg)?, runs.get(bench)?.get(base)?);
+/// The worst over `c`'s sizes of the paired ratio (the median over
+/// repetitions at each size).
+fn paired_worst(runs: &Runs, c: &Compared) -> Option<f64> {
+    let runs_of = |cfg: &str| runs.get(&c.bench)?.get(cfg);
+    let (a, b) = (runs_of(&c.cfg)?, runs_of(&c.base)?);
     let mut per_size: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     for (rep, rows) in a {
         let Some(brows) = b.get(rep) else { continue };
-        for (size, v) in rows.range(sizes.clone()) {
+        for (size, v) in rows.range(c.sizes.clone()) {
             if let Some(w) = brows.get(size).filter(|w| **w > 0.0) {
                 per_size.entry(*size).or_default().push(v / w);
             }
@@ -331,7 +340,7 @@ fn paired_worst(
     per_size
         .into_values()
         .map(|mut v| median(&mut v))
-        .reduce(|x, y| if higher_is_better { x.min(y) } else { x.max(y) })
+        .reduce(|x, y| if c.worse(y, x) { y } else { x })
 }
 
 /// A spread of runs above which a goal's median is reported as unresolved:
@@ -354,19 +363,12 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
     };
     let ran = |c: &str| m.values().any(|b| b.contains_key(c));
     let mut out = Vec::new();
-    type Key = Option<(
-        String,
-        String,
-        String,
-        std::ops::RangeInclusive<usize>,
-        bool,
-    )>;
     let mut goal = |what: &str,
                     value: Option<f64>,
                     spread: Option<f64>,
                     goal: &str,
                     ok: fn(f64) -> bool,
-                    key: Key| {
+                    key: Option<Compared>| {
         out.push(Target {
             what: what.into(),
             value,
@@ -481,7 +483,13 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
             let sp = spread(bench, cfg, size)
                 .zip(spread(bench, base, size))
                 .map(|(a, b)| a.max(b));
-            let key = (bench.into(), cfg.into(), base.into(), size..=size, true);
+            let key = Compared {
+                bench: bench.into(),
+                cfg: cfg.into(),
+                base: base.into(),
+                sizes: size..=size,
+                higher_is_better: !is_latency(bench),
+            };
             goal(&format!("{what} {cfg}/{base}"), r, sp, g, ok, Some(key));
         }
     }
@@ -545,18 +553,18 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
             if fresh && !m.contains_key(bench) {
                 continue;
             }
-            let w = worst_ratio(m, bench, "ivcom", shm, lo..=hi, higher_is_better);
+            let key = Compared {
+                bench: bench.into(),
+                cfg: "ivcom".into(),
+                base: shm.into(),
+                sizes: lo..=hi,
+                higher_is_better,
+            };
+            let w = worst_ratio(m, &key);
             let at = w.map_or(String::new(), |(_, size)| {
                 format!(" ({})", human_size(size as f64))
             });
             let name = format!("{bench} {what} ivcom/{shm}, worst{at}");
-            let key = (
-                bench.into(),
-                "ivcom".into(),
-                shm.into(),
-                lo..=hi,
-                higher_is_better,
-            );
             goal(&name, w.map(|(r, _)| r), None, g, ok, Some(key));
         }
     }
@@ -571,36 +579,18 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
     out
 }
 
-/// The worst ratio `cfg`/`base` of `bench` over the sizes in `sizes` where
-/// both ran, with its size: the lowest when higher is better (bandwidth),
-/// else the highest (latency).
-fn worst_ratio(
-    m: &Medians,
-    bench: &str,
-    cfg: &str,
-    base: &str,
-    sizes: std::ops::RangeInclusive<usize>,
-    higher_is_better: bool,
-) -> Option<(f64, usize)> {
-    let (a, b) = (m.get(bench)?.get(cfg)?, m.get(bench)?.get(base)?);
+/// The worst ratio of the medians that `c` compares, over its sizes where
+/// both configurations ran, with its size (see [`Compared::worse`]).
+fn worst_ratio(m: &Medians, c: &Compared) -> Option<(f64, usize)> {
+    let medians_of = |cfg: &str| m.get(&c.bench)?.get(cfg);
+    let (a, b) = (medians_of(&c.cfg)?, medians_of(&c.base)?);
     a.iter()
-        .filter(|(size, _)| sizes.contains(size))
+        .filter(|(size, _)| c.sizes.contains(size))
         .filter_map(|(size, v)| {
             let w = b.get(size)?;
             (w.0 > 0.0).then(|| (v.0 / w.0, *size))
         })
-        .reduce(|x, y| {
-            let y_worse = if higher_is_better {
-                y.0 < x.0
-            } else {
-                y.0 > x.0
-            };
-            if y_worse {
-                y
-            } else {
-                x
-            }
-        })
+        .reduce(|x, y| if c.worse(y.0, x.0) { y } else { x })
 }
 
 /// `1536` -> `1.5K`, `1048576` -> `1M`.
