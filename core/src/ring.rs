@@ -76,26 +76,10 @@ const REWIND_STRIDE: u64 = 16 << 10;
 /// producer whose consumer keeps up stay below [`REWIND_AT`].
 pub const KEEP_BYTES: u64 = 64 << 10;
 
-/// Records of at most this many bytes (header included) wrap early while
-/// the consumer is still behind; larger ones only with the ring empty (see
-/// `Producer::rewind`).
-pub const WRAP_BEHIND_MAX: u64 = 512;
-
-/// Medium records, of at most this many bytes (header included: a 2 KiB
-/// message with its upper layer's header), also wrap early while the
-/// consumer is behind when their lap would otherwise run on past
-/// [`Producer::warm_end`]: onto pages that no lap wrote since the ring was
-/// made or gave pages back, beyond a [`WARM_SHARE`]th of the record bytes
-/// produced since. Such a stream's laps thus grow into the long laps that
-/// serve it best (1-2 KiB streams between pinned ranks: 1.26-1.29x vader
-/// with long laps, 1.04-1.10x with laps kept short) while the page faults
-/// of the growth cost at most about a 64th of the copying (a first lap of
-/// 1.8 MiB over cold pages cost osu_bw at 512 B two thirds of its
-/// bandwidth, docs/PERFORMANCE.md).
-pub const WRAP_BEHIND_WARM_MAX: u64 = 2048 + 64;
-/// Bytes of records produced per byte of cold pages that a lap of medium
-/// records may run onto (see [`WRAP_BEHIND_WARM_MAX`]).
-const WARM_SHARE: u64 = 64;
+/// Records of at most this many bytes (header included: a 2 KiB message
+/// with its upper layer's header) wrap early while the consumer is still
+/// behind; larger ones only with the ring empty (see `Producer::rewind`).
+pub const WRAP_BEHIND_MAX: u64 = 2048 + 64;
 
 /// The coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`: a few nanoseconds
 /// to read, no system call; it advances once per kernel tick, 1 to 10 ms),
@@ -444,16 +428,6 @@ pub struct Producer {
     large: bool,
     /// Furthest offset written in a lap that has ended (see `reach`).
     reach: u64,
-    /// Furthest offset written in a lap that has ended since the pages
-    /// past [`KEEP_BYTES`] were last given back: the ring's pages below it
-    /// are backed; those past it fault in when written (see `rewind`).
-    warm: u64,
-    /// Producer index when `warm` last started over (creation, give-back):
-    /// records of at most [`WRAP_BEHIND_WARM_MAX`] bytes take laps past
-    /// `warm` only within a 64th of what was produced since.
-    warm_from: u64,
-    /// Bytes of padding records written (the rest of `prod` is records).
-    padded: u64,
     /// Gives the pages past [`KEEP_BYTES`] back to the backend once no lap
     /// has written there for this many nanoseconds (see
     /// [`Producer::give_back_idle_pages`]); `None`: never.
@@ -509,9 +483,6 @@ impl Producer {
             budget: None,
             large: false,
             reach: 0,
-            warm: 0,
-            warm_from: 0,
-            padded: 0,
             give_back: None,
             far_at: 0,
             end_lap: 0,
@@ -596,8 +567,6 @@ impl Producer {
         }
         self.far_at = 0;
         self.given_back += 1;
-        self.warm = self.warm.min(KEEP_BYTES);
-        self.warm_from = self.prod.wrapping_sub(self.padded);
     }
 
     /// The give-back of a producer that fell silent, for the caller's
@@ -785,14 +754,15 @@ impl Producer {
     /// messages whose receiver is always a few of them behind (a window of
     /// osu_bw) otherwise found the ring empty at almost no look and ran
     /// laps of megabytes: 1.8 MiB of ring for 8-byte messages, and the
-    /// first lap over fresh pages at half the speed of the next ones.
-    /// Larger records keep the rule: between two pinned ranks, wrapping
-    /// them behind the consumer too cost streams of 1 KiB to 256 KiB
-    /// 8-31 % (docs/PERFORMANCE.md), as long laps serve them better. But
-    /// a stream's first long lap runs over cold pages, whose faults halve
-    /// the copying, so medium records ([`WRAP_BEHIND_WARM_MAX`]) wrap
-    /// behind the consumer too once their lap would run on past
-    /// [`Producer::warm_end`], which moves on with the traffic.
+    /// first lap over fresh pages at half the speed of the next ones (at
+    /// 512 B to 2 KiB a third of vader's bandwidth in short runs: that
+    /// first lap is most of what they send). Larger records keep the rule:
+    /// between two pinned ranks, wrapping every record behind the consumer
+    /// cost streams of 1 KiB to 256 KiB 8-31 %, and from 4 KiB ivcom is
+    /// 2-10x vader on long laps (docs/PERFORMANCE.md). Long streams of 1-2
+    /// KiB also run about 17 % faster on long laps, but reaching them costs
+    /// that first lap, and growing laps with the traffic measured slower
+    /// still in the meantime.
     ///
     /// Whether the ring is empty costs a look at the consumer index (the
     /// transfer of the consumer's cache line). The first record of a lap
@@ -864,13 +834,10 @@ impl Producer {
         // lap when there is less of it than `pos`; what it passed in this
         // lap is free for the next one, and so is the rest of the data
         // area. A small record wraps when it and the free header slot
-        // after it fit in what the consumer passed; a medium one too when
-        // its lap would run on onto cold pages (`warm_end`); a larger one
-        // when the ring is empty (see `rewind`).
+        // after it fit in what the consumer passed; a larger one when the
+        // ring is empty (see `rewind`).
         let backlog = self.prod.wrapping_sub(self.cons);
-        let behind_ok = backlog == 0
-            || total <= WRAP_BEHIND_MAX
-            || (total <= WRAP_BEHIND_WARM_MAX && pos + total > self.warm_end());
+        let behind_ok = backlog == 0 || total <= WRAP_BEHIND_MAX;
         if !behind_ok || backlog + total + RECORD_HEADER as u64 > pos {
             self.look_at = pos + REWIND_STRIDE;
             return Ok(());
@@ -890,18 +857,6 @@ impl Producer {
         Ok(())
     }
 
-    /// How far a lap of medium records ([`WRAP_BEHIND_WARM_MAX`]) runs
-    /// before it wraps behind the consumer: to the end of the pages that
-    /// laps wrote since the ring was made or gave pages back, or further by
-    /// a [`WARM_SHARE`]th of the record bytes produced since.
-    fn warm_end(&self) -> u64 {
-        let records = self
-            .prod
-            .wrapping_sub(self.padded)
-            .wrapping_sub(self.warm_from);
-        self.warm.max(records / WARM_SHARE)
-    }
-
     /// Fills the data area from `pos` (the producer's offset, whose space
     /// to the end the caller found free) to its end with a padding record,
     /// so that the next record goes at offset 0, and recomputes the wrap
@@ -910,7 +865,6 @@ impl Producer {
         debug_assert!(pos > 0, "a padding record never starts at offset 0");
         let contig = self.v.size() - pos;
         self.reach = self.reach.max(pos + RECORD_HEADER as u64);
-        self.warm = self.warm.max(pos + RECORD_HEADER as u64);
         if self.give_back.is_some() && pos + RECORD_HEADER as u64 > KEEP_BYTES {
             self.went_far();
         }
@@ -920,7 +874,6 @@ impl Producer {
         self.v.slot(0).store(0, Ordering::Relaxed);
         self.v.slot(pos).store(pad, Ordering::Release);
         self.prod += contig;
-        self.padded += contig;
         // A version 2 consumer sees the padding record as soon as it is
         // written: it counts as published (the consumer may pass it).
         self.published = self.prod;

@@ -818,13 +818,13 @@ fn exchange(len: usize, rounds: usize, slow_from: usize, hears: bool) -> usize {
 /// clock, looks at every record once past REWIND_AT, so it wraps at the
 /// first chance. One that hears nothing (streaming), or whose records
 /// come faster than the clock ticks, looks once per 16 KiB and goes
-/// further. (Records larger than `ring::WRAP_BEHIND_WARM_MAX`: smaller
-/// ones on a fresh ring wrap behind the consumer at the first look.)
+/// further. (Records larger than `ring::WRAP_BEHIND_MAX`: smaller ones
+/// wrap behind the consumer at the first look.)
 #[test]
 fn a_producer_that_hears_from_its_peer_wraps_at_the_first_chance() {
     let len = 3000usize;
     let rec = ring::RECORD_HEADER + len.next_multiple_of(8);
-    assert!(rec as u64 > ring::WRAP_BEHIND_WARM_MAX);
+    assert!(rec as u64 > ring::WRAP_BEHIND_MAX);
     let bound = ring::REWIND_AT as usize + 3 * rec;
     // a tick between records from 2 KiB before the early-wrap point
     let slow_from = (ring::REWIND_AT as usize - 2048) / rec;
