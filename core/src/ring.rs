@@ -760,9 +760,10 @@ impl Producer {
     /// between two pinned ranks, wrapping every record behind the consumer
     /// cost streams of 1 KiB to 256 KiB 8-31 %, and from 4 KiB ivcom is
     /// 2-10x vader on long laps (docs/PERFORMANCE.md). Long streams of 1-2
-    /// KiB also run about 17 % faster on long laps, but reaching them costs
-    /// that first lap, and growing laps with the traffic measured slower
-    /// still in the meantime.
+    /// KiB between pinned ranks also run 15-26 % faster on long laps
+    /// (unpinned ones alike on either), but reaching them costs that first
+    /// lap, and growing laps with the traffic measured slower still in the
+    /// meantime.
     ///
     /// Whether the ring is empty costs a look at the consumer index (the
     /// transfer of the consumer's cache line). The first record of a lap
