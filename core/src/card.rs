@@ -11,8 +11,8 @@
 //! Binary form (little-endian, 52 or 64 bytes, 32 more with the key):
 //! `"IVC2"`, version u8 (2), backend u8 (0 none, 1 host, 2 xen), family u8
 //! (4 or 6), flags u8 (bit 0: a key follows the address), id u64, name u64,
-//! domain u32, port u16, reserved u16 (0), host id [16], address [4 or 16],
-//! key [32] when flagged.
+//! domain u32, port u16, reserved u16 (0), host id (16 bytes), address
+//! (4 or 16 bytes), key (32 bytes) when flagged.
 //!
 //! Printable form: `ivcom2:<backend>:<host id hex>:<domain>:<id hex>:<name
 //! hex>:<addr>`, followed by `/key=<hex>` in the full form
