@@ -51,7 +51,6 @@ static inline const mca_btl_active_message_callback_t *callback_for(mca_btl_base
     return reg;
 }
 
-/* Hands one message from peer `ep` to the upper layer. */
 /* The head copy of a short message (ob1's header and a few bytes): 8 to
  * 32 bytes as two fixed-size moves that may overlap, which the compiler
  * inlines (a call to memcpy and its size dispatch cost more than the
@@ -75,6 +74,7 @@ static inline void copy_head(uint8_t *dst, const uint8_t *src, size_t len)
     }
 }
 
+/* Hands one message from peer `ep` to the upper layer. */
 void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
                            const uint8_t *data, size_t len)
 {
