@@ -1114,12 +1114,13 @@ mod tests {
         // past 16 KiB as soon as what the receiver passed holds the next
         // record, so the ring's reach stays within 16 KiB and a record
         // (2 KiB messages: 32 KiB, as the 8 waiting hold more than 16 KiB
-        // at the first look and the next comes 16 KiB on); larger records wrap early only when the ring is empty, which it
-        // never is here, and run through the data area. Every byte checked.
+        // at the first look and the next comes 16 KiB on); larger records
+        // wrap early only when the ring is empty, which it never is here,
+        // and run through the data area. Every byte checked.
         for (len, lagging_reach_ok) in [
             (24usize, (|r: u64| r <= 17 << 10) as fn(u64) -> bool),
             (1000, |r: u64| r <= (16 << 10) + 2 * 1024),
-            (2048, |r: u64| r <= (32 << 10) + 2112),
+            (2048, |r: u64| r <= (32 << 10) + ring::WRAP_BEHIND_MAX),
             (3000, |r: u64| r > 512 << 10),
         ] {
             let (mut a, mut b, _dir) = pair(1 << 20);

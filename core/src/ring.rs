@@ -407,9 +407,9 @@ pub struct Producer {
     /// at the end of the data area starts over at `rewind_at`), so a
     /// one-way stream of records larger than [`WRAP_BEHIND_MAX`] that once
     /// ran on past 16 KiB keeps its larger laps until a look finds the
-    /// ring empty: measured faster for streams of
-    /// 512 B to 64 KiB than starting each lap over (0.65-0.88 of this,
-    /// docs/PERFORMANCE.md). Looks prompted by the peer's traffic
+    /// ring empty: measured faster than starting each lap over (0.65-0.88
+    /// of this for streams of 512 B to 64 KiB, when all of them kept the
+    /// rule; docs/PERFORMANCE.md). Looks prompted by the peer's traffic
     /// (`heard`) still come anywhere past `rewind_at`.
     look_at: u64,
     /// The caller's `heard` count when `rewind` last read the clock (every
