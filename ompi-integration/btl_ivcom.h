@@ -66,12 +66,13 @@ struct mca_btl_base_endpoint_t {
     bool rx_busy;           /* a thread is delivering this link's messages */
     struct mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
     opal_list_t pending;    /* frags waiting for ring space, in order */
-    /* What mca_btl_ivcom_deliver hands up: the private copy of a message's
-     * head and the descriptor around it. One thread at a time delivers a
-     * link's messages (progress does not nest; with threads, rx_busy), so
-     * they live here, not in thread-local storage, whose every use in a
-     * dlopen()ed library is a call. (The self endpoint has no link: its
-     * messages go up through mca_btl_ivcom_deliver_private.) */
+    /* What a link's messages go up in (deliver, btl_ivcom_recv.c): the
+     * private copy of a message's head and the descriptor around it. One
+     * thread at a time delivers a link's messages (progress does not nest;
+     * with threads, rx_busy), so they live here, not in thread-local
+     * storage, whose every use in a dlopen()ed library is a call. (The self
+     * endpoint has no link: its messages go up through
+     * mca_btl_ivcom_deliver_private.) */
     size_t recv_head_used;  /* bytes of recv_head that hold an older message */
     mca_btl_base_segment_t recv_seg[2];
     ivcom_recv_desc_t recv_des;
@@ -181,8 +182,6 @@ void mca_btl_ivcom_drain_pending(mca_btl_base_endpoint_t *ep, opal_list_t *done,
 /* btl_ivcom_recv.c */
 int mca_btl_ivcom_progress(void);
 void mca_btl_ivcom_complete(opal_list_t *done);
-void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
-                           const uint8_t *data, size_t len);
 void mca_btl_ivcom_deliver_private(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
                                    uint8_t *data, size_t len);
 

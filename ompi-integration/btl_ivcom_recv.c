@@ -1,9 +1,9 @@
 /*
  * btl/ivcom: receive. Progress accepts the links peers opened to us, sends
  * what waits for ring space, and polls every link; each message is handed
- * to the upper layer by mca_btl_ivcom_deliver (a link's messages) or
- * mca_btl_ivcom_deliver_private (this process's own, on the self
- * endpoint), the two places that call up.
+ * to the upper layer by deliver (a link's messages, inlined into the poll
+ * callbacks) or mca_btl_ivcom_deliver_private (this process's own, on the
+ * self endpoint), the two places that call up.
  */
 #include "opal_config.h"
 
@@ -75,7 +75,7 @@ static inline void copy_head(uint8_t *dst, const uint8_t *src, size_t len)
 }
 
 /* Hands one message from peer `ep` to the upper layer. */
-void mca_btl_ivcom_deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
+static inline void deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
                            const uint8_t *data, size_t len)
 {
     const mca_btl_active_message_callback_t *reg = callback_for(tag);
@@ -129,7 +129,7 @@ void mca_btl_ivcom_deliver_private(mca_btl_base_endpoint_t *ep, mca_btl_base_tag
 /* ivcom_link_poll's callback; ctx is the endpoint. */
 static void recv_cb(void *ctx, uint8_t tag, const uint8_t *data, size_t len)
 {
-    mca_btl_ivcom_deliver((mca_btl_base_endpoint_t *) ctx, tag, data, len);
+    deliver((mca_btl_base_endpoint_t *) ctx, tag, data, len);
 }
 
 /* Completes frags whose data left (callbacks run without any lock: they
@@ -174,7 +174,7 @@ static void recv_cb_unlocked(void *ctx, uint8_t tag, const uint8_t *data, size_t
 {
     mca_btl_base_endpoint_t *ep = (mca_btl_base_endpoint_t *) ctx;
     OPAL_THREAD_UNLOCK(&ep->lock);
-    mca_btl_ivcom_deliver(ep, tag, data, len);
+    deliver(ep, tag, data, len);
     OPAL_THREAD_LOCK(&ep->lock);
 }
 

@@ -430,8 +430,22 @@ impl Channel {
     /// be called before the next `peek_msg`. No borrow of the channel is held
     /// meanwhile, so the caller may send on this channel while it looks at
     /// the message (but not poll it again).
+    ///
+    /// The common case, a whole message in place, takes a short path
+    /// inlined into the caller's poll loop (`peek_msg_fast`); everything
+    /// else (nothing there, padding, control records, fragments, a broken
+    /// ring, a violation, which it names) takes the full one, which reads
+    /// the header afresh.
     #[inline]
     pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        if let Some(m) = self.peek_msg_fast() {
+            return Ok(Some(m));
+        }
+        self.peek_msg_full()
+    }
+
+    #[inline(never)]
+    fn peek_msg_full(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
         if self.in_place {
             return Err(Error::Invalid("peek_msg before release_msg".into()));
         }
@@ -472,6 +486,20 @@ impl Channel {
                 return Ok(Some((tag, p, len)));
             }
         }
+    }
+
+    /// `peek_msg`'s common case: a whole message in place, taken as the
+    /// full path takes it, or `None` with nothing changed.
+    #[inline(always)]
+    fn peek_msg_fast(&mut self) -> Option<(u8, *const u8, usize)> {
+        if self.in_place || self.reasm.active() {
+            return None;
+        }
+        let m = self.rx.peek_msg_fast(self.tag_limit)?;
+        self.in_place = true;
+        self.stats.rx_msgs += 1;
+        self.stats.rx_bytes += m.2 as u64;
+        Some(m)
     }
 
     /// Releases the message returned by `peek_msg`. Its space goes back to
@@ -1463,6 +1491,27 @@ mod tests {
             b.poll(8, &mut |_, _| {}),
             Err(Error::Broken(Violation::BadTag))
         ));
+    }
+
+    /// A whole message where the next piece of a fragmented one belongs
+    /// breaks the link, and is not handed up (the whole-message path
+    /// declines it while a message is being reassembled).
+    #[test]
+    fn a_whole_message_inside_a_fragmented_one_breaks_the_link() {
+        let (mut a, mut b, _dir) = pair(4096);
+        let mut first = 100u64.to_le_bytes().to_vec();
+        first.extend_from_slice(&[7; 40]);
+        a.tx.push(kind::FIRST, 3, &[&first]).unwrap().unwrap();
+        let mut seen = Vec::new();
+        // the first piece is taken in by one poll, the message met by the next
+        let got = b.poll(8, &mut |t, m| seen.push((t, m.to_vec()))).unwrap();
+        assert_eq!(got, 0);
+        a.try_send_parts(3, &[b"whole"]).unwrap();
+        let e = b
+            .poll(8, &mut |t, m| seen.push((t, m.to_vec())))
+            .unwrap_err();
+        assert!(matches!(e, Error::Broken(Violation::BadSequence)), "{e}");
+        assert!(seen.is_empty(), "{seen:?}");
     }
 
     #[test]

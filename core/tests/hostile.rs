@@ -1319,6 +1319,92 @@ fn stale_words_never_pass_for_records() {
     }
 }
 
+/// A header word for the short receive path: mostly plausible records
+/// (every kind, lengths around the limits), some with reserved bits set,
+/// some arbitrary.
+fn header_word() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        3 => (header_len(), record_kind(), any::<u8>())
+            .prop_map(|(len, k, tag)| ivcom_core::record::encode(len, k, tag)),
+        1 => (header_len(), any::<u8>(), 1u64..0x1_0000)
+            .prop_map(|(len, tag, r)| ivcom_core::record::encode(len, kind::MSG, tag) | r << 48),
+        1 => any::<u64>(),
+        1 => Just(0u64),
+    ]
+}
+
+/// What `peek` makes of the record at the consumer, as plain values.
+fn seen(r: ivcom_core::Result<Option<ring::Record>>) -> String {
+    match r {
+        Ok(Some(r)) => format!("record {:?} {} {} {}", r.ptr, r.len, r.kind, r.tag),
+        Ok(None) => "empty".into(),
+        Err(e) => format!("{e:?}"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 4096, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// `Consumer::peek_msg_fast`, the receive path's short way, takes a
+    /// record exactly when the full path (`peek`, then the channel's kind
+    /// and tag checks) would hand it up whole, with the same pointer,
+    /// length and tag; otherwise it leaves the consumer as it was: the full
+    /// path then sees what a consumer that never took the short way sees
+    /// (the same record, the same named violation).
+    #[test]
+    fn the_short_receive_path_agrees_with_the_full_one(
+        max in max_record(),
+        at in prop_oneof![0usize..DATA / 8, (1usize..64).prop_map(|x| DATA / 8 - x)],
+        word in header_word(),
+        tag_limit in prop_oneof![Just(256u16), 0u16..=256],
+    ) {
+        let geo = Geometry::with_max_record(DATA, max).unwrap();
+        let mem = Mem::new(geo);
+        let (_tx, mut short) = mem.ends(geo);
+        // SAFETY: as in Mem::ends; a second reader of the same ring that
+        // only ever reads.
+        let mut full = unsafe { Consumer::new(mem.base, geo).unwrap() };
+        // Both readers walk a chain of records written here to the word's
+        // place, anywhere in the data area (near its end too, where a
+        // record may not fit before it).
+        let (target, mut pos) = (at * 8, 0);
+        while pos < target {
+            let len = max.min(target - pos - RECORD_HEADER);
+            mem.set_word(ring::CTRL_BYTES + pos, ivcom_core::record::encode(len as u32, kind::MSG, 1));
+            for rx in [&mut short, &mut full] {
+                assert_eq!(rx.peek().unwrap().map(|r| r.len), Some(len));
+                rx.release();
+            }
+            pos += RECORD_HEADER + len.div_ceil(8) * 8;
+        }
+        mem.set_word(ring::CTRL_BYTES + pos, word);
+        let fast = short.peek_msg_fast(tag_limit);
+        let r = full.peek();
+        let expected = match &r {
+            Ok(Some(r)) if r.kind == kind::MSG && (r.tag as u16) < tag_limit => {
+                Some((r.tag, r.ptr, r.len))
+            }
+            _ => None,
+        };
+        prop_assert_eq!(fast, expected);
+        if fast.is_some() {
+            // not twice before the release
+            prop_assert_eq!(short.peek_msg_fast(tag_limit), None);
+            short.release();
+            full.release();
+            prop_assert_eq!(short.taken(), full.taken());
+        } else {
+            let broke = r.is_err();
+            prop_assert_eq!(seen(short.peek()), seen(r));
+            if broke {
+                // a broken ring stays broken, whatever the peer writes next
+                mem.set_word(ring::CTRL_BYTES + pos, ivcom_core::record::encode(0, kind::MSG, 1));
+                prop_assert_eq!(short.peek_msg_fast(256), None);
+            }
+        }
+    }
+}
+
 /// A padding record at offset 0 would lead the consumer back to where it
 /// stands, for ever: it is refused.
 #[test]
