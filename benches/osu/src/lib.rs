@@ -272,12 +272,32 @@ pub fn header(title: &str, columns: &[&str]) {
     }
 }
 
+/// Decimals of the values a row prints: OSU's two, or `IVCOM_OSU_DIGITS`
+/// (0 to 6). Latencies of a tenth of a microsecond printed with two
+/// decimals resolve a ratio to 10 % only (0.10 against 0.11), so
+/// `scripts/compare` asks for three.
+pub fn digits() -> usize {
+    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("IVCOM_OSU_DIGITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&d| d <= 6)
+            .unwrap_or(2)
+    })
+}
+
 /// One table row as OSU prints it: size left-aligned in 10 columns, then
-/// values right-aligned with two decimals.
+/// values right-aligned with [`digits`] decimals.
 pub fn format_row(size: usize, values: &[f64]) -> String {
+    format_row_with(size, values, digits())
+}
+
+/// [`format_row`] with `digits` decimals.
+pub fn format_row_with(size: usize, values: &[f64], digits: usize) -> String {
     let mut s = format!("{size:<10}");
     for v in values {
-        s.push_str(&format!("{v:>w$.2}", w = FIELD_WIDTH));
+        s.push_str(&format!("{v:>w$.digits$}", w = FIELD_WIDTH));
     }
     s
 }
@@ -752,7 +772,14 @@ mod tests {
 
     #[test]
     fn rows_look_like_osu() {
-        assert_eq!(format_row(8, &[0.25]), "8                         0.25");
+        assert_eq!(
+            format_row_with(8, &[0.25], 2),
+            "8                         0.25"
+        );
+        assert_eq!(
+            format_row_with(8, &[0.1049], 3),
+            "8                        0.105"
+        );
         assert_eq!(format_row(4194304, &[1.0, 2.5]).len(), 50);
     }
 

@@ -223,7 +223,7 @@ pub fn table(m: &Medians) -> String {
             for c in &names {
                 match cfgs[*c].get(&size) {
                     Some(v) => {
-                        let _ = write!(line, "{:>14.2}", v.0);
+                        let _ = write!(line, "{:>14.3}", v.0);
                     }
                     None => line.push_str(&format!("{:>14}", "-")),
                 }
