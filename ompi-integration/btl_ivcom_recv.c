@@ -181,10 +181,12 @@ static void recv_cb_unlocked(void *ctx, uint8_t tag, const uint8_t *data, size_t
 /* One endpoint with threads: claimed for receiving under its lock (an
  * endpoint another thread holds is passed by: that thread delivers its
  * messages), polled in one call like poll_single, the lock dropped around
- * each upcall. */
+ * each upcall. The list of sends completed here is built only when sends
+ * wait (an idle poll, the commonest call, costs no list). */
 static int poll_threaded(mca_btl_base_endpoint_t *ep)
 {
     opal_list_t done;
+    bool sent = false;
     int failed = 0, rc = 0;
     if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
         return 0;
@@ -193,8 +195,9 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
         OPAL_THREAD_UNLOCK(&ep->lock);
         return 0;
     }
-    OBJ_CONSTRUCT(&done, opal_list_t);
     if (!opal_list_is_empty(&ep->pending)) {
+        OBJ_CONSTRUCT(&done, opal_list_t);
+        sent = true;
         mca_btl_ivcom_drain_pending(ep, &done, &failed);
     }
     if (!failed) {
@@ -206,8 +209,10 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
         }
     }
     OPAL_THREAD_UNLOCK(&ep->lock);
-    mca_btl_ivcom_complete(&done);
-    OBJ_DESTRUCT(&done);
+    if (sent) {
+        mca_btl_ivcom_complete(&done);
+        OBJ_DESTRUCT(&done);
+    }
     if (failed < 0) {
         mca_btl_ivcom_endpoint_failed(ep, failed);
         return 0;

@@ -346,17 +346,12 @@ impl Channel {
     /// loop over pieces. `Ok(false)` when the ring is full.
     #[inline]
     pub fn try_send2(&mut self, tag: u8, head: &[u8], body: &[u8]) -> Result<bool> {
-        let len = head.len() + body.len();
-        let Some(dst) = self.tx.reserve_heard(len, self.rx.taken())? else {
+        let Some(n) = self.tx.push2(kind::MSG, tag, head, body, self.rx.taken())? else {
             return Ok(false);
         };
-        // SAFETY: `dst` has room for `len` bytes of ring space, which the
-        // caller's slices cannot overlap.
-        unsafe {
-            copy_short(head.as_ptr(), dst, head.len());
-            copy_short(body.as_ptr(), dst.add(head.len()), body.len());
-        }
-        self.commit(len, tag)?;
+        self.stats.tx_msgs += 1;
+        self.stats.tx_bytes += (head.len() + body.len()) as u64;
+        self.ring_tx(n)?;
         Ok(true)
     }
 
@@ -673,38 +668,6 @@ impl Inbox for Channel {
 impl Drop for Channel {
     fn drop(&mut self) {
         self.close();
-    }
-}
-
-/// Copies `n` bytes from `src` to `dst`: up to 16 inline, as two moves
-/// that may overlap (an upper layer's header, a small payload: a call to
-/// `memcpy` and its size dispatch cost more than the copy), longer ones
-/// with `memcpy`.
-///
-/// # Safety
-/// `src` readable and `dst` writable for `n` bytes, not overlapping.
-#[inline(always)]
-unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
-    use std::ptr::{read_unaligned as rd, write_unaligned as wr};
-    // SAFETY (all arms): every access lies within the first `n` bytes of
-    // `src` and `dst` (contract).
-    unsafe {
-        if n > 16 {
-            std::ptr::copy_nonoverlapping(src, dst, n);
-        } else if n >= 8 {
-            let (a, b) = (rd(src.cast::<u64>()), rd(src.add(n - 8).cast::<u64>()));
-            wr(dst.cast::<u64>(), a);
-            wr(dst.add(n - 8).cast::<u64>(), b);
-        } else if n >= 4 {
-            let (a, b) = (rd(src.cast::<u32>()), rd(src.add(n - 4).cast::<u32>()));
-            wr(dst.cast::<u32>(), a);
-            wr(dst.add(n - 4).cast::<u32>(), b);
-        } else if n > 0 {
-            let (a, m, b) = (*src, *src.add(n / 2), *src.add(n - 1));
-            *dst = a;
-            *dst.add(n / 2) = m;
-            *dst.add(n - 1) = b;
-        }
     }
 }
 

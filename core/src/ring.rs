@@ -383,6 +383,46 @@ impl Drop for Share {
     }
 }
 
+/// Where [`Producer::place`] put a record: its offset in the data area,
+/// its size with header and alignment, and its payload in ring space.
+struct Place {
+    pos: u64,
+    total: u64,
+    payload: *mut u8,
+}
+
+/// Copies `n` bytes from `src` to `dst`: up to 16 inline, as two moves
+/// that may overlap (an upper layer's header, a small payload: a call to
+/// `memcpy` and its size dispatch cost more than the copy), longer ones
+/// with `memcpy`.
+///
+/// # Safety
+/// `src` readable and `dst` writable for `n` bytes, not overlapping.
+#[inline(always)]
+unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
+    use std::ptr::{read_unaligned as rd, write_unaligned as wr};
+    // SAFETY (all arms): every access lies within the first `n` bytes of
+    // `src` and `dst` (contract).
+    unsafe {
+        if n > 16 {
+            std::ptr::copy_nonoverlapping(src, dst, n);
+        } else if n >= 8 {
+            let (a, b) = (rd(src.cast::<u64>()), rd(src.add(n - 8).cast::<u64>()));
+            wr(dst.cast::<u64>(), a);
+            wr(dst.add(n - 8).cast::<u64>(), b);
+        } else if n >= 4 {
+            let (a, b) = (rd(src.cast::<u32>()), rd(src.add(n - 4).cast::<u32>()));
+            wr(dst.cast::<u32>(), a);
+            wr(dst.add(n - 4).cast::<u32>(), b);
+        } else if n > 0 {
+            let (a, m, b) = (*src, *src.add(n / 2), *src.add(n - 1));
+            *dst = a;
+            *dst.add(n / 2) = m;
+            *dst.add(n - 1) = b;
+        }
+    }
+}
+
 /// The writing end of a ring.
 pub struct Producer {
     v: View,
@@ -922,6 +962,19 @@ impl Producer {
     /// producer looks whether it may wrap early.
     #[inline(always)]
     pub fn reserve_heard(&mut self, len: usize, heard: u64) -> Result<Option<*mut u8>> {
+        let Some(at) = self.place(len, heard)? else {
+            self.reserved = None;
+            return Ok(None);
+        };
+        self.reserved = Some(len);
+        Ok(Some(at.payload))
+    }
+
+    /// Where a record of `len` payload bytes goes now (past the padding
+    /// record of a wrap, which this writes), or `None` when the ring is
+    /// full: [`Producer::reserve_heard`] without the reservation.
+    #[inline(always)]
+    fn place(&mut self, len: usize, heard: u64) -> Result<Option<Place>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
         }
@@ -937,7 +990,6 @@ impl Producer {
         if size - self.prod.wrapping_sub(self.cons) < need {
             self.reload_cons()?;
             if size - self.prod.wrapping_sub(self.cons) < need {
-                self.reserved = None;
                 return Ok(None);
             }
         }
@@ -945,10 +997,42 @@ impl Producer {
             // (the space is free: checked above)
             self.pad_to_end(pos);
         }
-        self.reserved = Some(len);
-        let pos = (self.prod & (size - 1)) as usize;
-        // SAFETY: pos + total <= size (no wrap by construction).
-        Ok(Some(unsafe { self.v.data().add(pos + RECORD_HEADER) }))
+        let pos = self.prod & (size - 1);
+        Ok(Some(Place {
+            pos,
+            total,
+            // SAFETY: pos + total <= size (no wrap by construction).
+            payload: unsafe { self.v.data().add(pos as usize + RECORD_HEADER) },
+        }))
+    }
+
+    /// Sends a record of two pieces, `head` then `body`, or returns
+    /// `Ok(None)` when the ring is full: [`Producer::push_heard`] for the
+    /// commonest send (an upper layer's header and a short payload) in one
+    /// pass, short pieces copied inline. Drops an outstanding reservation,
+    /// as a reservation would. `Ok(Some(true))` when the consumer sleeps
+    /// and must be rung.
+    #[inline(always)]
+    pub fn push2(
+        &mut self,
+        kind: u8,
+        tag: u8,
+        head: &[u8],
+        body: &[u8],
+        heard: u64,
+    ) -> Result<Option<bool>> {
+        let len = head.len() + body.len();
+        self.reserved = None;
+        let Some(at) = self.place(len, heard)? else {
+            return Ok(None);
+        };
+        // SAFETY: the payload has room for `len` bytes of ring space, which
+        // the caller's slices cannot overlap.
+        unsafe {
+            copy_short(head.as_ptr(), at.payload, head.len());
+            copy_short(body.as_ptr(), at.payload.add(head.len()), body.len());
+        }
+        Ok(Some(self.finish(at.pos, at.total, len, kind, tag)))
     }
 
     /// Whether the consumer has announced that it sleeps (tests wait for it
@@ -999,9 +1083,16 @@ impl Producer {
             len <= cap,
             "commit of {len} bytes exceeds reservation of {cap}"
         );
-        let size = self.v.size();
-        let pos = self.prod & (size - 1);
+        let pos = self.prod & (self.v.size() - 1);
         let total = (RECORD_HEADER + align8(len)) as u64;
+        self.finish(pos, total, len, kind, tag)
+    }
+
+    /// Publishes the record of `len` payload bytes (`total` with header
+    /// and alignment) written at `pos`, the producer index.
+    #[inline(always)]
+    fn finish(&mut self, pos: u64, total: u64, len: usize, kind: u8, tag: u8) -> bool {
+        let size = self.v.size();
         if len >= self.v.geo.max_record as usize {
             self.large = true;
         }
