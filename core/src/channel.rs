@@ -1130,6 +1130,85 @@ mod tests {
         }
     }
 
+    /// Sends message `t.next` (`len` bytes) on `a`: `false` when the ring
+    /// has no room for it (nothing sent).
+    fn try_send_numbered(t: &mut Traffic, a: &mut Channel, len: usize) -> bool {
+        let m = numbered(t.next, len);
+        if !a.try_send_parts(1, &[&m]).unwrap() {
+            return false;
+        }
+        t.in_flight.push_back(m);
+        t.next += 1;
+        true
+    }
+
+    #[test]
+    fn windows_written_in_one_go_get_laps_that_hold_them() {
+        // Two ranks that share a core, in one thread: the sender writes a
+        // window of 64 messages in one go, the receiver takes all but the
+        // last 11 in its next time slice and answers. An early wrap at
+        // offset p leaves the next lap p bytes until the receiver passes
+        // the padding record; with laps that stayed that short, 100 to 132
+        // of these 200 windows ran out of room in the middle (a wait for
+        // the receiver's next slice). Running out raises the laps to twice
+        // the offset: after the first few windows none runs out, and the
+        // ring's reach stays within a few windows, not its whole 1 MiB.
+        // Once the sender has not run out for a second (the ring's
+        // give-back delay, GIVE_BACK_AFTER), the laps are short again: a
+        // stream that the receiver keeps up with stays below the kept
+        // 64 KiB. Every byte checked.
+        for len in [1024, 2048] {
+            let (mut a, mut b, _dir) = pair(1 << 20);
+            let mut t = Traffic::default();
+            let mut split = Vec::new();
+            for _ in 0..200 {
+                let mut ran_out = false;
+                for _ in 0..64 {
+                    if !try_send_numbered(&mut t, &mut a, len) {
+                        ran_out = true;
+                        t.take(&mut b, 0);
+                        b.flush_rx().unwrap();
+                        assert!(try_send_numbered(&mut t, &mut a, len), "{}", a.tx.dbg());
+                    }
+                }
+                t.take(&mut b, 11);
+                b.flush_rx().unwrap();
+                // the window's answer, which prompts the sender's next look
+                assert!(b.try_send_parts(2, &[b"ack"]).unwrap());
+                assert_eq!(a.poll(1, &mut |_, _| {}).unwrap(), 1);
+                a.flush_rx().unwrap();
+                split.push(ran_out);
+            }
+            assert!(
+                split.contains(&true),
+                "{len}: never ran out: no longer the case"
+            );
+            assert!(
+                !split[20..].contains(&true),
+                "{len}: windows split: {split:?}"
+            );
+            assert!(a.tx.min_lap() > ring::KEEP_BYTES, "{len}: {}", a.tx.dbg());
+            let window = 64 * (ring::RECORD_HEADER + len + 32) as u64;
+            assert!(a.tx.reach() <= 4 * window, "{len}: reach {}", a.tx.reach());
+            std::thread::sleep(GIVE_BACK_AFTER + Duration::from_millis(50));
+            let mut furthest_late = 0;
+            for i in 0..4000 {
+                t.send(&mut a, 1, 100);
+                t.take(&mut b, 0);
+                b.flush_rx().unwrap();
+                if i >= 3000 {
+                    furthest_late = furthest_late.max(a.tx.offset());
+                }
+            }
+            assert_eq!(a.tx.min_lap(), ring::REWIND_AT, "{len}: {}", a.tx.dbg());
+            assert!(
+                furthest_late < ring::KEEP_BYTES,
+                "{len}: offset {furthest_late}: {}",
+                a.tx.dbg()
+            );
+        }
+    }
+
     #[test]
     fn two_piece_sends_of_every_short_length_arrive_intact() {
         // try_send2 copies pieces of up to 16 bytes inline (two moves that

@@ -76,6 +76,12 @@ const REWIND_STRIDE: u64 = 16 << 10;
 /// producer whose consumer keeps up stay below [`REWIND_AT`].
 pub const KEEP_BYTES: u64 = 64 << 10;
 
+/// A producer that ran out of room in a lap cut short by an early wrap
+/// keeps its longer laps (see `Producer::min_lap`) until it has gone this
+/// long without running out, in nanoseconds; one that gives idle pages
+/// back ([`Producer::give_back_idle_pages`]) for as long as it keeps them.
+pub const LONG_LAPS_FOR: u64 = 1_000_000_000;
+
 /// Records of at most this many bytes (header included: a 2 KiB message
 /// with its upper layer's header) wrap early while the consumer is still
 /// behind; larger ones only with the ring empty (see `Producer::rewind`).
@@ -452,6 +458,24 @@ pub struct Producer {
     /// rule; docs/PERFORMANCE.md). Looks prompted by the peer's traffic
     /// (`heard`) still come anywhere past `rewind_at`.
     look_at: u64,
+    /// Offset below which this producer does not wrap early: `rewind_at`
+    /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
+    /// until the consumer passes the padding record, so a producer that
+    /// writes more than that before its consumer runs again (ranks that
+    /// share a core: a window of messages written in one go, read in the
+    /// next time slice) runs out of room in mid-window, and without this
+    /// its laps stayed that short (47-135 KiB for osu_mbw_mr's windows of
+    /// 32-130 KiB on one core, every window split in two).
+    /// So running out of room at offset `p` raises it to `2 p` (at most
+    /// the wrap offset); it goes back to `rewind_at` once the producer
+    /// has not run out for [`LONG_LAPS_FOR`] (or its give-back delay). A
+    /// producer whose consumer keeps up never runs out: its laps stay
+    /// short.
+    min_lap: u64,
+    /// Ran out of room since the last look; [`coarse_ticks`] at the last
+    /// look that followed running out.
+    ran_out: bool,
+    ran_out_at: u64,
     /// The caller's `heard` count when `rewind` last read the clock (every
     /// look reads it).
     heard: u64,
@@ -517,6 +541,9 @@ impl Producer {
             peer_polls: false,
             rewind_at,
             look_at: rewind_at,
+            min_lap: rewind_at,
+            ran_out: false,
+            ran_out_at: 0,
             heard: 0,
             looked: 0,
             wrap_at: geo.data_size as u64,
@@ -557,9 +584,21 @@ impl Producer {
     #[cfg(test)]
     pub(crate) fn dbg(&self) -> String {
         format!(
-            "prod={} cons={} look_at={} wrap_at={} far_at={} given_back={}",
-            self.prod, self.cons, self.look_at, self.wrap_at, self.far_at, self.given_back
+            "prod={} cons={} look_at={} min_lap={} wrap_at={} far_at={} given_back={}",
+            self.prod,
+            self.cons,
+            self.look_at,
+            self.min_lap,
+            self.wrap_at,
+            self.far_at,
+            self.given_back
         )
+    }
+
+    /// The offset below which this producer does not wrap early.
+    #[cfg(test)]
+    pub(crate) fn min_lap(&self) -> u64 {
+        self.min_lap
     }
 
     /// The producer's offset in the data area.
@@ -848,7 +887,7 @@ impl Producer {
     fn rewind_look(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
         if pos == 0 {
             // a new lap
-            self.look_at = self.rewind_at;
+            self.look_at = self.min_lap;
             if self.give_back.is_some() && self.ended_at_the_end(pos) {
                 self.end_lap = self.prod;
                 self.went_far();
@@ -868,6 +907,20 @@ impl Producer {
             return Ok(());
         }
         self.looked = now;
+        if self.ran_out {
+            self.ran_out = false;
+            self.ran_out_at = now;
+        } else if self.min_lap > self.rewind_at
+            && now.wrapping_sub(self.ran_out_at) >= self.give_back.unwrap_or(LONG_LAPS_FOR)
+        {
+            // (and the laps after this one start looking at `rewind_at`)
+            self.min_lap = self.rewind_at;
+            self.look_at = self.rewind_at;
+        }
+        if pos + total <= self.min_lap {
+            self.look_at = self.min_lap;
+            return Ok(());
+        }
         if self.prod != self.cons {
             self.reload_cons()?;
         }
@@ -896,6 +949,14 @@ impl Producer {
         }
         self.pad_to_end(pos);
         Ok(())
+    }
+
+    /// The ring had no room for a record at `pos`: laps of at least twice
+    /// that from now on (see `min_lap`).
+    #[cold]
+    fn out_of_room(&mut self, pos: u64) {
+        self.min_lap = self.min_lap.max(pos.saturating_mul(2).min(self.wrap_at));
+        self.ran_out = true;
     }
 
     /// Fills the data area from `pos` (the producer's offset, whose space
@@ -990,6 +1051,7 @@ impl Producer {
         if size - self.prod.wrapping_sub(self.cons) < need {
             self.reload_cons()?;
             if size - self.prod.wrapping_sub(self.cons) < need {
+                self.out_of_room(pos);
                 return Ok(None);
             }
         }
