@@ -181,7 +181,7 @@ void mca_btl_ivcom_drain_pending(mca_btl_base_endpoint_t *ep, opal_list_t *done,
 
 /* btl_ivcom_recv.c */
 int mca_btl_ivcom_progress(void);
-void mca_btl_ivcom_complete(opal_list_t *done);
+int mca_btl_ivcom_complete(opal_list_t *done);
 void mca_btl_ivcom_deliver_private(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
                                    uint8_t *data, size_t len);
 

@@ -133,38 +133,43 @@ static void recv_cb(void *ctx, uint8_t tag, const uint8_t *data, size_t len)
 }
 
 /* Completes frags whose data left (callbacks run without any lock: they
- * may send again). */
-void mca_btl_ivcom_complete(opal_list_t *done)
+ * may send again); returns how many. */
+int mca_btl_ivcom_complete(opal_list_t *done)
 {
     opal_list_item_t *item;
+    int n = 0;
     while (NULL != (item = opal_list_remove_first(done))) {
         mca_btl_ivcom_frag_done((mca_btl_ivcom_frag_t *) item, true);
+        n++;
     }
+    return n;
 }
 
 /* One endpoint without threads: the link delivers up to 16 messages by
- * itself (one call across the C ABI). */
+ * itself (one call across the C ABI). Returns the messages delivered and
+ * the waiting sends that went: both are progress (with
+ * mpi_yield_when_idle, a call that reports none gives the core away). */
 static int poll_single(mca_btl_base_endpoint_t *ep)
 {
-    int rc;
+    int rc, sent = 0;
     if (!opal_list_is_empty(&ep->pending)) {
         opal_list_t done;
         int failed = 0;
         OBJ_CONSTRUCT(&done, opal_list_t);
         mca_btl_ivcom_drain_pending(ep, &done, &failed);
-        mca_btl_ivcom_complete(&done);
+        sent = mca_btl_ivcom_complete(&done);
         OBJ_DESTRUCT(&done);
         if (failed) {
             mca_btl_ivcom_endpoint_failed(ep, failed);
-            return 0;
+            return sent;
         }
     }
     rc = ivcom_link_poll(ep->link, 16, recv_cb, ep);
     if (rc < 0) {
         mca_btl_ivcom_endpoint_failed(ep, rc);
-        return 0;
+        return sent;
     }
-    return rc;
+    return rc + sent;
 }
 
 /* ivcom_link_poll's callback with threads: the endpoint's lock is dropped
@@ -182,12 +187,13 @@ static void recv_cb_unlocked(void *ctx, uint8_t tag, const uint8_t *data, size_t
  * endpoint another thread holds is passed by: that thread delivers its
  * messages), polled in one call like poll_single, the lock dropped around
  * each upcall. The list of sends completed here is built only when sends
- * wait (an idle poll, the commonest call, costs no list). */
+ * wait (an idle poll, the commonest call, costs no list). Returns what
+ * poll_single returns. */
 static int poll_threaded(mca_btl_base_endpoint_t *ep)
 {
     opal_list_t done;
-    bool sent = false;
-    int failed = 0, rc = 0;
+    bool waiting = false;
+    int failed = 0, rc = 0, sent = 0;
     if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
         return 0;
     }
@@ -197,7 +203,7 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
     }
     if (!opal_list_is_empty(&ep->pending)) {
         OBJ_CONSTRUCT(&done, opal_list_t);
-        sent = true;
+        waiting = true;
         mca_btl_ivcom_drain_pending(ep, &done, &failed);
     }
     if (!failed) {
@@ -209,15 +215,15 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
         }
     }
     OPAL_THREAD_UNLOCK(&ep->lock);
-    if (sent) {
-        mca_btl_ivcom_complete(&done);
+    if (waiting) {
+        sent = mca_btl_ivcom_complete(&done);
         OBJ_DESTRUCT(&done);
     }
     if (failed < 0) {
         mca_btl_ivcom_endpoint_failed(ep, failed);
-        return 0;
+        return sent;
     }
-    return rc;
+    return rc + sent;
 }
 
 /* Progress does not nest within a thread (an upcall may call progress):
