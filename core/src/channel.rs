@@ -1153,10 +1153,10 @@ mod tests {
         // the receiver's next slice). Running out raises the laps to twice
         // the offset: after the first few windows none runs out, and the
         // ring's reach stays within a few windows, not its whole 1 MiB.
-        // Once the sender has not run out for a second (the ring's
-        // give-back delay, GIVE_BACK_AFTER), the laps are short again: a
-        // stream that the receiver keeps up with stays below the kept
-        // 64 KiB. Every byte checked.
+        // Once the sender has not run out for a second (ring::LONG_LAPS_FOR,
+        // the give-back delay), the laps are short again: a stream that
+        // the receiver keeps up with stays below the kept 64 KiB. Every
+        // byte checked.
         for len in [1024, 2048] {
             let (mut a, mut b, _dir) = pair(1 << 20);
             let mut t = Traffic::default();
@@ -1190,7 +1190,9 @@ mod tests {
             assert!(a.tx.min_lap() > ring::KEEP_BYTES, "{len}: {}", a.tx.dbg());
             let window = 64 * (ring::RECORD_HEADER + len + 32) as u64;
             assert!(a.tx.reach() <= 4 * window, "{len}: reach {}", a.tx.reach());
-            std::thread::sleep(GIVE_BACK_AFTER + Duration::from_millis(50));
+            std::thread::sleep(
+                Duration::from_nanos(ring::LONG_LAPS_FOR) + Duration::from_millis(50),
+            );
             let mut furthest_late = 0;
             for i in 0..4000 {
                 t.send(&mut a, 1, 100);

@@ -67,6 +67,12 @@ struct Inner {
     peers: Mutex<Peers>,
     cv: Condvar,
     stop: AtomicBool,
+    /// Wakes the acceptor thread when `stop` is set (an eventfd; `None`
+    /// if it could not be made: the acceptor then looks at `stop` every
+    /// 100 ms). With it the acceptor sleeps until a connection comes, a
+    /// waiting one speaks or times out, or the node stops: an idle rank
+    /// is not woken ten times a second.
+    wake: Option<std::os::fd::OwnedFd>,
     /// Links ready to be taken (a copy of the table's count, for pollers).
     ready: AtomicUsize,
     /// Authenticated handshakes in progress.
@@ -142,6 +148,7 @@ impl Node {
             peers: Mutex::new(Peers::default()),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
+            wake: session::wake_fd(),
             ready: AtomicUsize::new(0),
             workers: AtomicUsize::new(0),
             budget: cfg_budget,
@@ -321,6 +328,9 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::Release);
+        if let Some(w) = &self.inner.wake {
+            session::wake(w);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

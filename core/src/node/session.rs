@@ -24,7 +24,7 @@ use crate::ring::Geometry;
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -564,6 +564,37 @@ fn refuse(sock: &TcpStream, why: &str) {
     let _ = (&*sock).write(&Msg::Refuse(why.to_string()).encode());
 }
 
+/// An eventfd that wakes the acceptor (see `Inner::wake`), or `None`.
+pub(super) fn wake_fd() -> Option<OwnedFd> {
+    // SAFETY: plain system call; a non-negative result is a new descriptor
+    // that nothing else owns.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    // SAFETY: as above.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Wakes the acceptor's poll (adds 1 to the eventfd).
+pub(super) fn wake(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a valid buffer to an eventfd we own; a
+    // failure (the counter full) leaves it readable, which is all we need.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+/// How long the acceptor's poll may sleep: until the oldest waiting
+/// connection's deadline (rounded up to a millisecond), without end when
+/// none waits and the node can wake it, 100 ms when it cannot.
+fn poll_timeout(oldest: Option<Instant>, preauth: Duration, can_wake: bool) -> libc::c_int {
+    match oldest {
+        Some(since) => {
+            let left = preauth.saturating_sub(since.elapsed());
+            (left.as_micros().div_ceil(1000)).min(60_000) as libc::c_int
+        }
+        None if can_wake => -1,
+        None => 100,
+    }
+}
+
 /// The acceptor thread: one event loop for every connection until it
 /// authenticates, then a thread per authenticated peer for the rest.
 pub(super) fn acceptor(inner: Arc<Inner>, listener: TcpListener) {
@@ -584,8 +615,21 @@ pub(super) fn acceptor(inner: Arc<Inner>, listener: TcpListener) {
                 revents: 0,
             });
         }
+        // the node's wake-up, last
+        if let Some(w) = &inner.wake {
+            fds.push(libc::pollfd {
+                fd: w.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let timeout = poll_timeout(
+            pending.front().map(|p| p.since),
+            preauth,
+            inner.wake.is_some(),
+        );
         // SAFETY: a valid array of pollfds of the given length.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if r < 0 {
             std::thread::sleep(Duration::from_millis(10));
             continue;
