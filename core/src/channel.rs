@@ -319,9 +319,16 @@ impl Channel {
     #[inline(always)]
     pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
         let n = self.tx.commit(len, kind::MSG, tag);
+        self.sent_one(len, n)
+    }
+
+    /// Counts a one-record message of `len` bytes that went, and rings the
+    /// peer if `notify` (its consumer sleeps).
+    #[inline(always)]
+    fn sent_one(&mut self, len: usize, notify: bool) -> Result<()> {
         self.stats.tx_msgs += 1;
         self.stats.tx_bytes += len as u64;
-        self.ring_tx(n)
+        self.ring_tx(notify)
     }
 
     /// True when a one-record message of `len` bytes fits now.
@@ -349,9 +356,7 @@ impl Channel {
         let Some(n) = self.tx.push2(kind::MSG, tag, head, body, self.rx.taken())? else {
             return Ok(false);
         };
-        self.stats.tx_msgs += 1;
-        self.stats.tx_bytes += (head.len() + body.len()) as u64;
-        self.ring_tx(n)?;
+        self.sent_one(head.len() + body.len(), n)?;
         Ok(true)
     }
 
@@ -362,9 +367,7 @@ impl Channel {
         match self.tx.push_heard(kind::MSG, tag, parts, self.rx.taken())? {
             None => Ok(false),
             Some(n) => {
-                self.stats.tx_msgs += 1;
-                self.stats.tx_bytes += len as u64;
-                self.ring_tx(n)?;
+                self.sent_one(len, n)?;
                 Ok(true)
             }
         }
@@ -461,9 +464,7 @@ impl Channel {
                 return Err(self.rx.poison(Violation::BadTag));
             }
             if rec.kind == kind::MSG && !self.reasm.active() {
-                self.in_place = true;
-                self.stats.rx_msgs += 1;
-                self.stats.rx_bytes += rec.len as u64;
+                self.handed_in_place(rec.len);
                 return Ok(Some((rec.tag, rec.ptr, rec.len)));
             }
             // SAFETY: valid until the release below; feed() copies it out.
@@ -491,10 +492,17 @@ impl Channel {
             return None;
         }
         let m = self.rx.peek_msg_fast(self.tag_limit)?;
+        self.handed_in_place(m.2);
+        Some(m)
+    }
+
+    /// A whole message of `len` bytes goes up in place (until
+    /// `release_msg`): counted, and marked outstanding.
+    #[inline(always)]
+    fn handed_in_place(&mut self, len: usize) {
         self.in_place = true;
         self.stats.rx_msgs += 1;
-        self.stats.rx_bytes += m.2 as u64;
-        Some(m)
+        self.stats.rx_bytes += len as u64;
     }
 
     /// Releases the message returned by `peek_msg`. Its space goes back to

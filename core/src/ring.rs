@@ -79,9 +79,9 @@ pub const KEEP_BYTES: u64 = 64 << 10;
 /// A producer that ran out of room in a lap cut short by an early wrap
 /// keeps its longer laps (see `Producer::min_lap`) until it has gone this
 /// long without running out, in nanoseconds (less if it gives idle pages
-/// back sooner: [`Producer::give_back_idle_pages`]). With a tenth of a
-/// second, two ranks on one core ran 7 of 27 size phases of osu_mbw_mr
-/// at 1.2-1.4x the time of the rest.
+/// back sooner: [`Producer::give_back_idle_pages`]): the give-back delay
+/// of the host backend's rings. A tenth of a second was tried too; on
+/// this noisy host the two could not be told apart (docs/PERFORMANCE.md).
 pub const LONG_LAPS_FOR: u64 = 1_000_000_000;
 
 /// Records of at most this many bytes (header included: a 2 KiB message
@@ -1207,17 +1207,18 @@ impl Producer {
         heard: u64,
     ) -> Result<Option<bool>> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        let Some(dst) = self.reserve_heard(len, heard)? else {
+        self.reserved = None;
+        let Some(at) = self.place(len, heard)? else {
             return Ok(None);
         };
         let mut off = 0;
         for p in parts {
-            // SAFETY: dst has room for `len` bytes; parts do not overlap ring
-            // space we reserved (they are caller memory).
-            unsafe { ptr::copy_nonoverlapping(p.as_ptr(), dst.add(off), p.len()) };
+            // SAFETY: the payload has room for `len` bytes; parts do not
+            // overlap ring space (they are caller memory).
+            unsafe { ptr::copy_nonoverlapping(p.as_ptr(), at.payload.add(off), p.len()) };
             off += p.len();
         }
-        Ok(Some(self.commit(len, kind, tag)))
+        Ok(Some(self.finish(at.pos, at.total, len, kind, tag)))
     }
 
     /// True when a record of `len` payload bytes fits without waiting.
