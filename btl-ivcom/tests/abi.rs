@@ -75,9 +75,19 @@ fn pattern(seed: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn gathered_and_in_place_sends_arrive_intact_over_the_ring() {
-    let dir = std::env::temp_dir().join(format!("ivcom-abi-{}", std::process::id()));
+/// Two nodes of one hypervisor directory (a private one, named after
+/// `name` and this process) and the ring link between them: a opened it,
+/// b accepted it. Returns the directory to remove at the end.
+fn linked_pair(
+    name: &str,
+) -> (
+    std::path::PathBuf,
+    Node,
+    Node,
+    *mut ivcom_link,
+    *mut ivcom_link,
+) {
+    let dir = std::env::temp_dir().join(format!("ivcom-{name}-{}", std::process::id()));
     // Private, as the host backend demands.
     let _ = std::fs::remove_dir_all(&dir);
     std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
@@ -109,6 +119,13 @@ fn gathered_and_in_place_sends_arrive_intact_over_the_ring() {
         assert_eq!(ivcom_link_path(la), IVCOM_PATH_RING);
         assert_eq!(ivcom_link_path(lb), IVCOM_PATH_RING);
     }
+    (dir, a, b, la, lb)
+}
+
+#[test]
+fn gathered_and_in_place_sends_arrive_intact_over_the_ring() {
+    let (dir, a, b, la, lb) = linked_pair("abi");
+    let until = Instant::now() + Duration::from_secs(10);
     // SAFETY: valid link.
     let max = unsafe { ivcom_link_max_inline(la) };
 
@@ -199,6 +216,147 @@ fn gathered_and_in_place_sends_arrive_intact_over_the_ring() {
     assert_eq!(s.tx_msgs, want.len() as u64);
     // Both sides poll: no doorbell either way.
     assert_eq!((s.tx_doorbells, s.rx_doorbells), (0, 0));
+    // SAFETY: valid links, not used afterwards.
+    unsafe {
+        ivcom_link_free(la);
+        ivcom_link_free(lb);
+    }
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// FNV-1a over `b`.
+fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// b's side of the echo: what arrived, and the echoes it owes.
+struct Echo {
+    link: *mut ivcom_link,
+    got: Vec<(u8, usize, u64)>,
+    owed: std::collections::VecDeque<(u8, [u8; 16])>,
+}
+
+impl Echo {
+    /// Sends the echoes owed, oldest first, while the ring takes them.
+    fn pay(&mut self) {
+        while let Some((tag, e)) = self.owed.front() {
+            let iov = ivcom_iov {
+                base: e.as_ptr(),
+                len: e.len(),
+            };
+            // SAFETY: valid link; iov describes e.
+            match unsafe { ivcom_link_try_send(self.link, *tag, &iov, 1) } {
+                1 => {
+                    self.owed.pop_front();
+                }
+                0 => return,
+                rc => panic!("echo: {rc}: {}", last_error()),
+            }
+        }
+    }
+}
+
+/// Checks a message and answers it on the same link from inside the
+/// callback, as Open MPI's upcall does (ob1 acknowledges, or sends the next
+/// fragment, from there): while a batch of messages is outstanding.
+unsafe extern "C" fn echo(ctx: *mut c_void, tag: u8, data: *const u8, len: usize) {
+    // SAFETY: ctx is the Echo passed to ivcom_link_poll.
+    let e = unsafe { &mut *(ctx as *mut Echo) };
+    let bytes = if len == 0 {
+        &[][..]
+    } else {
+        // SAFETY: len readable bytes during the call.
+        unsafe { std::slice::from_raw_parts(data, len) }
+    };
+    let sum = checksum(bytes);
+    e.got.push((tag, len, sum));
+    let mut answer = [0u8; 16];
+    answer[..8].copy_from_slice(&(len as u64).to_le_bytes());
+    answer[8..].copy_from_slice(&sum.to_le_bytes());
+    e.owed.push_back((tag, answer));
+    e.pay();
+}
+
+/// Streams of messages that a receiver takes in batches and answers from
+/// inside its callback on the same link: every message arrives once, in
+/// order, intact (checksums over every byte), every answer comes back, and
+/// no poll delivers more than it was asked for.
+#[test]
+fn a_receiver_that_answers_from_its_callback_gets_every_message_in_order() {
+    let (dir, a, b, la, lb) = linked_pair("abi-echo");
+    // SAFETY: valid link.
+    let max = unsafe { ivcom_link_max_inline(la) };
+    let len_of = |k: usize| match k % 53 {
+        0 => max,
+        7 => 4096 + k % 1000,
+        _ => k % 200,
+    };
+    const N: usize = 20_000;
+    let mut e = Echo {
+        link: lb,
+        got: Vec::new(),
+        owed: Default::default(),
+    };
+    let mut answers: Vec<(u8, Vec<u8>)> = Vec::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    let (mut polls, mut most) = (0usize, 0);
+    let mut poll_b = |e: &mut Echo| {
+        polls += 1;
+        let ask = if polls % 3 == 0 { 5 } else { 16 };
+        e.pay();
+        // SAFETY: valid link; the callback sends on it but never polls it.
+        let n = unsafe { ivcom_link_poll(lb, ask, Some(echo), e as *mut Echo as *mut c_void) };
+        assert!(n >= 0, "poll b: {}", last_error());
+        assert!(n as usize <= ask, "asked for {ask}, got {n}");
+        most = most.max(n);
+    };
+    let poll_a = |answers: &mut Vec<(u8, Vec<u8>)>| {
+        // SAFETY: valid link; the callback only touches `answers`.
+        let n = unsafe { ivcom_link_poll(la, 16, Some(collect), answers as *mut _ as *mut c_void) };
+        assert!(n >= 0, "poll a: {}", last_error());
+    };
+    for k in 0..N {
+        let msg = pattern(k, len_of(k));
+        let iov = ivcom_iov {
+            base: msg.as_ptr(),
+            len: msg.len(),
+        };
+        // Several messages wait in the ring before b polls (a batch).
+        // SAFETY: iov describes msg.
+        while unsafe { ivcom_link_try_send(la, (k % 251) as u8, &iov, 1) } == 0 {
+            assert!(Instant::now() < until, "stuck at message {k}");
+            poll_b(&mut e);
+            poll_a(&mut answers);
+        }
+        if k % 23 == 0 {
+            poll_b(&mut e);
+            poll_a(&mut answers);
+        }
+    }
+    while e.got.len() < N || !e.owed.is_empty() || answers.len() < N {
+        assert!(
+            Instant::now() < until,
+            "{} arrived, {} answered",
+            e.got.len(),
+            answers.len()
+        );
+        poll_b(&mut e);
+        poll_a(&mut answers);
+    }
+    assert_eq!((e.got.len(), answers.len()), (N, N));
+    // (b found many messages waiting at once: the batches ran)
+    assert!(most > 5, "at most {most} messages a poll");
+    for (k, (got, answer)) in e.got.iter().zip(&answers).enumerate() {
+        let msg = pattern(k, len_of(k));
+        let want = ((k % 251) as u8, msg.len(), checksum(&msg));
+        assert_eq!(*got, want, "message {k}");
+        let mut echo = msg.len().to_le_bytes().to_vec();
+        echo.extend_from_slice(&want.2.to_le_bytes());
+        assert_eq!(*answer, (want.0, echo), "answer {k}");
+    }
     // SAFETY: valid links, not used afterwards.
     unsafe {
         ivcom_link_free(la);

@@ -496,6 +496,26 @@ impl Channel {
         Some(m)
     }
 
+    /// The whole messages that follow one another in the ring, up to
+    /// `out.len()`, in place ([`Consumer::peek_msgs`]): `peek_msg`'s
+    /// common case for a batch, taken and counted as it takes one. Valid
+    /// until [`Channel::release_msg`], which releases them all; 0 when the
+    /// next message needs `peek_msg` (or nothing is there). The caller may
+    /// send on this channel while it hands them up, but not poll it.
+    #[inline]
+    pub fn peek_msgs(&mut self, out: &mut [Record]) -> usize {
+        if self.in_place || self.reasm.active() {
+            return 0;
+        }
+        let (n, bytes) = self.rx.peek_msgs(self.tag_limit, out);
+        if n > 0 {
+            self.in_place = true;
+            self.stats.rx_msgs += n as u64;
+            self.stats.rx_bytes += bytes as u64;
+        }
+        n
+    }
+
     /// A whole message of `len` bytes goes up in place (until
     /// `release_msg`): counted, and marked outstanding.
     #[inline(always)]

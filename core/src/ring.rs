@@ -1322,6 +1322,15 @@ pub struct Record {
 }
 
 impl Record {
+    /// No record (a placeholder for arrays that [`Consumer::peek_msgs`]
+    /// fills).
+    pub const NONE: Record = Record {
+        ptr: std::ptr::null(),
+        len: 0,
+        kind: 0,
+        tag: 0,
+    };
+
     /// The payload, as a view that copies out of ring space and never
     /// lends a reference to it.
     ///
@@ -1491,40 +1500,65 @@ impl Consumer {
         }
     }
 
-    /// The next record when it is a whole message (kind MSG) with a tag
-    /// below `tag_limit` that passes every check of [`Consumer::peek`],
-    /// taken as `peek` takes it; `None` for anything else (nothing there, a
-    /// padding or control record, a broken ring, a violation), leaving the
-    /// consumer as it was: the caller then calls `peek`, which reads the
-    /// header again, handles those, and names a violation. The receive
-    /// path's common case in fewer instructions: one read of the header,
-    /// which nothing here acts on unless it passes.
+    /// The whole messages that follow one another at the consumer, up to
+    /// `out.len()` of them: each a record of kind MSG with a tag below
+    /// `tag_limit` that passes every check of [`Consumer::peek`], its header
+    /// read once and nothing in it acted on unless it passes. They are
+    /// taken as `peek` takes a record: in place until the next
+    /// [`Consumer::release`], which releases them all. Returns how many and
+    /// their payload bytes; stops at anything else (nothing there, a
+    /// padding or control record, a fragment, a violation), which it leaves
+    /// for `peek` to read afresh and name, and takes nothing while a record
+    /// is outstanding or the ring is broken. The receive path's common case
+    /// in few instructions: a poller takes a batch, hands each message up
+    /// without touching the consumer again, and releases once.
     #[inline(always)]
-    pub fn peek_msg_fast(&mut self, tag_limit: u16) -> Option<(u8, *const u8, usize)> {
+    pub fn peek_msgs(&mut self, tag_limit: u16, out: &mut [Record]) -> (usize, usize) {
         if self.broken.is_some() || self.current.is_some() {
-            return None;
+            return (0, 0);
         }
         let size = self.v.size();
-        let pos = self.cons & (size - 1);
-        let (len, k, tag, _) = crate::record::decode(self.v.slot(pos).load(Ordering::Acquire));
-        // (a zero header, nothing published, has kind 0: not MSG)
-        if k != kind::MSG || tag as u16 >= tag_limit || len > self.v.geo.max_record as usize {
-            return None;
+        let data = self.v.data();
+        let max_record = self.v.geo.max_record as usize;
+        let (mut cons, mut n, mut bytes) = (self.cons, 0, 0);
+        while n < out.len() {
+            let pos = cons & (size - 1);
+            let (len, k, tag, _) = crate::record::decode(self.v.slot(pos).load(Ordering::Acquire));
+            // (a zero header, nothing published, has kind 0: not MSG)
+            if k != kind::MSG || tag as u16 >= tag_limit || len > max_record {
+                break;
+            }
+            let total = (RECORD_HEADER + align8(len)) as u64;
+            if total > size - pos {
+                break;
+            }
+            out[n] = Record {
+                // SAFETY: pos + total <= size, checked above.
+                ptr: unsafe { data.add(pos as usize + RECORD_HEADER) },
+                len,
+                kind: kind::MSG,
+                tag,
+            };
+            cons += total;
+            n += 1;
+            bytes += len;
         }
-        let total = (RECORD_HEADER + align8(len)) as u64;
-        if total > size - pos {
-            return None;
+        if n > 0 {
+            self.current = Some(cons - self.cons);
         }
-        self.current = Some(total);
-        // SAFETY: pos + total <= size, checked above.
-        Some((
-            tag,
-            unsafe { self.v.data().add(pos as usize + RECORD_HEADER) },
-            len,
-        ))
+        (n, bytes)
     }
 
-    /// Releases the record returned by the last `peek` locally. The space is
+    /// [`Consumer::peek_msgs`] for one message: `(tag, pointer, len)`.
+    #[inline(always)]
+    pub fn peek_msg_fast(&mut self, tag_limit: u16) -> Option<(u8, *const u8, usize)> {
+        let mut one = [Record::NONE];
+        let (n, _) = self.peek_msgs(tag_limit, &mut one);
+        (n == 1).then(|| (one[0].tag, one[0].ptr, one[0].len))
+    }
+
+    /// Releases the record returned by the last `peek` (or the records of
+    /// the last `peek_msgs`) locally. The space is
     /// handed back to the producer by [`Consumer::flush`] (call it once per
     /// batch, or use [`Consumer::release_flush`]).
     #[inline]

@@ -1409,6 +1409,81 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// `Consumer::peek_msgs`, the receive path's batch, takes the records
+    /// that follow one another exactly as far as the full path (`peek` and
+    /// `release`, one by one, with the channel's kind and tag checks) would
+    /// hand them up whole, with the same pointers, lengths and tags, up to
+    /// its capacity; one `release` then puts it where the full path stands,
+    /// and what comes next reads the same either way (the same record, the
+    /// same named violation).
+    #[test]
+    fn a_batch_takes_what_the_full_path_hands_up_one_by_one(
+        max in max_record(),
+        at in prop_oneof![0usize..DATA / 8, (1usize..64).prop_map(|x| DATA / 8 - x)],
+        words in proptest::collection::vec(header_word(), 0..24),
+        tag_limit in prop_oneof![Just(256u16), 0u16..=256],
+        cap in 1usize..20,
+    ) {
+        let geo = Geometry::with_max_record(DATA, max).unwrap();
+        let mem = Mem::new(geo);
+        let (_tx, mut short) = mem.ends(geo);
+        // SAFETY: as in the test above.
+        let mut full = unsafe { Consumer::new(mem.base, geo).unwrap() };
+        let (target, mut pos) = (at * 8, 0);
+        while pos < target {
+            let len = max.min(target - pos - RECORD_HEADER);
+            mem.set_word(ring::CTRL_BYTES + pos, ivcom_core::record::encode(len as u32, kind::MSG, 1));
+            for rx in [&mut short, &mut full] {
+                assert_eq!(rx.peek().unwrap().map(|r| r.len), Some(len));
+                rx.release();
+            }
+            pos += RECORD_HEADER + len.div_ceil(8) * 8;
+        }
+        // The chain: each word at the place the record before it leads
+        // to, as long as that record is a whole message that fits.
+        let start = pos;
+        for &w in &words {
+            mem.set_word(ring::CTRL_BYTES + pos, w);
+            let (len, k, _, r) = ivcom_core::record::decode(w);
+            let total = RECORD_HEADER + len.div_ceil(8) * 8;
+            if k != kind::MSG || r != 0 || len > max || total > DATA - pos {
+                break;
+            }
+            pos = (pos + total) % DATA;
+        }
+        let mut out = vec![ring::Record::NONE; cap];
+        let (n, bytes) = short.peek_msgs(tag_limit, &mut out);
+        let (mut p, mut expect, mut sum) = (start, 0, 0);
+        while expect < cap {
+            // SAFETY: inside the mapping.
+            let here = unsafe { mem.base.add(ring::CTRL_BYTES + p + RECORD_HEADER) } as *const u8;
+            match full.peek() {
+                Ok(Some(r)) if r.kind == kind::MSG && (r.tag as u16) < tag_limit && r.ptr == here => {
+                    prop_assert!(expect < n, "the batch stopped at {} of a run of more", n);
+                    let b = out[expect];
+                    prop_assert_eq!((b.tag, b.ptr, b.len, b.kind), (r.tag, r.ptr, r.len, kind::MSG));
+                    sum += r.len;
+                    full.release();
+                    p = (p + RECORD_HEADER + r.len.div_ceil(8) * 8) % DATA;
+                    expect += 1;
+                }
+                _ => break,
+            }
+        }
+        prop_assert_eq!((n, bytes), (expect, sum));
+        if n > 0 {
+            // nothing more before the release
+            prop_assert_eq!(short.peek_msgs(256, &mut out), (0, 0));
+            short.release();
+        }
+        prop_assert_eq!(short.taken(), full.taken());
+        prop_assert_eq!(seen(short.peek()), seen(full.peek()));
+    }
+}
+
 /// A padding record at offset 0 would lead the consumer back to where it
 /// stands, for ever: it is refused.
 #[test]
