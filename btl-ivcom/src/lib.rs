@@ -14,7 +14,7 @@
 
 #![allow(non_camel_case_types)]
 
-use ivcom_core::ring::Record;
+use ivcom_core::ring::Batch;
 use ivcom_core::{BackendChoice, Card, Config, Error, Key, Link, Node, PathKind};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -1087,10 +1087,6 @@ pub unsafe extern "C" fn ivcom_link_cancel(link: *mut ivcom_link) {
     });
 }
 
-/// The most whole messages [`ivcom_link_poll`] takes from a ring at once
-/// before it hands them up.
-const POLL_BATCH: usize = 16;
-
 /// Delivers up to `max` received messages to `cb` without blocking (pushes
 /// queued TCP output too). Returns the number delivered, or a negative
 /// error (`IVCOM_E_CLOSED` once the peer closed and everything was read).
@@ -1117,18 +1113,17 @@ pub unsafe extern "C" fn ivcom_link_poll(
     }
     guard(|| {
         let mut n = 0usize;
-        let mut batch = [Record::NONE; POLL_BATCH];
+        let mut batch = Batch::new();
         while n < max {
             // The common case: whole messages in place, taken in a batch,
             // handed up one after the other without touching the link, and
             // released together (fewer instructions a message than one
             // peek and release each).
-            let want = (max - n).min(POLL_BATCH);
             // SAFETY: valid handle; the borrow ends before the callbacks.
-            let k = unsafe { &mut *link }.link.peek_msgs(&mut batch[..want]);
+            let k = unsafe { &mut *link }.link.peek_msgs(&mut batch, max - n);
             if k > 0 {
                 if let Some(f) = cb {
-                    for m in &batch[..k] {
+                    for m in batch.records() {
                         // SAFETY: each pointer and length stays valid until
                         // release_msg; no Rust borrow of the link is live
                         // during the calls.
@@ -1136,10 +1131,16 @@ pub unsafe extern "C" fn ivcom_link_poll(
                     }
                 }
                 // SAFETY: valid handle; fresh borrow after the callbacks.
-                if let Err(e) = unsafe { &mut *link }.link.release_msg() {
+                let l = &mut unsafe { &mut *link }.link;
+                if let Err(e) = l.release_msg() {
                     return fail(e);
                 }
                 n += k;
+                // Nothing more there: done (a receiver that answers the
+                // message it got waits for no further look).
+                if l.looks_idle() {
+                    break;
+                }
                 continue;
             }
             // Anything else, one message at a time.

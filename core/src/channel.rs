@@ -16,7 +16,7 @@ use crate::error::{Error, Result, Violation};
 use crate::frame::{fragment, poll_inbox, take_one, Delivery, Inbox, Reassembly, Stats};
 use crate::hypervisor::{BellWords, Doorbell, Hypervisor, Region};
 use crate::payload::Payload;
-use crate::ring::{self, kind, Consumer, Geometry, Producer, Record};
+use crate::ring::{self, kind, Batch, Consumer, Geometry, Producer, Record};
 use std::time::{Duration, Instant};
 
 /// Released ring space the consumer hands back at once, within a batch,
@@ -497,17 +497,17 @@ impl Channel {
     }
 
     /// The whole messages that follow one another in the ring, up to
-    /// `out.len()`, in place ([`Consumer::peek_msgs`]): `peek_msg`'s
+    /// `max`, in place into `out` ([`Consumer::peek_msgs`]): `peek_msg`'s
     /// common case for a batch, taken and counted as it takes one. Valid
     /// until [`Channel::release_msg`], which releases them all; 0 when the
     /// next message needs `peek_msg` (or nothing is there). The caller may
     /// send on this channel while it hands them up, but not poll it.
     #[inline]
-    pub fn peek_msgs(&mut self, out: &mut [Record]) -> usize {
+    pub fn peek_msgs(&mut self, out: &mut Batch, max: usize) -> usize {
         if self.in_place || self.reasm.active() {
             return 0;
         }
-        let (n, bytes) = self.rx.peek_msgs(self.tag_limit, out);
+        let (n, bytes) = self.rx.peek_msgs(self.tag_limit, out, max);
         if n > 0 {
             self.in_place = true;
             self.stats.rx_msgs += n as u64;

@@ -1416,7 +1416,8 @@ proptest! {
     /// that follow one another exactly as far as the full path (`peek` and
     /// `release`, one by one, with the channel's kind and tag checks) would
     /// hand them up whole, with the same pointers, lengths and tags, up to
-    /// its capacity; one `release` then puts it where the full path stands,
+    /// the count asked for (at most `Batch::CAP`) and `BATCH_BYTES` of ring
+    /// space; one `release` then puts it where the full path stands,
     /// and what comes next reads the same either way (the same record, the
     /// same named violation).
     #[test]
@@ -1454,20 +1455,24 @@ proptest! {
             }
             pos = (pos + total) % DATA;
         }
-        let mut out = vec![ring::Record::NONE; cap];
-        let (n, bytes) = short.peek_msgs(tag_limit, &mut out);
+        let mut out = ring::Batch::new();
+        let (n, bytes) = short.peek_msgs(tag_limit, &mut out, cap);
+        prop_assert_eq!(out.records().len(), n);
         let (mut p, mut expect, mut sum) = (start, 0, 0);
-        while expect < cap {
+        let (mut room, cap) = (ring::BATCH_BYTES, cap.min(ring::Batch::CAP));
+        while expect < cap && room > 0 {
             // SAFETY: inside the mapping.
             let here = unsafe { mem.base.add(ring::CTRL_BYTES + p + RECORD_HEADER) } as *const u8;
             match full.peek() {
                 Ok(Some(r)) if r.kind == kind::MSG && (r.tag as u16) < tag_limit && r.ptr == here => {
                     prop_assert!(expect < n, "the batch stopped at {} of a run of more", n);
-                    let b = out[expect];
+                    let b = out.records()[expect];
                     prop_assert_eq!((b.tag, b.ptr, b.len, b.kind), (r.tag, r.ptr, r.len, kind::MSG));
                     sum += r.len;
                     full.release();
-                    p = (p + RECORD_HEADER + r.len.div_ceil(8) * 8) % DATA;
+                    let total = RECORD_HEADER + r.len.div_ceil(8) * 8;
+                    p = (p + total) % DATA;
+                    room = room.saturating_sub(total as u64);
                     expect += 1;
                 }
                 _ => break,
@@ -1476,11 +1481,56 @@ proptest! {
         prop_assert_eq!((n, bytes), (expect, sum));
         if n > 0 {
             // nothing more before the release
-            prop_assert_eq!(short.peek_msgs(256, &mut out), (0, 0));
+            prop_assert_eq!(short.peek_msgs(256, &mut out, 16), (0, 0));
             short.release();
         }
         prop_assert_eq!(short.taken(), full.taken());
         prop_assert_eq!(seen(short.peek()), seen(full.peek()));
+    }
+}
+
+/// A batch ends at the record that reaches `BATCH_BYTES` of ring space (its
+/// records go back to the producer only when all of it is released), or
+/// at the count asked for: 1 KiB messages four at a time, 8-byte ones 16,
+/// a message larger than the bound alone; every message once, in order.
+#[test]
+fn a_batch_holds_at_most_its_bound_of_ring_space() {
+    let geo = Geometry::new(64 << 10).unwrap();
+    let mut b = ring::Batch::new();
+    // (message length, messages, count asked for, messages a batch takes)
+    for (len, count, ask, per_batch) in [
+        (1024usize, 12usize, 16usize, 4usize),
+        (8, 40, 16, 16),
+        (5000, 3, 16, 1),
+        (8, 10, 3, 3),
+    ] {
+        // a fresh ring each time: all of them fit before the first lap ends
+        let mem = Mem::new(geo);
+        let (mut tx, mut rx) = mem.ends(geo);
+        let msgs: Vec<Vec<u8>> = (0..count).map(|i| vec![(i * 7 + len) as u8; len]).collect();
+        for m in &msgs {
+            assert!(tx.push(kind::MSG, 9, &[m]).unwrap().is_some(), "ring full");
+        }
+        let mut got = 0;
+        while got < count {
+            let (n, bytes) = rx.peek_msgs(256, &mut b, ask);
+            assert_eq!(
+                n,
+                per_batch.min(count - got),
+                "{len} B messages, from {got}"
+            );
+            assert_eq!(bytes, n * len);
+            for r in b.records() {
+                // SAFETY: valid until the release below.
+                assert_eq!(unsafe { r.payload() }.to_vec(), msgs[got], "message {got}");
+                assert_eq!((r.kind, r.tag), (kind::MSG, 9));
+                got += 1;
+            }
+            rx.release();
+            rx.flush();
+        }
+        assert_eq!(rx.peek_msgs(256, &mut b, 16), (0, 0));
+        assert!(b.records().is_empty());
     }
 }
 

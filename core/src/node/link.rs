@@ -369,17 +369,28 @@ impl Link {
         Ok(r)
     }
 
-    /// The whole messages waiting in place on the ring, up to `out.len()`
-    /// ([`Channel::peek_msgs`]), valid until [`Link::release_msg`], which
+    /// The whole messages waiting in place on the ring, up to `max`, into
+    /// `out` ([`Channel::peek_msgs`]), valid until [`Link::release_msg`], which
     /// releases them all: a poller's common case in a batch, handed up
     /// without touching the link between messages. 0 when the next message
     /// needs [`Link::peek_msg`] (nothing there, anything but a whole
     /// message, TCP), which also looks after an idle link.
     #[inline]
-    pub fn peek_msgs(&mut self, out: &mut [crate::ring::Record]) -> usize {
+    pub fn peek_msgs(&mut self, out: &mut crate::ring::Batch, max: usize) -> usize {
         match &mut self.imp {
-            Imp::Ring(c) => c.peek_msgs(out),
+            Imp::Ring(c) => c.peek_msgs(out, max),
             Imp::Tcp(_) => 0,
+        }
+    }
+
+    /// True when nothing waits on the ring and nothing is held: a poller
+    /// that just released a batch stops there instead of looking again the
+    /// full way (false on TCP).
+    #[inline]
+    pub fn looks_idle(&self) -> bool {
+        match &self.imp {
+            Imp::Ring(c) => c.looks_idle(),
+            Imp::Tcp(_) => false,
         }
     }
 
