@@ -1319,6 +1319,37 @@ fn stale_words_never_pass_for_records() {
     }
 }
 
+/// The producer and two consumers of `mem`'s ring (the second a reader
+/// that only ever reads), both moved to byte `target` (a multiple of 8)
+/// of the data area over a chain of whole messages of at most `max` bytes
+/// written there.
+fn readers_at(
+    mem: &Mem,
+    geo: Geometry,
+    max: usize,
+    target: usize,
+) -> (Producer, Consumer, Consumer) {
+    let (tx, mut short) = mem.ends(geo);
+    // SAFETY: as in Mem::ends; a second reader of the same ring that only
+    // ever reads.
+    let mut full = unsafe { Consumer::new(mem.base, geo).unwrap() };
+    let mut pos = 0;
+    while pos < target {
+        let len = max.min(target - pos - RECORD_HEADER);
+        mem.set_word(
+            ring::CTRL_BYTES + pos,
+            ivcom_core::record::encode(len as u32, kind::MSG, 1),
+        );
+        for rx in [&mut short, &mut full] {
+            assert_eq!(rx.peek().unwrap().map(|r| r.len), Some(len));
+            rx.release();
+        }
+        pos += RECORD_HEADER + len.div_ceil(8) * 8;
+    }
+    assert_eq!(pos, target);
+    (tx, short, full)
+}
+
 /// A header word for the short receive path: mostly plausible records
 /// (every kind, lengths around the limits), some with reserved bits set,
 /// some arbitrary.
@@ -1360,23 +1391,11 @@ proptest! {
     ) {
         let geo = Geometry::with_max_record(DATA, max).unwrap();
         let mem = Mem::new(geo);
-        let (_tx, mut short) = mem.ends(geo);
-        // SAFETY: as in Mem::ends; a second reader of the same ring that
-        // only ever reads.
-        let mut full = unsafe { Consumer::new(mem.base, geo).unwrap() };
-        // Both readers walk a chain of records written here to the word's
-        // place, anywhere in the data area (near its end too, where a
-        // record may not fit before it).
-        let (target, mut pos) = (at * 8, 0);
-        while pos < target {
-            let len = max.min(target - pos - RECORD_HEADER);
-            mem.set_word(ring::CTRL_BYTES + pos, ivcom_core::record::encode(len as u32, kind::MSG, 1));
-            for rx in [&mut short, &mut full] {
-                assert_eq!(rx.peek().unwrap().map(|r| r.len), Some(len));
-                rx.release();
-            }
-            pos += RECORD_HEADER + len.div_ceil(8) * 8;
-        }
+        // Both readers walk a chain of records to the word's place,
+        // anywhere in the data area (near its end too, where a record may
+        // not fit before it).
+        let pos = at * 8;
+        let (_tx, mut short, mut full) = readers_at(&mem, geo, max, pos);
         mem.set_word(ring::CTRL_BYTES + pos, word);
         let fast = short.peek_msg_fast(tag_limit);
         let r = full.peek();
@@ -1430,19 +1449,8 @@ proptest! {
     ) {
         let geo = Geometry::with_max_record(DATA, max).unwrap();
         let mem = Mem::new(geo);
-        let (_tx, mut short) = mem.ends(geo);
-        // SAFETY: as in the test above.
-        let mut full = unsafe { Consumer::new(mem.base, geo).unwrap() };
-        let (target, mut pos) = (at * 8, 0);
-        while pos < target {
-            let len = max.min(target - pos - RECORD_HEADER);
-            mem.set_word(ring::CTRL_BYTES + pos, ivcom_core::record::encode(len as u32, kind::MSG, 1));
-            for rx in [&mut short, &mut full] {
-                assert_eq!(rx.peek().unwrap().map(|r| r.len), Some(len));
-                rx.release();
-            }
-            pos += RECORD_HEADER + len.div_ceil(8) * 8;
-        }
+        let mut pos = at * 8;
+        let (_tx, mut short, mut full) = readers_at(&mem, geo, max, pos);
         // The chain: each word at the place the record before it leads
         // to, as long as that record is a whole message that fits.
         let start = pos;
