@@ -93,6 +93,8 @@ fn api_op() -> impl Strategy<Value = Op> {
     let len = || prop_oneof![0u32..64, 0u32..(DATA as u32 / 2 + 16)];
     prop_oneof![
         6 => Just(Op::Peek),
+        4 => (0u8..20, prop_oneof![Just(256u16), 0u16..=256])
+            .prop_map(|(max, tag_limit)| Op::PeekMsgs { max, tag_limit }),
         3 => Just(Op::Release),
         2 => Just(Op::Flush),
         3 => Just(Op::ReleaseFlush),

@@ -10,6 +10,10 @@
 //!   after a successful `reserve`, at most the reserved length);
 //! - every record returned by `peek` lies inside the data area, 8-aligned,
 //!   with `len <= max_record` and a valid record type;
+//! - a batch of `peek_msgs` holds at most the count asked for (and
+//!   `Batch::CAP`), only whole messages (kind MSG) with tags below the
+//!   limit, each where the one before it ends, within `BATCH_BYTES` of
+//!   ring space but for its last record, and nothing once the ring broke;
 //! - every reservation returned by `reserve` lies inside the data area;
 //! - once any call returned `Err(Broken(v))`, each later `peek`/`has_data`
 //!   (consumer) or `reserve`/`push` (producer) returns `Err(Broken(v))`
@@ -124,6 +128,11 @@ pub enum Op {
     },
     // --- consumer calls ---
     Peek,
+    /// `peek_msgs` asking for `max` messages with tags below `tag_limit`.
+    PeekMsgs {
+        max: u8,
+        tag_limit: u16,
+    },
     Release,
     Flush,
     ReleaseFlush,
@@ -330,6 +339,7 @@ impl Harness {
                 max_record,
             } => self.write_word(Word::Geometry, data_size as u64 | (max_record as u64) << 32),
             Op::Peek => self.peek(),
+            Op::PeekMsgs { max, tag_limit } => self.peek_msgs(max as usize, tag_limit),
             Op::Release => self.cons.release(),
             Op::Flush => {
                 self.cons.flush();
@@ -468,6 +478,63 @@ impl Harness {
         }
     }
 
+    fn peek_msgs(&mut self, max: usize, tag_limit: u16) {
+        let was = self.cons_broken;
+        let mut b = ring::Batch::new();
+        let (n, bytes) = self.cons.peek_msgs(tag_limit, &mut b, max);
+        let recs = b.records();
+        assert_eq!(recs.len(), n);
+        assert!(n <= max.min(ring::Batch::CAP), "{n} messages for {max}");
+        assert!(n == 0 || was.is_none(), "a batch after Broken({was:?})");
+        let data = self.data();
+        let (mut next, mut span, mut sum) = (None, 0u64, 0);
+        for (i, rec) in recs.iter().enumerate() {
+            let p = rec.ptr as usize;
+            assert!(
+                p >= data + RECORD_HEADER,
+                "batch record before the data area"
+            );
+            assert!(
+                p.checked_add(rec.len).is_some_and(|end| end <= data + DATA),
+                "batch record of {} bytes at {} runs past the data area",
+                rec.len,
+                p - data
+            );
+            assert_eq!((p - data) % 8, 0, "batch record not 8-aligned");
+            assert!(rec.len <= self.max(), "batch record longer than max_record");
+            assert_eq!(rec.kind, kind::MSG, "batch record of type {:#x}", rec.kind);
+            assert!(
+                (rec.tag as u16) < tag_limit,
+                "batch record's tag {} >= {tag_limit}",
+                rec.tag
+            );
+            if let Some(at) = next {
+                assert_eq!(
+                    p - data - RECORD_HEADER,
+                    at,
+                    "batch record {i} not where the one before ended"
+                );
+            }
+            assert!(span < ring::BATCH_BYTES, "batch went on past its bound");
+            let total = RECORD_HEADER + rec.len.div_ceil(8) * 8;
+            span += total as u64;
+            next = Some((p - data - RECORD_HEADER + total) % DATA);
+            sum += rec.len;
+            // SAFETY: checked above to lie inside the data area.
+            let payload = unsafe { rec.payload() }.to_vec();
+            let mut h = self.checksum;
+            for x in payload {
+                h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
+            }
+            self.checksum = h;
+            self.records += 1;
+        }
+        assert_eq!(bytes, sum);
+        if let Some(at) = next {
+            self.cons_next = at;
+        }
+    }
+
     /// Runs a whole script.
     pub fn run(&mut self, ops: &[Op]) {
         for op in ops {
@@ -556,7 +623,14 @@ pub fn decode(input: &[u8]) -> (usize, Vec<Op>) {
                 data_size: DATA as u32 ^ (c.u8() as u32) << 8,
                 max_record: c.u16() as u32,
             },
-            8 | 9 => Op::Peek,
+            8 => Op::Peek,
+            9 => Op::PeekMsgs {
+                max: c.u8() % 20,
+                tag_limit: match c.u8() % 3 {
+                    0 => 256,
+                    _ => c.u16() % 257,
+                },
+            },
             10 => Op::Release,
             11 => Op::Flush,
             12 => Op::ReleaseFlush,
