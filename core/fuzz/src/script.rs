@@ -438,6 +438,48 @@ impl Harness {
         }
     }
 
+    /// Checks a record that a consumer call handed out (inside the data
+    /// area, 8-aligned, at most max_record, a kind that may surface), folds
+    /// its payload into the checksum and notes where the next header is.
+    /// Returns the record's offset in the data area and where it ends.
+    fn take(&mut self, rec: &ring::Record, what: &str) -> (usize, usize) {
+        let data = self.data();
+        let p = rec.ptr as usize;
+        assert!(
+            p >= data + RECORD_HEADER,
+            "{what}: record before the data area"
+        );
+        assert!(
+            p.checked_add(rec.len).is_some_and(|end| end <= data + DATA),
+            "{what}: record of {} bytes at {} runs past the data area",
+            rec.len,
+            p - data
+        );
+        assert_eq!((p - data) % 8, 0, "{what}: record not 8-aligned");
+        assert!(
+            rec.len <= self.max(),
+            "{what}: record longer than max_record"
+        );
+        assert!(
+            matches!(rec.kind, kind::MSG | kind::FIRST | kind::MORE | kind::CTRL),
+            "{what}: record of type {:#x} surfaced",
+            rec.kind
+        );
+        // SAFETY: checked above to lie inside the data area, which lives as
+        // long as the harness.
+        let bytes = unsafe { rec.payload() }.to_vec();
+        let mut h = self.checksum;
+        for b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        self.checksum = h;
+        self.records += 1;
+        let at = p - data - RECORD_HEADER;
+        let end = at + RECORD_HEADER + rec.len.div_ceil(8) * 8;
+        self.cons_next = end;
+        (at, end)
+    }
+
     fn peek(&mut self) {
         let was = self.cons_broken;
         match self.cons.peek() {
@@ -446,32 +488,7 @@ impl Harness {
                     was.is_none(),
                     "peek returned a record after Broken({was:?})"
                 );
-                let data = self.data();
-                let p = rec.ptr as usize;
-                assert!(p >= data + RECORD_HEADER, "record before the data area");
-                assert!(
-                    p.checked_add(rec.len).is_some_and(|end| end <= data + DATA),
-                    "record of {} bytes at {} runs past the data area",
-                    rec.len,
-                    p - data
-                );
-                assert_eq!((p - data) % 8, 0, "record not 8-aligned");
-                assert!(rec.len <= self.max(), "record longer than max_record");
-                assert!(
-                    matches!(rec.kind, kind::MSG | kind::FIRST | kind::MORE | kind::CTRL),
-                    "record of type {:#x} surfaced",
-                    rec.kind
-                );
-                // SAFETY: checked above to lie inside the data area, which
-                // lives as long as the harness.
-                let bytes = unsafe { rec.payload() }.to_vec();
-                let mut h = self.checksum;
-                for b in bytes {
-                    h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-                }
-                self.checksum = h;
-                self.records += 1;
-                self.cons_next = p - data + rec.len.div_ceil(8) * 8;
+                self.take(&rec, "peek");
             }
             Ok(None) => assert!(was.is_none(), "peek Ok(None) after Broken({was:?})"),
             Err(e) => self.consumer_err(e, "peek"),
@@ -486,53 +503,24 @@ impl Harness {
         assert_eq!(recs.len(), n);
         assert!(n <= max.min(ring::Batch::CAP), "{n} messages for {max}");
         assert!(n == 0 || was.is_none(), "a batch after Broken({was:?})");
-        let data = self.data();
         let (mut next, mut span, mut sum) = (None, 0u64, 0);
         for (i, rec) in recs.iter().enumerate() {
-            let p = rec.ptr as usize;
-            assert!(
-                p >= data + RECORD_HEADER,
-                "batch record before the data area"
-            );
-            assert!(
-                p.checked_add(rec.len).is_some_and(|end| end <= data + DATA),
-                "batch record of {} bytes at {} runs past the data area",
-                rec.len,
-                p - data
-            );
-            assert_eq!((p - data) % 8, 0, "batch record not 8-aligned");
-            assert!(rec.len <= self.max(), "batch record longer than max_record");
             assert_eq!(rec.kind, kind::MSG, "batch record of type {:#x}", rec.kind);
             assert!(
                 (rec.tag as u16) < tag_limit,
                 "batch record's tag {} >= {tag_limit}",
                 rec.tag
             );
-            if let Some(at) = next {
-                assert_eq!(
-                    p - data - RECORD_HEADER,
-                    at,
-                    "batch record {i} not where the one before ended"
-                );
-            }
             assert!(span < ring::BATCH_BYTES, "batch went on past its bound");
-            let total = RECORD_HEADER + rec.len.div_ceil(8) * 8;
-            span += total as u64;
-            next = Some((p - data - RECORD_HEADER + total) % DATA);
-            sum += rec.len;
-            // SAFETY: checked above to lie inside the data area.
-            let payload = unsafe { rec.payload() }.to_vec();
-            let mut h = self.checksum;
-            for x in payload {
-                h = (h ^ x as u64).wrapping_mul(0x100_0000_01b3);
+            let (at, end) = self.take(rec, "batch");
+            if let Some(n) = next {
+                assert_eq!(at, n, "batch record {i} not where the one before ended");
             }
-            self.checksum = h;
-            self.records += 1;
+            span += (end - at) as u64;
+            next = Some(end % DATA);
+            sum += rec.len;
         }
         assert_eq!(bytes, sum);
-        if let Some(at) = next {
-            self.cons_next = at;
-        }
     }
 
     /// Runs a whole script.
