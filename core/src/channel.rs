@@ -464,7 +464,7 @@ impl Channel {
                 return Err(self.rx.poison(Violation::BadTag));
             }
             if rec.kind == kind::MSG && !self.reasm.active() {
-                self.handed_in_place(rec.len);
+                self.handed_in_place(1, rec.len);
                 return Ok(Some((rec.tag, rec.ptr, rec.len)));
             }
             // SAFETY: valid until the release below; feed() copies it out.
@@ -492,7 +492,7 @@ impl Channel {
             return None;
         }
         let m = self.rx.peek_msg_fast(self.tag_limit)?;
-        self.handed_in_place(m.2);
+        self.handed_in_place(1, m.2);
         Some(m)
     }
 
@@ -509,20 +509,18 @@ impl Channel {
         }
         let (n, bytes) = self.rx.peek_msgs(self.tag_limit, out, max);
         if n > 0 {
-            self.in_place = true;
-            self.stats.rx_msgs += n as u64;
-            self.stats.rx_bytes += bytes as u64;
+            self.handed_in_place(n, bytes);
         }
         n
     }
 
-    /// A whole message of `len` bytes goes up in place (until
+    /// `n` whole messages of `bytes` bytes in all go up in place (until
     /// `release_msg`): counted, and marked outstanding.
     #[inline(always)]
-    fn handed_in_place(&mut self, len: usize) {
+    fn handed_in_place(&mut self, n: usize, bytes: usize) {
         self.in_place = true;
-        self.stats.rx_msgs += 1;
-        self.stats.rx_bytes += len as u64;
+        self.stats.rx_msgs += n as u64;
+        self.stats.rx_bytes += bytes as u64;
     }
 
     /// Releases the message returned by `peek_msg`. Its space goes back to
