@@ -42,11 +42,16 @@ struct mca_btl_ivcom_frag_t;
 #define IVCOM_HEAD 256
 
 /* One peer. Under MPI_THREAD_MULTIPLE, `lock` guards everything below it
- * but `failed`; when Open MPI runs without threads the lock costs nothing
- * (OPAL_THREAD_LOCK is a branch). The receive side is claimed with
- * `rx_busy` under the lock, and the lock is dropped around each upcall
- * (which may send on this endpoint), so a sender never waits for a
- * receiver's upcall and no two threads deliver one link's messages. */
+ * but `failed`, `rx`, `rx_claim` and `npending`; when Open MPI runs
+ * without threads the lock costs nothing (OPAL_THREAD_LOCK is a branch).
+ * The receive side is claimed with `rx_claim` (one atomic exchange), so no
+ * two threads deliver one link's messages. On a ring, the claim is all a
+ * poll takes: it polls the link's receiving side alone (`rx`,
+ * ivcom_rx_poll), which shares nothing with the senders, who take the
+ * lock; anything else (TCP, a fragment, a control record, sends waiting
+ * in `pending`, the idle check) also takes the lock, dropped around each
+ * upcall (which may send on this endpoint). Either way a sender never
+ * waits for a receiver's upcall. */
 struct mca_btl_base_endpoint_t {
     opal_list_item_t super;
     opal_mutex_t lock;
@@ -63,13 +68,17 @@ struct mca_btl_base_endpoint_t {
                              * records were shrunk to fit the backend */
     volatile bool failed;   /* link broken or could not be opened */
     bool closed;            /* peer closed cleanly (finalize) */
-    bool rx_busy;           /* a thread is delivering this link's messages */
+    int32_t rx_claim;       /* 1 while a thread delivers this link's messages */
+    const ivcom_rx *rx;     /* the link's receiving side alone (ring links
+                             * whose peer polls; set once, with the link) */
+    int32_t npending;       /* length of `pending`, stored under the lock as
+                             * it changes: the lock-free poll's hint */
     struct mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
     opal_list_t pending;    /* frags waiting for ring space, in order */
     /* What a link's messages go up in (deliver, btl_ivcom_recv.c): the
      * private copy of a message's head and the descriptor around it. One
      * thread at a time delivers a link's messages (progress does not nest;
-     * with threads, rx_busy), so they live here, not in thread-local
+     * with threads, rx_claim), so they live here, not in thread-local
      * storage, whose every use in a dlopen()ed library is a call. (The self
      * endpoint has no link: its messages go up through
      * mca_btl_ivcom_deliver_private.) */
@@ -178,6 +187,13 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
                         size_t payload_size, uint8_t order, uint32_t flags,
                         mca_btl_base_tag_t tag, mca_btl_base_descriptor_t **descriptor);
 void mca_btl_ivcom_drain_pending(mca_btl_base_endpoint_t *ep, opal_list_t *done, int *failed);
+
+/* Records the length of `ep->pending` after a change (lock held): the
+ * lock-free poll reads it to know whether sends wait. */
+static inline void mca_btl_ivcom_pending_changed(mca_btl_base_endpoint_t *ep)
+{
+    __atomic_store_n(&ep->npending, (int32_t) opal_list_get_size(&ep->pending), __ATOMIC_RELAXED);
+}
 
 /* btl_ivcom_recv.c */
 int mca_btl_ivcom_progress(void);

@@ -39,7 +39,9 @@ static void ep_construct(mca_btl_base_endpoint_t *ep)
     ep->max_send = 0;
     ep->failed = false;
     ep->closed = false;
-    ep->rx_busy = false;
+    ep->rx_claim = 0;
+    ep->rx = NULL;
+    ep->npending = 0;
     ep->reserved = NULL;
     OBJ_CONSTRUCT(&ep->pending, opal_list_t);
     ep->recv_head_used = 0;
@@ -95,6 +97,8 @@ void mca_btl_ivcom_endpoint_attach(mca_btl_base_endpoint_t *ep, ivcom_link *link
     char reason[512];
     ep->link = link;
     ep->ring = IVCOM_PATH_RING == ivcom_link_path(link);
+    /* (published last: a poller that sees it sees the link) */
+    __atomic_store_n(&ep->rx, ep->ring ? ivcom_link_rx(link) : NULL, __ATOMIC_RELEASE);
     ep->max_send = MODULE->btl_max_send_size;
     if (ep->ring && ivcom_link_max_inline(link) < ep->max_send) {
         ep->max_send = ivcom_link_max_inline(link);
@@ -124,7 +128,7 @@ void mca_btl_ivcom_endpoint_failed(mca_btl_base_endpoint_t *ep, int rc)
     OPAL_THREAD_LOCK(&ep->lock);
     if (IVCOM_E_CLOSED == rc && opal_list_is_empty(&ep->pending)) {
         /* The peer finalized: nothing more will come. */
-        ep->closed = true;
+        __atomic_store_n(&ep->closed, true, __ATOMIC_RELAXED);
         OPAL_THREAD_UNLOCK(&ep->lock);
         return;
     }
@@ -345,6 +349,7 @@ static void endpoint_release(mca_btl_base_endpoint_t *ep)
     while (NULL != (item = opal_list_remove_first(&ep->pending))) {
         mca_btl_ivcom_frag_return((mca_btl_ivcom_frag_t *) item);
     }
+    mca_btl_ivcom_pending_changed(ep);
     if (NULL != ep->link) {
         /* Push what TCP still holds, briefly. */
         for (int i = 0; i < 1000 && ivcom_link_flush(ep->link) > 0; i++) {

@@ -146,7 +146,8 @@ int mca_btl_ivcom_complete(opal_list_t *done)
 }
 
 /* One endpoint without threads: the link delivers up to 16 messages by
- * itself (one call across the C ABI). Returns the messages delivered and
+ * itself (one call across the C ABI; on a ring, its receiving side alone
+ * when it can). Returns the messages delivered and
  * the waiting sends that went: both are progress (with
  * mpi_yield_when_idle, a call that reports none gives the core away). */
 static int poll_single(mca_btl_base_endpoint_t *ep)
@@ -164,6 +165,21 @@ static int poll_single(mca_btl_base_endpoint_t *ep)
             return sent;
         }
     }
+    /* A ring link's receiving side first: the common case in the fewest
+     * steps (ivcom_rx_poll); the whole link for anything else. */
+    if (NULL != ep->rx) {
+        rc = ivcom_rx_poll(ep->rx, 16, recv_cb, ep);
+        if (rc >= 0) {
+            return rc + sent;
+        }
+        if (IVCOM_RX_CHECK == rc) {
+            rc = ivcom_link_idle_check(ep->link);
+            if (rc < 0) {
+                mca_btl_ivcom_endpoint_failed(ep, rc);
+            }
+            return sent;
+        }
+    }
     rc = ivcom_link_poll(ep->link, 16, recv_cb, ep);
     if (rc < 0) {
         mca_btl_ivcom_endpoint_failed(ep, rc);
@@ -174,7 +190,7 @@ static int poll_single(mca_btl_base_endpoint_t *ep)
 
 /* ivcom_link_poll's callback with threads: the endpoint's lock is dropped
  * around the upcall (which may send on this endpoint) and held again when
- * the link resumes; rx_busy keeps other threads from polling meanwhile. */
+ * the link resumes; the claim keeps other threads from polling meanwhile. */
 static void recv_cb_unlocked(void *ctx, uint8_t tag, const uint8_t *data, size_t len)
 {
     mca_btl_base_endpoint_t *ep = (mca_btl_base_endpoint_t *) ctx;
@@ -183,13 +199,11 @@ static void recv_cb_unlocked(void *ctx, uint8_t tag, const uint8_t *data, size_t
     OPAL_THREAD_LOCK(&ep->lock);
 }
 
-/* One endpoint with threads: claimed for receiving under its lock (an
- * endpoint another thread holds is passed by: that thread delivers its
- * messages), polled in one call like poll_single, the lock dropped around
+/* The whole link polled under its lock (the claim held): sends waiting
+ * for ring space go first, then ivcom_link_poll, the lock dropped around
  * each upcall. The list of sends completed here is built only when sends
- * wait (an idle poll, the commonest call, costs no list). Returns what
- * poll_single returns. */
-static int poll_threaded(mca_btl_base_endpoint_t *ep)
+ * wait. Returns what poll_single returns. */
+static int poll_locked(mca_btl_base_endpoint_t *ep)
 {
     opal_list_t done;
     bool waiting = false;
@@ -197,7 +211,7 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
     if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
         return 0;
     }
-    if (ep->rx_busy || NULL == ep->link || ep->failed || ep->closed) {
+    if (NULL == ep->link || ep->failed || ep->closed) {
         OPAL_THREAD_UNLOCK(&ep->lock);
         return 0;
     }
@@ -207,9 +221,7 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
         mca_btl_ivcom_drain_pending(ep, &done, &failed);
     }
     if (!failed) {
-        ep->rx_busy = true;
         rc = ivcom_link_poll(ep->link, 16, recv_cb_unlocked, ep);
-        ep->rx_busy = false;
         if (rc < 0) {
             failed = rc;
         }
@@ -224,6 +236,51 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
         return sent;
     }
     return rc + sent;
+}
+
+/* The link's idle check (ivcom_rx_poll asked for it), under the lock. */
+static void idle_check(mca_btl_base_endpoint_t *ep)
+{
+    int rc = IVCOM_OK;
+    OPAL_THREAD_LOCK(&ep->lock);
+    if (NULL != ep->link && !ep->failed && !ep->closed) {
+        rc = ivcom_link_idle_check(ep->link);
+    }
+    OPAL_THREAD_UNLOCK(&ep->lock);
+    if (rc < 0) {
+        mca_btl_ivcom_endpoint_failed(ep, rc);
+    }
+}
+
+/* One endpoint with threads: claimed for receiving (an endpoint another
+ * thread holds is passed by: that thread delivers its messages). A ring
+ * link with no sends waiting is polled on its receiving side alone, with
+ * no lock, each upcall made straight from the poll; what that cannot do
+ * (ivcom_rx_poll says which) and any other link go through poll_locked.
+ * Returns what poll_single returns. */
+static int poll_threaded(mca_btl_base_endpoint_t *ep)
+{
+    const ivcom_rx *rx = __atomic_load_n(&ep->rx, __ATOMIC_ACQUIRE);
+    int32_t free_claim = 0;
+    int rc = 0;
+    if (!__atomic_compare_exchange_n(&ep->rx_claim, &free_claim, 1, false, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_RELAXED)) {
+        return 0;
+    }
+    if (NULL != rx && 0 == __atomic_load_n(&ep->npending, __ATOMIC_RELAXED)
+        && !ep->failed && !__atomic_load_n(&ep->closed, __ATOMIC_RELAXED)) {
+        rc = ivcom_rx_poll(rx, 16, recv_cb, ep);
+        if (IVCOM_RX_CHECK == rc) {
+            idle_check(ep);
+            rc = 0;
+        } else if (IVCOM_RX_FULL == rc) {
+            rc = poll_locked(ep);
+        }
+    } else {
+        rc = poll_locked(ep);
+    }
+    __atomic_store_n(&ep->rx_claim, 0, __ATOMIC_RELEASE);
+    return rc;
 }
 
 /* Progress does not nest within a thread (an upcall may call progress):

@@ -60,6 +60,7 @@ void mca_btl_ivcom_drain_pending(mca_btl_base_endpoint_t *ep, opal_list_t *done,
             return;
         }
         opal_list_remove_first(&ep->pending);
+        mca_btl_ivcom_pending_changed(ep);
         if (rc < 0) {
             *failed = rc;
             return;
@@ -300,6 +301,7 @@ int mca_btl_ivcom_send(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
             /* Ring full (or ordered behind others): progress sends it. */
             f->base.des_flags |= MCA_BTL_DES_SEND_ALWAYS_CALLBACK;
             opal_list_append(&ep->pending, &f->base.super.super);
+            mca_btl_ivcom_pending_changed(ep);
             out = OPAL_SUCCESS;
         }
     }

@@ -97,6 +97,19 @@
 #define IVCOM_PATH_TCP 2
 
 /**
+ * `ivcom_rx_poll`: something waits that only the link's own poll
+ * handles (`ivcom_link_poll`: a fragment, a control record, a broken or
+ * closed ring). Not an error.
+ */
+#define IVCOM_RX_FULL -100
+
+/**
+ * `ivcom_rx_poll`: the receiving side has been quiet for a while; time
+ * for `ivcom_link_idle_check`. Not an error.
+ */
+#define IVCOM_RX_CHECK -101
+
+/**
  * Largest card in bytes (a full IPv6 card): a buffer for
  * `ivcom_node_card` or a resolver needs no more.
  */
@@ -111,6 +124,12 @@ typedef struct ivcom_link ivcom_link;
  * Opaque node handle.
  */
 typedef struct ivcom_node ivcom_node;
+
+/**
+ * Opaque handle of a ring link's receiving side alone (`ivcom_link_rx`),
+ * valid as long as its link.
+ */
+typedef struct ivcom_rx ivcom_rx;
 
 /**
  * Verbose-message callback.
@@ -613,6 +632,48 @@ void ivcom_link_cancel(ivcom_link *link);
  * `link` valid. `cb` may send on this link but must not poll it.
  */
 int ivcom_link_poll(ivcom_link *link, size_t max, ivcom_recv_fn cb, void *ctx);
+
+/**
+ * The receiving side of `link` alone, for a poller that runs while other
+ * threads send on the link (`ivcom_rx_poll`), or NULL: a TCP link, or a
+ * ring whose peer may sleep (it must be rung as space goes back, which
+ * only `ivcom_link_poll` does). The handle lives as long as the link;
+ * asking again returns the same one.
+ *
+ * # Safety
+ * `link` valid, no other call on it meanwhile.
+ */
+const ivcom_rx *ivcom_link_rx(ivcom_link *link);
+
+/**
+ * Delivers up to `max` whole messages waiting on the ring to `cb`, as
+ * `ivcom_link_poll` does, touching only the link's receiving side: other
+ * threads may send on the link meanwhile (any call that only sends:
+ * `ivcom_link_try_send*`, reserve/commit/cancel, `can_send`, `backlog`,
+ * `piece`, `max_inline`), with no lock shared with this call. Returns the
+ * number delivered (0: nothing there), `IVCOM_RX_FULL` when what waits
+ * needs `ivcom_link_poll`, or `IVCOM_RX_CHECK` when the side has been
+ * quiet for 4,096 polls and `ivcom_link_idle_check` is due. `cb`
+ * may send on the link; it must not poll it.
+ *
+ * # Safety
+ * `rx` from `ivcom_link_rx` of a live link. No other receive call on the
+ * link (this one, `ivcom_link_poll`, `ivcom_link_idle_check`, any other
+ * call not listed above) runs until this one returns.
+ */
+int ivcom_rx_poll(const ivcom_rx *rx, size_t max, ivcom_recv_fn cb, void *ctx);
+
+/**
+ * What the link's own idle polls do now and then: checks that the peer
+ * lives (its connection, its domain) and lets a sending ring that fell
+ * silent give its pages back. For a poller of `ivcom_rx_poll` when it
+ * returns `IVCOM_RX_CHECK`. Returns `IVCOM_OK` or a negative error (the
+ * peer is gone: the link is broken).
+ *
+ * # Safety
+ * `link` valid, no other call on it meanwhile.
+ */
+int ivcom_link_idle_check(ivcom_link *link);
 
 /**
  * Pushes queued TCP output without blocking; returns the bytes still

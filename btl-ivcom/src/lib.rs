@@ -14,6 +14,7 @@
 
 #![allow(non_camel_case_types)]
 
+use ivcom_core::channel::RxHalf;
 use ivcom_core::ring::Batch;
 use ivcom_core::{BackendChoice, Card, Config, Error, Key, Link, Node, PathKind};
 use std::cell::RefCell;
@@ -69,7 +70,23 @@ pub struct ivcom_node {
 /// Opaque link handle.
 pub struct ivcom_link {
     link: Link,
+    /// Its receiving side alone, once asked for (`ivcom_link_rx`).
+    rx: Option<Box<ivcom_rx>>,
 }
+
+/// Opaque handle of a ring link's receiving side alone (`ivcom_link_rx`),
+/// valid as long as its link.
+pub struct ivcom_rx {
+    half: RxHalf,
+}
+
+/// `ivcom_rx_poll`: something waits that only the link's own poll
+/// handles (`ivcom_link_poll`: a fragment, a control record, a broken or
+/// closed ring). Not an error.
+pub const IVCOM_RX_FULL: c_int = -100;
+/// `ivcom_rx_poll`: the receiving side has been quiet for a while; time
+/// for `ivcom_link_idle_check`. Not an error.
+pub const IVCOM_RX_CHECK: c_int = -101;
 
 /// Verbose-message callback.
 pub type ivcom_log_fn = Option<unsafe extern "C" fn(ctx: *mut c_void, msg: *const c_char)>;
@@ -674,7 +691,7 @@ pub unsafe extern "C" fn ivcom_node_take(
         match unsafe { &*node }.node.take(id) {
             Some(link) => {
                 // SAFETY: out writable.
-                unsafe { *out = Box::into_raw(Box::new(ivcom_link { link })) };
+                unsafe { *out = Box::into_raw(Box::new(ivcom_link { link, rx: None })) };
                 1
             }
             None => 0,
@@ -697,7 +714,7 @@ pub unsafe extern "C" fn ivcom_node_accept(
         match unsafe { &*node }.node.accept(Duration::ZERO) {
             Ok(Some(link)) => {
                 // SAFETY: out writable.
-                unsafe { *out = Box::into_raw(Box::new(ivcom_link { link })) };
+                unsafe { *out = Box::into_raw(Box::new(ivcom_link { link, rx: None })) };
                 1
             }
             Ok(None) => 0,
@@ -730,7 +747,7 @@ pub unsafe extern "C" fn ivcom_link_open(
         match unsafe { &*node }.node.link(&card) {
             Ok(link) => {
                 // SAFETY: out writable.
-                unsafe { *out = Box::into_raw(Box::new(ivcom_link { link })) };
+                unsafe { *out = Box::into_raw(Box::new(ivcom_link { link, rx: None })) };
                 IVCOM_OK
             }
             Err(e) => fail(e),
@@ -1168,6 +1185,103 @@ pub unsafe extern "C" fn ivcom_link_poll(
             return fail(e);
         }
         n as c_int
+    })
+}
+
+/// The receiving side of `link` alone, for a poller that runs while other
+/// threads send on the link (`ivcom_rx_poll`), or NULL: a TCP link, or a
+/// ring whose peer may sleep (it must be rung as space goes back, which
+/// only `ivcom_link_poll` does). The handle lives as long as the link;
+/// asking again returns the same one.
+///
+/// # Safety
+/// `link` valid, no other call on it meanwhile.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_rx(link: *mut ivcom_link) -> *const ivcom_rx {
+    // SAFETY: valid handle, used by nobody else (contract).
+    let l = unsafe { &mut *link };
+    if l.rx.is_none() {
+        match l.link.rx_half() {
+            Some(half) => l.rx = Some(Box::new(ivcom_rx { half })),
+            None => return std::ptr::null(),
+        }
+    }
+    l.rx.as_deref()
+        .map_or(std::ptr::null(), |r| r as *const ivcom_rx)
+}
+
+/// Delivers up to `max` whole messages waiting on the ring to `cb`, as
+/// `ivcom_link_poll` does, touching only the link's receiving side: other
+/// threads may send on the link meanwhile (any call that only sends:
+/// `ivcom_link_try_send*`, reserve/commit/cancel, `can_send`, `backlog`,
+/// `piece`, `max_inline`), with no lock shared with this call. Returns the
+/// number delivered (0: nothing there), `IVCOM_RX_FULL` when what waits
+/// needs `ivcom_link_poll`, or `IVCOM_RX_CHECK` when the side has been
+/// quiet for 4,096 polls and `ivcom_link_idle_check` is due. `cb`
+/// may send on the link; it must not poll it.
+///
+/// # Safety
+/// `rx` from `ivcom_link_rx` of a live link. No other receive call on the
+/// link (this one, `ivcom_link_poll`, `ivcom_link_idle_check`, any other
+/// call not listed above) runs until this one returns.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_rx_poll(
+    rx: *const ivcom_rx,
+    max: usize,
+    cb: ivcom_recv_fn,
+    ctx: *mut c_void,
+) -> c_int {
+    // SAFETY: valid handle (contract); RxHalf is a copy.
+    let h = unsafe { (*rx).half };
+    // SAFETY (all RxHalf calls): this is the link's one receiver now and
+    // its link lives (contract).
+    if unsafe { h.looks_idle() } {
+        return if unsafe { h.quiet_poll() } {
+            IVCOM_RX_CHECK
+        } else {
+            0
+        };
+    }
+    let mut n = 0usize;
+    let mut batch = Batch::new();
+    while n < max {
+        let k = unsafe { h.peek_msgs(&mut batch, max - n) };
+        if k == 0 {
+            return if n > 0 { n as c_int } else { IVCOM_RX_FULL };
+        }
+        if let Some(f) = cb {
+            for m in batch.records() {
+                // SAFETY: each pointer and length stays valid until
+                // release_msg; no Rust borrow of the side is live during
+                // the calls.
+                unsafe { f(ctx, m.tag, m.ptr, m.len) };
+            }
+        }
+        unsafe { h.release_msg(true) };
+        n += k;
+        if unsafe { h.looks_idle() } {
+            break;
+        }
+    }
+    n as c_int
+}
+
+/// What the link's own idle polls do now and then: checks that the peer
+/// lives (its connection, its domain) and lets a sending ring that fell
+/// silent give its pages back. For a poller of `ivcom_rx_poll` when it
+/// returns `IVCOM_RX_CHECK`. Returns `IVCOM_OK` or a negative error (the
+/// peer is gone: the link is broken).
+///
+/// # Safety
+/// `link` valid, no other call on it meanwhile.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_idle_check(link: *mut ivcom_link) -> c_int {
+    guard(|| {
+        // SAFETY: valid handle, used by nobody else (contract).
+        match unsafe { &mut *link }.link.idle_check() {
+            Ok(()) => IVCOM_OK,
+            Err(e) => fail(e),
+        }
     })
 }
 

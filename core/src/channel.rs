@@ -17,6 +17,9 @@ use crate::frame::{fragment, poll_inbox, take_one, Delivery, Inbox, Reassembly, 
 use crate::hypervisor::{BellWords, Doorbell, Hypervisor, Region};
 use crate::payload::Payload;
 use crate::ring::{self, kind, Batch, Consumer, Geometry, Producer, Record};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Released ring space the consumer hands back at once, within a batch,
@@ -96,25 +99,205 @@ pub struct Offer {
 /// One side of a ring channel.
 pub struct Channel {
     tx: Producer,
-    rx: Consumer,
+    /// The receiving side, apart so that it can be polled on its own
+    /// ([`RxHalf`]) while another thread sends.
+    rxc: Arc<RxCell>,
     // Field order matters: the doorbell may point into the region, so it is
-    // dropped first.
+    // dropped first (the receiving side's consumer points into it too, and
+    // goes before it: only this channel holds its cell).
     bell: Box<dyn Doorbell>,
     region: Box<dyn Region>,
     geo: Geometry,
-    reasm: Reassembly,
-    /// Counters of both directions.
-    pub stats: Stats,
+    /// Counters of the sending direction (the receiving side keeps its own).
+    stats: Stats,
     /// Wait policy of blocking calls.
     pub policy: WaitPolicy,
     closed: bool,
-    /// A message handed out in place is not released yet.
-    in_place: bool,
     /// This side told its peer that it never sleeps on the doorbell (so it
     /// must not, whatever its policy says: the peer will not ring).
     declared_polling: bool,
+}
+
+/// Everything only the receiving side of a channel touches: its consumer,
+/// the reassembly of fragmented messages, the message handed out in place,
+/// and its counters. One receiver at a time works on it, through the
+/// channel (`&mut Channel`) or through an [`RxHalf`].
+struct RxSide {
+    rx: Consumer,
+    reasm: Reassembly,
+    /// A message handed out in place is not released yet.
+    in_place: bool,
     /// Tags at or above this are protocol violations.
     tag_limit: u16,
+    rx_msgs: u64,
+    rx_bytes: u64,
+    rx_doorbells: u64,
+    /// Polls through an [`RxHalf`] that found nothing since the link last
+    /// looked at its peer.
+    quiet: u32,
+}
+
+/// The receiving side's cell. The sending side reads only `taken`, which
+/// the receiver stores (one plain store on this machine kind) as it
+/// releases; `side` belongs to the one receiver of the moment.
+struct RxCell {
+    side: UnsafeCell<RxSide>,
+    /// Bytes taken from the receiving ring (the consumer index): the
+    /// producer's `heard` count ([`ring::Producer::reserve_heard`]).
+    taken: AtomicU64,
+}
+
+// SAFETY: `side` is only reached by the one receiver of the moment
+// (`Channel` through `&mut self`, or an `RxHalf` under its contract, which
+// excludes any other receive call at the same time); `taken` is atomic.
+unsafe impl Sync for RxCell {}
+// SAFETY: as above; the consumer's pointers into the shared region stay
+// valid while the channel that owns the cell lives.
+unsafe impl Send for RxCell {}
+
+/// Polls of an [`RxHalf`] that find nothing between two looks at the
+/// peer ([`RxHalf::quiet_poll`]): as often as a link's own polls look.
+pub const QUIET_POLLS: u32 = 4096;
+
+impl RxSide {
+    /// `n` whole messages of `bytes` bytes in all go up in place (until
+    /// `release_msg`): counted, and marked outstanding.
+    #[inline(always)]
+    fn handed_in_place(&mut self, n: usize, bytes: usize) {
+        self.in_place = true;
+        self.rx_msgs += n as u64;
+        self.rx_bytes += bytes as u64;
+    }
+
+    /// [`Channel::peek_msgs`].
+    #[inline(always)]
+    fn peek_msgs(&mut self, out: &mut Batch, max: usize) -> usize {
+        if self.in_place || self.reasm.active() {
+            out.clear();
+            return 0;
+        }
+        let (n, bytes) = self.rx.peek_msgs(self.tag_limit, out, max);
+        if n > 0 {
+            self.handed_in_place(n, bytes);
+        }
+        n
+    }
+
+    /// Releases what is handed out; `true` when enough is released that
+    /// its space should go back to the sender now (see
+    /// [`Channel::release_msg`]).
+    #[inline(always)]
+    fn release(&mut self, taken: &AtomicU64, data_size: u64) -> bool {
+        if self.in_place {
+            self.in_place = false;
+            self.rx.release();
+            taken.store(self.rx.taken(), Ordering::Relaxed);
+        }
+        self.rx.unpublished() >= (data_size / 8).min(RELEASE_STEP)
+    }
+
+    /// Publishes the consumer index; `true` when the sender sleeps and
+    /// must be rung.
+    #[inline(always)]
+    fn flush(&mut self) -> bool {
+        if self.rx.flush() {
+            self.rx_doorbells += 1;
+            return true;
+        }
+        false
+    }
+
+    #[inline(always)]
+    fn looks_idle(&self) -> bool {
+        !self.in_place && self.rx.looks_empty()
+    }
+}
+
+/// The receiving side of a ring channel on its own, for a poller on one
+/// thread while senders use the channel on others (the Open MPI component
+/// under `MPI_THREAD_MULTIPLE`: its receive path then takes no lock that
+/// its senders take). It does the common case only, whole messages in
+/// place taken in batches ([`Channel::peek_msgs`]); anything else (a
+/// fragment, a control record, a broken ring, the close) it leaves for the
+/// channel's own poll. It is only given out while the peer declared that
+/// it polls, so handing space back never rings a doorbell.
+#[derive(Clone, Copy)]
+pub struct RxHalf {
+    cell: *const RxCell,
+    data_size: u64,
+}
+
+// SAFETY: a handle; its use is under the contract of its unsafe methods.
+unsafe impl Send for RxHalf {}
+// SAFETY: as above.
+unsafe impl Sync for RxHalf {}
+
+impl RxHalf {
+    /// # Safety
+    /// The channel lives, and no other receive call on it (through the
+    /// channel or any copy of this half) runs while the returned borrow
+    /// is used (the caller picks its lifetime: one call's); calls that
+    /// only send may run on other threads.
+    #[inline(always)]
+    unsafe fn side<'a>(self) -> &'a mut RxSide {
+        // SAFETY: forwarded contract.
+        unsafe { &mut *(*self.cell).side.get() }
+    }
+
+    /// [`Channel::peek_msgs`].
+    ///
+    /// # Safety
+    /// As [`RxHalf::side`]'s contract, until the matching
+    /// [`RxHalf::release_msg`] (the messages stay valid until then).
+    #[inline(always)]
+    pub unsafe fn peek_msgs(self, out: &mut Batch, max: usize) -> usize {
+        // SAFETY: forwarded contract.
+        unsafe { self.side() }.peek_msgs(out, max)
+    }
+
+    /// [`Channel::release_msg`], the space handed back when
+    /// [`Channel::release_msg`] would hand it back, or when `last` (the
+    /// poller's batch is over): [`Channel::flush_rx`] at once.
+    ///
+    /// # Safety
+    /// As [`RxHalf::peek_msgs`].
+    #[inline(always)]
+    pub unsafe fn release_msg(self, last: bool) {
+        // SAFETY: forwarded contract.
+        let (s, taken) = unsafe { (self.side(), &(*self.cell).taken) };
+        if s.release(taken, self.data_size) || last {
+            // (never rings: given out only to a peer that polls)
+            let _ = s.flush();
+        }
+    }
+
+    /// True when nothing waits and nothing is held ([`Channel::looks_idle`]).
+    ///
+    /// # Safety
+    /// As [`RxHalf::peek_msgs`].
+    #[inline(always)]
+    pub unsafe fn looks_idle(self) -> bool {
+        // SAFETY: forwarded contract.
+        unsafe { self.side() }.looks_idle()
+    }
+
+    /// Counts a poll that found nothing; `true` once every
+    /// [`QUIET_POLLS`], when the link should look at its peer (what the
+    /// link's own idle polls do: [`crate::node::Link::idle_check`]).
+    ///
+    /// # Safety
+    /// As [`RxHalf::peek_msgs`].
+    #[inline(always)]
+    pub unsafe fn quiet_poll(self) -> bool {
+        // SAFETY: forwarded contract.
+        let s = unsafe { self.side() };
+        s.quiet += 1;
+        if s.quiet >= QUIET_POLLS {
+            s.quiet = 0;
+            return true;
+        }
+        false
+    }
 }
 
 fn words(region: &dyn Region, geo: Geometry, offerer: bool) -> (*mut u8, *mut u8, BellWords) {
@@ -211,17 +394,78 @@ impl Channel {
         }
         Channel {
             tx,
-            rx,
+            rxc: Arc::new(RxCell {
+                side: UnsafeCell::new(RxSide {
+                    rx,
+                    reasm: Reassembly::new(crate::DEFAULT_MAX_MESSAGE),
+                    in_place: false,
+                    tag_limit: 256,
+                    rx_msgs: 0,
+                    rx_bytes: 0,
+                    rx_doorbells: 0,
+                    quiet: 0,
+                }),
+                taken: AtomicU64::new(0),
+            }),
             bell,
             region,
             geo,
-            reasm: Reassembly::new(crate::DEFAULT_MAX_MESSAGE),
             stats: Stats::default(),
             policy: WaitPolicy::default(),
             closed: false,
-            in_place: false,
             declared_polling: false,
-            tag_limit: 256,
+        }
+    }
+
+    /// The receiving side, to this channel's own calls.
+    #[inline(always)]
+    fn rxs(&mut self) -> &mut RxSide {
+        // SAFETY: `&mut self`: no other call on this channel runs, and an
+        // RxHalf's contract excludes it from running during receive calls
+        // on the channel.
+        unsafe { &mut *self.rxc.side.get() }
+    }
+
+    /// The receiving side and the count it stores for the sender.
+    #[inline(always)]
+    fn rx_parts(&mut self) -> (&mut RxSide, &AtomicU64) {
+        let c: &RxCell = &self.rxc;
+        // SAFETY: as `rxs`.
+        (unsafe { &mut *c.side.get() }, &c.taken)
+    }
+
+    /// The receiving side, read-only.
+    #[inline(always)]
+    fn rxr(&self) -> &RxSide {
+        // SAFETY: as `rxs`, for a shared read (no RxHalf call runs at the
+        // same time as a receive call on the channel, this one included).
+        unsafe { &*self.rxc.side.get() }
+    }
+
+    /// The bytes taken from the receiving ring so far, for the producer.
+    #[inline(always)]
+    fn heard(&self) -> u64 {
+        self.rxc.taken.load(Ordering::Relaxed)
+    }
+
+    /// The receiving side alone ([`RxHalf`]), while the peer polls (a
+    /// peer that may sleep must be rung as space goes back: the channel's
+    /// own poll does that); `None` otherwise.
+    pub fn rx_half(&self) -> Option<RxHalf> {
+        self.rxr().rx.peer_polls().then_some(RxHalf {
+            cell: Arc::as_ptr(&self.rxc),
+            data_size: self.geo.data_size as u64,
+        })
+    }
+
+    /// Counters of both directions.
+    pub fn stats(&self) -> Stats {
+        let r = self.rxr();
+        Stats {
+            rx_msgs: r.rx_msgs,
+            rx_bytes: r.rx_bytes,
+            rx_doorbells: r.rx_doorbells,
+            ..self.stats
         }
     }
 
@@ -239,7 +483,7 @@ impl Channel {
     /// sleeps on either ring (call before the peer learns it).
     pub fn declare_polling(&mut self) {
         self.tx.declare_polling();
-        self.rx.declare_polling();
+        self.rxs().rx.declare_polling();
         self.declared_polling = true;
     }
 
@@ -248,7 +492,7 @@ impl Channel {
     /// offerer once the acceptor answered.
     pub fn learn_peer(&mut self) {
         self.tx.learn_peer();
-        self.rx.learn_peer();
+        self.rxs().rx.learn_peer();
     }
 
     /// This side's sending ring (its control page) and geometry, for tests
@@ -290,13 +534,13 @@ impl Channel {
 
     /// Sets the largest message accepted from the peer.
     pub fn set_max_message(&mut self, max: usize) {
-        self.reasm.max_message = max;
+        self.rxs().reasm.max_message = max;
     }
 
     /// Sets the tag limit: a record whose tag is `limit` or more breaks the
     /// link ([`Violation::BadTag`]).
     pub fn set_tag_limit(&mut self, limit: u16) {
-        self.tag_limit = limit;
+        self.rxs().tag_limit = limit;
     }
 
     #[inline]
@@ -312,7 +556,7 @@ impl Channel {
     /// returns a pointer to write it in place; `None` when the ring is full.
     #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
-        self.tx.reserve_heard(len, self.rx.taken())
+        self.tx.reserve_heard(len, self.heard())
     }
 
     /// Sends the reserved record with `len` bytes and `tag`.
@@ -353,7 +597,7 @@ impl Channel {
     /// loop over pieces. `Ok(false)` when the ring is full.
     #[inline]
     pub fn try_send2(&mut self, tag: u8, head: &[u8], body: &[u8]) -> Result<bool> {
-        let Some(n) = self.tx.push2(kind::MSG, tag, head, body, self.rx.taken())? else {
+        let Some(n) = self.tx.push2(kind::MSG, tag, head, body, self.heard())? else {
             return Ok(false);
         };
         self.sent_one(head.len() + body.len(), n)?;
@@ -364,7 +608,7 @@ impl Channel {
     /// without blocking. `Ok(false)` when the ring is full.
     pub fn try_send_parts(&mut self, tag: u8, parts: &[&[u8]]) -> Result<bool> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        match self.tx.push_heard(kind::MSG, tag, parts, self.rx.taken())? {
+        match self.tx.push_heard(kind::MSG, tag, parts, self.heard())? {
             None => Ok(false),
             Some(n) => {
                 self.sent_one(len, n)?;
@@ -401,8 +645,8 @@ impl Channel {
     /// fragmented message as one run.
     pub fn try_send_more(&mut self, tag: u8, msg: &[u8], sent: &mut usize) -> Result<bool> {
         let max = self.tx.piece();
+        let heard = self.heard();
         let (tx, bell, stats) = (&mut self.tx, &*self.bell, &mut self.stats);
-        let heard = self.rx.taken();
         let done = fragment(tag, msg, max, sent, |k, t, parts| {
             match tx.push_heard(k, t, parts, heard)? {
                 None => Ok(false),
@@ -444,41 +688,44 @@ impl Channel {
 
     #[inline(never)]
     fn peek_msg_full(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
-        if self.in_place {
+        let (s, taken) = self.rx_parts();
+        if s.in_place {
             return Err(Error::Invalid("peek_msg before release_msg".into()));
         }
         loop {
-            let rec: Record = match self.rx.peek() {
+            let rec: Record = match s.rx.peek() {
                 Ok(Some(r)) => r,
                 Ok(None) => return Ok(None),
-                Err(Error::Closed) if self.reasm.active() => {
+                Err(Error::Closed) if s.reasm.active() => {
                     return Err(Error::PeerGone("closed mid-message".into()))
                 }
                 Err(e) => return Err(e),
             };
             if rec.kind == kind::CTRL {
-                self.rx.release();
+                s.rx.release();
+                taken.store(s.rx.taken(), Ordering::Relaxed);
                 continue;
             }
-            if rec.tag as u16 >= self.tag_limit {
-                return Err(self.rx.poison(Violation::BadTag));
+            if rec.tag as u16 >= s.tag_limit {
+                return Err(s.rx.poison(Violation::BadTag));
             }
-            if rec.kind == kind::MSG && !self.reasm.active() {
-                self.handed_in_place(1, rec.len);
+            if rec.kind == kind::MSG && !s.reasm.active() {
+                s.handed_in_place(1, rec.len);
                 return Ok(Some((rec.tag, rec.ptr, rec.len)));
             }
             // SAFETY: valid until the release below; feed() copies it out.
             let data = unsafe { rec.payload() };
-            let got = match self.reasm.feed(rec.kind, rec.tag, data) {
+            let got = match s.reasm.feed(rec.kind, rec.tag, data) {
                 Ok(Delivery::Message(tag, m)) => Some((tag, m.as_ptr(), m.len())),
                 Ok(Delivery::Partial) => None,
-                Err(Error::Broken(v)) => return Err(self.rx.poison(v)),
+                Err(Error::Broken(v)) => return Err(s.rx.poison(v)),
                 Err(e) => return Err(e),
             };
-            self.rx.release();
+            s.rx.release();
+            taken.store(s.rx.taken(), Ordering::Relaxed);
             if let Some((tag, p, len)) = got {
-                self.stats.rx_msgs += 1;
-                self.stats.rx_bytes += len as u64;
+                s.rx_msgs += 1;
+                s.rx_bytes += len as u64;
                 return Ok(Some((tag, p, len)));
             }
         }
@@ -488,11 +735,12 @@ impl Channel {
     /// full path takes it, or `None` with nothing changed.
     #[inline(always)]
     fn peek_msg_fast(&mut self) -> Option<(u8, *const u8, usize)> {
-        if self.in_place || self.reasm.active() {
+        let s = self.rxs();
+        if s.in_place || s.reasm.active() {
             return None;
         }
-        let m = self.rx.peek_msg_fast(self.tag_limit)?;
-        self.handed_in_place(1, m.2);
+        let m = s.rx.peek_msg_fast(s.tag_limit)?;
+        s.handed_in_place(1, m.2);
         Some(m)
     }
 
@@ -504,23 +752,7 @@ impl Channel {
     /// send on this channel while it hands them up, but not poll it.
     #[inline]
     pub fn peek_msgs(&mut self, out: &mut Batch, max: usize) -> usize {
-        if self.in_place || self.reasm.active() {
-            return 0;
-        }
-        let (n, bytes) = self.rx.peek_msgs(self.tag_limit, out, max);
-        if n > 0 {
-            self.handed_in_place(n, bytes);
-        }
-        n
-    }
-
-    /// `n` whole messages of `bytes` bytes in all go up in place (until
-    /// `release_msg`): counted, and marked outstanding.
-    #[inline(always)]
-    fn handed_in_place(&mut self, n: usize, bytes: usize) {
-        self.in_place = true;
-        self.stats.rx_msgs += n as u64;
-        self.stats.rx_bytes += bytes as u64;
+        self.rxs().peek_msgs(out, max)
     }
 
     /// Releases the message returned by `peek_msg`. Its space goes back to
@@ -531,11 +763,9 @@ impl Channel {
     /// fence, which small messages should not pay one by one.
     #[inline]
     pub fn release_msg(&mut self) -> Result<()> {
-        if self.in_place {
-            self.in_place = false;
-            self.rx.release();
-        }
-        if self.rx.unpublished() >= (self.geo.data_size as u64 / 8).min(RELEASE_STEP) {
+        let size = self.geo.data_size as u64;
+        let (s, taken) = self.rx_parts();
+        if s.release(taken, size) {
             return self.flush_rx();
         }
         Ok(())
@@ -544,8 +774,7 @@ impl Channel {
     /// Hands all released space back to the sender (ringing its doorbell if
     /// it sleeps for space).
     pub fn flush_rx(&mut self) -> Result<()> {
-        if self.rx.flush() {
-            self.stats.rx_doorbells += 1;
+        if self.rxs().flush() {
             self.bell.notify()?;
         }
         Ok(())
@@ -603,7 +832,10 @@ impl Channel {
             // otherwise never see a close. A wait for space ends only with
             // space: see `Producer::prepare_sleep` for why no close ends it.
             let ready = match want {
-                Want::Data => self.rx.has_data()? || self.rx.is_closed(),
+                Want::Data => {
+                    let r = &mut self.rxs().rx;
+                    r.has_data()? || r.is_closed()
+                }
                 Want::Space(need) => self.tx.fits(need)?,
             };
             if ready {
@@ -626,13 +858,13 @@ impl Channel {
             }
             let token = self.bell.prepare();
             let sleep = match want {
-                Want::Data => self.rx.prepare_sleep()?,
+                Want::Data => self.rxs().rx.prepare_sleep()?,
                 Want::Space(_) => self.tx.prepare_sleep()?,
             };
             if sleep {
                 let r = self.bell.wait(token, slice);
                 match want {
-                    Want::Data => self.rx.finish_sleep(),
+                    Want::Data => self.rxs().rx.finish_sleep(),
                     Want::Space(_) => self.tx.finish_sleep(),
                 }
                 r?;
@@ -654,12 +886,12 @@ impl Channel {
     /// Cheap hint for pollers: nothing new arrived and nothing is held.
     #[inline]
     pub fn looks_idle(&self) -> bool {
-        !self.in_place && self.rx.looks_empty()
+        self.rxr().looks_idle()
     }
 
     /// True when a record is waiting.
     pub fn has_data(&mut self) -> Result<bool> {
-        self.rx.has_data()
+        self.rxs().rx.has_data()
     }
 
     /// Closes the sending direction: the peer drains what was sent, then
@@ -796,7 +1028,7 @@ mod tests {
             assert_eq!(h.join().unwrap(), 5);
         });
         assert_eq!(out, b"late");
-        a.stats.tx_doorbells
+        a.stats().tx_doorbells
     }
 
     #[test]
@@ -973,8 +1205,8 @@ mod tests {
                 m.len()
             );
         }
-        assert_eq!(a.stats.tx_msgs, 60);
-        assert_eq!(b.stats.rx_msgs, 60);
+        assert_eq!(a.stats().tx_msgs, 60);
+        assert_eq!(b.stats().rx_msgs, 60);
     }
 
     /// Pages of the sending ring's data area past `ring::KEEP_BYTES` that
@@ -1235,6 +1467,118 @@ mod tests {
                 a.tx.dbg()
             );
         }
+    }
+
+    /// The receiving side polled alone on one thread ([`RxHalf`]) while
+    /// another thread sends on the same channel, as the Open MPI component
+    /// does under `MPI_THREAD_MULTIPLE`: the half takes the whole messages,
+    /// and whatever it leaves (the padding of every lap) goes the full way
+    /// under the lock the sender takes. Both directions arrive whole, in
+    /// order, every byte checked, and the counters add up.
+    #[test]
+    fn a_receiving_half_polled_while_another_thread_sends_on_the_channel() {
+        const N: usize = 20_000;
+        let len = |i: usize| (i * 37) % 600;
+        let (mut a, b, _dir) = pair_polling(true, true);
+        let half = b.rx_half().expect("both sides poll");
+        let (sleeper, _, _dir2) = pair_polling(true, false);
+        assert!(
+            sleeper.rx_half().is_none(),
+            "a peer that may sleep gets no half"
+        );
+        let b = std::sync::Mutex::new(b);
+        let mut full_path = 0;
+        std::thread::scope(|s| {
+            // b's sender
+            s.spawn(|| {
+                let mut i = 0;
+                while i < N {
+                    let m = numbered(i, len(i));
+                    if b.lock()
+                        .unwrap()
+                        .try_send2(3, &m[..m.len() / 3], &m[m.len() / 3..])
+                        .unwrap()
+                    {
+                        i += 1;
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+            // b's receiver: the half, and the full way under the lock
+            let recv = s.spawn(|| {
+                let (mut next, mut full) = (0, 0);
+                let mut batch = Batch::new();
+                while next < N {
+                    // SAFETY: this thread is b's one receiver; the other
+                    // thread only sends, or holds the lock this one takes
+                    // for the full path.
+                    let k = unsafe { half.peek_msgs(&mut batch, 16) };
+                    if k > 0 {
+                        for r in batch.records() {
+                            // SAFETY: valid until the release below.
+                            let got = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
+                            assert_eq!(
+                                (r.tag, got),
+                                (4, &numbered(next, len(next))[..]),
+                                "message {next}"
+                            );
+                            next += 1;
+                        }
+                        // SAFETY: as above.
+                        unsafe { half.release_msg(true) };
+                    } else if !unsafe { half.looks_idle() } {
+                        let mut g = b.lock().unwrap();
+                        if let Some((tag, p, l)) = g.peek_msg().unwrap() {
+                            // SAFETY: valid until release_msg.
+                            let got = unsafe { std::slice::from_raw_parts(p, l) };
+                            assert_eq!(
+                                (tag, got),
+                                (4, &numbered(next, len(next))[..]),
+                                "message {next}"
+                            );
+                            next += 1;
+                            g.release_msg().unwrap();
+                        }
+                        g.flush_rx().unwrap();
+                        full += 1;
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+                full
+            });
+            // a: sends N to b and takes b's N
+            let (mut sent, mut got) = (0, 0);
+            while sent < N || got < N {
+                if sent < N {
+                    let m = numbered(sent, len(sent));
+                    if a.try_send2(4, &m, &[]).unwrap() {
+                        sent += 1;
+                    }
+                }
+                while let Some((tag, p, l)) = a.peek_msg().unwrap() {
+                    // SAFETY: valid until release_msg.
+                    let m = unsafe { std::slice::from_raw_parts(p, l) };
+                    assert_eq!(
+                        (tag, m),
+                        (3, &numbered(got, len(got))[..]),
+                        "message {got} to a"
+                    );
+                    got += 1;
+                    a.release_msg().unwrap();
+                }
+                a.flush_rx().unwrap();
+                if sent == N {
+                    std::thread::yield_now();
+                }
+            }
+            full_path = recv.join().unwrap();
+        });
+        let b = b.into_inner().unwrap();
+        assert!(full_path > 0, "laps wrapped: padding went the full way");
+        assert_eq!((b.stats().rx_msgs, b.stats().tx_msgs), (N as u64, N as u64));
+        assert_eq!(a.stats().rx_msgs, N as u64);
     }
 
     #[test]

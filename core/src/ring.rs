@@ -1353,6 +1353,12 @@ impl Batch {
         }
     }
 
+    /// Empties the batch.
+    #[inline(always)]
+    pub fn clear(&mut self) {
+        self.n = 0;
+    }
+
     /// The messages taken, in ring order.
     #[inline(always)]
     pub fn records(&self) -> &[Record] {
@@ -1626,6 +1632,13 @@ impl Consumer {
     #[inline]
     pub fn unpublished(&self) -> u64 {
         self.cons.wrapping_sub(self.published)
+    }
+
+    /// Whether the producer declared that it never sleeps
+    /// ([`Consumer::learn_peer`]): then handing space back never needs a
+    /// doorbell.
+    pub fn peer_polls(&self) -> bool {
+        self.peer_polls
     }
 
     /// Declares that this consumer never sleeps waiting for data.

@@ -2,7 +2,7 @@
 //! names the peer.
 
 use crate::card::Card;
-use crate::channel::{Alive, Channel, WaitPolicy};
+use crate::channel::{Alive, Channel, RxHalf, WaitPolicy};
 use crate::error::{Error, Result};
 use crate::frame::Stats;
 use crate::hypervisor::Hypervisor;
@@ -117,7 +117,7 @@ impl Link {
         match &self.imp {
             Imp::Ring(c) => Stats {
                 tx_reach: c.tx_reach(),
-                ..c.stats
+                ..c.stats()
             },
             Imp::Tcp(t) => t.stats,
         }
@@ -182,16 +182,34 @@ impl Link {
     fn idle(&mut self) -> Result<()> {
         self.idle_polls += 1;
         if self.idle_polls >= ALIVE_EVERY {
-            self.idle_polls = 0;
-            self.check_alive()?;
-            // a sending ring that fell silent gives its pages back
-            let r = match &mut self.imp {
-                Imp::Ring(c) => c.idle_look(),
-                Imp::Tcp(_) => Ok(()),
-            };
-            r.map_err(|e| self.ctx(e))?;
+            self.idle_check()?;
         }
         Ok(())
+    }
+
+    /// What a link's idle polls do every [`ALIVE_EVERY`]: checks the peer
+    /// (at most every [`CHECK_EVERY`]), and lets a sending ring that fell
+    /// silent give its pages back. For a poller that polls the receiving
+    /// side alone ([`Link::rx_half`]) when its [`RxHalf::quiet_poll`] says
+    /// so; it is a call on the whole link.
+    pub fn idle_check(&mut self) -> Result<()> {
+        self.idle_polls = 0;
+        self.check_alive()?;
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.idle_look(),
+            Imp::Tcp(_) => Ok(()),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// The receiving side of a ring link on its own, for a poller on one
+    /// thread while others send on the link ([`RxHalf`]); `None` on TCP or
+    /// while the peer may sleep.
+    pub fn rx_half(&self) -> Option<RxHalf> {
+        match &self.imp {
+            Imp::Ring(c) => c.rx_half(),
+            Imp::Tcp(_) => None,
+        }
     }
 
     /// Sends a message of any size, blocking until it is in the ring or has
