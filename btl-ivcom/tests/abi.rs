@@ -365,3 +365,162 @@ fn a_receiver_that_answers_from_its_callback_gets_every_message_in_order() {
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What b's receiving thread took: (tag, length, checksum) of each.
+#[derive(Default)]
+struct Taken(Vec<(u8, usize, u64)>);
+
+unsafe extern "C" fn take(ctx: *mut c_void, tag: u8, data: *const u8, len: usize) {
+    // SAFETY: ctx is the Taken passed to the poll; data/len valid now.
+    let t = unsafe { &mut *(ctx as *mut Taken) };
+    let bytes = if len == 0 {
+        &[][..]
+    } else {
+        // SAFETY: len readable bytes during the call.
+        unsafe { std::slice::from_raw_parts(data, len) }
+    };
+    t.0.push((tag, len, checksum(bytes)));
+}
+
+/// A raw handle moved to another thread (its use is under the C ABI's
+/// contract, which the test keeps).
+#[derive(Clone, Copy)]
+struct Raw<T>(T);
+// SAFETY: see above.
+unsafe impl<T> Send for Raw<T> {}
+// SAFETY: see above.
+unsafe impl<T> Sync for Raw<T> {}
+
+/// The Open MPI component's threaded receive, through the C ABI: one
+/// thread polls a ring link's receiving side alone (`ivcom_rx_poll`, no
+/// lock) while another sends on the same link under a lock; what the
+/// half leaves (`IVCOM_RX_FULL`: the padding of each lap, records larger
+/// than a batch takes) and its idle checks go to the whole link under
+/// that lock. Both directions arrive once, in order, checksums over every
+/// byte; both ways of receiving ran.
+#[test]
+fn a_ring_link_polled_on_its_receiving_side_while_another_thread_sends() {
+    let (dir, a, b, la, lb) = linked_pair("abi-rx");
+    // SAFETY: valid link, no other call on it now.
+    let rx = unsafe { ivcom_link_rx(lb) };
+    assert!(!rx.is_null(), "both sides poll: the half is given");
+    // SAFETY: as above; asking again gives the same handle.
+    assert_eq!(unsafe { ivcom_link_rx(lb) }, rx);
+    // SAFETY: valid link.
+    let max = unsafe { ivcom_link_max_inline(la) };
+    let len_of = move |k: usize| match k % 97 {
+        0 => max,
+        5 => 3000 + k % 700,
+        _ => k % 300,
+    };
+    const N: usize = 20_000;
+    let lock = std::sync::Mutex::new(());
+    let until = Instant::now() + Duration::from_secs(120);
+    let (lbr, rxr) = (Raw(lb), Raw(rx));
+    let (taken, full, checks) = std::thread::scope(|s| {
+        // b's sender: under the lock, as btl/ivcom's senders.
+        s.spawn(|| {
+            let lb = lbr;
+            for k in 0..N {
+                let msg = pattern(k + 7, len_of(k));
+                let iov = ivcom_iov {
+                    base: msg.as_ptr(),
+                    len: msg.len(),
+                };
+                loop {
+                    let g = lock.lock().unwrap();
+                    // SAFETY: valid link; a send runs beside the half's poll.
+                    let rc = unsafe { ivcom_link_try_send(lb.0, (k % 200) as u8, &iov, 1) };
+                    drop(g);
+                    assert!(rc >= 0, "b send: {}", last_error());
+                    if rc == 1 {
+                        break;
+                    }
+                    assert!(Instant::now() < until, "b stuck at {k}");
+                    std::thread::yield_now();
+                }
+            }
+        });
+        // b's receiver: the half without the lock, the link with it.
+        let recv = s.spawn(|| {
+            let (lb, rx) = (lbr, rxr);
+            let mut t = Taken::default();
+            let (mut full, mut checks) = (0, 0);
+            while t.0.len() < N {
+                assert!(Instant::now() < until, "b took {}", t.0.len());
+                let ctx = &mut t as *mut Taken as *mut c_void;
+                // SAFETY: this thread is the link's one receiver.
+                let n = unsafe { ivcom_rx_poll(rx.0, 16, Some(take), ctx) };
+                match n {
+                    IVCOM_RX_FULL => {
+                        full += 1;
+                        let _g = lock.lock().unwrap();
+                        // SAFETY: valid link, under the senders' lock.
+                        let n = unsafe { ivcom_link_poll(lb.0, 16, Some(take), ctx) };
+                        assert!(n >= 0, "b poll: {}", last_error());
+                    }
+                    IVCOM_RX_CHECK => {
+                        checks += 1;
+                        let _g = lock.lock().unwrap();
+                        // SAFETY: as above.
+                        assert_eq!(unsafe { ivcom_link_idle_check(lb.0) }, IVCOM_OK);
+                    }
+                    0 => std::thread::yield_now(),
+                    n => assert!((1..=16).contains(&n), "rx poll: {n}: {}", last_error()),
+                }
+            }
+            (t, full, checks)
+        });
+        // a: sends N to b, takes b's N.
+        let mut answers: Vec<(u8, Vec<u8>)> = Vec::new();
+        let mut k = 0;
+        while k < N || answers.len() < N {
+            assert!(Instant::now() < until, "a sent {k}, took {}", answers.len());
+            if k < N {
+                let msg = pattern(k, len_of(k));
+                let iov = ivcom_iov {
+                    base: msg.as_ptr(),
+                    len: msg.len(),
+                };
+                // SAFETY: a's link, used by this thread alone.
+                match unsafe { ivcom_link_try_send(la, (k % 251) as u8, &iov, 1) } {
+                    1 => k += 1,
+                    0 => {}
+                    rc => panic!("a send: {rc}: {}", last_error()),
+                }
+            }
+            // SAFETY: as above; the callback only touches `answers`.
+            let n = unsafe {
+                ivcom_link_poll(la, 16, Some(collect), &mut answers as *mut _ as *mut c_void)
+            };
+            assert!(n >= 0, "a poll: {}", last_error());
+        }
+        for (i, (tag, m)) in answers.iter().enumerate() {
+            assert_eq!(
+                (*tag, &m[..]),
+                ((i % 200) as u8, &pattern(i + 7, len_of(i))[..]),
+                "to a {i}"
+            );
+        }
+        let (t, full, checks) = recv.join().unwrap();
+        (t.0, full, checks)
+    });
+    assert_eq!(taken.len(), N);
+    for (k, got) in taken.iter().enumerate() {
+        let msg = pattern(k, len_of(k));
+        assert_eq!(
+            *got,
+            ((k % 251) as u8, msg.len(), checksum(&msg)),
+            "to b {k}"
+        );
+    }
+    assert!(full > 0, "the whole link took what the half left");
+    eprintln!("rx half: {N} messages, {full} polls went the full way, {checks} idle checks");
+    // SAFETY: valid links, not used afterwards.
+    unsafe {
+        ivcom_link_free(la);
+        ivcom_link_free(lb);
+    }
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
