@@ -355,6 +355,7 @@ static void endpoint_release(mca_btl_base_endpoint_t *ep)
         for (int i = 0; i < 1000 && ivcom_link_flush(ep->link) > 0; i++) {
             usleep(1000);
         }
+        __atomic_store_n(&ep->rx, NULL, __ATOMIC_RELEASE); /* (the link's) */
         ivcom_link_free(ep->link);
         ep->link = NULL;
         OPAL_THREAD_ADD_FETCH32(&C->neps_linked, -1);
