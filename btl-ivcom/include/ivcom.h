@@ -664,11 +664,13 @@ const ivcom_rx *ivcom_link_rx(ivcom_link *link);
 int ivcom_rx_poll(const ivcom_rx *rx, size_t max, ivcom_recv_fn cb, void *ctx);
 
 /**
- * What the link's own idle polls do now and then: checks that the peer
- * lives (its connection, its domain) and lets a sending ring that fell
- * silent give its pages back. For a poller of `ivcom_rx_poll` when it
- * returns `IVCOM_RX_CHECK`. Returns `IVCOM_OK` or a negative error (the
- * peer is gone: the link is broken).
+ * What the link's own idle polls do now and then: reports a ring the
+ * peer closed and that was read to its end (`IVCOM_E_CLOSED`, as
+ * `ivcom_link_poll` does), checks that the peer lives (its connection,
+ * its domain) and lets a sending ring that fell silent give its pages
+ * back. For a poller of `ivcom_rx_poll` when it returns `IVCOM_RX_CHECK`.
+ * Returns `IVCOM_OK` or a negative error (`IVCOM_E_CLOSED`, or the peer is
+ * gone: the link is broken).
  *
  * # Safety
  * `link` valid, no other call on it meanwhile.

@@ -524,3 +524,59 @@ fn a_ring_link_polled_on_its_receiving_side_while_another_thread_sends() {
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A peer that sends and then closes its end cleanly (it finalized),
+/// while this side polls only the link's receiving side: every message
+/// arrives, and the end is reported as the peer's close
+/// (`IVCOM_E_CLOSED`), by `ivcom_link_poll` or by the idle check the half
+/// asks for, never as a lost peer, however long after the close the
+/// check comes.
+#[test]
+fn a_peer_that_closes_is_seen_closed_through_the_receiving_side() {
+    let (dir, a, b, la, lb) = linked_pair("abi-rx-close");
+    // SAFETY: valid link, no other call on it now.
+    let rx = unsafe { ivcom_link_rx(lb) };
+    assert!(!rx.is_null());
+    const N: usize = 50;
+    for k in 0..N {
+        let msg = pattern(k, 100 + k);
+        let iov = ivcom_iov {
+            base: msg.as_ptr(),
+            len: msg.len(),
+        };
+        // SAFETY: a's link; the ring holds them all.
+        assert_eq!(unsafe { ivcom_link_try_send(la, 9, &iov, 1) }, 1);
+    }
+    // a finalizes: its end closes (ring and control connection).
+    // SAFETY: valid link, not used afterwards.
+    unsafe { ivcom_link_free(la) };
+    // Past the link's rate limit on looks at the peer.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut t = Taken::default();
+    let until = Instant::now() + Duration::from_secs(30);
+    let end = loop {
+        assert!(Instant::now() < until, "no end seen");
+        let ctx = &mut t as *mut Taken as *mut c_void;
+        // SAFETY: this thread is the link's one receiver.
+        let rc = match unsafe { ivcom_rx_poll(rx, 16, Some(take), ctx) } {
+            // SAFETY: valid link, no other call on it.
+            IVCOM_RX_FULL => unsafe { ivcom_link_poll(lb, 16, Some(take), ctx) },
+            // SAFETY: as above.
+            IVCOM_RX_CHECK => unsafe { ivcom_link_idle_check(lb) },
+            n => n,
+        };
+        if rc < 0 {
+            break (rc, last_error());
+        }
+    };
+    assert_eq!(end.0, IVCOM_E_CLOSED, "the end: {}", end.1);
+    assert_eq!(t.0.len(), N);
+    for (k, got) in t.0.iter().enumerate() {
+        let msg = pattern(k, 100 + k);
+        assert_eq!(*got, (9, msg.len(), checksum(&msg)), "message {k}");
+    }
+    // SAFETY: valid link, not used afterwards.
+    unsafe { ivcom_link_free(lb) };
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -894,6 +894,15 @@ impl Channel {
         self.rxs().rx.has_data()
     }
 
+    /// True when the peer closed its sending ring and everything it sent
+    /// before was taken: what [`Channel::peek_msg`] reports as
+    /// [`Error::Closed`] (the closed flag is read first, then the ring:
+    /// a record published before the close is seen).
+    pub fn rx_finished(&mut self) -> Result<bool> {
+        let r = &mut self.rxs().rx;
+        Ok(r.is_closed() && !r.has_data()?)
+    }
+
     /// Closes the sending direction: the peer drains what was sent, then
     /// sees [`Error::Closed`].
     pub fn close(&mut self) {

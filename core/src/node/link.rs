@@ -187,13 +187,24 @@ impl Link {
         Ok(())
     }
 
-    /// What a link's idle polls do every [`ALIVE_EVERY`]: checks the peer
-    /// (at most every [`CHECK_EVERY`]), and lets a sending ring that fell
-    /// silent give its pages back. For a poller that polls the receiving
-    /// side alone ([`Link::rx_half`]) when its [`RxHalf::quiet_poll`] says
-    /// so; it is a call on the whole link.
+    /// What a link's idle polls do every [`ALIVE_EVERY`]: reports a ring
+    /// the peer closed (and that was read to its end) as
+    /// [`Error::Closed`], checks the peer (at most every [`CHECK_EVERY`]),
+    /// and lets a sending ring that fell silent give its pages back. For a
+    /// poller that polls the receiving side alone ([`Link::rx_half`]) when
+    /// its [`RxHalf::quiet_poll`] says so; it is a call on the whole link.
     pub fn idle_check(&mut self) -> Result<()> {
         self.idle_polls = 0;
+        // A peer that closed its end cleanly (it finalized) is closed, not
+        // lost, whatever its connection says by now.
+        if let Imp::Ring(c) = &mut self.imp {
+            let r = c.rx_finished();
+            match r {
+                Ok(false) => {}
+                Ok(true) => return Err(self.ctx(Error::Closed)),
+                Err(e) => return Err(self.ctx(e)),
+            }
+        }
         self.check_alive()?;
         let r = match &mut self.imp {
             Imp::Ring(c) => c.idle_look(),
