@@ -4,8 +4,12 @@
  * --mca btl ivcom,self on the host backend, two ranks.
  *
  * Rank 0 streams 64 messages of 4 MiB to rank 1 (every byte checked), then
- * the two exchange 3,000 ping-pongs of 8 bytes (every value checked),
- * pausing 50 ms every 100, about 1.5 s in all. Then rank 0 streams 16
+ * the two exchange 5,000 ping-pongs of 8 bytes (every value checked),
+ * pausing 50 ms every 100, about 2.5 s in all (the ring gives its pages
+ * back at its first early wrap below 64 KiB a second or more after the
+ * stream last ran out of room, and its long laps end a second after that
+ * run-out too: about 1.3 s into the ping-pongs, which 1.5 s did not
+ * always cover on a loaded machine). Then rank 0 streams 16
  * messages of 4 MiB again, and the pair falls silent for 3 s: rank 1 polls
  * (MPI_Iprobe) without a message on the pair, rank 0 waits in MPI_Recv for
  * the one that ends the silence. Rank 0 reads the resident size of its
@@ -26,7 +30,7 @@
 #define BIG (4u << 20)
 #define STREAM 64
 #define STREAM2 16
-#define PINGS 3000
+#define PINGS 5000
 #define SILENCE 3.0
 
 static int rank;
