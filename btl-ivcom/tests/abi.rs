@@ -60,13 +60,22 @@ fn last_error() -> String {
 unsafe extern "C" fn collect(ctx: *mut c_void, tag: u8, data: *const u8, len: usize) {
     // SAFETY: ctx is the Vec passed to ivcom_link_poll; data/len valid now.
     let v = unsafe { &mut *(ctx as *mut Vec<(u8, Vec<u8>)>) };
-    let bytes = if len == 0 {
-        Vec::new()
+    // SAFETY: len readable bytes during the call.
+    v.push((tag, unsafe { bytes(data, len) }.to_vec()));
+}
+
+/// The `len` bytes at `data` that a receive callback got (`data` may be
+/// anything when `len` is 0).
+///
+/// # Safety
+/// `data` readable for `len` bytes for `'a` when `len` is not 0.
+unsafe fn bytes<'a>(data: *const u8, len: usize) -> &'a [u8] {
+    if len == 0 {
+        &[]
     } else {
-        // SAFETY: len readable bytes during the call.
-        unsafe { std::slice::from_raw_parts(data, len) }.to_vec()
-    };
-    v.push((tag, bytes));
+        // SAFETY: forwarded contract.
+        unsafe { std::slice::from_raw_parts(data, len) }
+    }
 }
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
@@ -265,13 +274,8 @@ impl Echo {
 unsafe extern "C" fn echo(ctx: *mut c_void, tag: u8, data: *const u8, len: usize) {
     // SAFETY: ctx is the Echo passed to ivcom_link_poll.
     let e = unsafe { &mut *(ctx as *mut Echo) };
-    let bytes = if len == 0 {
-        &[][..]
-    } else {
-        // SAFETY: len readable bytes during the call.
-        unsafe { std::slice::from_raw_parts(data, len) }
-    };
-    let sum = checksum(bytes);
+    // SAFETY: len readable bytes during the call.
+    let sum = checksum(unsafe { bytes(data, len) });
     e.got.push((tag, len, sum));
     let mut answer = [0u8; 16];
     answer[..8].copy_from_slice(&(len as u64).to_le_bytes());
@@ -373,13 +377,8 @@ struct Taken(Vec<(u8, usize, u64)>);
 unsafe extern "C" fn take(ctx: *mut c_void, tag: u8, data: *const u8, len: usize) {
     // SAFETY: ctx is the Taken passed to the poll; data/len valid now.
     let t = unsafe { &mut *(ctx as *mut Taken) };
-    let bytes = if len == 0 {
-        &[][..]
-    } else {
-        // SAFETY: len readable bytes during the call.
-        unsafe { std::slice::from_raw_parts(data, len) }
-    };
-    t.0.push((tag, len, checksum(bytes)));
+    // SAFETY: len readable bytes during the call.
+    t.0.push((tag, len, checksum(unsafe { bytes(data, len) })));
 }
 
 /// A raw handle moved to another thread (its use is under the C ABI's

@@ -1478,6 +1478,17 @@ mod tests {
         }
     }
 
+    /// Checks a message taken in place, `(tag, pointer, len)`, against
+    /// the `i`th numbered message of `len` bytes with tag `tag`.
+    ///
+    /// # Safety
+    /// The message is valid (not released yet).
+    unsafe fn expect_numbered(m: (u8, *const u8, usize), tag: u8, i: usize, len: usize) {
+        // SAFETY: forwarded contract.
+        let got = unsafe { std::slice::from_raw_parts(m.1, m.2) };
+        assert_eq!((m.0, got), (tag, &numbered(i, len)[..]), "message {i}");
+    }
+
     /// The receiving side polled alone on one thread ([`RxHalf`]) while
     /// another thread sends on the same channel, as the Open MPI component
     /// does under `MPI_THREAD_MULTIPLE`: the half takes the whole messages,
@@ -1526,26 +1537,16 @@ mod tests {
                     if k > 0 {
                         for r in batch.records() {
                             // SAFETY: valid until the release below.
-                            let got = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
-                            assert_eq!(
-                                (r.tag, got),
-                                (4, &numbered(next, len(next))[..]),
-                                "message {next}"
-                            );
+                            unsafe { expect_numbered((r.tag, r.ptr, r.len), 4, next, len(next)) };
                             next += 1;
                         }
                         // SAFETY: as above.
                         unsafe { half.release_msg(true) };
                     } else if !unsafe { half.looks_idle() } {
                         let mut g = b.lock().unwrap();
-                        if let Some((tag, p, l)) = g.peek_msg().unwrap() {
+                        if let Some(m) = g.peek_msg().unwrap() {
                             // SAFETY: valid until release_msg.
-                            let got = unsafe { std::slice::from_raw_parts(p, l) };
-                            assert_eq!(
-                                (tag, got),
-                                (4, &numbered(next, len(next))[..]),
-                                "message {next}"
-                            );
+                            unsafe { expect_numbered(m, 4, next, len(next)) };
                             next += 1;
                             g.release_msg().unwrap();
                         }
@@ -1566,14 +1567,9 @@ mod tests {
                         sent += 1;
                     }
                 }
-                while let Some((tag, p, l)) = a.peek_msg().unwrap() {
+                while let Some(m) = a.peek_msg().unwrap() {
                     // SAFETY: valid until release_msg.
-                    let m = unsafe { std::slice::from_raw_parts(p, l) };
-                    assert_eq!(
-                        (tag, m),
-                        (3, &numbered(got, len(got))[..]),
-                        "message {got} to a"
-                    );
+                    unsafe { expect_numbered(m, 3, got, len(got)) };
                     got += 1;
                     a.release_msg().unwrap();
                 }
