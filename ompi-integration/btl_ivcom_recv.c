@@ -238,11 +238,15 @@ static int poll_locked(mca_btl_base_endpoint_t *ep)
     return rc + sent;
 }
 
-/* The link's idle check (ivcom_rx_poll asked for it), under the lock. */
+/* The link's idle check (ivcom_rx_poll asked for it), under the lock; a
+ * sender that holds it makes this check wait for the next one (4,096
+ * quiet polls on): a poller never waits for a sender. */
 static void idle_check(mca_btl_base_endpoint_t *ep)
 {
     int rc = IVCOM_OK;
-    OPAL_THREAD_LOCK(&ep->lock);
+    if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
+        return;
+    }
     if (NULL != ep->link && !ep->failed && !ep->closed) {
         rc = ivcom_link_idle_check(ep->link);
     }
