@@ -1257,7 +1257,7 @@ pub unsafe extern "C" fn ivcom_rx_poll(
                 unsafe { f(ctx, m.tag, m.ptr, m.len) };
             }
         }
-        unsafe { h.release_msg(true) };
+        unsafe { h.release_msg() };
         n += k;
         if unsafe { h.looks_idle() } {
             break;

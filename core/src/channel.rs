@@ -255,20 +255,19 @@ impl RxHalf {
         unsafe { self.side() }.peek_msgs(out, max)
     }
 
-    /// [`Channel::release_msg`], the space handed back when
-    /// [`Channel::release_msg`] would hand it back, or when `last` (the
-    /// poller's batch is over): [`Channel::flush_rx`] at once.
+    /// Releases what [`RxHalf::peek_msgs`] took and hands the space back
+    /// at once ([`Channel::release_msg`] then [`Channel::flush_rx`]): a
+    /// poller's batch is over.
     ///
     /// # Safety
     /// As [`RxHalf::peek_msgs`].
     #[inline(always)]
-    pub unsafe fn release_msg(self, last: bool) {
+    pub unsafe fn release_msg(self) {
         // SAFETY: forwarded contract.
         let (s, taken) = unsafe { (self.side(), &(*self.cell).taken) };
-        if s.release(taken, self.data_size) || last {
-            // (never rings: given out only to a peer that polls)
-            let _ = s.flush();
-        }
+        s.release(taken, self.data_size);
+        // (never rings: given out only to a peer that polls)
+        let _ = s.flush();
     }
 
     /// True when nothing waits and nothing is held ([`Channel::looks_idle`]).
@@ -1541,7 +1540,7 @@ mod tests {
                             next += 1;
                         }
                         // SAFETY: as above.
-                        unsafe { half.release_msg(true) };
+                        unsafe { half.release_msg() };
                     } else if !unsafe { half.looks_idle() } {
                         let mut g = b.lock().unwrap();
                         if let Some(m) = g.peek_msg().unwrap() {

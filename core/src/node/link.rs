@@ -78,8 +78,9 @@ enum Blocking<'a> {
     Tcp(&'a mut TcpLink, Option<Duration>),
 }
 
-/// Empty polls between two looks at the clock for a liveness check.
-const ALIVE_EVERY: u32 = 4096;
+/// Empty polls between two looks at the clock for a liveness check (the
+/// same count for a link's own polls and for its receiving side's).
+const ALIVE_EVERY: u32 = crate::channel::QUIET_POLLS;
 /// Liveness checks of an idle link at most this often.
 const CHECK_EVERY: Duration = Duration::from_millis(100);
 
