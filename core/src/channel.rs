@@ -1506,12 +1506,15 @@ mod tests {
             "a peer that may sleep gets no half"
         );
         let b = std::sync::Mutex::new(b);
+        // (a bound, so that a receiver that stops taking fails, not hangs)
+        let until = Instant::now() + Duration::from_secs(60);
         let mut full_path = 0;
         std::thread::scope(|s| {
             // b's sender
             s.spawn(|| {
                 let mut i = 0;
                 while i < N {
+                    assert!(Instant::now() < until, "b's sender stuck at {i}");
                     let m = numbered(i, len(i));
                     if b.lock()
                         .unwrap()
@@ -1529,6 +1532,7 @@ mod tests {
                 let (mut next, mut full) = (0, 0);
                 let mut batch = Batch::new();
                 while next < N {
+                    assert!(Instant::now() < until, "b took {next}");
                     // SAFETY: this thread is b's one receiver; the other
                     // thread only sends, or holds the lock this one takes
                     // for the full path.
@@ -1560,6 +1564,7 @@ mod tests {
             // a: sends N to b and takes b's N
             let (mut sent, mut got) = (0, 0);
             while sent < N || got < N {
+                assert!(Instant::now() < until, "a sent {sent}, took {got}");
                 if sent < N {
                     let m = numbered(sent, len(sent));
                     if a.try_send2(4, &m, &[]).unwrap() {
