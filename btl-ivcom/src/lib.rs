@@ -1139,14 +1139,9 @@ pub unsafe extern "C" fn ivcom_link_poll(
             // SAFETY: valid handle; the borrow ends before the callbacks.
             let k = unsafe { &mut *link }.link.peek_msgs(&mut batch, max - n);
             if k > 0 {
-                if let Some(f) = cb {
-                    for m in batch.records() {
-                        // SAFETY: each pointer and length stays valid until
-                        // release_msg; no Rust borrow of the link is live
-                        // during the calls.
-                        unsafe { f(ctx, m.tag, m.ptr, m.len) };
-                    }
-                }
+                // SAFETY: taken and not released; no Rust borrow of the
+                // link is live during the calls.
+                unsafe { hand_up(cb, ctx, &batch) };
                 // SAFETY: valid handle; fresh borrow after the callbacks.
                 let l = &mut unsafe { &mut *link }.link;
                 if let Err(e) = l.release_msg() {
@@ -1186,6 +1181,22 @@ pub unsafe extern "C" fn ivcom_link_poll(
         }
         n as c_int
     })
+}
+
+/// Hands each message of `batch` to `cb`, in ring order.
+///
+/// # Safety
+/// The batch's messages are taken and not yet released (their pointers
+/// and lengths stay valid during the calls), and no Rust borrow of their
+/// link is live: `cb` may send on it.
+#[inline(always)]
+unsafe fn hand_up(cb: ivcom_recv_fn, ctx: *mut c_void, batch: &Batch) {
+    if let Some(f) = cb {
+        for m in batch.records() {
+            // SAFETY: forwarded contract.
+            unsafe { f(ctx, m.tag, m.ptr, m.len) };
+        }
+    }
 }
 
 /// The receiving side of `link` alone, for a poller that runs while other
@@ -1249,14 +1260,9 @@ pub unsafe extern "C" fn ivcom_rx_poll(
         if k == 0 {
             return if n > 0 { n as c_int } else { IVCOM_RX_FULL };
         }
-        if let Some(f) = cb {
-            for m in batch.records() {
-                // SAFETY: each pointer and length stays valid until
-                // release_msg; no Rust borrow of the side is live during
-                // the calls.
-                unsafe { f(ctx, m.tag, m.ptr, m.len) };
-            }
-        }
+        // SAFETY: taken and not released; no Rust borrow of the side is
+        // live during the calls.
+        unsafe { hand_up(cb, ctx, &batch) };
         unsafe { h.release_msg() };
         n += k;
         if unsafe { h.looks_idle() } {

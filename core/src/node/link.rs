@@ -198,13 +198,12 @@ impl Link {
         self.idle_polls = 0;
         // A peer that closed its end cleanly (it finalized) is closed, not
         // lost, whatever its connection says by now.
-        if let Imp::Ring(c) = &mut self.imp {
-            let r = c.rx_finished();
-            match r {
-                Ok(false) => {}
-                Ok(true) => return Err(self.ctx(Error::Closed)),
-                Err(e) => return Err(self.ctx(e)),
-            }
+        let finished = match &mut self.imp {
+            Imp::Ring(c) => c.rx_finished(),
+            Imp::Tcp(_) => Ok(false),
+        };
+        if finished.map_err(|e| self.ctx(e))? {
+            return Err(self.ctx(Error::Closed));
         }
         self.check_alive()?;
         let r = match &mut self.imp {
