@@ -44,7 +44,7 @@ struct mca_btl_ivcom_frag_t;
 /* One peer. Under MPI_THREAD_MULTIPLE, `lock` guards everything below it
  * but `failed`, `rx`, `rx_claim` and `npending`; when Open MPI runs
  * without threads the lock costs nothing (OPAL_THREAD_LOCK is a branch).
- * The receive side is claimed with `rx_claim` (one atomic exchange), so no
+ * The receive side is claimed with `rx_claim` (one compare-exchange), so no
  * two threads deliver one link's messages. On a ring, the claim is all a
  * poll takes: it polls the link's receiving side alone (`rx`,
  * ivcom_rx_poll), which shares nothing with the senders, who take the
