@@ -283,6 +283,10 @@ pub struct Target {
     pub paired: Option<f64>,
     /// The goal read on [`Target::paired`].
     pub paired_met: Option<bool>,
+    /// The paired figure of the repetitions whose two runs found the
+    /// host's CPUs in one placement, per placement (see
+    /// [`add_paired_by_placement`]): (placement, ratio, repetitions).
+    pub by_placement: Vec<(Placement, f64, usize)>,
     ok: fn(f64) -> bool,
     /// What the ratio compares.
     key: Option<Compared>,
@@ -333,21 +337,163 @@ pub fn add_paired(targets: &mut [Target], runs: &Runs) {
 /// The worst over `c`'s sizes of the paired ratio (the median over
 /// repetitions at each size).
 fn paired_worst(runs: &Runs, c: &Compared) -> Option<f64> {
+    paired_worst_of(runs, c, |_| true).0
+}
+
+/// [`paired_worst`] over the repetitions that `keep` accepts; also how
+/// many repetitions paired up.
+fn paired_worst_of(runs: &Runs, c: &Compared, keep: impl Fn(&str) -> bool) -> (Option<f64>, usize) {
     let runs_of = |cfg: &str| runs.get(&c.bench)?.get(cfg);
-    let (a, b) = (runs_of(&c.cfg)?, runs_of(&c.base)?);
+    let (Some(a), Some(b)) = (runs_of(&c.cfg), runs_of(&c.base)) else {
+        return (None, 0);
+    };
     let mut per_size: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    let mut reps = 0;
     for (rep, rows) in a {
         let Some(brows) = b.get(rep) else { continue };
+        if !keep(rep) {
+            continue;
+        }
+        reps += 1;
         for (size, v) in rows.range(c.sizes.clone()) {
             if let Some(w) = brows.get(size).filter(|w| **w > 0.0) {
                 per_size.entry(*size).or_default().push(v / w);
             }
         }
     }
-    per_size
+    let worst = per_size
         .into_values()
         .map(|mut v| median(&mut v))
-        .reduce(|x, y| if c.worse(y, x) { y } else { x })
+        .reduce(|x, y| if c.worse(y, x) { y } else { x });
+    (worst, reps)
+}
+
+/// The cache line round trip between the 2 CPUs measured just before each
+/// run (`<bench>__<config>__<rep>.probe`, written by `line_probe`), in ns:
+/// bench -> config -> repetition -> ns.
+pub type Probes = BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>;
+
+/// Reads the `.probe` files of `dir` (those that hold no figure are left
+/// out).
+pub fn load_probes(dir: &Path) -> Probes {
+    let mut p = Probes::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return p;
+    };
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(".probe") else {
+            continue;
+        };
+        let parts: Vec<&str> = stem.split("__").collect();
+        let text = std::fs::read_to_string(ent.path()).unwrap_or_default();
+        let ns = text
+            .split_whitespace()
+            .skip_while(|w| *w != "line_rtt_ns")
+            .nth(1)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v > 0.0);
+        if let (3, Some(ns)) = (parts.len(), ns) {
+            p.entry(parts[0].into())
+                .or_default()
+                .entry(parts[1].into())
+                .or_default()
+                .insert(parts[2].into(), ns);
+        }
+    }
+    p
+}
+
+/// Where the host had put the 2 CPUs for a run: sharing a cache (a short
+/// round trip of a cache line between them) or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    Near,
+    Far,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Near => "near",
+            Placement::Far => "far",
+        }
+    }
+}
+
+/// The probes' two placements, when they show two: the round trip that
+/// separates them (the geometric mean of the shortest and the longest),
+/// with the range of each side, or `None` when the longest probe is
+/// within 2x of the shortest (one placement throughout).
+pub fn placement_split(p: &Probes) -> Option<PlacementSplit> {
+    let all: Vec<f64> = p
+        .values()
+        .flat_map(|c| c.values())
+        .flat_map(|r| r.values().copied())
+        .collect();
+    let lo = all.iter().copied().reduce(f64::min)?;
+    let hi = all.iter().copied().reduce(f64::max)?;
+    if hi < 2.0 * lo {
+        return None;
+    }
+    let at = (lo * hi).sqrt();
+    let side = |far: bool| {
+        let v: Vec<f64> = all.iter().copied().filter(|&x| (x > at) == far).collect();
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(0.0, f64::max),
+            v.len(),
+        )
+    };
+    Some(PlacementSplit {
+        at,
+        near: side(false),
+        far: side(true),
+    })
+}
+
+/// See [`placement_split`]: the split and each side's (shortest, longest,
+/// runs).
+pub struct PlacementSplit {
+    pub at: f64,
+    pub near: (f64, f64, usize),
+    pub far: (f64, f64, usize),
+}
+
+/// Fills in [`Target::by_placement`]: for each placement, the paired
+/// figure over the repetitions in which both runs probed in it (a pair
+/// whose runs straddle a change of placement counts in neither). Nothing
+/// when the probes show one placement.
+pub fn add_paired_by_placement(targets: &mut [Target], runs: &Runs, probes: &Probes) {
+    let Some(split) = placement_split(probes) else {
+        return;
+    };
+    let of = |bench: &str, cfg: &str, rep: &str| {
+        let ns = *probes.get(bench)?.get(cfg)?.get(rep)?;
+        Some(if ns > split.at {
+            Placement::Far
+        } else {
+            Placement::Near
+        })
+    };
+    for t in targets.iter_mut() {
+        let Some(c) = &t.key else {
+            continue;
+        };
+        for want in [Placement::Near, Placement::Far] {
+            let keep = |rep: &str| {
+                of(&c.bench, &c.cfg, rep) == Some(want) && of(&c.bench, &c.base, rep) == Some(want)
+            };
+            if let (Some(r), n) = paired_worst_of(runs, c, keep) {
+                t.by_placement.push((want, r, n));
+            }
+        }
+    }
+}
+
+/// Whether `t`'s goal holds for `ratio`.
+pub fn goal_holds(t: &Target, ratio: f64) -> bool {
+    (t.ok)(ratio)
 }
 
 /// A spread of runs above which a goal's median is reported as unresolved:
@@ -384,6 +530,7 @@ pub fn targets(m: &Medians, doorbells_per_msg: Option<f64>) -> Vec<Target> {
             spread,
             paired: None,
             paired_met: None,
+            by_placement: Vec::new(),
             ok,
             key,
         })
@@ -790,6 +937,88 @@ mod tests {
         assert!(tg[5..9].iter().all(|t| t.met.is_none()));
         // spread: the larger of the two configurations' (0.3 / 0.2)
         assert!((tg[0].spread.unwrap() - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn paired_figures_per_placement_of_the_cpus() {
+        // osu_bw at 8 B: repetitions 1 and 2 ran with the CPUs near (a
+        // line round trip of 50-60 ns), 3 and 4 far (390-410 ns), and 5
+        // straddled a move (ivcom near, vader far).
+        let mut r = Runs::new();
+        let mut p = Probes::new();
+        for (cfg, rep, v8, ns) in [
+            ("ivcom", "1", 180.0, 50.0),
+            ("vader", "1", 200.0, 55.0),
+            ("ivcom", "2", 170.0, 60.0),
+            ("vader", "2", 170.0, 52.0),
+            ("ivcom", "3", 57.0, 400.0),
+            ("vader", "3", 76.0, 410.0),
+            ("ivcom", "4", 60.0, 390.0),
+            ("vader", "4", 78.0, 395.0),
+            ("ivcom", "5", 180.0, 50.0),
+            ("vader", "5", 70.0, 400.0),
+        ] {
+            r.entry("osu_bw".into())
+                .or_default()
+                .entry(cfg.into())
+                .or_default()
+                .insert(rep.into(), [(8, v8)].into_iter().collect());
+            p.entry("osu_bw".into())
+                .or_default()
+                .entry(cfg.into())
+                .or_default()
+                .insert(rep.into(), ns);
+        }
+        let sp = placement_split(&p).unwrap();
+        assert_eq!((sp.near.2, sp.far.2), (5, 5));
+        assert_eq!(
+            (sp.near.0, sp.near.1, sp.far.0, sp.far.1),
+            (50.0, 60.0, 390.0, 410.0)
+        );
+        let mut tg = targets(&medians(&samples(&r)), None);
+        add_paired_by_placement(&mut tg, &r, &p);
+        let bw = tg
+            .iter()
+            .find(|t| t.what.starts_with("osu_bw all sizes ivcom/vader"))
+            .unwrap();
+        assert_eq!(bw.by_placement.len(), 2);
+        let (near, far) = (bw.by_placement[0], bw.by_placement[1]);
+        assert_eq!(
+            (near.0, near.2, far.0, far.2),
+            (Placement::Near, 2, Placement::Far, 2)
+        );
+        // near: 0.9 and 1.0 -> 0.95; far: 0.75 and 0.769 -> 0.760
+        assert!((near.1 - 0.95).abs() < 1e-9, "{near:?}");
+        assert!(
+            (far.1 - (57.0 / 76.0 + 60.0 / 78.0) / 2.0).abs() < 1e-9,
+            "{far:?}"
+        );
+        assert!(goal_holds(bw, near.1) && !goal_holds(bw, far.1));
+        // one placement throughout: no split, nothing per placement
+        let mut one = p.clone();
+        for c in one.get_mut("osu_bw").unwrap().values_mut() {
+            for v in c.values_mut() {
+                *v = 100.0;
+            }
+        }
+        assert!(placement_split(&one).is_none());
+        let mut tg = targets(&medians(&samples(&r)), None);
+        add_paired_by_placement(&mut tg, &r, &one);
+        assert!(tg.iter().all(|t| t.by_placement.is_empty()));
+    }
+
+    #[test]
+    fn probes_are_read_from_their_files() {
+        let d = std::env::temp_dir().join(format!("ivcom-probes-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("osu_bw__ivcom__1.probe"), "line_rtt_ns 93.5\n").unwrap();
+        std::fs::write(d.join("osu_bw__vader__1.probe"), "").unwrap();
+        std::fs::write(d.join("osu_bw__tcp__1.probe"), "line_rtt_ns nan\n").unwrap();
+        std::fs::write(d.join("odd.probe"), "line_rtt_ns 5\n").unwrap();
+        let p = load_probes(&d);
+        assert_eq!(p["osu_bw"]["ivcom"]["1"], 93.5);
+        assert_eq!(p["osu_bw"].len(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

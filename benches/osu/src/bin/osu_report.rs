@@ -1,7 +1,8 @@
 //! `osu-report DIR`: medians, ratios and targets of a comparison run.
 //! Reads `DIR/raw/<bench>__<config>__<rep>.txt` (OSU tables) and, for the
 //! doorbell count, `DIR/raw/osu_bw__ivcom__<rep>.err` (the component's
-//! stats lines); writes `DIR/results.csv` and `DIR/plot.svg`, prints the
+//! stats lines) and `DIR/raw/*.probe` (line_probe's figure before each
+//! run: the paired figures per placement of the host's CPUs); writes `DIR/results.csv` and `DIR/plot.svg`, prints the
 //! table and the targets.
 use ivcom_osu::report::*;
 use std::path::PathBuf;
@@ -51,6 +52,21 @@ fn main() {
     println!(" repetition, which ran one after the other; see add_paired in report.rs)");
     let mut tg = targets(&m, per_msg);
     add_paired(&mut tg, &runs);
+    let probes = load_probes(&raw);
+    let split = placement_split(&probes);
+    if let Some(sp) = &split {
+        println!("(the host moved the 2 CPUs between runs: a cache line went from one to the");
+        println!(
+            " other and back in {:.0}-{:.0} ns before {} runs (near: they share a cache) and in",
+            sp.near.0, sp.near.1, sp.near.2
+        );
+        println!(
+            " {:.0}-{:.0} ns before {} (far); \"near\"/\"far\": the paired figure of the repetitions",
+            sp.far.0, sp.far.1, sp.far.2
+        );
+        println!(" whose two runs both found that placement, with how many there were)");
+    }
+    add_paired_by_placement(&mut tg, &runs, &probes);
     for t in tg {
         let v = t.value.map_or("n/a".to_string(), |v| format!("{v:.4}"));
         let s = match t.met {
@@ -74,6 +90,17 @@ fn main() {
             "{:<48} {:>10}   goal {:<8} {s}{unresolved}{paired}",
             t.what, v, t.goal
         );
+        if !t.by_placement.is_empty() {
+            let parts: Vec<String> = t
+                .by_placement
+                .iter()
+                .map(|(pl, r, n)| {
+                    let ok = if goal_holds(&t, *r) { "met" } else { "MISSED" };
+                    format!("{} {r:.4} {ok} ({n})", pl.name())
+                })
+                .collect();
+            println!("{:<48} {:>10}   {}", "", "", parts.join("; "));
+        }
     }
     if msgs > 0 {
         println!("(doorbells: {bells} over {msgs} messages in the ivcom bw runs)");
