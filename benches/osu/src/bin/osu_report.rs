@@ -57,14 +57,15 @@ fn main() {
     if let Some(sp) = &split {
         println!("(the host moved the 2 CPUs between runs: a cache line went from one to the");
         println!(
-            " other and back in {:.0}-{:.0} ns before {} runs (near: they share a cache) and in",
+            " other and back in {:.0}-{:.0} ns in {} probes (near: they share a cache) and in",
             sp.near.0, sp.near.1, sp.near.2
         );
         println!(
-            " {:.0}-{:.0} ns before {} (far); \"near\"/\"far\": the paired figure of the repetitions",
+            " {:.0}-{:.0} ns in {} (far), probed before and after each run; \"near\"/\"far\": the",
             sp.far.0, sp.far.1, sp.far.2
         );
-        println!(" whose two runs both found that placement, with how many there were)");
+        println!(" paired figure of the repetitions whose two runs found that placement before");
+        println!(" and after, with how many there were)");
     }
     add_paired_by_placement(&mut tg, &runs, &probes);
     for t in tg {
