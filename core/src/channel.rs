@@ -183,6 +183,15 @@ impl RxSide {
         n
     }
 
+    /// Releases the record (or batch) the consumer holds and stores the
+    /// bytes taken so far where the sender reads them (`taken`): every
+    /// release on the receiving side goes through here.
+    #[inline(always)]
+    fn release_record(&mut self, taken: &AtomicU64) {
+        self.rx.release();
+        taken.store(self.rx.taken(), Ordering::Relaxed);
+    }
+
     /// Releases what is handed out; `true` when enough is released that
     /// its space should go back to the sender now (see
     /// [`Channel::release_msg`]).
@@ -190,8 +199,7 @@ impl RxSide {
     fn release(&mut self, taken: &AtomicU64, data_size: u64) -> bool {
         if self.in_place {
             self.in_place = false;
-            self.rx.release();
-            taken.store(self.rx.taken(), Ordering::Relaxed);
+            self.release_record(taken);
         }
         self.rx.unpublished() >= (data_size / 8).min(RELEASE_STEP)
     }
@@ -701,8 +709,7 @@ impl Channel {
                 Err(e) => return Err(e),
             };
             if rec.kind == kind::CTRL {
-                s.rx.release();
-                taken.store(s.rx.taken(), Ordering::Relaxed);
+                s.release_record(taken);
                 continue;
             }
             if rec.tag as u16 >= s.tag_limit {
@@ -720,8 +727,7 @@ impl Channel {
                 Err(Error::Broken(v)) => return Err(s.rx.poison(v)),
                 Err(e) => return Err(e),
             };
-            s.rx.release();
-            taken.store(s.rx.taken(), Ordering::Relaxed);
+            s.release_record(taken);
             if let Some((tag, p, len)) = got {
                 s.rx_msgs += 1;
                 s.rx_bytes += len as u64;
