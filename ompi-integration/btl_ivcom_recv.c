@@ -145,6 +145,25 @@ int mca_btl_ivcom_complete(opal_list_t *done)
     return n;
 }
 
+/* The link's idle check (ivcom_rx_poll asked for it), under the lock; a
+ * sender that holds it makes this check wait for the next one (4,096
+ * quiet polls on): a poller never waits for a sender. Without threads
+ * the lock is a branch. */
+static void idle_check(mca_btl_base_endpoint_t *ep)
+{
+    int rc = IVCOM_OK;
+    if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
+        return;
+    }
+    if (NULL != ep->link && !ep->failed && !ep->closed) {
+        rc = ivcom_link_idle_check(ep->link);
+    }
+    OPAL_THREAD_UNLOCK(&ep->lock);
+    if (rc < 0) {
+        mca_btl_ivcom_endpoint_failed(ep, rc);
+    }
+}
+
 /* One endpoint without threads: the link delivers up to 16 messages by
  * itself (one call across the C ABI; on a ring, its receiving side alone
  * when it can). Returns the messages delivered and
@@ -173,10 +192,7 @@ static int poll_single(mca_btl_base_endpoint_t *ep)
             return rc + sent;
         }
         if (IVCOM_RX_CHECK == rc) {
-            rc = ivcom_link_idle_check(ep->link);
-            if (rc < 0) {
-                mca_btl_ivcom_endpoint_failed(ep, rc);
-            }
+            idle_check(ep);
             return sent;
         }
     }
@@ -236,24 +252,6 @@ static int poll_locked(mca_btl_base_endpoint_t *ep)
         return sent;
     }
     return rc + sent;
-}
-
-/* The link's idle check (ivcom_rx_poll asked for it), under the lock; a
- * sender that holds it makes this check wait for the next one (4,096
- * quiet polls on): a poller never waits for a sender. */
-static void idle_check(mca_btl_base_endpoint_t *ep)
-{
-    int rc = IVCOM_OK;
-    if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
-        return;
-    }
-    if (NULL != ep->link && !ep->failed && !ep->closed) {
-        rc = ivcom_link_idle_check(ep->link);
-    }
-    OPAL_THREAD_UNLOCK(&ep->lock);
-    if (rc < 0) {
-        mca_btl_ivcom_endpoint_failed(ep, rc);
-    }
 }
 
 /* One endpoint with threads: claimed for receiving (an endpoint another
