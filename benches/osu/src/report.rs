@@ -368,13 +368,13 @@ fn paired_worst_of(runs: &Runs, c: &Compared, keep: impl Fn(&str) -> bool) -> (O
     (worst, reps)
 }
 
-/// The cache line round trip between the 2 CPUs measured just before each
-/// run (`<bench>__<config>__<rep>.probe`, written by `line_probe`), in ns:
-/// bench -> config -> repetition -> ns.
-pub type Probes = BTreeMap<String, BTreeMap<String, BTreeMap<String, f64>>>;
+/// The cache line round trips between the 2 CPUs measured just before
+/// and just after each run (`<bench>__<config>__<rep>.probe`, written by
+/// `line_probe`), in ns: bench -> config -> repetition -> figures.
+pub type Probes = BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<f64>>>>;
 
-/// Reads the `.probe` files of `dir` (those that hold no figure are left
-/// out).
+/// Reads the `.probe` files of `dir` (every `line_rtt_ns` figure in each;
+/// files that hold none are left out).
 pub fn load_probes(dir: &Path) -> Probes {
     let mut p = Probes::new();
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -387,13 +387,13 @@ pub fn load_probes(dir: &Path) -> Probes {
         };
         let parts: Vec<&str> = stem.split("__").collect();
         let text = std::fs::read_to_string(ent.path()).unwrap_or_default();
-        let ns = text
-            .split_whitespace()
-            .skip_while(|w| *w != "line_rtt_ns")
-            .nth(1)
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| v.is_finite() && *v > 0.0);
-        if let (3, Some(ns)) = (parts.len(), ns) {
+        let ns: Vec<f64> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("line_rtt_ns "))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .collect();
+        if parts.len() == 3 && !ns.is_empty() {
             p.entry(parts[0].into())
                 .or_default()
                 .entry(parts[1].into())
@@ -429,7 +429,7 @@ pub fn placement_split(p: &Probes) -> Option<PlacementSplit> {
     let all: Vec<f64> = p
         .values()
         .flat_map(|c| c.values())
-        .flat_map(|r| r.values().copied())
+        .flat_map(|r| r.values().flatten().copied())
         .collect();
     let lo = all.iter().copied().reduce(f64::min)?;
     let hi = all.iter().copied().reduce(f64::max)?;
@@ -453,7 +453,7 @@ pub fn placement_split(p: &Probes) -> Option<PlacementSplit> {
 }
 
 /// See [`placement_split`]: the split and each side's (shortest, longest,
-/// runs).
+/// probes).
 pub struct PlacementSplit {
     pub at: f64,
     pub near: (f64, f64, usize),
@@ -461,20 +461,25 @@ pub struct PlacementSplit {
 }
 
 /// Fills in [`Target::by_placement`]: for each placement, the paired
-/// figure over the repetitions in which both runs probed in it (a pair
-/// whose runs straddle a change of placement counts in neither). Nothing
-/// when the probes show one placement.
+/// figure over the repetitions in which both runs found it in every probe,
+/// before and after (a run whose probes disagree, or a pair whose runs
+/// straddle a change, counts in neither). Nothing when the probes show one
+/// placement.
 pub fn add_paired_by_placement(targets: &mut [Target], runs: &Runs, probes: &Probes) {
     let Some(split) = placement_split(probes) else {
         return;
     };
-    let of = |bench: &str, cfg: &str, rep: &str| {
-        let ns = *probes.get(bench)?.get(cfg)?.get(rep)?;
-        Some(if ns > split.at {
+    let side = |ns: f64| {
+        if ns > split.at {
             Placement::Far
         } else {
             Placement::Near
-        })
+        }
+    };
+    let of = |bench: &str, cfg: &str, rep: &str| {
+        let ns = probes.get(bench)?.get(cfg)?.get(rep)?;
+        let first = side(*ns.first()?);
+        ns.iter().all(|&v| side(v) == first).then_some(first)
     };
     for t in targets.iter_mut() {
         let Some(c) = &t.key else {
@@ -967,13 +972,30 @@ mod tests {
                 .or_default()
                 .entry(cfg.into())
                 .or_default()
-                .insert(rep.into(), ns);
+                .insert(rep.into(), vec![ns, ns + 1.0]);
+        }
+        // a sixth repetition whose ivcom run moved during the run (near
+        // before, far after): it counts in neither placement
+        for (cfg, v8, ns) in [
+            ("ivcom", 10.0, vec![50.0, 400.0]),
+            ("vader", 100.0, vec![50.0]),
+        ] {
+            r.get_mut("osu_bw")
+                .unwrap()
+                .get_mut(cfg)
+                .unwrap()
+                .insert("6".into(), [(8, v8)].into_iter().collect());
+            p.get_mut("osu_bw")
+                .unwrap()
+                .get_mut(cfg)
+                .unwrap()
+                .insert("6".into(), ns);
         }
         let sp = placement_split(&p).unwrap();
-        assert_eq!((sp.near.2, sp.far.2), (5, 5));
+        assert_eq!((sp.near.2, sp.far.2), (12, 11));
         assert_eq!(
             (sp.near.0, sp.near.1, sp.far.0, sp.far.1),
-            (50.0, 60.0, 390.0, 410.0)
+            (50.0, 61.0, 390.0, 411.0)
         );
         let mut tg = targets(&medians(&samples(&r)), None);
         add_paired_by_placement(&mut tg, &r, &p);
@@ -998,7 +1020,7 @@ mod tests {
         let mut one = p.clone();
         for c in one.get_mut("osu_bw").unwrap().values_mut() {
             for v in c.values_mut() {
-                *v = 100.0;
+                *v = vec![100.0, 110.0];
             }
         }
         assert!(placement_split(&one).is_none());
@@ -1011,12 +1033,16 @@ mod tests {
     fn probes_are_read_from_their_files() {
         let d = std::env::temp_dir().join(format!("ivcom-probes-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("osu_bw__ivcom__1.probe"), "line_rtt_ns 93.5\n").unwrap();
+        std::fs::write(
+            d.join("osu_bw__ivcom__1.probe"),
+            "line_rtt_ns 93.5\nline_rtt_ns 401.0\n",
+        )
+        .unwrap();
         std::fs::write(d.join("osu_bw__vader__1.probe"), "").unwrap();
         std::fs::write(d.join("osu_bw__tcp__1.probe"), "line_rtt_ns nan\n").unwrap();
         std::fs::write(d.join("odd.probe"), "line_rtt_ns 5\n").unwrap();
         let p = load_probes(&d);
-        assert_eq!(p["osu_bw"]["ivcom"]["1"], 93.5);
+        assert_eq!(p["osu_bw"]["ivcom"]["1"], vec![93.5, 401.0]);
         assert_eq!(p["osu_bw"].len(), 1);
         std::fs::remove_dir_all(&d).unwrap();
     }
