@@ -1,9 +1,10 @@
 //! `osu-report DIR`: medians, ratios and targets of a comparison run.
 //! Reads `DIR/raw/<bench>__<config>__<rep>.txt` (OSU tables) and, for the
 //! doorbell count, `DIR/raw/osu_bw__ivcom__<rep>.err` (the component's
-//! stats lines) and `DIR/raw/*.probe` (line_probe's figure before each
-//! run: the paired figures per placement of the host's CPUs); writes `DIR/results.csv` and `DIR/plot.svg`, prints the
-//! table and the targets.
+//! stats lines) and `DIR/raw/*.probe` (line_probe's figures before and
+//! after each run: the paired figures per placement of the host's CPUs);
+//! writes `DIR/results.csv` and `DIR/plot.svg`, prints the table and the
+//! targets.
 use ivcom_osu::report::*;
 use std::path::PathBuf;
 
