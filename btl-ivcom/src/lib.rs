@@ -894,6 +894,49 @@ pub unsafe extern "C" fn ivcom_link_try_send2(
 ) -> c_int {
     // SAFETY: readable per contract (an empty piece is never read).
     let (head, body) = unsafe { (c_slice(head, head_len), c_slice(body, body_len)) };
+    // The commonest case first, with nothing that can fail or panic and
+    // no call: a small message (an upper layer's header and a short
+    // payload) onto a ring with room.
+    if head_len <= Link::SMALL_PIECE && body_len <= Link::SMALL_PIECE {
+        // SAFETY: valid handle, no other reference live (contract).
+        if unsafe { &mut *link }
+            .link
+            .try_send2_fast::<true>(tag, head, body)
+        {
+            return 1;
+        }
+        // SAFETY: forwarded contract.
+        return unsafe { try_send2_full(link, tag, head, body) };
+    }
+    // SAFETY: forwarded contract.
+    unsafe { try_send2_large(link, tag, head, body) }
+}
+
+/// `ivcom_link_try_send2` of a larger message: the same fast path, its
+/// copies calls, then the rest. Out of line, so that the small messages'
+/// path saves no registers for it.
+///
+/// # Safety
+/// As `ivcom_link_try_send2`.
+#[inline(never)]
+unsafe fn try_send2_large(link: *mut ivcom_link, tag: u8, head: &[u8], body: &[u8]) -> c_int {
+    // SAFETY: valid handle, no other reference live (contract).
+    if unsafe { &mut *link }
+        .link
+        .try_send2_fast::<false>(tag, head, body)
+    {
+        return 1;
+    }
+    // SAFETY: forwarded contract.
+    unsafe { try_send2_full(link, tag, head, body) }
+}
+
+/// `ivcom_link_try_send2` past its fast paths.
+///
+/// # Safety
+/// As `ivcom_link_try_send2`.
+#[inline(never)]
+unsafe fn try_send2_full(link: *mut ivcom_link, tag: u8, head: &[u8], body: &[u8]) -> c_int {
     guard(|| {
         // SAFETY: valid handle, no other reference live (contract).
         match unsafe { &mut *link }.link.try_send2(tag, head, body) {

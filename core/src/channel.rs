@@ -611,6 +611,24 @@ impl Channel {
         Ok(true)
     }
 
+    /// [`Channel::try_send2`]'s commonest case alone
+    /// ([`Producer::push2_fast`], whose `SMALL` this passes on): `true`
+    /// when the message was sent, `false` when nothing was done and
+    /// [`Channel::try_send2`] must be called.
+    #[inline(always)]
+    pub fn try_send2_fast<const SMALL: bool>(&mut self, tag: u8, head: &[u8], body: &[u8]) -> bool {
+        let heard = self.heard();
+        if !self
+            .tx
+            .push2_fast::<SMALL>(kind::MSG, tag, head, body, heard)
+        {
+            return false;
+        }
+        self.stats.tx_msgs += 1;
+        self.stats.tx_bytes += (head.len() + body.len()) as u64;
+        true
+    }
+
     /// Sends a message that fits in one record, gathered from `parts`,
     /// without blocking. `Ok(false)` when the ring is full.
     pub fn try_send_parts(&mut self, tag: u8, parts: &[&[u8]]) -> Result<bool> {
