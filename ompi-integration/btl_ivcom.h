@@ -47,7 +47,7 @@ struct mca_btl_ivcom_frag_t;
  * The receive side is claimed with `rx_claim` (one compare-exchange), so no
  * two threads deliver one link's messages. On a ring, the claim is all a
  * poll takes: it polls the link's receiving side alone (`rx`,
- * ivcom_rx_poll), which shares nothing with the senders, who take the
+ * ivcom_rx_take), which shares nothing with the senders, who take the
  * lock; anything else (TCP, a fragment, a control record, sends waiting
  * in `pending`, the idle check) also takes the lock, dropped around each
  * upcall (which may send on this endpoint). Either way a sender never

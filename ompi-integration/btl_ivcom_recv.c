@@ -1,8 +1,8 @@
 /*
  * btl/ivcom: receive. Progress accepts the links peers opened to us, sends
  * what waits for ring space, and polls every link; each message is handed
- * to the upper layer by deliver (a link's messages, inlined into the poll
- * callbacks) or mca_btl_ivcom_deliver_private (this process's own, on the
+ * to the upper layer by deliver (a link's messages, inlined into
+ * rx_deliver and the poll callbacks) or mca_btl_ivcom_deliver_private (this process's own, on the
  * self endpoint), the two places that call up.
  */
 #include "opal_config.h"
@@ -145,7 +145,7 @@ int mca_btl_ivcom_complete(opal_list_t *done)
     return n;
 }
 
-/* The link's idle check (ivcom_rx_poll asked for it), under the lock; a
+/* The link's idle check (ivcom_rx_take asked for it), under the lock; a
  * sender that holds it makes this check wait for the next one (4,096
  * quiet polls on): a poller never waits for a sender. Without threads
  * the lock is a branch. */
@@ -164,10 +164,35 @@ static void idle_check(mca_btl_base_endpoint_t *ep)
     }
 }
 
-/* One endpoint without threads: the link delivers up to 16 messages by
- * itself (one call across the C ABI; on a ring, its receiving side alone
- * when it can). Returns the messages delivered and
- * the waiting sends that went: both are progress (with
+/* A ring link's receiving side alone (rx): takes the whole messages that
+ * wait, up to 16, and hands each up here (deliver, inlined: no callback
+ * across the C ABI and no call frame per message), the link's space
+ * released after each batch. Returns how many, or what the first
+ * ivcom_rx_take said when it took nothing (0, IVCOM_RX_FULL,
+ * IVCOM_RX_CHECK). */
+static int rx_deliver(mca_btl_base_endpoint_t *ep, const ivcom_rx *rx)
+{
+    ivcom_msg m[IVCOM_RX_BATCH];
+    int n = 0;
+    for (;;) {
+        int rc = ivcom_rx_take(rx, m, IVCOM_RX_BATCH - n);
+        if (rc <= 0) {
+            return n > 0 ? n : rc;
+        }
+        for (int i = 0; i < rc; i++) {
+            deliver(ep, m[i].tag, m[i].data, m[i].len);
+        }
+        n += rc;
+        if (!ivcom_rx_done(rx) || n >= IVCOM_RX_BATCH) {
+            return n;
+        }
+    }
+}
+
+/* One endpoint without threads: up to 16 messages (on a ring, from its
+ * receiving side alone when it can: rx_deliver; else the link delivers
+ * them itself, one call across the C ABI). Returns the messages delivered
+ * and the waiting sends that went: both are progress (with
  * mpi_yield_when_idle, a call that reports none gives the core away). */
 static int poll_single(mca_btl_base_endpoint_t *ep)
 {
@@ -185,9 +210,9 @@ static int poll_single(mca_btl_base_endpoint_t *ep)
         }
     }
     /* A ring link's receiving side first: the common case in the fewest
-     * steps (ivcom_rx_poll); the whole link for anything else. */
+     * steps (rx_deliver); the whole link for anything else. */
     if (NULL != ep->rx) {
-        rc = ivcom_rx_poll(ep->rx, 16, recv_cb, ep);
+        rc = rx_deliver(ep, ep->rx);
         if (rc >= 0) {
             return rc + sent;
         }
@@ -257,8 +282,9 @@ static int poll_locked(mca_btl_base_endpoint_t *ep)
 /* One endpoint with threads: claimed for receiving (an endpoint another
  * thread holds is passed by: that thread delivers its messages). A ring
  * link with no sends waiting is polled on its receiving side alone, with
- * no lock, each upcall made straight from the poll; what that cannot do
- * (ivcom_rx_poll says which) and any other link go through poll_locked.
+ * no lock, each upcall made straight from the poll (rx_deliver); what
+ * that cannot do (ivcom_rx_take says which) and any other link go through
+ * poll_locked.
  * Returns what poll_single returns. */
 static int poll_threaded(mca_btl_base_endpoint_t *ep)
 {
@@ -271,7 +297,7 @@ static int poll_threaded(mca_btl_base_endpoint_t *ep)
     }
     if (NULL != rx && 0 == __atomic_load_n(&ep->npending, __ATOMIC_RELAXED)
         && !ep->failed && !__atomic_load_n(&ep->closed, __ATOMIC_RELAXED)) {
-        rc = ivcom_rx_poll(rx, 16, recv_cb, ep);
+        rc = rx_deliver(ep, rx);
         if (IVCOM_RX_CHECK == rc) {
             idle_check(ep);
             rc = 0;

@@ -116,6 +116,11 @@
 #define IVCOM_CARD_MAX 96
 
 /**
+ * The most messages one `ivcom_rx_take` takes.
+ */
+#define IVCOM_RX_BATCH 16
+
+/**
  * Opaque link handle.
  */
 typedef struct ivcom_link ivcom_link;
@@ -271,6 +276,18 @@ typedef struct {
  * you parse (headers) before you trust it, and read each byte once.
  */
 typedef void (*ivcom_recv_fn)(void *ctx, uint8_t tag, const uint8_t *data, size_t len);
+
+/**
+ * One message that `ivcom_rx_take` took: `len` bytes at `data` for the
+ * upper layer's `tag`. The bytes lie in memory the peer can still write:
+ * copy what you parse (headers) before you trust it, and read each byte
+ * once.
+ */
+typedef struct {
+  const uint8_t *data;
+  size_t len;
+  uint8_t tag;
+} ivcom_msg;
 
 /**
  * Counters of a link.
@@ -662,6 +679,34 @@ const ivcom_rx *ivcom_link_rx(ivcom_link *link);
  * call not listed above) runs until this one returns.
  */
 int ivcom_rx_poll(const ivcom_rx *rx, size_t max, ivcom_recv_fn cb, void *ctx);
+
+/**
+ * `ivcom_rx_poll` in two steps, for a poller that hands messages up
+ * itself, with no callback: takes up to `max` (at most `IVCOM_RX_BATCH`)
+ * whole messages that follow one another on the ring into `out`, in ring
+ * order. They stay valid, and the link's receiving side stays this
+ * caller's, until `ivcom_rx_done`, which must follow before any other
+ * receive call on the link. Returns how many (more than 0), 0 when
+ * nothing is there, or `IVCOM_RX_FULL` / `IVCOM_RX_CHECK` as
+ * `ivcom_rx_poll` does (then nothing was taken and no `ivcom_rx_done` is
+ * due). Meanwhile the caller may send on the link, as `ivcom_rx_poll`'s
+ * callback may.
+ *
+ * # Safety
+ * As `ivcom_rx_poll`; `out` has room for `max` entries.
+ */
+int ivcom_rx_take(const ivcom_rx *rx, ivcom_msg *out, size_t max);
+
+/**
+ * Ends what `ivcom_rx_take` took: the messages' ring space goes back to
+ * the peer (their pointers are no longer valid). Returns 1 when more
+ * seems to wait (another `ivcom_rx_take` may take it), 0 otherwise.
+ *
+ * # Safety
+ * `rx` as for `ivcom_rx_take`, after an `ivcom_rx_take` that took
+ * messages and before any other receive call on the link.
+ */
+int ivcom_rx_done(const ivcom_rx *rx);
 
 /**
  * What the link's own idle polls do now and then: reports a ring the

@@ -1315,6 +1315,83 @@ pub unsafe extern "C" fn ivcom_rx_poll(
     n as c_int
 }
 
+/// One message that `ivcom_rx_take` took: `len` bytes at `data` for the
+/// upper layer's `tag`. The bytes lie in memory the peer can still write:
+/// copy what you parse (headers) before you trust it, and read each byte
+/// once.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ivcom_msg {
+    pub data: *const u8,
+    pub len: usize,
+    pub tag: u8,
+}
+
+/// The most messages one `ivcom_rx_take` takes.
+pub const IVCOM_RX_BATCH: usize = 16;
+const _: () = assert!(IVCOM_RX_BATCH == Batch::CAP);
+
+/// `ivcom_rx_poll` in two steps, for a poller that hands messages up
+/// itself, with no callback: takes up to `max` (at most `IVCOM_RX_BATCH`)
+/// whole messages that follow one another on the ring into `out`, in ring
+/// order. They stay valid, and the link's receiving side stays this
+/// caller's, until `ivcom_rx_done`, which must follow before any other
+/// receive call on the link. Returns how many (more than 0), 0 when
+/// nothing is there, or `IVCOM_RX_FULL` / `IVCOM_RX_CHECK` as
+/// `ivcom_rx_poll` does (then nothing was taken and no `ivcom_rx_done` is
+/// due). Meanwhile the caller may send on the link, as `ivcom_rx_poll`'s
+/// callback may.
+///
+/// # Safety
+/// As `ivcom_rx_poll`; `out` has room for `max` entries.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_rx_take(
+    rx: *const ivcom_rx,
+    out: *mut ivcom_msg,
+    max: usize,
+) -> c_int {
+    // SAFETY: valid handle (contract); RxHalf is a copy.
+    let h = unsafe { (*rx).half };
+    // SAFETY (all RxHalf calls): this is the link's one receiver now and
+    // its link lives (contract).
+    if unsafe { h.looks_idle() } {
+        return if unsafe { h.quiet_poll() } {
+            IVCOM_RX_CHECK
+        } else {
+            0
+        };
+    }
+    let n = unsafe {
+        h.peek_msgs_with(max.min(IVCOM_RX_BATCH), |i, r| {
+            // SAFETY: i < max, and `out` has room for `max` (contract).
+            out.add(i).write(ivcom_msg {
+                data: r.ptr,
+                len: r.len,
+                tag: r.tag,
+            })
+        })
+    };
+    if n == 0 {
+        return IVCOM_RX_FULL;
+    }
+    n as c_int
+}
+
+/// Ends what `ivcom_rx_take` took: the messages' ring space goes back to
+/// the peer (their pointers are no longer valid). Returns 1 when more
+/// seems to wait (another `ivcom_rx_take` may take it), 0 otherwise.
+///
+/// # Safety
+/// `rx` as for `ivcom_rx_take`, after an `ivcom_rx_take` that took
+/// messages and before any other receive call on the link.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_rx_done(rx: *const ivcom_rx) -> c_int {
+    // SAFETY: valid handle; the taker is the link's one receiver (contract).
+    let h = unsafe { (*rx).half };
+    unsafe { h.release_msg() };
+    c_int::from(!unsafe { h.looks_idle() })
+}
+
 /// What the link's own idle polls do now and then: reports a ring the
 /// peer closed and that was read to its end (`IVCOM_E_CLOSED`, as
 /// `ivcom_link_poll` does), checks that the peer lives (its connection,

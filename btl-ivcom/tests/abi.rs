@@ -381,6 +381,44 @@ unsafe extern "C" fn take(ctx: *mut c_void, tag: u8, data: *const u8, len: usize
     t.0.push((tag, len, checksum(unsafe { bytes(data, len) })));
 }
 
+/// One poll of a ring link's receiving side alone, the messages recorded
+/// in `ctx` (a `Taken`): by `ivcom_rx_poll` with a callback, or (`by_take`)
+/// as btl/ivcom polls, `ivcom_rx_take` into an array, each message
+/// recorded, `ivcom_rx_done`, again while more waits, up to 16 messages.
+/// Returns what `ivcom_rx_poll` returns.
+///
+/// # Safety
+/// The caller is the link's one receiver now.
+unsafe fn rx_step(rx: *const ivcom_rx, ctx: *mut c_void, by_take: bool) -> i32 {
+    if !by_take {
+        // SAFETY: forwarded contract.
+        return unsafe { ivcom_rx_poll(rx, 16, Some(take), ctx) };
+    }
+    let mut m = [ivcom_msg {
+        data: std::ptr::null(),
+        len: 0,
+        tag: 0,
+    }; IVCOM_RX_BATCH];
+    let mut n = 0;
+    loop {
+        // SAFETY: forwarded contract; `m` has room for what is asked.
+        let rc = unsafe { ivcom_rx_take(rx, m.as_mut_ptr(), IVCOM_RX_BATCH - n) };
+        if rc <= 0 {
+            return if n > 0 { n as i32 } else { rc };
+        }
+        assert!(rc as usize <= IVCOM_RX_BATCH - n, "took {rc}");
+        for x in &m[..rc as usize] {
+            // SAFETY: taken and not done: valid.
+            unsafe { take(ctx, x.tag, x.data, x.len) };
+        }
+        n += rc as usize;
+        // SAFETY: after a take that took messages.
+        if unsafe { ivcom_rx_done(rx) } == 0 || n >= IVCOM_RX_BATCH {
+            return n as i32;
+        }
+    }
+}
+
 /// A raw handle moved to another thread (its use is under the C ABI's
 /// contract, which the test keeps).
 #[derive(Clone, Copy)]
@@ -399,7 +437,18 @@ unsafe impl<T> Sync for Raw<T> {}
 /// byte; both ways of receiving ran.
 #[test]
 fn a_ring_link_polled_on_its_receiving_side_while_another_thread_sends() {
-    let (dir, a, b, la, lb) = linked_pair("abi-rx");
+    polled_on_its_receiving_side_while_another_thread_sends(false);
+}
+
+/// The same, the receiving side polled as btl/ivcom polls it
+/// (`ivcom_rx_take`, the messages handed up by the caller, `ivcom_rx_done`).
+#[test]
+fn a_ring_link_taken_from_on_its_receiving_side_while_another_thread_sends() {
+    polled_on_its_receiving_side_while_another_thread_sends(true);
+}
+
+fn polled_on_its_receiving_side_while_another_thread_sends(by_take: bool) {
+    let (dir, a, b, la, lb) = linked_pair(if by_take { "abi-rx-take" } else { "abi-rx" });
     // SAFETY: valid link, no other call on it now.
     let rx = unsafe { ivcom_link_rx(lb) };
     assert!(!rx.is_null(), "both sides poll: the half is given");
@@ -449,7 +498,7 @@ fn a_ring_link_polled_on_its_receiving_side_while_another_thread_sends() {
                 assert!(Instant::now() < until, "b took {}", t.0.len());
                 let ctx = &mut t as *mut Taken as *mut c_void;
                 // SAFETY: this thread is the link's one receiver.
-                let n = unsafe { ivcom_rx_poll(rx.0, 16, Some(take), ctx) };
+                let n = unsafe { rx_step(rx.0, ctx, by_take) };
                 match n {
                     IVCOM_RX_FULL => {
                         full += 1;
@@ -532,7 +581,21 @@ fn a_ring_link_polled_on_its_receiving_side_while_another_thread_sends() {
 /// check comes.
 #[test]
 fn a_peer_that_closes_is_seen_closed_through_the_receiving_side() {
-    let (dir, a, b, la, lb) = linked_pair("abi-rx-close");
+    closes_seen_through_the_receiving_side(false);
+}
+
+/// The same through `ivcom_rx_take` and `ivcom_rx_done`.
+#[test]
+fn a_peer_that_closes_is_seen_closed_through_the_receiving_side_taken_from() {
+    closes_seen_through_the_receiving_side(true);
+}
+
+fn closes_seen_through_the_receiving_side(by_take: bool) {
+    let (dir, a, b, la, lb) = linked_pair(if by_take {
+        "abi-rx-close-take"
+    } else {
+        "abi-rx-close"
+    });
     // SAFETY: valid link, no other call on it now.
     let rx = unsafe { ivcom_link_rx(lb) };
     assert!(!rx.is_null());
@@ -557,7 +620,7 @@ fn a_peer_that_closes_is_seen_closed_through_the_receiving_side() {
         assert!(Instant::now() < until, "no end seen");
         let ctx = &mut t as *mut Taken as *mut c_void;
         // SAFETY: this thread is the link's one receiver.
-        let rc = match unsafe { ivcom_rx_poll(rx, 16, Some(take), ctx) } {
+        let rc = match unsafe { rx_step(rx, ctx, by_take) } {
             // SAFETY: valid link, no other call on it.
             IVCOM_RX_FULL => unsafe { ivcom_link_poll(lb, 16, Some(take), ctx) },
             // SAFETY: as above.

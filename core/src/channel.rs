@@ -183,6 +183,19 @@ impl RxSide {
         n
     }
 
+    /// [`RxSide::peek_msgs`] into `put` ([`Consumer::peek_msgs_with`]).
+    #[inline(always)]
+    fn peek_msgs_with(&mut self, max: usize, put: impl FnMut(usize, Record)) -> usize {
+        if self.in_place || self.reasm.active() {
+            return 0;
+        }
+        let (n, bytes) = self.rx.peek_msgs_with(self.tag_limit, max, put);
+        if n > 0 {
+            self.handed_in_place(n, bytes);
+        }
+        n
+    }
+
     /// Releases the record (or batch) the consumer holds and stores the
     /// bytes taken so far where the sender reads them (`taken`): every
     /// release on the receiving side goes through here.
@@ -261,6 +274,17 @@ impl RxHalf {
     pub unsafe fn peek_msgs(self, out: &mut Batch, max: usize) -> usize {
         // SAFETY: forwarded contract.
         unsafe { self.side() }.peek_msgs(out, max)
+    }
+
+    /// [`RxHalf::peek_msgs`] handing each message to `put` (its index and
+    /// the record) in place of a [`Batch`] ([`Consumer::peek_msgs_with`]).
+    ///
+    /// # Safety
+    /// As [`RxHalf::peek_msgs`].
+    #[inline(always)]
+    pub unsafe fn peek_msgs_with(self, max: usize, put: impl FnMut(usize, Record)) -> usize {
+        // SAFETY: forwarded contract.
+        unsafe { self.side() }.peek_msgs_with(max, put)
     }
 
     /// Releases what [`RxHalf::peek_msgs`] took and hands the space back

@@ -1676,18 +1676,40 @@ impl Consumer {
     /// without touching the consumer again, and releases once.
     #[inline(always)]
     pub fn peek_msgs(&mut self, tag_limit: u16, out: &mut Batch, max: usize) -> (usize, usize) {
-        out.n = 0;
+        let recs = &mut out.recs;
+        let (n, bytes) = self.peek_msgs_with(tag_limit, max.min(Batch::CAP), |i, r| {
+            recs[i].write(r);
+        });
+        out.n = n;
+        (n, bytes)
+    }
+
+    /// [`Consumer::peek_msgs`] handing each message to `put` (its index in
+    /// the run, from 0, and the record) in place of a [`Batch`]: up to
+    /// `max` of them, for a caller with its own array to fill.
+    #[inline(always)]
+    pub fn peek_msgs_with(
+        &mut self,
+        tag_limit: u16,
+        max: usize,
+        mut put: impl FnMut(usize, Record),
+    ) -> (usize, usize) {
         if self.broken.is_some() || self.current.is_some() {
             return (0, 0);
         }
-        let max = max.min(Batch::CAP);
         let size = self.v.size();
         let data = self.v.data();
         let max_record = self.v.geo.max_record as usize;
-        let (mut cons, mut n, mut bytes) = (self.cons, 0, 0);
+        // (locals, not fields: `put` may write memory the compiler cannot
+        // tell apart from the consumer's, which would reload each field)
+        let start = self.cons;
+        let (mut cons, mut n, mut bytes) = (start, 0, 0);
         while n < max {
             let pos = cons & (size - 1);
-            let (len, k, tag, _) = crate::record::decode(self.v.slot(pos).load(Ordering::Acquire));
+            // SAFETY: `pos` is an 8-aligned offset inside the data area
+            // (as `View::slot`, from the base read once above).
+            let slot = unsafe { &*(data.add(pos as usize) as *const AtomicU64) };
+            let (len, k, tag, _) = crate::record::decode(slot.load(Ordering::Acquire));
             // (a zero header, nothing published, has kind 0: not MSG)
             if k != kind::MSG || tag as u16 >= tag_limit || len > max_record {
                 break;
@@ -1696,23 +1718,25 @@ impl Consumer {
             if total > size - pos {
                 break;
             }
-            out.recs[n].write(Record {
-                // SAFETY: pos + total <= size, checked above.
-                ptr: unsafe { data.add(pos as usize + RECORD_HEADER) },
-                len,
-                kind: kind::MSG,
-                tag,
-            });
+            put(
+                n,
+                Record {
+                    // SAFETY: pos + total <= size, checked above.
+                    ptr: unsafe { data.add(pos as usize + RECORD_HEADER) },
+                    len,
+                    kind: kind::MSG,
+                    tag,
+                },
+            );
             cons += total;
             n += 1;
             bytes += len;
-            if cons - self.cons >= BATCH_BYTES {
+            if cons - start >= BATCH_BYTES {
                 break;
             }
         }
-        out.n = n;
         if n > 0 {
-            self.current = Some(cons - self.cons);
+            self.current = Some(cons - start);
         }
         (n, bytes)
     }
