@@ -1793,6 +1793,7 @@ impl Consumer {
 
     /// Publishes the consumer index. Returns `true` when the producer sleeps
     /// waiting for space and the caller must ring the doorbell.
+    #[inline]
     pub fn flush(&mut self) -> bool {
         if self.published == self.cons {
             return false;
