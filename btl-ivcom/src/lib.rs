@@ -1264,6 +1264,23 @@ pub unsafe extern "C" fn ivcom_link_rx(link: *mut ivcom_link) -> *const ivcom_rx
         .map_or(std::ptr::null(), |r| r as *const ivcom_rx)
 }
 
+/// What a poll of the receiving side alone answers when nothing seems to
+/// wait: 0, or `IVCOM_RX_CHECK` every 4,096th time; `None` when something
+/// may wait.
+///
+/// # Safety
+/// The caller is the link's one receiver now and its link lives.
+#[inline(always)]
+unsafe fn idle_answer(h: RxHalf) -> Option<c_int> {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if !h.looks_idle() {
+            return None;
+        }
+        Some(if h.quiet_poll() { IVCOM_RX_CHECK } else { 0 })
+    }
+}
+
 /// Delivers up to `max` whole messages waiting on the ring to `cb`, as
 /// `ivcom_link_poll` does, touching only the link's receiving side: other
 /// threads may send on the link meanwhile (any call that only sends:
@@ -1289,12 +1306,8 @@ pub unsafe extern "C" fn ivcom_rx_poll(
     let h = unsafe { (*rx).half };
     // SAFETY (all RxHalf calls): this is the link's one receiver now and
     // its link lives (contract).
-    if unsafe { h.looks_idle() } {
-        return if unsafe { h.quiet_poll() } {
-            IVCOM_RX_CHECK
-        } else {
-            0
-        };
+    if let Some(rc) = unsafe { idle_answer(h) } {
+        return rc;
     }
     let mut n = 0usize;
     let mut batch = Batch::new();
@@ -1354,12 +1367,8 @@ pub unsafe extern "C" fn ivcom_rx_take(
     let h = unsafe { (*rx).half };
     // SAFETY (all RxHalf calls): this is the link's one receiver now and
     // its link lives (contract).
-    if unsafe { h.looks_idle() } {
-        return if unsafe { h.quiet_poll() } {
-            IVCOM_RX_CHECK
-        } else {
-            0
-        };
+    if let Some(rc) = unsafe { idle_answer(h) } {
+        return rc;
     }
     let n = unsafe {
         h.peek_msgs_with(max.min(IVCOM_RX_BATCH), |i, r| {
