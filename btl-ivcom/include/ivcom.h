@@ -687,7 +687,7 @@ int ivcom_rx_poll(const ivcom_rx *rx, size_t max, ivcom_recv_fn cb, void *ctx);
  * order. They stay valid, and the link's receiving side stays this
  * caller's, until `ivcom_rx_done`, which must follow before any other
  * receive call on the link. Returns how many (more than 0), 0 when
- * nothing is there, or `IVCOM_RX_FULL` / `IVCOM_RX_CHECK` as
+ * nothing is there (or `max` is 0), or `IVCOM_RX_FULL` / `IVCOM_RX_CHECK` as
  * `ivcom_rx_poll` does (then nothing was taken and no `ivcom_rx_done` is
  * due). Meanwhile the caller may send on the link, as `ivcom_rx_poll`'s
  * callback may.

@@ -1350,7 +1350,7 @@ const _: () = assert!(IVCOM_RX_BATCH == Batch::CAP);
 /// order. They stay valid, and the link's receiving side stays this
 /// caller's, until `ivcom_rx_done`, which must follow before any other
 /// receive call on the link. Returns how many (more than 0), 0 when
-/// nothing is there, or `IVCOM_RX_FULL` / `IVCOM_RX_CHECK` as
+/// nothing is there (or `max` is 0), or `IVCOM_RX_FULL` / `IVCOM_RX_CHECK` as
 /// `ivcom_rx_poll` does (then nothing was taken and no `ivcom_rx_done` is
 /// due). Meanwhile the caller may send on the link, as `ivcom_rx_poll`'s
 /// callback may.
@@ -1363,6 +1363,9 @@ pub unsafe extern "C" fn ivcom_rx_take(
     out: *mut ivcom_msg,
     max: usize,
 ) -> c_int {
+    if max == 0 {
+        return 0;
+    }
     // SAFETY: valid handle (contract); RxHalf is a copy.
     let h = unsafe { (*rx).half };
     // SAFETY (all RxHalf calls): this is the link's one receiver now and
