@@ -935,6 +935,7 @@ impl Producer {
     ///
     /// Inlined into every reservation: the test that most records end at
     /// (no look due); the rest is [`Producer::rewind_look`].
+    /// [`Producer::push2_fast`] repeats that test (see `place`).
     #[inline(always)]
     fn rewind(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
         let end = pos + total;
@@ -1099,6 +1100,9 @@ impl Producer {
     /// Where a record of `len` payload bytes goes now (past the padding
     /// record of a wrap, which this writes), or `None` when the ring is
     /// full: [`Producer::reserve_heard`] without the reservation.
+    /// [`Producer::push2_fast`] repeats its commonest case: a change here
+    /// is a change there (`the_fast_push_does_what_push2_does` compares
+    /// the two byte for byte).
     #[inline(always)]
     fn place(&mut self, len: usize, heard: u64) -> Result<Option<Place>> {
         if let Some(v) = self.broken {
@@ -1288,6 +1292,7 @@ impl Producer {
 
     /// Publishes the record of `len` payload bytes (`total` with header
     /// and alignment) written at `pos`, the producer index.
+    /// [`Producer::push2_fast`] repeats it for its case (see `place`).
     #[inline(always)]
     fn finish(&mut self, pos: u64, total: u64, len: usize, kind: u8, tag: u8) -> bool {
         let size = self.v.size();
