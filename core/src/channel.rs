@@ -268,7 +268,7 @@ impl RxHalf {
     /// [`Channel::peek_msgs`].
     ///
     /// # Safety
-    /// As [`RxHalf::side`]'s contract, until the matching
+    /// As `RxHalf::side`'s contract, until the matching
     /// [`RxHalf::release_msg`] (the messages stay valid until then).
     #[inline(always)]
     pub unsafe fn peek_msgs(self, out: &mut Batch, max: usize) -> usize {

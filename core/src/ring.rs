@@ -1173,7 +1173,7 @@ impl Producer {
     /// consumer index again. `true` when it was sent; `false` when any of
     /// that does not hold, and then nothing was written and no state
     /// changed: [`Producer::push2`] does the rest. `SMALL`: both pieces
-    /// are at most [`SMALL_COPY`] bytes (the caller checked), copied with
+    /// are at most [`SMALL_PIECE`] bytes (the caller checked), copied with
     /// no call, so that a caller whose fast path makes no other call needs
     /// no registers saved.
     #[inline(always)]

@@ -188,9 +188,9 @@ impl Link {
         Ok(())
     }
 
-    /// What a link's idle polls do every [`ALIVE_EVERY`]: reports a ring
+    /// What a link's idle polls do every `ALIVE_EVERY`: reports a ring
     /// the peer closed (and that was read to its end) as
-    /// [`Error::Closed`], checks the peer (at most every [`CHECK_EVERY`]),
+    /// [`Error::Closed`], checks the peer (at most every `CHECK_EVERY`),
     /// and lets a sending ring that fell silent give its pages back. For a
     /// poller that polls the receiving side alone ([`Link::rx_half`]) when
     /// its [`RxHalf::quiet_poll`] says so; it is a call on the whole link.
