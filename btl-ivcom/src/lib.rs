@@ -15,7 +15,7 @@
 #![allow(non_camel_case_types)]
 
 use ivcom_core::channel::RxHalf;
-use ivcom_core::ring::Batch;
+use ivcom_core::ring::{Batch, SMALL_PIECE};
 use ivcom_core::{BackendChoice, Card, Config, Error, Key, Link, Node, PathKind};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -897,7 +897,7 @@ pub unsafe extern "C" fn ivcom_link_try_send2(
     // The commonest case first, with nothing that can fail or panic and
     // no call: a small message (an upper layer's header and a short
     // payload) onto a ring with room.
-    if head_len <= Link::SMALL_PIECE && body_len <= Link::SMALL_PIECE {
+    if head_len <= SMALL_PIECE && body_len <= SMALL_PIECE {
         // SAFETY: valid handle, no other reference live (contract).
         if unsafe { &mut *link }
             .link

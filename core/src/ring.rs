@@ -446,17 +446,17 @@ unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
     }
 }
 
-/// Copies `n` bytes, at most [`SMALL_COPY`], from `src` to `dst` with no
+/// Copies `n` bytes, at most [`SMALL_PIECE`], from `src` to `dst` with no
 /// call: at most four moves of 16 bytes (or two of 8, 4 or three of 1)
 /// that may overlap, each byte of `dst` written from one read of `src`.
 ///
 /// # Safety
 /// `src` readable and `dst` writable for `n` bytes, not overlapping;
-/// `n <= SMALL_COPY`.
+/// `n <= SMALL_PIECE`.
 #[inline(always)]
 unsafe fn copy_small(src: *const u8, dst: *mut u8, n: usize) {
     use std::ptr::{read_unaligned as rd, write_unaligned as wr};
-    debug_assert!(n <= SMALL_COPY);
+    debug_assert!(n <= SMALL_PIECE);
     // SAFETY (all arms): every access lies within the first `n` bytes of
     // `src` and `dst` (contract).
     unsafe {
@@ -480,11 +480,9 @@ unsafe fn copy_small(src: *const u8, dst: *mut u8, n: usize) {
     }
 }
 
-/// The largest piece [`copy_small`] copies.
-const SMALL_COPY: usize = 64;
-
-/// The largest piece that [`Producer::push2_fast`] copies with no call.
-pub const SMALL_PIECE: usize = SMALL_COPY;
+/// The largest piece that [`copy_small`] copies, and so
+/// [`Producer::push2_fast`] with no call.
+pub const SMALL_PIECE: usize = 64;
 
 /// The writing end of a ring.
 pub struct Producer {
@@ -934,15 +932,23 @@ impl Producer {
     /// message.
     ///
     /// Inlined into every reservation: the test that most records end at
-    /// (no look due); the rest is [`Producer::rewind_look`].
-    /// [`Producer::push2_fast`] repeats that test (see `place`).
+    /// (no look due, [`Producer::no_look_due`], which
+    /// [`Producer::push2_fast`] asks too); the rest is
+    /// [`Producer::rewind_look`].
     #[inline(always)]
     fn rewind(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
-        let end = pos + total;
-        if pos != 0 && end <= self.look_at && (end <= self.rewind_at || heard == self.heard) {
+        if self.no_look_due(pos, pos + total, heard) {
             return Ok(());
         }
         self.rewind_look(pos, total, heard)
+    }
+
+    /// `rewind`'s first test: a record from `pos` to `end` in this lap
+    /// (not at its start) that ends before the next look and, past
+    /// `rewind_at`, was not preceded by news from the peer (`heard`).
+    #[inline(always)]
+    fn no_look_due(&self, pos: u64, end: u64, heard: u64) -> bool {
+        pos != 0 && end <= self.look_at && (end <= self.rewind_at || heard == self.heard)
     }
 
     /// [`Producer::rewind`] past its first test: a new lap, or a record
@@ -1100,9 +1106,10 @@ impl Producer {
     /// Where a record of `len` payload bytes goes now (past the padding
     /// record of a wrap, which this writes), or `None` when the ring is
     /// full: [`Producer::reserve_heard`] without the reservation.
-    /// [`Producer::push2_fast`] repeats its commonest case: a change here
-    /// is a change there (`the_fast_push_does_what_push2_does` compares
-    /// the two byte for byte).
+    /// [`Producer::push2_fast`] decides its commonest case alone, with the
+    /// same tests (`no_look_due`, `need` without a wrap): a change here is
+    /// a change there (`the_fast_push_does_what_push2_does` compares the
+    /// two byte for byte).
     #[inline(always)]
     fn place(&mut self, len: usize, heard: u64) -> Result<Option<Place>> {
         if let Some(v) = self.broken {
@@ -1193,24 +1200,20 @@ impl Producer {
         let total = (RECORD_HEADER + align8(len)) as u64;
         let pos = self.prod & (size - 1);
         let end = pos + total;
-        // `rewind`'s first test, and `need` without a wrap: `wrap_at` is
-        // never past the end of the data area.
-        if pos == 0
-            || end > self.look_at
-            || (end > self.rewind_at && heard != self.heard)
+        // `rewind`'s first test, and `need` without a wrap (`wrap_at` is
+        // never past the end of the data area) with the room it needs.
+        if !self.no_look_due(pos, end, heard)
             || end > self.wrap_at
             || size - self.prod.wrapping_sub(self.cons) < total + RECORD_HEADER as u64
         {
             return false;
         }
         self.reserved = None;
-        let data = self.v.data();
-        // SAFETY: pos + total <= wrap_at <= size: the record (header and
-        // `len` bytes of payload) lies in the data area, which the caller's
-        // slices cannot overlap; so does the header slot at `end` (or at
-        // 0 when `end` is the end of the data area).
+        // SAFETY: pos + total <= wrap_at <= size: the record's `len` bytes
+        // of payload lie in the data area, which the caller's slices cannot
+        // overlap.
         unsafe {
-            let payload = data.add(pos as usize + RECORD_HEADER);
+            let payload = self.v.data().add(pos as usize + RECORD_HEADER);
             if SMALL {
                 copy_small(head.as_ptr(), payload, head.len());
                 copy_small(body.as_ptr(), payload.add(head.len()), body.len());
@@ -1218,22 +1221,9 @@ impl Producer {
                 copy_short(head.as_ptr(), payload, head.len());
                 copy_short(body.as_ptr(), payload.add(head.len()), body.len());
             }
-            // As `finish`, for a record smaller than the largest to a
-            // consumer that polls: the next header slot reads "empty",
-            // then the header publishes the record (release), then the
-            // producer index.
-            (*data.add((end & (size - 1)) as usize).cast::<AtomicU64>())
-                .store(0, Ordering::Relaxed);
-            (*data.add(pos as usize).cast::<AtomicU64>()).store(
-                crate::record::encode(len as u32, kind, tag),
-                Ordering::Release,
-            );
         }
-        self.prod += total;
-        self.published = self.prod;
-        self.v
-            .word(OFF_PROD)
-            .store(self.published, Ordering::Release);
+        // (the consumer polls: nobody to ring)
+        let _ = self.finish(pos, total, len, kind, tag);
         true
     }
 
@@ -1292,7 +1282,7 @@ impl Producer {
 
     /// Publishes the record of `len` payload bytes (`total` with header
     /// and alignment) written at `pos`, the producer index.
-    /// [`Producer::push2_fast`] repeats it for its case (see `place`).
+    /// [`Producer::push2_fast`] publishes through it too.
     #[inline(always)]
     fn finish(&mut self, pos: u64, total: u64, len: usize, kind: u8, tag: u8) -> bool {
         let size = self.v.size();

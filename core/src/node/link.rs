@@ -282,21 +282,20 @@ impl Link {
     /// ([`Channel::try_send2_fast`]): `true` when the message was sent,
     /// `false` when nothing was done and [`Link::try_send2`] must be
     /// called (always on TCP). `SMALL`: `head` and `body` are at most
-    /// [`Link::SMALL_PIECE`] bytes each (the caller checked), copied with
-    /// no call.
+    /// [`crate::ring::SMALL_PIECE`] bytes each (the caller checked), copied
+    /// with no call.
     #[inline(always)]
     pub fn try_send2_fast<const SMALL: bool>(&mut self, tag: u8, head: &[u8], body: &[u8]) -> bool {
         debug_assert!(
-            !SMALL || (head.len() <= Self::SMALL_PIECE && body.len() <= Self::SMALL_PIECE)
+            !SMALL
+                || (head.len() <= crate::ring::SMALL_PIECE
+                    && body.len() <= crate::ring::SMALL_PIECE)
         );
         match &mut self.imp {
             Imp::Ring(c) => c.try_send2_fast::<SMALL>(tag, head, body),
             Imp::Tcp(_) => false,
         }
     }
-
-    /// The largest piece that [`Link::try_send2_fast`] copies with no call.
-    pub const SMALL_PIECE: usize = crate::ring::SMALL_PIECE;
 
     /// Sends what is left of `msg` of any size (up to the peer's largest
     /// message) past `*sent` without blocking: on the ring in records of at
