@@ -1302,30 +1302,33 @@ pub unsafe extern "C" fn ivcom_rx_poll(
     cb: ivcom_recv_fn,
     ctx: *mut c_void,
 ) -> c_int {
-    // SAFETY: valid handle (contract); RxHalf is a copy.
-    let h = unsafe { (*rx).half };
-    // SAFETY (all RxHalf calls): this is the link's one receiver now and
-    // its link lives (contract).
-    if let Some(rc) = unsafe { idle_answer(h) } {
-        return rc;
-    }
+    // `ivcom_rx_take` and `ivcom_rx_done` with the callback between them
+    // (as btl/ivcom hands its batches up).
+    let mut m = [ivcom_msg {
+        data: std::ptr::null(),
+        len: 0,
+        tag: 0,
+    }; IVCOM_RX_BATCH];
     let mut n = 0usize;
-    let mut batch = Batch::new();
-    while n < max {
-        let k = unsafe { h.peek_msgs(&mut batch, max - n) };
-        if k == 0 {
-            return if n > 0 { n as c_int } else { IVCOM_RX_FULL };
+    loop {
+        // SAFETY: forwarded contract; `m` has room for what is asked.
+        let k = unsafe { ivcom_rx_take(rx, m.as_mut_ptr(), (max - n).min(IVCOM_RX_BATCH)) };
+        if k <= 0 {
+            return if n > 0 { n as c_int } else { k };
         }
-        // SAFETY: taken and not released; no Rust borrow of the side is
-        // live during the calls.
-        unsafe { hand_up(cb, ctx, &batch) };
-        unsafe { h.release_msg() };
-        n += k;
-        if unsafe { h.looks_idle() } {
-            break;
+        if let Some(f) = cb {
+            for x in &m[..k as usize] {
+                // SAFETY: taken and not done: valid during the call; no
+                // Rust borrow of the side is live (the callback may send).
+                unsafe { f(ctx, x.tag, x.data, x.len) };
+            }
+        }
+        n += k as usize;
+        // SAFETY: after a take that took messages.
+        if unsafe { ivcom_rx_done(rx) } == 0 || n >= max {
+            return n as c_int;
         }
     }
-    n as c_int
 }
 
 /// One message that `ivcom_rx_take` took: `len` bytes at `data` for the

@@ -172,24 +172,25 @@ impl RxSide {
     /// [`Channel::peek_msgs`].
     #[inline(always)]
     fn peek_msgs(&mut self, out: &mut Batch, max: usize) -> usize {
-        if self.in_place || self.reasm.active() {
-            out.clear();
-            return 0;
-        }
-        let (n, bytes) = self.rx.peek_msgs(self.tag_limit, out, max);
-        if n > 0 {
-            self.handed_in_place(n, bytes);
-        }
-        n
+        out.clear();
+        self.take_batch(|rx, tag_limit| rx.peek_msgs(tag_limit, out, max))
     }
 
     /// [`RxSide::peek_msgs`] into `put` ([`Consumer::peek_msgs_with`]).
     #[inline(always)]
     fn peek_msgs_with(&mut self, max: usize, put: impl FnMut(usize, Record)) -> usize {
+        self.take_batch(|rx, tag_limit| rx.peek_msgs_with(tag_limit, max, put))
+    }
+
+    /// What both batch peeks do around the consumer's: nothing while a
+    /// message is handed out or a fragmented one is being put together;
+    /// what `peek` took (count, payload bytes) is handed out in place.
+    #[inline(always)]
+    fn take_batch(&mut self, peek: impl FnOnce(&mut Consumer, u16) -> (usize, usize)) -> usize {
         if self.in_place || self.reasm.active() {
             return 0;
         }
-        let (n, bytes) = self.rx.peek_msgs_with(self.tag_limit, max, put);
+        let (n, bytes) = peek(&mut self.rx, self.tag_limit);
         if n > 0 {
             self.handed_in_place(n, bytes);
         }
@@ -265,34 +266,25 @@ impl RxHalf {
         unsafe { &mut *(*self.cell).side.get() }
     }
 
-    /// [`Channel::peek_msgs`].
+    /// [`Channel::peek_msgs`], each message handed to `put` (its index
+    /// and the record) in place of a [`Batch`]
+    /// ([`Consumer::peek_msgs_with`]).
     ///
     /// # Safety
     /// As `RxHalf::side`'s contract, until the matching
     /// [`RxHalf::release_msg`] (the messages stay valid until then).
-    #[inline(always)]
-    pub unsafe fn peek_msgs(self, out: &mut Batch, max: usize) -> usize {
-        // SAFETY: forwarded contract.
-        unsafe { self.side() }.peek_msgs(out, max)
-    }
-
-    /// [`RxHalf::peek_msgs`] handing each message to `put` (its index and
-    /// the record) in place of a [`Batch`] ([`Consumer::peek_msgs_with`]).
-    ///
-    /// # Safety
-    /// As [`RxHalf::peek_msgs`].
     #[inline(always)]
     pub unsafe fn peek_msgs_with(self, max: usize, put: impl FnMut(usize, Record)) -> usize {
         // SAFETY: forwarded contract.
         unsafe { self.side() }.peek_msgs_with(max, put)
     }
 
-    /// Releases what [`RxHalf::peek_msgs`] took and hands the space back
+    /// Releases what [`RxHalf::peek_msgs_with`] took and hands the space back
     /// at once ([`Channel::release_msg`] then [`Channel::flush_rx`]): a
     /// poller's batch is over.
     ///
     /// # Safety
-    /// As [`RxHalf::peek_msgs`].
+    /// As [`RxHalf::peek_msgs_with`].
     #[inline(always)]
     pub unsafe fn release_msg(self) {
         // SAFETY: forwarded contract.
@@ -305,7 +297,7 @@ impl RxHalf {
     /// True when nothing waits and nothing is held ([`Channel::looks_idle`]).
     ///
     /// # Safety
-    /// As [`RxHalf::peek_msgs`].
+    /// As [`RxHalf::peek_msgs_with`].
     #[inline(always)]
     pub unsafe fn looks_idle(self) -> bool {
         // SAFETY: forwarded contract.
@@ -317,7 +309,7 @@ impl RxHalf {
     /// link's own idle polls do: [`crate::node::Link::idle_check`]).
     ///
     /// # Safety
-    /// As [`RxHalf::peek_msgs`].
+    /// As [`RxHalf::peek_msgs_with`].
     #[inline(always)]
     pub unsafe fn quiet_poll(self) -> bool {
         // SAFETY: forwarded contract.
@@ -1578,15 +1570,17 @@ mod tests {
             // b's receiver: the half, and the full way under the lock
             let recv = s.spawn(|| {
                 let (mut next, mut full) = (0, 0);
-                let mut batch = Batch::new();
+                let mut batch: Vec<Record> = Vec::new();
                 while next < N {
                     assert!(Instant::now() < until, "b took {next}");
+                    batch.clear();
                     // SAFETY: this thread is b's one receiver; the other
                     // thread only sends, or holds the lock this one takes
                     // for the full path.
-                    let k = unsafe { half.peek_msgs(&mut batch, 16) };
+                    let k = unsafe { half.peek_msgs_with(16, |_, r| batch.push(r)) };
                     if k > 0 {
-                        for r in batch.records() {
+                        assert_eq!(k, batch.len());
+                        for r in &batch {
                             // SAFETY: valid until the release below.
                             unsafe { expect_numbered((r.tag, r.ptr, r.len), 4, next, len(next)) };
                             next += 1;
