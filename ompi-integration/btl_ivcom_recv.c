@@ -2,8 +2,9 @@
  * btl/ivcom: receive. Progress accepts the links peers opened to us, sends
  * what waits for ring space, and polls every link; each message is handed
  * to the upper layer by deliver (a link's messages, inlined into
- * rx_deliver and the poll callbacks) or mca_btl_ivcom_deliver_private (this process's own, on the
- * self endpoint), the two places that call up.
+ * rx_deliver and the poll callbacks) or mca_btl_ivcom_deliver_private
+ * (this process's own, on the self endpoint), the two places that call
+ * up.
  */
 #include "opal_config.h"
 

@@ -361,6 +361,21 @@ static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
     return true;
 }
 
+/* What sendi returns for ivcom_link_try_send2's answer `rc` (called
+ * without the lock): on success the convertor moves past the payload, as
+ * a pack would have. */
+static inline int sendi_sent(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv,
+                             size_t payload_size, int rc)
+{
+    if (OPAL_LIKELY(1 == rc)) {
+        if (payload_size) {
+            advance(conv, payload_size);
+        }
+        return OPAL_SUCCESS;
+    }
+    return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
+}
+
 /* sendi to this process: header and payload gathered into a private
  * buffer and delivered at once. */
 static int sendi_self(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv, void *header,
@@ -426,13 +441,7 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
     if (NULL != src || 0 == payload_size) {
         rc = ivcom_link_try_send2(ep->link, tag, header, header_size, src, payload_size);
         UNLOCK(ep);
-        if (1 != rc) {
-            return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
-        }
-        if (payload_size) {
-            advance(conv, payload_size);
-        }
-        return OPAL_SUCCESS;
+        return sendi_sent(ep, conv, payload_size, rc);
     }
     if (ep->ring) {
         rc = ivcom_link_reserve(ep->link, total, &dst);
@@ -498,13 +507,7 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
             if (NULL != descriptor) {
                 *descriptor = NULL;
             }
-            if (OPAL_LIKELY(1 == rc)) {
-                if (payload_size) {
-                    advance(conv, payload_size);
-                }
-                return OPAL_SUCCESS;
-            }
-            return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
+            return sendi_sent(ep, conv, payload_size, rc);
         }
     }
     return sendi_general(btl, ep, conv, header, header_size, payload_size, order, flags, tag,
