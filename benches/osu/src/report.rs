@@ -86,7 +86,47 @@ pub type Samples = BTreeMap<String, BTreeMap<String, BTreeMap<usize, Vec<f64>>>>
 /// Every run by its repetition: bench -> config -> repetition -> size ->
 /// value. The configurations of one repetition of one benchmark ran one
 /// after the other (`scripts/compare`), so they pair up.
-pub type Runs = BTreeMap<String, BTreeMap<String, BTreeMap<String, BTreeMap<usize, f64>>>>;
+pub type Runs = ByRun<BTreeMap<usize, f64>>;
+
+/// What the files of one run say, by the run: bench -> config ->
+/// repetition -> value (files `<bench>__<config>__<rep>.<kind>` of a
+/// comparison's raw/).
+pub type ByRun<V> = BTreeMap<String, BTreeMap<String, BTreeMap<String, V>>>;
+
+/// Puts `v` in `m` for one run.
+pub fn insert_run<V>(m: &mut ByRun<V>, bench: &str, cfg: &str, rep: &str, v: V) {
+    m.entry(bench.into())
+        .or_default()
+        .entry(cfg.into())
+        .or_default()
+        .insert(rep.into(), v);
+}
+
+/// The `<bench>__<config>__<rep><suffix>` files of `dir`, each as `read`
+/// makes it (its name and path; `None`: left out; an error ends the
+/// reading).
+fn read_by_run<V>(
+    dir: &Path,
+    suffix: &str,
+    mut read: impl FnMut(&str, &Path) -> Result<Option<V>, String>,
+) -> Result<ByRun<V>, String> {
+    let mut m = ByRun::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for ent in rd.flatten() {
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let Some(stem) = name.strip_suffix(suffix) else {
+            continue;
+        };
+        let parts: Vec<&str> = stem.split("__").collect();
+        if parts.len() != 3 {
+            continue;
+        }
+        if let Some(v) = read(&name, &ent.path())? {
+            insert_run(&mut m, parts[0], parts[1], parts[2], v);
+        }
+    }
+    Ok(m)
+}
 
 /// Reads `<bench>__<config>__<rep>.txt` files of `dir`.
 pub fn load(dir: &Path) -> Result<Samples, String> {
@@ -115,26 +155,11 @@ pub fn samples(runs: &Runs) -> Samples {
 
 /// Reads `<bench>__<config>__<rep>.txt` files of `dir`, by repetition.
 pub fn load_runs(dir: &Path) -> Result<Runs, String> {
-    let mut s = Runs::new();
-    let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    for ent in rd.flatten() {
-        let name = ent.file_name().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_suffix(".txt") else {
-            continue;
-        };
-        let parts: Vec<&str> = stem.split("__").collect();
-        if parts.len() != 3 {
-            continue;
-        }
-        let text = std::fs::read_to_string(ent.path()).map_err(|e| e.to_string())?;
+    read_by_run(dir, ".txt", |name, path| {
+        let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
         let rows = parse_table(&text).map_err(|e| format!("{name}: {e}"))?;
-        s.entry(parts[0].into())
-            .or_default()
-            .entry(parts[1].into())
-            .or_default()
-            .insert(parts[2].into(), rows.into_iter().collect());
-    }
-    Ok(s)
+        Ok(Some(rows.into_iter().collect()))
+    })
 }
 
 /// Medians: bench -> config -> size -> (median, min, max, n).
@@ -371,37 +396,23 @@ fn paired_worst_of(runs: &Runs, c: &Compared, keep: impl Fn(&str) -> bool) -> (O
 /// The cache line round trips between the 2 CPUs measured just before
 /// and just after each run (`<bench>__<config>__<rep>.probe`, written by
 /// `line_probe`), in ns: bench -> config -> repetition -> figures.
-pub type Probes = BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<f64>>>>;
+pub type Probes = ByRun<Vec<f64>>;
 
 /// Reads the `.probe` files of `dir` (every `line_rtt_ns` figure in each;
-/// files that hold none are left out).
+/// files that hold none, or cannot be read, are left out; no directory,
+/// no probes).
 pub fn load_probes(dir: &Path) -> Probes {
-    let mut p = Probes::new();
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return p;
-    };
-    for ent in rd.flatten() {
-        let name = ent.file_name().to_string_lossy().into_owned();
-        let Some(stem) = name.strip_suffix(".probe") else {
-            continue;
-        };
-        let parts: Vec<&str> = stem.split("__").collect();
-        let text = std::fs::read_to_string(ent.path()).unwrap_or_default();
+    read_by_run(dir, ".probe", |_, path| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
         let ns: Vec<f64> = text
             .lines()
             .filter_map(|l| l.strip_prefix("line_rtt_ns "))
             .filter_map(|v| v.trim().parse::<f64>().ok())
             .filter(|v| v.is_finite() && *v > 0.0)
             .collect();
-        if parts.len() == 3 && !ns.is_empty() {
-            p.entry(parts[0].into())
-                .or_default()
-                .entry(parts[1].into())
-                .or_default()
-                .insert(parts[2].into(), ns);
-        }
-    }
-    p
+        Ok((!ns.is_empty()).then_some(ns))
+    })
+    .unwrap_or_default()
 }
 
 /// Where the host had put the 2 CPUs for a run: sharing a cache (a short
@@ -463,10 +474,15 @@ pub struct PlacementSplit {
 /// Fills in [`Target::by_placement`]: for each placement, the paired
 /// figure over the repetitions in which both runs found it in every probe,
 /// before and after (a run whose probes disagree, or a pair whose runs
-/// straddle a change, counts in neither). Nothing when the probes show one
-/// placement.
-pub fn add_paired_by_placement(targets: &mut [Target], runs: &Runs, probes: &Probes) {
-    let Some(split) = placement_split(probes) else {
+/// straddle a change, counts in neither), read with `split`, the probes'
+/// [`placement_split`]. Nothing when that is `None` (one placement).
+pub fn add_paired_by_placement(
+    targets: &mut [Target],
+    runs: &Runs,
+    probes: &Probes,
+    split: Option<&PlacementSplit>,
+) {
+    let Some(split) = split else {
         return;
     };
     let side = |ns: f64| {
@@ -963,16 +979,8 @@ mod tests {
             ("ivcom", "5", 180.0, 50.0),
             ("vader", "5", 70.0, 400.0),
         ] {
-            r.entry("osu_bw".into())
-                .or_default()
-                .entry(cfg.into())
-                .or_default()
-                .insert(rep.into(), [(8, v8)].into_iter().collect());
-            p.entry("osu_bw".into())
-                .or_default()
-                .entry(cfg.into())
-                .or_default()
-                .insert(rep.into(), vec![ns, ns + 1.0]);
+            insert_run(&mut r, "osu_bw", cfg, rep, [(8, v8)].into_iter().collect());
+            insert_run(&mut p, "osu_bw", cfg, rep, vec![ns, ns + 1.0]);
         }
         // a sixth repetition whose ivcom run moved during the run (near
         // before, far after): it counts in neither placement
@@ -980,16 +988,8 @@ mod tests {
             ("ivcom", 10.0, vec![50.0, 400.0]),
             ("vader", 100.0, vec![50.0]),
         ] {
-            r.get_mut("osu_bw")
-                .unwrap()
-                .get_mut(cfg)
-                .unwrap()
-                .insert("6".into(), [(8, v8)].into_iter().collect());
-            p.get_mut("osu_bw")
-                .unwrap()
-                .get_mut(cfg)
-                .unwrap()
-                .insert("6".into(), ns);
+            insert_run(&mut r, "osu_bw", cfg, "6", [(8, v8)].into_iter().collect());
+            insert_run(&mut p, "osu_bw", cfg, "6", ns);
         }
         let sp = placement_split(&p).unwrap();
         assert_eq!((sp.near.2, sp.far.2), (12, 11));
@@ -998,7 +998,7 @@ mod tests {
             (50.0, 61.0, 390.0, 411.0)
         );
         let mut tg = targets(&medians(&samples(&r)), None);
-        add_paired_by_placement(&mut tg, &r, &p);
+        add_paired_by_placement(&mut tg, &r, &p, Some(&sp));
         let bw = tg
             .iter()
             .find(|t| t.what.starts_with("osu_bw all sizes ivcom/vader"))
@@ -1025,7 +1025,7 @@ mod tests {
         }
         assert!(placement_split(&one).is_none());
         let mut tg = targets(&medians(&samples(&r)), None);
-        add_paired_by_placement(&mut tg, &r, &one);
+        add_paired_by_placement(&mut tg, &r, &one, placement_split(&one).as_ref());
         assert!(tg.iter().all(|t| t.by_placement.is_empty()));
     }
 
@@ -1053,7 +1053,6 @@ mod tests {
         // machine ran vader fast and ivcom slow: the medians come from
         // different modes, the pairs do not.
         let mut r = Runs::new();
-        let b = r.entry("osu_bw".into()).or_default();
         for (cfg, rep, v8, v64) in [
             ("ivcom", "1", 21.0, 100.0),
             ("ivcom", "2", 8.5, 40.0),
@@ -1064,9 +1063,8 @@ mod tests {
             // a repetition whose baseline run is missing pairs with nothing
             ("ivcom", "4", 1.0, 1.0),
         ] {
-            b.entry(cfg.into())
-                .or_default()
-                .insert(rep.into(), [(8, v8), (64, v64)].into_iter().collect());
+            let rows = [(8, v8), (64, v64)].into_iter().collect();
+            insert_run(&mut r, "osu_bw", cfg, rep, rows);
         }
         let s = samples(&r);
         assert_eq!(s["osu_bw"]["ivcom"][&8].len(), 4);
@@ -1091,12 +1089,9 @@ mod tests {
         assert_eq!(bells.paired, None);
         // a latency goal takes the highest paired ratio
         let mut r = Runs::new();
-        let b = r.entry("osu_latency".into()).or_default();
         for (cfg, rep, v16k, v1m) in [("ivcom", "1", 2.0, 50.0), ("vader", "1", 1.0, 100.0)] {
-            b.entry(cfg.into()).or_default().insert(
-                rep.into(),
-                [(16384, v16k), (1 << 20, v1m)].into_iter().collect(),
-            );
+            let rows = [(16384, v16k), (1 << 20, v1m)].into_iter().collect();
+            insert_run(&mut r, "osu_latency", cfg, rep, rows);
         }
         let mut tg = targets(&medians(&samples(&r)), None);
         add_paired(&mut tg, &r);

@@ -68,7 +68,7 @@ fn main() {
         println!(" paired figure of the repetitions whose two runs found that placement before");
         println!(" and after, with how many there were)");
     }
-    add_paired_by_placement(&mut tg, &runs, &probes);
+    add_paired_by_placement(&mut tg, &runs, &probes, split.as_ref());
     for t in tg {
         let v = t.value.map_or("n/a".to_string(), |v| format!("{v:.4}"));
         let s = match t.met {
