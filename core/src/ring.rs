@@ -480,7 +480,7 @@ unsafe fn copy_small(src: *const u8, dst: *mut u8, n: usize) {
     }
 }
 
-/// The largest piece that [`copy_small`] copies, and so
+/// The largest piece that `copy_small` copies, and so
 /// [`Producer::push2_fast`] with no call.
 pub const SMALL_PIECE: usize = 64;
 
