@@ -73,6 +73,8 @@ struct mca_btl_base_endpoint_t {
                              * whose peer polls; set once, with the link) */
     int32_t npending;       /* length of `pending`, stored under the lock as
                              * it changes: the lock-free poll's hint */
+    uint64_t kept_core;     /* idle progress calls that kept the core while
+                             * the peer took our messages (peers_at_work) */
     struct mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
     opal_list_t pending;    /* frags waiting for ring space, in order */
     /* What a link's messages go up in (deliver, btl_ivcom_recv.c): the

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "opal/sys/atomic.h"
+#include "opal/runtime/opal_progress.h"
 
 #include "btl_ivcom.h"
 #include "btl_ivcom_compat.h"
@@ -323,6 +324,37 @@ typedef struct {
 static __thread progress_state_t progress_tls;
 static progress_state_t progress_st;
 
+/* A call that found nothing, with mpi_yield_when_idle on (ranks outnumber
+ * the cores: Open MPI gives the core away after each such call): counts
+ * the peers that took messages we sent since the last look. A rank that
+ * waits for an answer while its peer still drains its stream keeps its
+ * core, as it does over shared memory when its buffers come back; without
+ * it, two senders that share a core handed it to each other at every
+ * wait, a context switch per window, and their receivers followed
+ * (docs/PERFORMANCE.md, "Ranks that outnumber the cores"). A peer that
+ * has taken everything costs one comparison (no shared memory is read);
+ * one that lies about its index breaks its link. Without threads only:
+ * the links are this thread's. */
+static int peers_at_work(const mca_btl_ivcom_eps_t *eps)
+{
+    int n = 0;
+    for (int i = 0; NULL != eps && i < eps->n; i++) {
+        mca_btl_base_endpoint_t *ep = eps->ep[i];
+        int rc;
+        if (NULL == ep->link || ep->failed || ep->closed) {
+            continue;
+        }
+        rc = ivcom_link_peer_draining(ep->link);
+        if (OPAL_UNLIKELY(rc < 0)) {
+            mca_btl_ivcom_endpoint_failed(ep, rc);
+        } else if (rc > 0) {
+            ep->kept_core++;
+            n += rc;
+        }
+    }
+    return n;
+}
+
 int mca_btl_ivcom_progress(void)
 {
     int count = 0;
@@ -350,6 +382,9 @@ int mca_btl_ivcom_progress(void)
         } else {
             count += poll_threaded(ep);
         }
+    }
+    if (0 == count && opal_progress_yield_when_idle && !opal_using_threads()) {
+        count = peers_at_work(eps);
     }
     ps->in_progress = false;
     return count;

@@ -1428,6 +1428,29 @@ pub unsafe extern "C" fn ivcom_link_idle_check(link: *mut ivcom_link) -> c_int {
     })
 }
 
+/// For a poller that found nothing to receive and would give its core
+/// away (Open MPI's `mpi_yield_when_idle`, on when ranks outnumber cores):
+/// returns 1 while the peer is taking the messages this side sent since it
+/// last waited (it runs on another core), so that a sender waiting for an
+/// answer keeps its core while its stream drains, as a shared-memory
+/// transport's returned buffers keep it; 0 when the peer has not reached
+/// them (it may wait for this very core), when nothing sent is outstanding
+/// (no shared memory is read then) and on TCP; a negative error when the
+/// peer's index is out of bounds (the link is broken: `IVCOM_E_BROKEN`).
+///
+/// # Safety
+/// `link` valid, no other call on it meanwhile.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_peer_draining(link: *mut ivcom_link) -> c_int {
+    guard(|| {
+        // SAFETY: valid handle, used by nobody else (contract).
+        match unsafe { &mut *link }.link.consumer_draining() {
+            Ok(draining) => c_int::from(draining),
+            Err(e) => fail(e),
+        }
+    })
+}
+
 /// Pushes queued TCP output without blocking; returns the bytes still
 /// queued (0 on the ring path) or a negative error.
 ///

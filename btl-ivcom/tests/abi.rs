@@ -642,3 +642,66 @@ fn closes_seen_through_the_receiving_side(by_take: bool) {
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ivcom_link_peer_draining`, as btl/ivcom asks it when a progress call
+/// found nothing and Open MPI would give the core away: 1 only while the
+/// peer takes what was sent since the last call that said 0 (or the last
+/// call but one), then for a grace of further calls; 0 when the peer took
+/// nothing of it, and always with nothing outstanding. Every message is
+/// checked at the receiver.
+#[test]
+fn a_sender_sees_its_peer_draining_only_while_it_takes_the_last_burst() {
+    let (dir, a, b, la, lb) = linked_pair("abi-draining");
+    let mut t = Taken::default();
+    let ctx = &mut t as *mut Taken as *mut c_void;
+    let mut sent = 0usize;
+    let mut send = |n: usize| {
+        for _ in 0..n {
+            let msg = pattern(sent, 64 + sent % 200);
+            let iov = ivcom_iov {
+                base: msg.as_ptr(),
+                len: msg.len(),
+            };
+            // SAFETY: a's link; the ring holds them all.
+            assert_eq!(unsafe { ivcom_link_try_send(la, 3, &iov, 1) }, 1);
+            sent += 1;
+        }
+    };
+    // SAFETY (all calls below): valid links, each used by this thread only.
+    let poll = |n: usize| assert_eq!(unsafe { ivcom_link_poll(lb, n, Some(take), ctx) }, n as i32);
+    assert_eq!(unsafe { ivcom_link_peer_draining(la) }, 0, "nothing sent");
+    send(20);
+    assert_eq!(unsafe { ivcom_link_peer_draining(la) }, 0, "not reached");
+    poll(16);
+    poll(4);
+    assert_eq!(
+        unsafe { ivcom_link_peer_draining(la) },
+        0,
+        "taken after a 0"
+    );
+    send(20);
+    poll(10);
+    assert_eq!(unsafe { ivcom_link_peer_draining(la) }, 1, "taking it now");
+    poll(10);
+    let mut graced = 0;
+    while unsafe { ivcom_link_peer_draining(la) } == 1 {
+        graced += 1;
+        assert!(graced < 1000, "never gives the core away");
+    }
+    assert!(graced > 0, "no grace after the last record");
+    assert_eq!(unsafe { ivcom_link_peer_draining(la) }, 0);
+    // The other way, with nothing sent: never.
+    assert_eq!(unsafe { ivcom_link_peer_draining(lb) }, 0);
+    assert_eq!(t.0.len(), 40);
+    for (k, got) in t.0.iter().enumerate() {
+        let msg = pattern(k, 64 + k % 200);
+        assert_eq!(*got, (3, msg.len(), checksum(&msg)), "message {k}");
+    }
+    // SAFETY: valid links, not used afterwards.
+    unsafe {
+        ivcom_link_free(la);
+        ivcom_link_free(lb);
+    }
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -922,6 +922,12 @@ impl Channel {
         self.tx.idle_look()
     }
 
+    /// Whether the peer is taking what this side sent lately
+    /// ([`Producer::consumer_draining`]).
+    pub fn consumer_draining(&mut self) -> Result<bool> {
+        self.tx.consumer_draining()
+    }
+
     /// Cheap hint for pollers: nothing new arrived and nothing is held.
     #[inline]
     pub fn looks_idle(&self) -> bool {

@@ -100,6 +100,13 @@ pub const BATCH_BYTES: u64 = 4096;
 /// behind; larger ones only with the ring empty (see `Producer::rewind`).
 pub const WRAP_BEHIND_MAX: u64 = 2048 + 64;
 
+/// Calls of [`Producer::consumer_draining`] that still answer `true` after
+/// one that saw the consumer at work: it releases its space a batch at a
+/// time (16 records or 4 KiB, [`BATCH_BYTES`]), a waiting sender polls
+/// several times per batch, and a consumer that took the last record
+/// answers a moment later.
+pub const DRAINING_GRACE: u32 = 64;
+
 /// The coarse monotonic clock (`CLOCK_MONOTONIC_COARSE`: a few nanoseconds
 /// to read, no system call; it advances once per kernel tick, 1 to 10 ms),
 /// in nanoseconds.
@@ -569,6 +576,13 @@ pub struct Producer {
     /// has been silent since.
     silent_prod: u64,
     silent_since: u64,
+    /// [`Producer::consumer_draining`]: the published index at its last
+    /// call, the one before the records published since an earlier call
+    /// (the burst the caller now waits on), and calls left that answer
+    /// `true` without seeing the consumer move.
+    idle_published: u64,
+    burst_from: u64,
+    draining_grace: u32,
     broken: Option<Violation>,
 }
 
@@ -617,6 +631,9 @@ impl Producer {
             given_back: 0,
             silent_prod: 0,
             silent_since: 0,
+            idle_published: 0,
+            burst_from: 0,
+            draining_grace: 0,
             broken: None,
         })
     }
@@ -1057,6 +1074,61 @@ impl Producer {
     fn fail(&mut self, v: Violation) -> Error {
         self.broken = Some(v);
         Error::Broken(v)
+    }
+
+    /// For a caller that found nothing to receive and would give its core
+    /// away (ranks that outnumber the cores): whether the consumer is at
+    /// work on this ring now, on another core. A sender that waits for an
+    /// answer keeps its core while that lasts, as it does over shared
+    /// memory while its buffers come back; one whose consumer waits for
+    /// this very core gives it away at once.
+    ///
+    /// "At work now": since the last call, the consumer took some, not
+    /// all, of the burst this caller waits on (what it published since its
+    /// last call but one, or since its last `false`); then `true` for the
+    /// next [`DRAINING_GRACE`] calls too, records outstanding or not. A
+    /// burst taken whole between two calls, or records taken after a
+    /// `false` (the caller gave its core away then), may have been taken
+    /// while the caller was off its core, by a consumer on that very core:
+    /// they count for nothing. Reads the index (validated as every read of
+    /// it is) only while records are outstanding; with none it reads no
+    /// shared memory. A consumer that lies about its index breaks the ring
+    /// ([`Violation::BadIndex`]); one that moves it keeps its sender on
+    /// the core, which its own records could do anyway. The producer's own
+    /// decisions stay those it takes with a fresh look (the index only
+    /// ever comes closer to the producer's own).
+    pub fn consumer_draining(&mut self) -> Result<bool> {
+        if self.published != self.idle_published {
+            // Sent since the last call: a new wait, on a new burst.
+            self.burst_from = self.idle_published;
+            self.idle_published = self.published;
+        }
+        if self.cons != self.published {
+            let before = self.cons;
+            self.reload_cons()?;
+            // Took some of this burst since the last call, not all of it
+            // (wrapping distances from the burst's start; the consumer is
+            // never past `published`).
+            let took = self.cons.wrapping_sub(self.burst_from);
+            if self.cons != before
+                && took > 0
+                && took < self.published.wrapping_sub(self.burst_from)
+            {
+                self.draining_grace = DRAINING_GRACE;
+                return Ok(true);
+            }
+        }
+        // (a consumer releases its space a batch at a time, and one that
+        // took the last record answers a moment later)
+        if self.draining_grace > 0 {
+            self.draining_grace -= 1;
+            return Ok(true);
+        }
+        // The caller gives its core away now: what the consumer takes
+        // meanwhile of what is published says nothing of the next wait
+        // (its consumer may run on this very core).
+        self.burst_from = self.published;
+        Ok(false)
     }
 
     /// Reloads the consumer index from the shared page, validating it.
@@ -1938,6 +2010,82 @@ mod tests {
     /// limits (its copy without a call, the largest record), the consumer
     /// falls behind and catches up (full rings, wraps, early wraps at
     /// looks), and the peer's traffic (`heard`) moves at random.
+    #[test]
+    fn a_waiting_sender_sees_its_consumer_at_work_only_while_it_takes_this_burst() {
+        let geo = Geometry::with_max_record(64 << 10, 1024).unwrap();
+        let mut p = Pair::new(geo);
+        let send = |p: &mut Pair, n: usize| {
+            for i in 0..n {
+                assert_eq!(
+                    p.prod.push(kind::MSG, 1, &[&[i as u8; 100]]).unwrap(),
+                    Some(false)
+                );
+            }
+        };
+        let take = |p: &mut Pair, n: usize| {
+            for _ in 0..n {
+                assert_eq!(p.cons.peek().unwrap().unwrap().len, 100);
+                p.cons.release();
+            }
+            p.cons.flush();
+        };
+        // Nothing sent: no look at the consumer.
+        assert!(!p.prod.consumer_draining().unwrap());
+        // A burst the consumer has not reached: give the core away.
+        send(&mut p, 8);
+        assert!(!p.prod.consumer_draining().unwrap());
+        // It took all of it meanwhile (it may have run on this core while
+        // the sender was off it): that says nothing of now.
+        take(&mut p, 8);
+        assert!(!p.prod.consumer_draining().unwrap());
+        // The next burst, taken in part since: at work now, and for the
+        // grace calls after, records outstanding or not.
+        send(&mut p, 8);
+        take(&mut p, 3);
+        assert!(p.prod.consumer_draining().unwrap());
+        take(&mut p, 5);
+        for i in 0..DRAINING_GRACE {
+            assert!(p.prod.consumer_draining().unwrap(), "grace call {i}");
+        }
+        assert!(!p.prod.consumer_draining().unwrap());
+        // A burst taken whole between two looks: not seen at work.
+        send(&mut p, 8);
+        take(&mut p, 8);
+        assert!(!p.prod.consumer_draining().unwrap());
+        // What the consumer takes of a burst after a look that found it
+        // not at work (its sender gave the core away then) is not seen.
+        send(&mut p, 16);
+        assert!(!p.prod.consumer_draining().unwrap());
+        take(&mut p, 4);
+        assert!(!p.prod.consumer_draining().unwrap());
+        take(&mut p, 12);
+        assert!(!p.prod.consumer_draining().unwrap());
+        // Moves within the burst renew the grace; a look that finds no
+        // move uses it up.
+        send(&mut p, 16);
+        take(&mut p, 4);
+        assert!(p.prod.consumer_draining().unwrap());
+        for _ in 0..10 {
+            assert!(p.prod.consumer_draining().unwrap());
+        }
+        take(&mut p, 4);
+        assert!(p.prod.consumer_draining().unwrap());
+        for _ in 0..DRAINING_GRACE {
+            assert!(p.prod.consumer_draining().unwrap());
+        }
+        assert!(!p.prod.consumer_draining().unwrap());
+        take(&mut p, 8);
+        // A consumer index out of bounds breaks the ring, here as anywhere.
+        send(&mut p, 2);
+        let bad = p.prod.published + 4096;
+        // SAFETY: the consumer index word of the pair's own ring.
+        unsafe { (*(p.base.add(OFF_CONS) as *const AtomicU64)).store(bad, Ordering::Release) };
+        assert!(matches!(
+            p.prod.consumer_draining(),
+            Err(Error::Broken(Violation::BadIndex))
+        ));
+    }
+
     #[test]
     fn the_fast_push_does_what_push2_does() {
         let mut fast_sends = 0u64;

@@ -77,6 +77,24 @@ fn integrity_4_ranks_on_the_ring() {
     assert_passed_on(&r, 4, "ring");
 }
 
+/// Ranks that outnumber the cores (4 on this machine's 2), with Open MPI
+/// giving the core away after every progress call that found nothing: a
+/// sender whose peer is taking its messages on the other core keeps its
+/// core (`kept_core`, counted per link in the stats line), and every byte
+/// still arrives. Without `mpi_yield_when_idle` nobody asks.
+#[test]
+fn ranks_that_outnumber_the_cores_keep_theirs_while_the_peer_drains() {
+    let r = integrity(4, &["--mca", "mpi_yield_when_idle", "1"]);
+    assert_passed_on(&r, 4, "ring");
+    let kept = stats_values(&r.stderr, "kept_core");
+    assert_eq!(kept.len(), 12, "{}", r.text());
+    assert!(kept.iter().sum::<u64>() > 0, "{}", r.text());
+    let r = integrity(2, &["--mca", "mpi_yield_when_idle", "0"]);
+    assert_passed_on(&r, 2, "ring");
+    let kept = stats_values(&r.stderr, "kept_core");
+    assert_eq!(kept, vec![0, 0], "{}", r.text());
+}
+
 #[test]
 fn integrity_4_ranks_over_tcp_when_rings_are_disabled() {
     let r = integrity(4, &["--mca", "btl_ivcom_backend", "none"]);

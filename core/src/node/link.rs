@@ -213,6 +213,18 @@ impl Link {
         r.map_err(|e| self.ctx(e))
     }
 
+    /// Whether the peer is taking what this side sent lately (ring links:
+    /// [`Channel::consumer_draining`]; always `false` on TCP, whose socket
+    /// buffers take a message whole). For a poller that found nothing and
+    /// would otherwise give its core away.
+    pub fn consumer_draining(&mut self) -> Result<bool> {
+        let r = match &mut self.imp {
+            Imp::Ring(c) => c.consumer_draining(),
+            Imp::Tcp(_) => Ok(false),
+        };
+        r.map_err(|e| self.ctx(e))
+    }
+
     /// The receiving side of a ring link on its own, for a poller on one
     /// thread while others send on the link ([`RxHalf`]); `None` on TCP or
     /// while the peer may sleep.
