@@ -326,18 +326,26 @@ static progress_state_t progress_st;
 
 /* A call that found nothing, with mpi_yield_when_idle on (ranks outnumber
  * the cores: Open MPI gives the core away after each such call): counts
- * the peers that took messages we sent since the last look. A rank that
- * waits for an answer while its peer still drains its stream keeps its
- * core, as it does over shared memory when its buffers come back; without
- * it, two senders that share a core handed it to each other at every
- * wait, a context switch per window, and their receivers followed
- * (docs/PERFORMANCE.md, "Ranks that outnumber the cores"). A peer that
- * has taken everything costs one comparison (no shared memory is read);
- * one that lies about its index breaks its link. Without threads only:
- * the links are this thread's. */
+ * the peers at work on messages we sent (ivcom_link_peer_draining). A
+ * rank that waits for an answer while its peer drains its stream on
+ * another core keeps its core, as it does over shared memory when its
+ * buffers come back; without it, two senders that share a core handed it
+ * to each other at every wait, a context switch per window, and their
+ * receivers followed (docs/PERFORMANCE.md, "Ranks that outnumber the
+ * cores"). From the first such call on, this process's receiving sides
+ * tell their peers where they run (ivcom_tell_cpu), so that a peer on
+ * this very core is told apart. A peer that has taken everything costs a
+ * comparison; one that lies about its index breaks its link. Without
+ * threads only: the links are this thread's. */
 static int peers_at_work(const mca_btl_ivcom_eps_t *eps)
 {
+    static bool told;
     int n = 0;
+    if (!told) {
+        /* our receiving sides tell their peers where they run, from now on */
+        ivcom_tell_cpu();
+        told = true;
+    }
     for (int i = 0; NULL != eps && i < eps->n; i++) {
         mca_btl_base_endpoint_t *ep = eps->ep[i];
         int rc;

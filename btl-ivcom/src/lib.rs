@@ -1430,13 +1430,15 @@ pub unsafe extern "C" fn ivcom_link_idle_check(link: *mut ivcom_link) -> c_int {
 
 /// For a poller that found nothing to receive and would give its core
 /// away (Open MPI's `mpi_yield_when_idle`, on when ranks outnumber cores):
-/// returns 1 while the peer is taking the messages this side sent since it
-/// last waited (it runs on another core), so that a sender waiting for an
-/// answer keeps its core while its stream drains, as a shared-memory
-/// transport's returned buffers keep it; 0 when the peer has not reached
-/// them (it may wait for this very core), when nothing sent is outstanding
-/// (no shared memory is read then) and on TCP; a negative error when the
-/// peer's index is out of bounds (the link is broken: `IVCOM_E_BROKEN`).
+/// returns 1 while the peer is at work on what this side sent, on another
+/// core (it took some since the last call; where the peer tells its CPU,
+/// `ivcom_tell_cpu`, a CPU other than the caller's), and for a grace of
+/// further calls, so that a sender waiting for an answer keeps its core
+/// while its stream drains, as a shared-memory transport's returned
+/// buffers keep it; 0 when the peer took nothing since, runs on the
+/// caller's own core, or has everything and was not seen at work lately,
+/// and always on TCP; a negative error when the peer's index is out of
+/// bounds (the link is broken: `IVCOM_E_BROKEN`).
 ///
 /// # Safety
 /// `link` valid, no other call on it meanwhile.
@@ -1449,6 +1451,18 @@ pub unsafe extern "C" fn ivcom_link_peer_draining(link: *mut ivcom_link) -> c_in
             Err(e) => fail(e),
         }
     })
+}
+
+/// From now on this process's receiving sides tell their peers the CPU
+/// they run on as they release space (ring links of the host backend
+/// only, where both ends share a kernel's CPUs), so that a peer asking
+/// `ivcom_link_peer_draining` knows whether its receiver shares its core.
+/// For a process whose ranks outnumber the cores; one whose ranks have
+/// cores of their own need not call it (it costs a CPU lookup per batch
+/// released).
+#[no_mangle]
+pub extern "C" fn ivcom_tell_cpu() {
+    ivcom_core::ring::tell_cpu();
 }
 
 /// Pushes queued TCP output without blocking; returns the bytes still

@@ -407,13 +407,17 @@ impl Channel {
 
     fn assemble(
         mut tx: Producer,
-        rx: Consumer,
+        mut rx: Consumer,
         bell: Box<dyn Doorbell>,
         region: Box<dyn Region>,
         geo: Geometry,
     ) -> Channel {
         if region.gives_pages_back() {
             tx.give_back_idle_pages(GIVE_BACK_AFTER);
+        }
+        if region.shares_cpus() {
+            tx.share_cpus();
+            rx.share_cpus();
         }
         Channel {
             tx,

@@ -46,7 +46,7 @@ use crate::payload::Payload;
 use crate::protocol;
 use std::mem::MaybeUninit;
 use std::ptr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// `"IVCR"` little-endian.
@@ -100,6 +100,30 @@ pub const BATCH_BYTES: u64 = 4096;
 /// behind; larger ones only with the ring empty (see `Producer::rewind`).
 pub const WRAP_BEHIND_MAX: u64 = 2048 + 64;
 
+/// Whether consumers of this process tell their CPU ([`OFF_CONS_CPU`]):
+/// on once a caller asks whether its consumers are at work
+/// ([`tell_cpu`]), so that a process whose ranks have cores of their own
+/// pays nothing for it.
+static TELL_CPU: AtomicBool = AtomicBool::new(false);
+
+/// From now on the consumers of this process whose rings share the CPUs
+/// of one kernel tell their producer the CPU they run on as they release
+/// space (for [`Producer::consumer_draining`] on the other side).
+pub fn tell_cpu() {
+    TELL_CPU.store(true, Ordering::Relaxed);
+}
+
+/// The CPU this thread runs on, plus one (0: unknown).
+fn cpu_plus_one() -> u64 {
+    // SAFETY: no arguments; reads the calling thread's CPU.
+    let c = unsafe { libc::sched_getcpu() };
+    if c < 0 {
+        0
+    } else {
+        c as u64 + 1
+    }
+}
+
 /// Calls of [`Producer::consumer_draining`] that still answer `true` after
 /// one that saw the consumer at work: it releases its space a batch at a
 /// time (16 records or 4 KiB, [`BATCH_BYTES`]), a waiting sender polls
@@ -135,6 +159,11 @@ pub const OFF_NONCE: usize = 0x10; // u64, written by the creator for the probe
 pub const OFF_PROD: usize = 0x40;
 /// Consumer index: written by the consumer on every release batch.
 pub const OFF_CONS: usize = 0x80;
+/// The consumer's CPU plus one when it last published its index (0: not
+/// told), on the consumer index's line: a hint for a waiting producer on
+/// the same kernel ([`Producer::consumer_draining`]), never trusted for
+/// anything else.
+pub const OFF_CONS_CPU: usize = 0x88;
 /// Offset of the 32-bit doorbell word (host backend futex) that wakes the
 /// consumer of this ring.
 pub const OFF_BELL: usize = 0xC0;
@@ -583,6 +612,9 @@ pub struct Producer {
     idle_published: u64,
     burst_from: u64,
     draining_grace: u32,
+    /// Both ends run on the CPUs of one kernel: the consumer's CPU hint
+    /// ([`OFF_CONS_CPU`]) means what it says.
+    cpus_shared: bool,
     broken: Option<Violation>,
 }
 
@@ -634,6 +666,7 @@ impl Producer {
             idle_published: 0,
             burst_from: 0,
             draining_grace: 0,
+            cpus_shared: false,
             broken: None,
         })
     }
@@ -1083,40 +1116,62 @@ impl Producer {
     /// memory while its buffers come back; one whose consumer waits for
     /// this very core gives it away at once.
     ///
-    /// "At work now": since the last call, the consumer took some, not
-    /// all, of the burst this caller waits on (what it published since its
-    /// last call but one, or since its last `false`); then `true` for the
-    /// next [`DRAINING_GRACE`] calls too, records outstanding or not. A
-    /// burst taken whole between two calls, or records taken after a
-    /// `false` (the caller gave its core away then), may have been taken
-    /// while the caller was off its core, by a consumer on that very core:
-    /// they count for nothing. Reads the index (validated as every read of
-    /// it is) only while records are outstanding; with none it reads no
-    /// shared memory. A consumer that lies about its index breaks the ring
-    /// ([`Violation::BadIndex`]); one that moves it keeps its sender on
-    /// the core, which its own records could do anyway. The producer's own
-    /// decisions stay those it takes with a fresh look (the index only
-    /// ever comes closer to the producer's own).
+    /// Where both ends share a kernel's CPUs ([`Producer::share_cpus`]) and
+    /// the consumer told the CPU it runs on ([`OFF_CONS_CPU`]): at work when
+    /// that is another CPU than this thread's and it took anything since
+    /// the last call (a one-record answer taken whole too); never when it
+    /// is this CPU. Otherwise (a consumer that does not tell, a Xen domain
+    /// whose virtual CPUs are its own): when it took some, not all, of the
+    /// burst this caller waits on (what it published since its last call
+    /// but one, or since its last `false`) since the last call; a burst
+    /// taken whole, or records taken after a `false` (the caller gave its
+    /// core away then), may have been taken by a consumer on this very
+    /// core while the caller was off it. After a `true` the next
+    /// [`DRAINING_GRACE`] calls answer `true` too, records outstanding or
+    /// not. Reads the index (validated as every read of it is) only while
+    /// records are outstanding. A consumer that lies about its index breaks
+    /// the ring ([`Violation::BadIndex`]); one that moves it, or names
+    /// another CPU, keeps its sender on the core, which its own records
+    /// could do anyway. The producer's own decisions stay those it takes
+    /// with a fresh look (the index only ever comes closer to the
+    /// producer's own).
     pub fn consumer_draining(&mut self) -> Result<bool> {
         if self.published != self.idle_published {
             // Sent since the last call: a new wait, on a new burst.
             self.burst_from = self.idle_published;
             self.idle_published = self.published;
         }
+        let before = self.cons;
         if self.cons != self.published {
-            let before = self.cons;
             self.reload_cons()?;
+        }
+        let moved = self.cons != before;
+        // Where the consumer said it runs, when both ends share a kernel's
+        // CPUs and it said so (0: not told).
+        let hint = if self.cpus_shared {
+            self.v.word(OFF_CONS_CPU).load(Ordering::Relaxed)
+        } else {
+            0
+        };
+        let at_work = if hint == 0 {
             // Took some of this burst since the last call, not all of it
             // (wrapping distances from the burst's start; the consumer is
             // never past `published`).
             let took = self.cons.wrapping_sub(self.burst_from);
-            if self.cons != before
-                && took > 0
-                && took < self.published.wrapping_sub(self.burst_from)
-            {
-                self.draining_grace = DRAINING_GRACE;
-                return Ok(true);
-            }
+            moved && took > 0 && took < self.published.wrapping_sub(self.burst_from)
+        } else if hint == cpu_plus_one() {
+            // On this very core: it runs when this side gives the core
+            // away.
+            self.draining_grace = 0;
+            false
+        } else {
+            // On another core, and took something since the last call:
+            // a burst taken whole counts too (a one-record answer).
+            moved
+        };
+        if at_work {
+            self.draining_grace = DRAINING_GRACE;
+            return Ok(true);
         }
         // (a consumer releases its space a batch at a time, and one that
         // took the last record answers a moment later)
@@ -1129,6 +1184,13 @@ impl Producer {
         // (its consumer may run on this very core).
         self.burst_from = self.published;
         Ok(false)
+    }
+
+    /// Both ends of this ring run on the CPUs of one kernel (the host
+    /// backend): [`Producer::consumer_draining`] may believe the CPU its
+    /// consumer says it runs on.
+    pub fn share_cpus(&mut self) {
+        self.cpus_shared = true;
     }
 
     /// Reloads the consumer index from the shared page, validating it.
@@ -1591,6 +1653,10 @@ pub struct Consumer {
     /// The producer declared that it never sleeps: publish without the
     /// notify protocol.
     peer_polls: bool,
+    /// Both ends run on the CPUs of one kernel: tell the producer ours
+    /// ([`OFF_CONS_CPU`]) once [`tell_cpu`] was called; the value last told.
+    cpus_shared: bool,
+    cpu_told: u64,
     broken: Option<Violation>,
 }
 
@@ -1611,6 +1677,8 @@ impl Consumer {
             published: 0,
             current: None,
             peer_polls: false,
+            cpus_shared: false,
+            cpu_told: 0,
             broken: None,
         })
     }
@@ -1866,6 +1934,9 @@ impl Consumer {
             return false;
         }
         self.published = self.cons;
+        if TELL_CPU.load(Ordering::Relaxed) && self.cpus_shared {
+            self.tell_cpu();
+        }
         if self.peer_polls {
             self.v.word(OFF_CONS).store(self.cons, Ordering::Release);
             return false;
@@ -1875,6 +1946,24 @@ impl Consumer {
             self.cons,
             self.v.word(OFF_PROD_WAITING),
         )
+    }
+
+    /// Both ends of this ring run on the CPUs of one kernel (the host
+    /// backend): once [`tell_cpu`] was called, publishing the index tells
+    /// the producer this consumer's CPU.
+    pub fn share_cpus(&mut self) {
+        self.cpus_shared = true;
+    }
+
+    /// Writes this thread's CPU to [`OFF_CONS_CPU`] when it changed (before
+    /// the index it goes with is published).
+    #[inline(never)]
+    fn tell_cpu(&mut self) {
+        let c = cpu_plus_one();
+        if c != self.cpu_told {
+            self.cpu_told = c;
+            self.v.word(OFF_CONS_CPU).store(c, Ordering::Relaxed);
+        }
     }
 
     /// `release` then `flush`.
@@ -2010,6 +2099,82 @@ mod tests {
     /// limits (its copy without a call, the largest record), the consumer
     /// falls behind and catches up (full rings, wraps, early wraps at
     /// looks), and the peer's traffic (`heard`) moves at random.
+    /// Where both ends share a kernel's CPUs and the consumer tells its
+    /// CPU: on the producer's own core it is never at work (it runs when
+    /// the producer gives the core away), elsewhere any take counts, a
+    /// burst taken whole too (a one-record answer). The consumer tells it
+    /// as it publishes its index, once told to.
+    #[test]
+    fn a_consumer_that_tells_its_cpu_is_at_work_only_on_another_core() {
+        // This thread stays on one CPU for the test (its CPU is compared).
+        // SAFETY: a zeroed set with one CPU, for this thread.
+        let here = unsafe {
+            let c = libc::sched_getcpu();
+            assert!(c >= 0);
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(c as usize, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+                0
+            );
+            c as u64 + 1
+        };
+        let geo = Geometry::with_max_record(64 << 10, 1024).unwrap();
+        let mut p = Pair::new(geo);
+        p.prod.share_cpus();
+        p.cons.share_cpus();
+        let send = |p: &mut Pair, n: usize| {
+            for i in 0..n {
+                assert_eq!(
+                    p.prod.push(kind::MSG, 1, &[&[i as u8; 100]]).unwrap(),
+                    Some(false)
+                );
+            }
+        };
+        let take = |p: &mut Pair, n: usize| {
+            for _ in 0..n {
+                assert_eq!(p.cons.peek().unwrap().unwrap().len, 100);
+                p.cons.release();
+            }
+            p.cons.flush();
+        };
+        let cpu_word =
+            // SAFETY: the hint word of the pair's own ring.
+            |p: &Pair| unsafe { &*(p.base.add(OFF_CONS_CPU) as *const AtomicU64) };
+        // Told to, the consumer tells the CPU it runs on with its index.
+        tell_cpu();
+        send(&mut p, 4);
+        take(&mut p, 4);
+        assert_eq!(cpu_word(&p).load(Ordering::Relaxed), here);
+        assert!(!p.prod.consumer_draining().unwrap());
+        // On this core: never at work, however it moves.
+        send(&mut p, 8);
+        assert!(!p.prod.consumer_draining().unwrap());
+        take(&mut p, 3);
+        assert!(!p.prod.consumer_draining().unwrap());
+        take(&mut p, 5);
+        assert!(!p.prod.consumer_draining().unwrap());
+        // On another core (as it says): a one-record answer taken whole
+        // since the last call counts, then the grace.
+        // (the consumer here runs on this thread: it must not tell again)
+        cpu_word(&p).store(here + 1, Ordering::Relaxed);
+        p.cons.cpu_told = here;
+        send(&mut p, 1);
+        assert!(!p.prod.consumer_draining().unwrap());
+        take(&mut p, 1);
+        assert!(p.prod.consumer_draining().unwrap());
+        for _ in 0..DRAINING_GRACE {
+            assert!(p.prod.consumer_draining().unwrap());
+        }
+        assert!(!p.prod.consumer_draining().unwrap());
+        // Back on this core (it tells as it publishes): no more.
+        p.cons.cpu_told = 0;
+        send(&mut p, 4);
+        take(&mut p, 4);
+        assert_eq!(cpu_word(&p).load(Ordering::Relaxed), here);
+        assert!(!p.prod.consumer_draining().unwrap());
+    }
+
     #[test]
     fn a_waiting_sender_sees_its_consumer_at_work_only_while_it_takes_this_burst() {
         let geo = Geometry::with_max_record(64 << 10, 1024).unwrap();

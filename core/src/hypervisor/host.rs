@@ -455,6 +455,10 @@ impl Region for HostRegion {
     fn gives_pages_back(&self) -> bool {
         true
     }
+    /// Processes, containers and emulated VMs of one kernel.
+    fn shares_cpus(&self) -> bool {
+        true
+    }
 
     /// Hands the region to the one connection that presents the token,
     /// until `deadline` or until `abort` (the handshake connection) turns

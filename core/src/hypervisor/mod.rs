@@ -98,6 +98,12 @@ pub trait Region: Send + Sync {
     fn gives_pages_back(&self) -> bool {
         false
     }
+    /// Whether both ends run on the CPUs of one kernel, so that a CPU
+    /// number means the same on both sides (the host backend). A domain's
+    /// virtual CPUs are its own.
+    fn shares_cpus(&self) -> bool {
+        false
+    }
     /// The sharer's part of the peer's map, where the backend needs one
     /// (the host backend hands its memfd over a socket): serves the peer
     /// until `deadline`, or until `abort` (the handshake connection) is
