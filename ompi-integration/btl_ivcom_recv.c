@@ -9,6 +9,7 @@
 #include "opal_config.h"
 
 #include <string.h>
+#include <unistd.h>
 
 #include "opal/sys/atomic.h"
 #include "opal/runtime/opal_progress.h"
@@ -337,6 +338,28 @@ static progress_state_t progress_st;
  * this very core is told apart. A peer that has taken everything costs a
  * comparison; one that lies about its index breaks its link. Without
  * threads only: the links are this thread's. */
+/* Whether this host runs at most two ranks of the job per CPU (this rank
+ * and its co-resident peers, against the CPUs online), the case
+ * peers_at_work is for. With more, the answer a rank waits for depends on
+ * ranks that wait for its own core, and keeping it costs them: 32 and 64
+ * ranks on 2 cores ran osu_alltoall 1.2-1.3x slower when ranks kept their
+ * cores (docs/PERFORMANCE.md, "Ranks that outnumber the cores").
+ * Recounted when the set of endpoints changes. */
+static bool few_ranks_per_core(const mca_btl_ivcom_eps_t *eps)
+{
+    static const mca_btl_ivcom_eps_t *counted;
+    static int counted_n = -1;
+    static bool few;
+    if (eps != counted || (NULL != eps && eps->n != counted_n)) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        size_t ranks = ivcom_node_coresident(C->node) + 1;
+        few = cpus > 0 && ranks <= 2 * (size_t) cpus;
+        counted = eps;
+        counted_n = NULL != eps ? eps->n : -1;
+    }
+    return few;
+}
+
 static int peers_at_work(const mca_btl_ivcom_eps_t *eps)
 {
     static bool told;
@@ -391,7 +414,8 @@ int mca_btl_ivcom_progress(void)
             count += poll_threaded(ep);
         }
     }
-    if (0 == count && opal_progress_yield_when_idle && !opal_using_threads()) {
+    if (0 == count && opal_progress_yield_when_idle && !opal_using_threads()
+        && few_ranks_per_core(eps)) {
         count = peers_at_work(eps);
     }
     ps->in_progress = false;

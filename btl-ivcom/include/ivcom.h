@@ -420,6 +420,15 @@ uint64_t ivcom_card_id(const uint8_t *card, size_t card_len);
 size_t ivcom_node_pending(const ivcom_node *node);
 
 /**
+ * Number of admitted peers that are co-resident with this node (may
+ * share its host's memory), rings open to them or not.
+ *
+ * # Safety
+ * `node` valid.
+ */
+size_t ivcom_node_coresident(const ivcom_node *node);
+
+/**
  * Writes into `ids` (room for `n`) the ids of the peers whose links wait
  * to be taken; returns how many there are (call with `n` 0 to count).
  *

@@ -652,6 +652,17 @@ pub unsafe extern "C" fn ivcom_node_pending(node: *const ivcom_node) -> usize {
     unsafe { &*node }.node.pending()
 }
 
+/// Number of admitted peers that are co-resident with this node (may
+/// share its host's memory), rings open to them or not.
+///
+/// # Safety
+/// `node` valid.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_node_coresident(node: *const ivcom_node) -> usize {
+    // SAFETY: valid handle per contract.
+    unsafe { &*node }.node.coresident_peers()
+}
+
 /// Writes into `ids` (room for `n`) the ids of the peers whose links wait
 /// to be taken; returns how many there are (call with `n` 0 to count).
 ///

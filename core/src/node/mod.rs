@@ -291,6 +291,13 @@ impl Node {
         self.inner.ready.load(Ordering::Acquire)
     }
 
+    /// How many of the admitted peers are co-resident (may share this
+    /// host's memory, whether or not a ring to them exists yet).
+    pub fn coresident_peers(&self) -> usize {
+        let card = &self.inner.card;
+        self.inner.lock().coresident(card)
+    }
+
     /// The ids of the peers whose links wait to be taken.
     pub fn pending_ids(&self) -> Vec<u64> {
         self.inner.lock().ready_ids()

@@ -65,6 +65,15 @@ impl Peers {
         self.admitted.get(&id)
     }
 
+    /// How many admitted peers may share this host's memory with `me`
+    /// (co-resident: same host, any domain).
+    pub fn coresident(&self, me: &Card) -> usize {
+        self.admitted
+            .values()
+            .filter(|c| me.ring_candidate(c))
+            .count()
+    }
+
     /// How many pairs the processes of `me`'s domain may offer rings for
     /// from one pool (e.g. Xen's gntalloc pages of the domain): every
     /// process of the domain (`me` and the admitted peers in it) may offer
