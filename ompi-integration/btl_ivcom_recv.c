@@ -342,7 +342,7 @@ static progress_state_t progress_st;
  * and its co-resident peers, against the CPUs online), the case
  * peers_at_work is for. With more, the answer a rank waits for depends on
  * ranks that wait for its own core, and keeping it costs them: 32 and 64
- * ranks on 2 cores ran osu_alltoall 1.2-1.3x slower when ranks kept their
+ * ranks on 2 cores ran osu_alltoall 1.1-1.3x slower when ranks kept their
  * cores (docs/PERFORMANCE.md, "Ranks that outnumber the cores").
  * Recounted when the set of endpoints changes. */
 static bool few_ranks_per_core(const mca_btl_ivcom_eps_t *eps)
