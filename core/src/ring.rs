@@ -2065,6 +2065,25 @@ mod tests {
             }
         }
 
+        /// Sends `n` messages of 100 bytes, which must fit.
+        fn send_n(&mut self, n: usize) {
+            for i in 0..n {
+                assert_eq!(
+                    self.prod.push(kind::MSG, 1, &[&[i as u8; 100]]).unwrap(),
+                    Some(false)
+                );
+            }
+        }
+
+        /// Takes `n` messages of 100 bytes and hands their space back.
+        fn take_n(&mut self, n: usize) {
+            for _ in 0..n {
+                assert_eq!(self.cons.peek().unwrap().unwrap().len, 100);
+                self.cons.release();
+            }
+            self.cons.flush();
+        }
+
         fn bytes(&self) -> &[u8] {
             // SAFETY: the mapping lives as long as the pair.
             unsafe { std::slice::from_raw_parts(self.base, self.layout.size()) }
@@ -2123,45 +2142,30 @@ mod tests {
         let mut p = Pair::new(geo);
         p.prod.share_cpus();
         p.cons.share_cpus();
-        let send = |p: &mut Pair, n: usize| {
-            for i in 0..n {
-                assert_eq!(
-                    p.prod.push(kind::MSG, 1, &[&[i as u8; 100]]).unwrap(),
-                    Some(false)
-                );
-            }
-        };
-        let take = |p: &mut Pair, n: usize| {
-            for _ in 0..n {
-                assert_eq!(p.cons.peek().unwrap().unwrap().len, 100);
-                p.cons.release();
-            }
-            p.cons.flush();
-        };
         let cpu_word =
             // SAFETY: the hint word of the pair's own ring.
             |p: &Pair| unsafe { &*(p.base.add(OFF_CONS_CPU) as *const AtomicU64) };
         // Told to, the consumer tells the CPU it runs on with its index.
         tell_cpu();
-        send(&mut p, 4);
-        take(&mut p, 4);
+        p.send_n(4);
+        p.take_n(4);
         assert_eq!(cpu_word(&p).load(Ordering::Relaxed), here);
         assert!(!p.prod.consumer_draining().unwrap());
         // On this core: never at work, however it moves.
-        send(&mut p, 8);
+        p.send_n(8);
         assert!(!p.prod.consumer_draining().unwrap());
-        take(&mut p, 3);
+        p.take_n(3);
         assert!(!p.prod.consumer_draining().unwrap());
-        take(&mut p, 5);
+        p.take_n(5);
         assert!(!p.prod.consumer_draining().unwrap());
         // On another core (as it says): a one-record answer taken whole
         // since the last call counts, then the grace.
         // (the consumer here runs on this thread: it must not tell again)
         cpu_word(&p).store(here + 1, Ordering::Relaxed);
         p.cons.cpu_told = here;
-        send(&mut p, 1);
+        p.send_n(1);
         assert!(!p.prod.consumer_draining().unwrap());
-        take(&mut p, 1);
+        p.take_n(1);
         assert!(p.prod.consumer_draining().unwrap());
         for _ in 0..DRAINING_GRACE {
             assert!(p.prod.consumer_draining().unwrap());
@@ -2169,8 +2173,8 @@ mod tests {
         assert!(!p.prod.consumer_draining().unwrap());
         // Back on this core (it tells as it publishes): no more.
         p.cons.cpu_told = 0;
-        send(&mut p, 4);
-        take(&mut p, 4);
+        p.send_n(4);
+        p.take_n(4);
         assert_eq!(cpu_word(&p).load(Ordering::Relaxed), here);
         assert!(!p.prod.consumer_draining().unwrap());
     }
@@ -2179,69 +2183,54 @@ mod tests {
     fn a_waiting_sender_sees_its_consumer_at_work_only_while_it_takes_this_burst() {
         let geo = Geometry::with_max_record(64 << 10, 1024).unwrap();
         let mut p = Pair::new(geo);
-        let send = |p: &mut Pair, n: usize| {
-            for i in 0..n {
-                assert_eq!(
-                    p.prod.push(kind::MSG, 1, &[&[i as u8; 100]]).unwrap(),
-                    Some(false)
-                );
-            }
-        };
-        let take = |p: &mut Pair, n: usize| {
-            for _ in 0..n {
-                assert_eq!(p.cons.peek().unwrap().unwrap().len, 100);
-                p.cons.release();
-            }
-            p.cons.flush();
-        };
         // Nothing sent: no look at the consumer.
         assert!(!p.prod.consumer_draining().unwrap());
         // A burst the consumer has not reached: give the core away.
-        send(&mut p, 8);
+        p.send_n(8);
         assert!(!p.prod.consumer_draining().unwrap());
         // It took all of it meanwhile (it may have run on this core while
         // the sender was off it): that says nothing of now.
-        take(&mut p, 8);
+        p.take_n(8);
         assert!(!p.prod.consumer_draining().unwrap());
         // The next burst, taken in part since: at work now, and for the
         // grace calls after, records outstanding or not.
-        send(&mut p, 8);
-        take(&mut p, 3);
+        p.send_n(8);
+        p.take_n(3);
         assert!(p.prod.consumer_draining().unwrap());
-        take(&mut p, 5);
+        p.take_n(5);
         for i in 0..DRAINING_GRACE {
             assert!(p.prod.consumer_draining().unwrap(), "grace call {i}");
         }
         assert!(!p.prod.consumer_draining().unwrap());
         // A burst taken whole between two looks: not seen at work.
-        send(&mut p, 8);
-        take(&mut p, 8);
+        p.send_n(8);
+        p.take_n(8);
         assert!(!p.prod.consumer_draining().unwrap());
         // What the consumer takes of a burst after a look that found it
         // not at work (its sender gave the core away then) is not seen.
-        send(&mut p, 16);
+        p.send_n(16);
         assert!(!p.prod.consumer_draining().unwrap());
-        take(&mut p, 4);
+        p.take_n(4);
         assert!(!p.prod.consumer_draining().unwrap());
-        take(&mut p, 12);
+        p.take_n(12);
         assert!(!p.prod.consumer_draining().unwrap());
         // Moves within the burst renew the grace; a look that finds no
         // move uses it up.
-        send(&mut p, 16);
-        take(&mut p, 4);
+        p.send_n(16);
+        p.take_n(4);
         assert!(p.prod.consumer_draining().unwrap());
         for _ in 0..10 {
             assert!(p.prod.consumer_draining().unwrap());
         }
-        take(&mut p, 4);
+        p.take_n(4);
         assert!(p.prod.consumer_draining().unwrap());
         for _ in 0..DRAINING_GRACE {
             assert!(p.prod.consumer_draining().unwrap());
         }
         assert!(!p.prod.consumer_draining().unwrap());
-        take(&mut p, 8);
+        p.take_n(8);
         // A consumer index out of bounds breaks the ring, here as anywhere.
-        send(&mut p, 2);
+        p.send_n(2);
         let bad = p.prod.published + 4096;
         // SAFETY: the consumer index word of the pair's own ring.
         unsafe { (*(p.base.add(OFF_CONS) as *const AtomicU64)).store(bad, Ordering::Release) };
