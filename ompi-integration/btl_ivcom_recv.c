@@ -325,19 +325,6 @@ typedef struct {
 static __thread progress_state_t progress_tls;
 static progress_state_t progress_st;
 
-/* A call that found nothing, with mpi_yield_when_idle on (ranks outnumber
- * the cores: Open MPI gives the core away after each such call): counts
- * the peers at work on messages we sent (ivcom_link_peer_draining). A
- * rank that waits for an answer while its peer drains its stream on
- * another core keeps its core, as it does over shared memory when its
- * buffers come back; without it, two senders that share a core handed it
- * to each other at every wait, a context switch per window, and their
- * receivers followed (docs/PERFORMANCE.md, "Ranks that outnumber the
- * cores"). From the first such call on, this process's receiving sides
- * tell their peers where they run (ivcom_tell_cpu), so that a peer on
- * this very core is told apart. A peer that has taken everything costs a
- * comparison; one that lies about its index breaks its link. Without
- * threads only: the links are this thread's. */
 /* Whether this host runs at most two ranks of the job per CPU (this rank
  * and its co-resident peers, against the CPUs online), the case
  * peers_at_work is for. With more, the answer a rank waits for depends on
@@ -360,6 +347,19 @@ static bool few_ranks_per_core(const mca_btl_ivcom_eps_t *eps)
     return few;
 }
 
+/* A call that found nothing, with mpi_yield_when_idle on (ranks outnumber
+ * the cores: Open MPI gives the core away after each such call): counts
+ * the peers at work on messages we sent (ivcom_link_peer_draining). A
+ * rank that waits for an answer while its peer drains its stream on
+ * another core keeps its core, as it does over shared memory when its
+ * buffers come back; without it, two senders that share a core handed it
+ * to each other at every wait, a context switch per window, and their
+ * receivers followed (docs/PERFORMANCE.md, "Ranks that outnumber the
+ * cores"). From the first such call on, this process's receiving sides
+ * tell their peers where they run (ivcom_tell_cpu), so that a peer on
+ * this very core is told apart. A peer that has taken everything costs a
+ * comparison; one that lies about its index breaks its link. Without
+ * threads only: the links are this thread's. */
 static int peers_at_work(const mca_btl_ivcom_eps_t *eps)
 {
     static bool told;

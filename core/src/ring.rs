@@ -1129,7 +1129,8 @@ impl Producer {
     /// core while the caller was off it. After a `true` the next
     /// [`DRAINING_GRACE`] calls answer `true` too, records outstanding or
     /// not. Reads the index (validated as every read of it is) only while
-    /// records are outstanding. A consumer that lies about its index breaks
+    /// records are outstanding, and the CPU word beside it only when the
+    /// index moved. A consumer that lies about its index breaks
     /// the ring ([`Violation::BadIndex`]); one that moves it, or names
     /// another CPU, keeps its sender on the core, which its own records
     /// could do anyway. The producer's own decisions stay those it takes
@@ -1147,27 +1148,30 @@ impl Producer {
         }
         let moved = self.cons != before;
         // Where the consumer said it runs, when both ends share a kernel's
-        // CPUs and it said so (0: not told).
-        let hint = if self.cpus_shared {
+        // CPUs and it said so (0: not told); read beside the index just
+        // read, and only then.
+        let hint = if moved && self.cpus_shared {
             self.v.word(OFF_CONS_CPU).load(Ordering::Relaxed)
         } else {
             0
         };
-        let at_work = if hint == 0 {
+        let at_work = if !moved {
+            false
+        } else if hint == 0 {
             // Took some of this burst since the last call, not all of it
             // (wrapping distances from the burst's start; the consumer is
             // never past `published`).
             let took = self.cons.wrapping_sub(self.burst_from);
-            moved && took > 0 && took < self.published.wrapping_sub(self.burst_from)
+            took > 0 && took < self.published.wrapping_sub(self.burst_from)
         } else if hint == cpu_plus_one() {
             // On this very core: it runs when this side gives the core
             // away.
             self.draining_grace = 0;
             false
         } else {
-            // On another core, and took something since the last call:
-            // a burst taken whole counts too (a one-record answer).
-            moved
+            // On another core: a burst taken whole counts too (a
+            // one-record answer).
+            true
         };
         if at_work {
             self.draining_grace = DRAINING_GRACE;
