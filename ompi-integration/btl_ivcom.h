@@ -173,6 +173,13 @@ static inline int mca_btl_ivcom_endpoint_ready(mca_btl_base_endpoint_t *ep, int 
     return mca_btl_ivcom_endpoint_connect(ep, failed_rc);
 }
 
+/* Whether the endpoint has a link that still carries messages (opened, not
+ * broken, not closed by the peer). */
+static inline bool mca_btl_ivcom_link_open(const mca_btl_base_endpoint_t *ep)
+{
+    return NULL != ep->link && !ep->failed && !ep->closed;
+}
+
 /* btl_ivcom_send.c */
 mca_btl_base_descriptor_t *mca_btl_ivcom_alloc(struct mca_btl_base_module_t *btl,
                                                struct mca_btl_base_endpoint_t *ep, uint8_t order,

@@ -158,7 +158,7 @@ static void idle_check(mca_btl_base_endpoint_t *ep)
     if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
         return;
     }
-    if (NULL != ep->link && !ep->failed && !ep->closed) {
+    if (mca_btl_ivcom_link_open(ep)) {
         rc = ivcom_link_idle_check(ep->link);
     }
     OPAL_THREAD_UNLOCK(&ep->lock);
@@ -255,7 +255,7 @@ static int poll_locked(mca_btl_base_endpoint_t *ep)
     if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
         return 0;
     }
-    if (NULL == ep->link || ep->failed || ep->closed) {
+    if (!mca_btl_ivcom_link_open(ep)) {
         OPAL_THREAD_UNLOCK(&ep->lock);
         return 0;
     }
@@ -372,7 +372,7 @@ static int peers_at_work(const mca_btl_ivcom_eps_t *eps)
     for (int i = 0; NULL != eps && i < eps->n; i++) {
         mca_btl_base_endpoint_t *ep = eps->ep[i];
         int rc;
-        if (NULL == ep->link || ep->failed || ep->closed) {
+        if (!mca_btl_ivcom_link_open(ep)) {
             continue;
         }
         rc = ivcom_link_peer_draining(ep->link);
@@ -406,7 +406,7 @@ int mca_btl_ivcom_progress(void)
     for (int i = 0; NULL != eps && i < eps->n; i++) {
         mca_btl_base_endpoint_t *ep = eps->ep[i];
         if (!opal_using_threads()) {
-            if (NULL == ep->link || ep->failed || ep->closed) {
+            if (!mca_btl_ivcom_link_open(ep)) {
                 continue;
             }
             count += poll_single(ep);

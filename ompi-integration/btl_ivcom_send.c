@@ -498,7 +498,7 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
      * working link with nothing queued or reserved, a message that fits
      * its records, a contiguous payload or none (ob1's small messages).
      * What sendi_general would do for it, without its frame. */
-    if (OPAL_LIKELY(!opal_using_threads() && NULL != ep->link && !ep->failed && !ep->closed
+    if (OPAL_LIKELY(!opal_using_threads() && mca_btl_ivcom_link_open(ep)
                     && NULL == ep->reserved && 0 == ep->npending
                     && header_size + payload_size <= ep->max_send)) {
         const void *src = contiguous_payload(conv, payload_size);

@@ -1939,7 +1939,7 @@ impl Consumer {
         }
         self.published = self.cons;
         if TELL_CPU.load(Ordering::Relaxed) && self.cpus_shared {
-            self.tell_cpu();
+            self.write_cpu();
         }
         if self.peer_polls {
             self.v.word(OFF_CONS).store(self.cons, Ordering::Release);
@@ -1962,7 +1962,7 @@ impl Consumer {
     /// Writes this thread's CPU to [`OFF_CONS_CPU`] when it changed (before
     /// the index it goes with is published).
     #[inline(never)]
-    fn tell_cpu(&mut self) {
+    fn write_cpu(&mut self) {
         let c = cpu_plus_one();
         if c != self.cpu_told {
             self.cpu_told = c;
