@@ -54,18 +54,22 @@ static inline const mca_btl_active_message_callback_t *callback_for(mca_btl_base
     return reg;
 }
 
-/* The head copy of a short message (ob1's header and a few bytes): 8 to
- * 32 bytes as two fixed-size moves that may overlap, which the compiler
- * inlines (a call to memcpy and its size dispatch cost more than the
- * copy); each byte of dst is written from one read of src. */
-static inline void copy_head(uint8_t *dst, const uint8_t *src, size_t len)
+/* The head copy of a message that fits in it, whole: false, nothing
+ * copied, when it is longer than IVCOM_HEAD. ob1's small messages (its
+ * header and a few bytes, 16 to 32 bytes) are tested first and copied as
+ * two fixed-size moves that may overlap, which the compiler inlines (a call
+ * to memcpy and its size dispatch cost more than the copy); so are 8 to 15
+ * bytes; each byte of dst is written from one read of src. */
+static inline bool copy_whole(uint8_t *dst, const uint8_t *src, size_t len)
 {
-    if (len >= 16 && len <= 32) {
+    if (OPAL_LIKELY(len >= 16 && len <= 32)) {
         uint8_t a[16], b[16];
         memcpy(a, src, 16);
         memcpy(b, src + len - 16, 16);
         memcpy(dst, a, 16);
         memcpy(dst + len - 16, b, 16);
+    } else if (len > IVCOM_HEAD) {
+        return false;
     } else if (len >= 8 && len < 16) {
         uint64_t a, b;
         memcpy(&a, src, 8);
@@ -75,6 +79,7 @@ static inline void copy_head(uint8_t *dst, const uint8_t *src, size_t len)
     } else {
         memcpy(dst, src, len);
     }
+    return true;
 }
 
 /* Hands one message from peer `ep` to the upper layer. */
@@ -87,8 +92,7 @@ static inline void deliver(mca_btl_base_endpoint_t *ep, mca_btl_base_tag_t tag,
     }
     ep->recv_des.des_segments = ep->recv_seg;
     ep->recv_seg[0].seg_addr.pval = ep->recv_head;
-    if (OPAL_LIKELY(len <= IVCOM_HEAD)) {
-        copy_head(ep->recv_head, data, len);
+    if (OPAL_LIKELY(copy_whole(ep->recv_head, data, len))) {
         if (OPAL_UNLIKELY(ep->recv_head_used > len)) {
             memset(ep->recv_head + len, 0, ep->recv_head_used - len);
         }

@@ -327,18 +327,14 @@ static inline const void *contiguous_payload(struct opal_convertor_t *conv, size
     return src;
 }
 
-/* Moves `conv` past `n` bytes taken from it without packing, as a pack
- * would have. */
-static inline void advance(struct opal_convertor_t *conv, size_t n)
-{
-    size_t pos = conv->bConverted + n;
-    (void) opal_convertor_set_position(conv, &pos);
-}
-
 /* What sendi sends, into dst (room for header_size + payload_size): ob1's
  * header, then the payload from conv (copied straight from the caller's
  * memory when it is contiguous, else packed). Sets *total to the bytes
- * written; false when packing failed. */
+ * written; false when packing failed. A sendi that succeeds leaves the
+ * convertor wherever this left it (past a packed payload, at a contiguous
+ * one): ob1 completes the request then and never reads the convertor's
+ * position again, and Open MPI's own shared-memory BTL leaves it unmoved
+ * on its fast path too. */
 static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
                        struct opal_convertor_t *conv, size_t payload_size, size_t *total)
 {
@@ -347,7 +343,6 @@ static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
     *total = header_size;
     if (NULL != src) {
         memcpy(dst + header_size, src, payload_size);
-        advance(conv, payload_size);
         *total += payload_size;
     } else if (payload_size) {
         struct iovec iov = {.iov_base = dst + header_size, .iov_len = payload_size};
@@ -362,15 +357,10 @@ static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
 }
 
 /* What sendi returns for ivcom_link_try_send2's answer `rc` (called
- * without the lock): on success the convertor moves past the payload, as
- * a pack would have. */
-static inline int sendi_sent(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv,
-                             size_t payload_size, int rc)
+ * without the lock; the convertor stays where it is, as sendi_pack says). */
+static inline int sendi_sent(mca_btl_base_endpoint_t *ep, int rc)
 {
     if (OPAL_LIKELY(1 == rc)) {
-        if (payload_size) {
-            advance(conv, payload_size);
-        }
         return OPAL_SUCCESS;
     }
     return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
@@ -441,7 +431,7 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
     if (NULL != src || 0 == payload_size) {
         rc = ivcom_link_try_send2(ep->link, tag, header, header_size, src, payload_size);
         UNLOCK(ep);
-        return sendi_sent(ep, conv, payload_size, rc);
+        return sendi_sent(ep, rc);
     }
     if (ep->ring) {
         rc = ivcom_link_reserve(ep->link, total, &dst);
@@ -507,7 +497,7 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
             if (NULL != descriptor) {
                 *descriptor = NULL;
             }
-            return sendi_sent(ep, conv, payload_size, rc);
+            return sendi_sent(ep, rc);
         }
     }
     return sendi_general(btl, ep, conv, header, header_size, payload_size, order, flags, tag,

@@ -130,8 +130,11 @@ struct RxSide {
     /// Tags at or above this are protocol violations.
     tag_limit: u16,
     rx_msgs: u64,
-    rx_bytes: u64,
+    /// (between the two counts a batch adds to, as in `Stats`: side by
+    /// side, the optimizer counts the messages of a batch a second time,
+    /// beside its bytes, in a vector register)
     rx_doorbells: u64,
+    rx_bytes: u64,
     /// Polls through an [`RxHalf`] that found nothing since the link last
     /// looked at its peer.
     quiet: u32,

@@ -450,6 +450,26 @@ struct Place {
     payload: *mut u8,
 }
 
+/// A record begun ([`Producer::begin_record`]) and not yet published
+/// ([`Producer::publish_record`]): what the publication needs, read before
+/// the payload is written.
+struct Publication {
+    /// The record's header slot.
+    header: *const AtomicU64,
+    /// The next record's header slot.
+    next: *const AtomicU64,
+    /// Where its payload goes.
+    payload: *mut u8,
+    /// The producer index's word in the control page.
+    index: *const AtomicU64,
+    /// The producer index past it.
+    prod: u64,
+    /// Whether the consumer polls (no doorbell).
+    polls: bool,
+    /// Its payload length.
+    len: usize,
+}
+
 /// Copies `n` bytes from `src` to `dst`: up to 16 inline, as two moves
 /// that may overlap (an upper layer's header, a small payload: a call to
 /// `memcpy` and its size dispatch cost more than the copy), longer ones
@@ -1302,13 +1322,14 @@ impl Producer {
         let Some(at) = self.place(len, heard)? else {
             return Ok(None);
         };
+        let p = self.begin_record(at.pos, at.total, len);
         // SAFETY: the payload has room for `len` bytes of ring space, which
         // the caller's slices cannot overlap.
         unsafe {
-            copy_short(head.as_ptr(), at.payload, head.len());
-            copy_short(body.as_ptr(), at.payload.add(head.len()), body.len());
+            copy_short(head.as_ptr(), p.payload, head.len());
+            copy_short(body.as_ptr(), p.payload.add(head.len()), body.len());
         }
-        Ok(Some(self.finish(at.pos, at.total, len, kind, tag)))
+        Ok(Some(self.publish_record(p, kind, tag)))
     }
 
     /// [`Producer::push2`] for the commonest case alone, in the fewest
@@ -1347,21 +1368,21 @@ impl Producer {
             return false;
         }
         self.reserved = None;
+        let p = self.begin_record(pos, total, len);
         // SAFETY: pos + total <= wrap_at <= size: the record's `len` bytes
         // of payload lie in the data area, which the caller's slices cannot
         // overlap.
         unsafe {
-            let payload = self.v.data().add(pos as usize + RECORD_HEADER);
             if SMALL {
-                copy_small(head.as_ptr(), payload, head.len());
-                copy_small(body.as_ptr(), payload.add(head.len()), body.len());
+                copy_small(head.as_ptr(), p.payload, head.len());
+                copy_small(body.as_ptr(), p.payload.add(head.len()), body.len());
             } else {
-                copy_short(head.as_ptr(), payload, head.len());
-                copy_short(body.as_ptr(), payload.add(head.len()), body.len());
+                copy_short(head.as_ptr(), p.payload, head.len());
+                copy_short(body.as_ptr(), p.payload.add(head.len()), body.len());
             }
         }
         // (the consumer polls: nobody to ring)
-        let _ = self.finish(pos, total, len, kind, tag);
+        let _ = self.publish_record(p, kind, tag);
         true
     }
 
@@ -1385,24 +1406,6 @@ impl Producer {
         self.peer_polls = self.v.word(OFF_CONS_POLLS).load(Ordering::Acquire) != 0;
     }
 
-    /// Publishes the producer index: with the notify protocol, unless the
-    /// consumer polls. Returns `true` when the consumer sleeps and must be
-    /// rung.
-    #[inline]
-    fn publish(&self) -> bool {
-        if self.peer_polls {
-            self.v
-                .word(OFF_PROD)
-                .store(self.published, Ordering::Release);
-            return false;
-        }
-        protocol::publish(
-            self.v.word(OFF_PROD),
-            self.published,
-            self.v.word(OFF_CONS_WAITING),
-        )
-    }
-
     /// Commits the outstanding reservation with `len` payload bytes (at most
     /// the reserved length). Returns `true` when the consumer sleeps and the
     /// caller must ring the doorbell.
@@ -1415,34 +1418,66 @@ impl Producer {
         );
         let pos = self.prod & (self.v.size() - 1);
         let total = (RECORD_HEADER + align8(len)) as u64;
-        self.finish(pos, total, len, kind, tag)
+        // (the caller wrote the payload into the reservation)
+        let p = self.begin_record(pos, total, len);
+        self.publish_record(p, kind, tag)
     }
 
-    /// Publishes the record of `len` payload bytes (`total` with header
-    /// and alignment) written at `pos`, the producer index.
-    /// [`Producer::push2_fast`] publishes through it too.
+    /// Begins the record of `len` payload bytes (`total` with header and
+    /// alignment) at `pos`, the producer index: says where its payload
+    /// goes. The caller writes the payload there (a reservation's was
+    /// written before) and ends with [`Producer::publish_record`]: every
+    /// record is published by the two, in one order of stores. What the
+    /// publication needs of this producer is read here, before the payload
+    /// is written: the compiler cannot tell ring memory from the
+    /// producer's fields and would read each again after the copy.
     #[inline(always)]
-    fn finish(&mut self, pos: u64, total: u64, len: usize, kind: u8, tag: u8) -> bool {
-        let size = self.v.size();
+    fn begin_record(&mut self, pos: u64, total: u64, len: usize) -> Publication {
         if len >= self.v.geo.max_record as usize {
             self.large = true;
         }
+        Publication {
+            header: self.v.slot(pos),
+            next: self.v.slot((pos + total) & (self.v.size() - 1)),
+            // SAFETY: pos + total <= size: the payload's `len` bytes lie in
+            // the data area.
+            payload: unsafe { self.v.data().add(pos as usize + RECORD_HEADER) },
+            index: self.v.word(OFF_PROD),
+            prod: self.prod + total,
+            polls: self.peer_polls,
+            len,
+        }
+    }
+
+    /// Publishes the record that [`Producer::begin_record`] began, its
+    /// payload written. Returns `true` when the consumer sleeps and must
+    /// be rung.
+    #[inline(always)]
+    fn publish_record(&mut self, p: Publication, kind: u8, tag: u8) -> bool {
+        // SAFETY: `next` and `header` are 8-aligned slots of the data area
+        // and `index` a word of the control page, mapped while the
+        // producer lives.
+        let (next, header, index) = unsafe { (&*p.next, &*p.header, &*p.index) };
         // The next record's header slot reads "empty" before this record is
         // visible (reserve found it free; it is offset 0 when this record
         // ends at the end of the data area), so that a consumer that moves
         // on to it never takes what an earlier lap left there for a record.
-        self.v
-            .slot((pos + total) & (size - 1))
-            .store(0, Ordering::Relaxed);
+        next.store(0, Ordering::Relaxed);
         // The header is the record's publication: payload and the cleared
         // slot are written before it (release).
-        self.v.slot(pos).store(
-            crate::record::encode(len as u32, kind, tag),
+        header.store(
+            crate::record::encode(p.len as u32, kind, tag),
             Ordering::Release,
         );
-        self.prod += total;
-        self.published = self.prod;
-        self.publish()
+        self.prod = p.prod;
+        self.published = p.prod;
+        // The producer index: with the notify protocol, unless the consumer
+        // polls.
+        if p.polls {
+            index.store(p.prod, Ordering::Release);
+            return false;
+        }
+        protocol::publish(index, p.prod, self.v.word(OFF_CONS_WAITING))
     }
 
     /// Drops the outstanding reservation.
@@ -1470,14 +1505,15 @@ impl Producer {
         let Some(at) = self.place(len, heard)? else {
             return Ok(None);
         };
+        let rec = self.begin_record(at.pos, at.total, len);
         let mut off = 0;
         for p in parts {
             // SAFETY: the payload has room for `len` bytes; parts do not
             // overlap ring space (they are caller memory).
-            unsafe { ptr::copy_nonoverlapping(p.as_ptr(), at.payload.add(off), p.len()) };
+            unsafe { ptr::copy_nonoverlapping(p.as_ptr(), rec.payload.add(off), p.len()) };
             off += p.len();
         }
-        Ok(Some(self.finish(at.pos, at.total, len, kind, tag)))
+        Ok(Some(self.publish_record(rec, kind, tag)))
     }
 
     /// True when a record of `len` payload bytes fits without waiting.
@@ -1836,25 +1872,34 @@ impl Consumer {
         if self.broken.is_some() || self.current.is_some() {
             return (0, 0);
         }
-        let size = self.v.size();
+        let mask = self.v.size() - 1;
         let data = self.v.data();
-        let max_record = self.v.geo.max_record as usize;
+        let max_record = self.v.geo.max_record as u64;
         // (locals, not fields: `put` may write memory the compiler cannot
         // tell apart from the consumer's, which would reload each field)
         let start = self.cons;
+        let batch_end = start + BATCH_BYTES;
         let (mut cons, mut n, mut bytes) = (start, 0, 0);
         while n < max {
-            let pos = cons & (size - 1);
+            let pos = cons & mask;
             // SAFETY: `pos` is an 8-aligned offset inside the data area
             // (as `View::slot`, from the base read once above).
             let slot = unsafe { &*(data.add(pos as usize) as *const AtomicU64) };
-            let (len, k, tag, _) = crate::record::decode(slot.load(Ordering::Acquire));
-            // (a zero header, nothing published, has kind 0: not MSG)
-            if k != kind::MSG || tag as u16 >= tag_limit || len > max_record {
+            // The header, read once (`record::decode`'s fields).
+            let word = slot.load(Ordering::Acquire);
+            let len = word & 0xffff_ffff;
+            // Kind and tag (bits 32-39 and 40-47) turned into one number,
+            // kind * 256 + tag: kind MSG with a tag below the limit is
+            // exactly 256 up to 256 + tag_limit, one compare. (A zero
+            // header, nothing published, has kind 0: not MSG.)
+            let kind_tag = ((word >> 32) as u16).rotate_left(8);
+            if kind_tag.wrapping_sub(u16::from(kind::MSG) << 8) >= tag_limit || len > max_record {
                 break;
             }
-            let total = (RECORD_HEADER + align8(len)) as u64;
-            if total > size - pos {
+            // (RECORD_HEADER + align8(len), in one step)
+            let total = (len + RECORD_HEADER as u64 + 7) & !7;
+            // (pos + total <= size, said with the mask alone)
+            if pos + total - 1 > mask {
                 break;
             }
             put(
@@ -1862,15 +1907,15 @@ impl Consumer {
                 Record {
                     // SAFETY: pos + total <= size, checked above.
                     ptr: unsafe { data.add(pos as usize + RECORD_HEADER) },
-                    len,
+                    len: len as usize,
                     kind: kind::MSG,
-                    tag,
+                    tag: kind_tag as u8,
                 },
             );
             cons += total;
             n += 1;
-            bytes += len;
-            if cons - start >= BATCH_BYTES {
+            bytes += len as usize;
+            if cons >= batch_end {
                 break;
             }
         }
