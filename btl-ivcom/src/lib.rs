@@ -1384,9 +1384,6 @@ pub unsafe extern "C" fn ivcom_rx_take(
     let h = unsafe { (*rx).half };
     // SAFETY (all RxHalf calls): this is the link's one receiver now and
     // its link lives (contract).
-    if let Some(rc) = unsafe { idle_answer(h) } {
-        return rc;
-    }
     let n = unsafe {
         h.peek_msgs_with(max.min(IVCOM_RX_BATCH), |i, r| {
             // SAFETY: i < max, and `out` has room for `max` (contract).
@@ -1397,10 +1394,14 @@ pub unsafe extern "C" fn ivcom_rx_take(
             })
         })
     };
-    if n == 0 {
-        return IVCOM_RX_FULL;
+    if n > 0 {
+        return n as c_int;
     }
-    n as c_int
+    // Nothing taken: the ring is empty, or what waits is for the full
+    // path. (The batch is tried first: it reads the header at the
+    // consumer's index itself, and an empty ring it leaves as it was.)
+    // SAFETY: as above.
+    unsafe { idle_answer(h) }.unwrap_or(IVCOM_RX_FULL)
 }
 
 /// Ends what `ivcom_rx_take` took: the messages' ring space goes back to
