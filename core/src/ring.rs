@@ -1889,9 +1889,9 @@ impl Consumer {
             let word = slot.load(Ordering::Acquire);
             let len = word & 0xffff_ffff;
             // Kind and tag (bits 32-39 and 40-47) turned into one number,
-            // kind * 256 + tag: kind MSG with a tag below the limit is
-            // exactly 256 up to 256 + tag_limit, one compare. (A zero
-            // header, nothing published, has kind 0: not MSG.)
+            // kind * 256 + tag: a MSG with a tag below the limit is exactly
+            // one from 256 to 255 + tag_limit, so one compare checks both.
+            // (A zero header, nothing published, has kind 0: not MSG.)
             let kind_tag = ((word >> 32) as u16).rotate_left(8);
             if kind_tag.wrapping_sub(u16::from(kind::MSG) << 8) >= tag_limit || len > max_record {
                 break;

@@ -1501,6 +1501,51 @@ proptest! {
     }
 }
 
+/// The batch's check of kind and tag, one compare of `kind * 256 + tag`,
+/// at its edges: every kind the format knows and some it does not, tags at
+/// and beside the limit, limits from none valid to all. A record is taken
+/// exactly when it is a whole message with a tag below the limit; a zero
+/// length, the longest record and reserved bits as the full path does.
+#[test]
+fn a_batch_takes_a_message_exactly_when_its_kind_and_tag_pass() {
+    let max = 1024;
+    let geo = Geometry::with_max_record(DATA, max).unwrap();
+    for limit in [0u16, 1, 2, 128, 255, 256] {
+        for k in [
+            0u8,
+            kind::MSG,
+            kind::FIRST,
+            kind::MORE,
+            kind::CTRL,
+            5,
+            kind::PAD,
+            0x80,
+            0xff,
+        ] {
+            for tag in [0u8, 1, 127, 128, 254, 255] {
+                for (len, reserved) in [(0u32, 0u64), (8, 0), (max as u32, 0), (8, 0xbeef)] {
+                    let mem = Mem::new(geo);
+                    let (_tx, mut short, _full) = readers_at(&mem, geo, max, 0);
+                    let word = ivcom_core::record::encode(len, k, tag) | reserved << 48;
+                    mem.set_word(ring::CTRL_BYTES, word);
+                    let mut out = ring::Batch::new();
+                    let (n, bytes) = short.peek_msgs(limit, &mut out, 4);
+                    let whole = k == kind::MSG && u16::from(tag) < limit;
+                    assert_eq!(
+                        (n, bytes),
+                        if whole { (1, len as usize) } else { (0, 0) },
+                        "kind {k:#x} tag {tag} limit {limit} len {len} reserved {reserved:#x}"
+                    );
+                    if whole {
+                        let r = out.records()[0];
+                        assert_eq!((r.tag, r.len, r.kind), (tag, len as usize, kind::MSG));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A padding record where a batch would start: the batch takes nothing and
 /// leaves it to the full path, which then stands where the other reader's
 /// full path stands, at offset 0 of the next lap (the case a random run of
