@@ -56,6 +56,22 @@ pub const fn decode(word: u64) -> (usize, u8, u8, u16) {
     )
 }
 
+/// The payload length of a header word (`decode`'s first field), as a u64.
+#[inline(always)]
+pub const fn len_of(word: u64) -> u64 {
+    word & 0xffff_ffff
+}
+
+/// Kind and tag of a header word as one number, kind * 256 + tag: a
+/// record of kind `k` with a tag below `limit` is exactly a value from
+/// `k * 256` to `k * 256 + limit - 1`, so one compare checks both (the
+/// ring's batch of whole messages, `Consumer::peek_msgs_with`). The tag is
+/// its low byte.
+#[inline(always)]
+pub const fn kind_tag(word: u64) -> u16 {
+    ((word >> 32) as u16).rotate_left(8)
+}
+
 /// Parses and validates the header of a stream frame: a known kind other
 /// than padding, reserved bits zero, and a length of at most `max`.
 pub fn parse(word: u64, max: usize) -> Result<(usize, u8, u8)> {
@@ -79,6 +95,16 @@ mod tests {
             let w = encode(len, k, tag);
             assert_eq!(decode(w), (len as usize, k, tag, 0));
             assert_eq!(u64::from_le_bytes(encode_bytes(len as usize, k, tag)), w);
+        }
+    }
+
+    #[test]
+    fn len_of_and_kind_tag_read_decodes_fields() {
+        for (len, k, tag) in [(0, kind::MSG, 0), (u32::MAX, kind::CTRL, 255), (77, 3, 9)] {
+            let w = encode(len, k, tag) | 0xbeef << 48;
+            assert_eq!(len_of(w), u64::from(len));
+            assert_eq!(kind_tag(w), u16::from(k) << 8 | u16::from(tag));
+            assert_eq!(kind_tag(w) as u8, tag);
         }
     }
 

@@ -375,6 +375,18 @@ impl View {
         // used; an atomic may be written concurrently by the peer.
         unsafe { &*(self.data().add(pos as usize) as *const AtomicU64) }
     }
+
+    /// The payload of the record whose header is at offset `pos` of the
+    /// data area.
+    ///
+    /// # Safety
+    /// The record lies in the data area: `pos` + its header and payload
+    /// is at most the data size.
+    #[inline(always)]
+    unsafe fn payload(&self, pos: u64) -> *mut u8 {
+        // SAFETY: forwarded contract: inside the mapping.
+        unsafe { self.data().add(pos as usize + RECORD_HEADER) }
+    }
 }
 
 /// Ring space that the producers of one process share: each producer under
@@ -442,12 +454,11 @@ impl Drop for Share {
     }
 }
 
-/// Where [`Producer::place`] put a record: its offset in the data area,
-/// its size with header and alignment, and its payload in ring space.
+/// Where [`Producer::place`] put a record: its offset in the data area
+/// and its size with header and alignment.
 struct Place {
     pos: u64,
     total: u64,
-    payload: *mut u8,
 }
 
 /// A record begun ([`Producer::begin_record`]) and not yet published
@@ -1258,7 +1269,8 @@ impl Producer {
             return Ok(None);
         };
         self.reserved = Some(len);
-        Ok(Some(at.payload))
+        // SAFETY: place put the record in the data area.
+        Ok(Some(unsafe { self.v.payload(at.pos) }))
     }
 
     /// Where a record of `len` payload bytes goes now (past the padding
@@ -1293,12 +1305,10 @@ impl Producer {
             // (the space is free: checked above)
             self.pad_to_end(pos);
         }
-        let pos = self.prod & (size - 1);
+        // (pos + total <= size: no wrap by construction)
         Ok(Some(Place {
-            pos,
+            pos: self.prod & (size - 1),
             total,
-            // SAFETY: pos + total <= size (no wrap by construction).
-            payload: unsafe { self.v.data().add(pos as usize + RECORD_HEADER) },
         }))
     }
 
@@ -1441,7 +1451,7 @@ impl Producer {
             next: self.v.slot((pos + total) & (self.v.size() - 1)),
             // SAFETY: pos + total <= size: the payload's `len` bytes lie in
             // the data area.
-            payload: unsafe { self.v.data().add(pos as usize + RECORD_HEADER) },
+            payload: unsafe { self.v.payload(pos) },
             index: self.v.word(OFF_PROD),
             prod: self.prod + total,
             polls: self.peer_polls,
@@ -1827,7 +1837,7 @@ impl Consumer {
             self.current = Some(total);
             return Ok(Some(Record {
                 // SAFETY: pos + total <= size, checked above.
-                ptr: unsafe { self.v.data().add(pos as usize + RECORD_HEADER) },
+                ptr: unsafe { self.v.payload(pos) },
                 len,
                 kind: k,
                 tag,
@@ -1885,14 +1895,13 @@ impl Consumer {
             // SAFETY: `pos` is an 8-aligned offset inside the data area
             // (as `View::slot`, from the base read once above).
             let slot = unsafe { &*(data.add(pos as usize) as *const AtomicU64) };
-            // The header, read once (`record::decode`'s fields).
+            // The header, read once.
             let word = slot.load(Ordering::Acquire);
-            let len = word & 0xffff_ffff;
-            // Kind and tag (bits 32-39 and 40-47) turned into one number,
-            // kind * 256 + tag: a MSG with a tag below the limit is exactly
-            // one from 256 to 255 + tag_limit, so one compare checks both.
-            // (A zero header, nothing published, has kind 0: not MSG.)
-            let kind_tag = ((word >> 32) as u16).rotate_left(8);
+            let len = crate::record::len_of(word);
+            // A MSG with a tag below the limit, in one compare (see
+            // `record::kind_tag`). (A zero header, nothing published, has
+            // kind 0: not MSG.)
+            let kind_tag = crate::record::kind_tag(word);
             if kind_tag.wrapping_sub(u16::from(kind::MSG) << 8) >= tag_limit || len > max_record {
                 break;
             }

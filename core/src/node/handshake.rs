@@ -358,7 +358,7 @@ impl Decoder {
             return record::HEADER - self.buf.len();
         }
         let h: [u8; 8] = self.buf[..8].try_into().expect("8");
-        let len = (u64::from_le_bytes(h) & 0xffff_ffff) as usize;
+        let len = record::len_of(u64::from_le_bytes(h)) as usize;
         (record::HEADER + len).saturating_sub(self.buf.len()).max(1)
     }
 
