@@ -1682,11 +1682,11 @@ mod tests {
         // the receiver takes everything, and then the sender sends nothing
         // more: only idle looks (what a poll that found nothing calls now
         // and then) and the receiver's empty polls follow. The ring ends
-        // the stream past its kept area (16 messages: a padding record is
-        // written by the look, passed by the receiver's poll, and the next
-        // look gives back) or just below it after a lap that ran to the end
-        // (18 messages: the next look gives back). Then small and large
-        // messages arrive intact, every byte checked.
+        // the stream past its kept area (a padding record is written by
+        // the look, passed by the receiver's poll, and the next look gives
+        // back) or just below it after a lap that ran to the end (the next
+        // look gives back). Then small and large messages arrive intact,
+        // every byte checked.
         let (mut a, mut b, _dir) = pair(1 << 20);
         a.tx.give_back_idle_pages(Duration::from_millis(30));
         let mut t = Traffic::default();
@@ -1702,7 +1702,16 @@ mod tests {
         };
         for cycle in 0..4u64 {
             let far = cycle % 2 == 0;
-            send(&mut a, &mut b, if far { 16 } else { 18 }, 60_000, 4);
+            // At least 16 messages (the stream runs the ring far), then on
+            // until the producer stands where the cycle wants it: past the
+            // kept area, or at the first record of a new lap, just below
+            // it (a 60 KB record from offset 0 ends there).
+            let mut n = 0;
+            while n < 16 || (a.tx.offset() + 8 > ring::KEEP_BYTES) != far {
+                send(&mut a, &mut b, 1, 60_000, 4);
+                n += 1;
+                assert!(n < 64, "cycle {cycle}: {}", a.tx.dbg());
+            }
             assert_eq!(
                 a.tx.offset() + 8 > ring::KEEP_BYTES,
                 far,

@@ -100,6 +100,14 @@ pub const BATCH_BYTES: u64 = 4096;
 /// behind; larger ones only with the ring empty (see `Producer::rewind`).
 pub const WRAP_BEHIND_MAX: u64 = 2048 + 64;
 
+/// A producer whose wrap offset lies at least this far into the data
+/// area (a ring with few peers under its budget) gives records larger
+/// than [`WRAP_BEHIND_MAX`] laps that run to the wrap offset: its lines
+/// have left the receiving core's private caches (512 KiB of L2 on the
+/// machine measured) before they are written again (see
+/// `Producer::rewind`).
+pub const LONG_LAP_MIN: u64 = 512 << 10;
+
 /// Whether consumers of this process tell their CPU ([`OFF_CONS_CPU`]):
 /// on once a caller asks whether its consumers are at work
 /// ([`tell_cpu`]), so that a process whose ranks have cores of their own
@@ -580,6 +588,11 @@ pub struct Producer {
     /// rule; docs/PERFORMANCE.md). Looks prompted by the peer's traffic
     /// (`heard`) still come anywhere past `rewind_at`.
     look_at: u64,
+    /// This lap holds a record larger than [`WRAP_BEHIND_MAX`] that came
+    /// to a look with the wrap offset at least [`LONG_LAP_MIN`]: it runs to
+    /// the wrap offset, and the next one starts over at `min_lap` (see
+    /// `rewind`).
+    long_lap: bool,
     /// Offset below which this producer does not wrap early: `rewind_at`
     /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
     /// until the consumer passes the padding record, so a producer that
@@ -678,6 +691,7 @@ impl Producer {
             peer_polls: false,
             rewind_at,
             look_at: rewind_at,
+            long_lap: false,
             min_lap: rewind_at,
             ran_out: false,
             ran_out_at: 0,
@@ -986,6 +1000,20 @@ impl Producer {
     /// lap, and growing laps with the traffic measured slower still in the
     /// meantime.
     ///
+    /// And where the wrap offset lies at least [`LONG_LAP_MIN`] into the
+    /// data area (few peers under the budget), a lap that holds a record
+    /// larger than `WRAP_BEHIND_MAX` does not wrap early at all: it runs
+    /// to the wrap offset, with the small records that follow it in the
+    /// lap (`long_lap`), and the next lap starts over. A ring that the
+    /// consumer keeps empty (a ping-pong of large messages) otherwise
+    /// wrote the same first kilobytes again at every message, lines that
+    /// the receiving core had just read and still held: each write waits
+    /// for the other core to let its copy go. Between two pinned ranks
+    /// osu_latency from 8 KiB to 256 KiB took 0.40-0.77 of the time on
+    /// long laps (docs/PERFORMANCE.md); laps of 64 and 256 KiB gained
+    /// nothing, 1 MiB most of it. Such a ring's pages are touched once
+    /// (they stay until the give-back), as a stream's already were.
+    ///
     /// Whether the ring is empty costs a look at the consumer index (the
     /// transfer of the consumer's cache line). The first record of a lap
     /// that would cross `REWIND_AT` looks; when the ring is not empty, the
@@ -1038,11 +1066,20 @@ impl Producer {
     fn rewind_look(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
         if pos == 0 {
             // a new lap
+            self.long_lap = false;
             self.look_at = self.min_lap;
             if self.give_back.is_some() && self.ended_at_the_end(pos) {
                 self.end_lap = self.prod;
                 self.went_far();
             }
+            return Ok(());
+        }
+        if self.long_lap || (total > WRAP_BEHIND_MAX && self.wrap_at >= LONG_LAP_MIN) {
+            // A lap that holds a large record runs to the wrap offset,
+            // small records after it too (see `rewind`).
+            self.long_lap = true;
+            self.look_at = self.wrap_at;
+            self.heard = heard;
             return Ok(());
         }
         let due = pos + total > self.look_at;
@@ -1122,6 +1159,11 @@ impl Producer {
         self.reach = self.reach.max(pos + RECORD_HEADER as u64);
         if self.give_back.is_some() && pos + RECORD_HEADER as u64 > KEEP_BYTES {
             self.went_far();
+        }
+        if self.long_lap {
+            // (the next lap starts over)
+            self.long_lap = false;
+            self.look_at = self.min_lap;
         }
         let pad = crate::record::encode((contig - RECORD_HEADER as u64) as u32, kind::PAD, 0);
         // The next lap's first slot reads "empty" before the padding record

@@ -716,9 +716,10 @@ fn take_expected(mem: &Mem, rx: &mut Consumer, next: &mut u64, len: usize) -> Op
 
 /// A consumer that keeps up: the producer wraps early (when its next
 /// record would end past REWIND_AT, fits before the producer's offset, and
-/// the ring is empty), so 4 MiB through a 1 MiB ring never reach past its
-/// first REWIND_AT bytes, nor past two records when records are larger
-/// than half of it; every byte and the order intact.
+/// the ring is empty), so 4 MiB through a 256 KiB ring (below
+/// `ring::LONG_LAP_MIN`, where large records wrap early too) never reach
+/// past its first REWIND_AT bytes, nor past two records when records are
+/// larger than half of it; every byte and the order intact.
 #[test]
 fn a_ring_that_is_kept_empty_is_used_from_its_start() {
     for (base, step, bound) in [
@@ -728,7 +729,7 @@ fn a_ring_that_is_kept_empty_is_used_from_its_start() {
         // records larger than REWIND_AT: at offset 0 or after one record
         (20 << 10, 1000, 2 * ((20 << 10) + 6 * 1000 + RECORD_HEADER)),
     ] {
-        let geo = Geometry::new(1 << 20).unwrap();
+        let geo = Geometry::new(256 << 10).unwrap();
         let mem = Mem::new(geo);
         let (mut tx, mut rx) = mem.ends(geo);
         let mut highest = 0;
@@ -762,6 +763,66 @@ fn a_ring_that_is_kept_empty_is_used_from_its_start() {
     }
 }
 
+/// A ring whose wrap offset reaches `ring::LONG_LAP_MIN` (few peers):
+/// records larger than `ring::WRAP_BEHIND_MAX` run their laps to the end
+/// of the data area even with the consumer keeping up (a ping-pong's
+/// ring, empty at every message), so that a line is written again only
+/// after the receiving core's caches let it go; smaller records still
+/// wrap early within REWIND_AT, also after large ones in the same lap;
+/// every byte and the order intact.
+#[test]
+fn large_records_on_a_ring_with_few_peers_run_laps_to_the_end() {
+    let geo = Geometry::new(1 << 20).unwrap();
+    assert!(geo.data_size as u64 >= ring::LONG_LAP_MIN);
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    let mut seq = 0u64;
+    let mut send = |tx: &mut Producer, rx: &mut Consumer, len: usize| -> usize {
+        let data = payload(seq, len);
+        tx.push(kind::MSG, 7, &[&data]).unwrap().expect("room");
+        let r = rx.peek().unwrap().unwrap();
+        assert_eq!((r.len, r.tag), (len, 7));
+        // SAFETY: valid until release.
+        assert_eq!(unsafe { r.payload() }.to_vec(), data, "record {seq}");
+        let at = offset(&mem, &r);
+        rx.release_flush();
+        seq += 1;
+        at
+    };
+    // 3 laps of 20 KiB records: each lap reaches the end before it wraps.
+    let len = 20 << 10;
+    let (mut highest, mut last, mut wraps) = (0, 0, 0);
+    for _ in 0..3 * ((1 << 20) / (len + 8)) {
+        let at = send(&mut tx, &mut rx, len);
+        if at < last {
+            assert!(
+                last + len + 8 > (1 << 20) - (len + 8),
+                "an early wrap at {last}"
+            );
+            wraps += 1;
+        }
+        last = at;
+        highest = highest.max(at + len);
+    }
+    assert!(wraps >= 2, "{wraps} wraps");
+    assert!(highest > (1 << 20) - 2 * (len + 8), "reached {highest}");
+    // Small records after them wrap early again: within REWIND_AT of
+    // the start once they have wrapped (4 MiB of them).
+    let mut wrapped = false;
+    for _ in 0..(4 << 20) / 1000 {
+        let at = send(&mut tx, &mut rx, 1000);
+        if at < last {
+            wrapped = true;
+        }
+        last = at;
+        if wrapped {
+            assert!(at + 1000 <= ring::REWIND_AT as usize + 1008, "at {at}");
+        }
+    }
+    assert!(wrapped);
+    assert!(rx.peek().unwrap().is_none());
+}
+
 /// Waits until the coarse clock moved (a sleep of a tick is not always
 /// enough on a loaded virtual machine, whose ticks come late).
 fn wait_for_tick() {
@@ -781,14 +842,15 @@ fn wait_for_tick() {
     }
 }
 
-/// `rounds` records of `len` bytes on a fresh 1 MiB ring, a tick of the
+/// `rounds` records of `len` bytes on a fresh 256 KiB ring (below
+/// `ring::LONG_LAP_MIN`: large records wrap early there), a tick of the
 /// coarse clock before each from round `slow_from` on. The consumer is
 /// behind by one record most of the time and catches up at every third;
 /// the producer passes the count of records taken when `hears` (as if it
 /// heard from its peer), 0 otherwise. Returns the highest offset a record
 /// reached; every byte and the order are checked.
 fn exchange(len: usize, rounds: usize, slow_from: usize, hears: bool) -> usize {
-    let geo = Geometry::new(1 << 20).unwrap();
+    let geo = Geometry::new(256 << 10).unwrap();
     let mem = Mem::new(geo);
     let (mut tx, mut rx) = mem.ends(geo);
     let (mut sent, mut next, mut heard, mut highest) = (0u64, 0u64, 0u64, 0usize);
