@@ -101,12 +101,17 @@ pub const BATCH_BYTES: u64 = 4096;
 pub const WRAP_BEHIND_MAX: u64 = 2048 + 64;
 
 /// A producer whose wrap offset lies at least this far into the data
-/// area (a ring with few peers under its budget) gives records larger
-/// than [`WRAP_BEHIND_MAX`] laps that run to the wrap offset: its lines
-/// have left the receiving core's private caches (512 KiB of L2 on the
-/// machine measured) before they are written again (see
-/// `Producer::rewind`).
+/// area (a ring with few peers under its budget) gives a lap that holds a
+/// record larger than [`WRAP_BEHIND_MAX`] no early wrap before
+/// [`LONG_LAP`] (or the wrap offset, when nearer): its lines have left the
+/// receiving core's private caches (512 KiB of L2 on the machine
+/// measured) before they are written again (see `Producer::rewind`).
 pub const LONG_LAP_MIN: u64 = 512 << 10;
+
+/// The offset to which such a lap runs before the usual rules apply
+/// again (a wrap once the ring is empty): the pages that a ping-pong of
+/// large messages touches, whatever the ring's size.
+pub const LONG_LAP: u64 = 1 << 20;
 
 /// Whether consumers of this process tell their CPU ([`OFF_CONS_CPU`]):
 /// on once a caller asks whether its consumers are at work
@@ -1074,11 +1079,13 @@ impl Producer {
             }
             return Ok(());
         }
-        if self.long_lap || (total > WRAP_BEHIND_MAX && self.wrap_at >= LONG_LAP_MIN) {
-            // A lap that holds a large record runs to the wrap offset,
-            // small records after it too (see `rewind`).
+        if (self.long_lap || (total > WRAP_BEHIND_MAX && self.wrap_at >= LONG_LAP_MIN))
+            && pos + total <= LONG_LAP
+        {
+            // A lap that holds a large record runs on to LONG_LAP (or the
+            // wrap offset), small records after it too (see `rewind`).
             self.long_lap = true;
-            self.look_at = self.wrap_at;
+            self.look_at = LONG_LAP.min(self.wrap_at);
             self.heard = heard;
             return Ok(());
         }

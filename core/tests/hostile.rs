@@ -764,15 +764,16 @@ fn a_ring_that_is_kept_empty_is_used_from_its_start() {
 }
 
 /// A ring whose wrap offset reaches `ring::LONG_LAP_MIN` (few peers):
-/// records larger than `ring::WRAP_BEHIND_MAX` run their laps to the end
-/// of the data area even with the consumer keeping up (a ping-pong's
-/// ring, empty at every message), so that a line is written again only
-/// after the receiving core's caches let it go; smaller records still
-/// wrap early within REWIND_AT, also after large ones in the same lap;
-/// every byte and the order intact.
+/// a lap that holds records larger than `ring::WRAP_BEHIND_MAX` runs on
+/// to `ring::LONG_LAP` even with the consumer keeping the ring empty (a
+/// ping-pong's ring, empty at every message), so that a line is written
+/// again only after the receiving core's caches let it go, and wraps
+/// there (a 2 MiB ring's second MiB stays untouched); smaller records
+/// still wrap early within REWIND_AT, also after large ones; every byte
+/// and the order intact.
 #[test]
-fn large_records_on_a_ring_with_few_peers_run_laps_to_the_end() {
-    let geo = Geometry::new(1 << 20).unwrap();
+fn large_records_on_a_ring_with_few_peers_run_long_laps() {
+    let geo = Geometry::new(2 << 20).unwrap();
     assert!(geo.data_size as u64 >= ring::LONG_LAP_MIN);
     let mem = Mem::new(geo);
     let (mut tx, mut rx) = mem.ends(geo);
@@ -789,23 +790,25 @@ fn large_records_on_a_ring_with_few_peers_run_laps_to_the_end() {
         seq += 1;
         at
     };
-    // 3 laps of 20 KiB records: each lap reaches the end before it wraps.
+    // Three laps of 20 KiB records: each wraps right past LONG_LAP.
     let len = 20 << 10;
+    let rec = len + RECORD_HEADER;
+    let lap = ring::LONG_LAP as usize;
     let (mut highest, mut last, mut wraps) = (0, 0, 0);
-    for _ in 0..3 * ((1 << 20) / (len + 8)) {
+    for _ in 0..3 * (lap / rec) + 2 {
         let at = send(&mut tx, &mut rx, len);
         if at < last {
-            assert!(
-                last + len + 8 > (1 << 20) - (len + 8),
-                "an early wrap at {last}"
-            );
+            assert!(last + len + rec > lap, "an early wrap at {last}");
             wraps += 1;
         }
         last = at;
         highest = highest.max(at + len);
     }
     assert!(wraps >= 2, "{wraps} wraps");
-    assert!(highest > (1 << 20) - 2 * (len + 8), "reached {highest}");
+    assert!(
+        highest > lap - rec && highest <= lap + rec,
+        "reached {highest}"
+    );
     // Small records after them wrap early again: within REWIND_AT of
     // the start once they have wrapped (4 MiB of them).
     let mut wrapped = false;
