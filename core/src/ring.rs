@@ -594,9 +594,9 @@ pub struct Producer {
     /// (`heard`) still come anywhere past `rewind_at`.
     look_at: u64,
     /// This lap holds a record larger than [`WRAP_BEHIND_MAX`] that came
-    /// to a look with the wrap offset at least [`LONG_LAP_MIN`]: it runs to
-    /// the wrap offset, and the next one starts over at `min_lap` (see
-    /// `rewind`).
+    /// to a look with the wrap offset at least [`LONG_LAP_MIN`]: it does
+    /// not wrap early before [`LONG_LAP`], and the next one starts over at
+    /// `min_lap` (see `rewind`).
     long_lap: bool,
     /// Offset below which this producer does not wrap early: `rewind_at`
     /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
@@ -1007,17 +1007,21 @@ impl Producer {
     ///
     /// And where the wrap offset lies at least [`LONG_LAP_MIN`] into the
     /// data area (few peers under the budget), a lap that holds a record
-    /// larger than `WRAP_BEHIND_MAX` does not wrap early at all: it runs
-    /// to the wrap offset, with the small records that follow it in the
-    /// lap (`long_lap`), and the next lap starts over. A ring that the
+    /// larger than `WRAP_BEHIND_MAX` does not wrap early before
+    /// [`LONG_LAP`] (1 MiB, or the wrap offset when nearer), with the
+    /// small records that follow it in the lap (`long_lap`); past it the
+    /// rules above apply, and the next lap starts over. A ring that the
     /// consumer keeps empty (a ping-pong of large messages) otherwise
     /// wrote the same first kilobytes again at every message, lines that
     /// the receiving core had just read and still held: each write waits
     /// for the other core to let its copy go. Between two pinned ranks
     /// osu_latency from 8 KiB to 256 KiB took 0.40-0.77 of the time on
     /// long laps (docs/PERFORMANCE.md); laps of 64 and 256 KiB gained
-    /// nothing, 1 MiB most of it. Such a ring's pages are touched once
-    /// (they stay until the give-back), as a stream's already were.
+    /// nothing, 1 MiB most of it. Such a ring's first MiB is touched once
+    /// (its pages stay until the give-back), as a stream's already was;
+    /// laps that ran to the wrap offset ran a ping-pong over all 4 MiB of
+    /// a ring once a record of the largest size had been sent, and the
+    /// phase that did paid the fresh pages.
     ///
     /// Whether the ring is empty costs a look at the consumer index (the
     /// transfer of the consumer's cache line). The first record of a lap
