@@ -113,6 +113,13 @@ pub const LONG_LAP_MIN: u64 = 512 << 10;
 /// large messages touches, whatever the ring's size.
 pub const LONG_LAP: u64 = 1 << 20;
 
+/// Looks in a row that only small records come to (each after news from
+/// the peer: an exchange) that end a long lap before [`LONG_LAP`]: in a
+/// ping-pong of large messages a small one (ob1's acknowledgement) comes
+/// between large ones; a pair whose exchange went small after a burst
+/// wraps early again, and gives its pages back a second later.
+pub const LONG_LAP_SMALL_LOOKS: u8 = 8;
+
 /// Whether consumers of this process tell their CPU ([`OFF_CONS_CPU`]):
 /// on once a caller asks whether its consumers are at work
 /// ([`tell_cpu`]), so that a process whose ranks have cores of their own
@@ -598,6 +605,9 @@ pub struct Producer {
     /// not wrap early before [`LONG_LAP`], and the next one starts over at
     /// `min_lap` (see `rewind`).
     long_lap: bool,
+    /// Looks that records of at most [`WRAP_BEHIND_MAX`] came to in a row
+    /// in a long lap; more than [`LONG_LAP_SMALL_LOOKS`] end it.
+    small_looks: u8,
     /// Offset below which this producer does not wrap early: `rewind_at`
     /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
     /// until the consumer passes the padding record, so a producer that
@@ -697,6 +707,7 @@ impl Producer {
             rewind_at,
             look_at: rewind_at,
             long_lap: false,
+            small_looks: 0,
             min_lap: rewind_at,
             ran_out: false,
             ran_out_at: 0,
@@ -1009,8 +1020,12 @@ impl Producer {
     /// data area (few peers under the budget), a lap that holds a record
     /// larger than `WRAP_BEHIND_MAX` does not wrap early before
     /// [`LONG_LAP`] (1 MiB, or the wrap offset when nearer), with the
-    /// small records that follow it in the lap (`long_lap`); past it the
-    /// rules above apply, and the next lap starts over. A ring that the
+    /// small records that follow it in the lap (`long_lap`) unless they
+    /// alone come to more than [`LONG_LAP_SMALL_LOOKS`] looks in a row
+    /// (an exchange that went small: a real job's ping-pongs of 8 bytes
+    /// after a stream held a lap open that never reached 1 MiB, and the
+    /// ring kept its pages); past it the rules above apply, and the next
+    /// lap starts over. A ring that the
     /// consumer keeps empty (a ping-pong of large messages) otherwise
     /// wrote the same first kilobytes again at every message, lines that
     /// the receiving core had just read and still held: each write waits
@@ -1087,11 +1102,22 @@ impl Producer {
             && pos + total <= LONG_LAP
         {
             // A lap that holds a large record runs on to LONG_LAP (or the
-            // wrap offset), small records after it too (see `rewind`).
-            self.long_lap = true;
-            self.look_at = LONG_LAP.min(self.wrap_at);
-            self.heard = heard;
-            return Ok(());
+            // wrap offset), small records after it too (see `rewind`),
+            // unless they alone come to looks: the exchange went small.
+            if total > WRAP_BEHIND_MAX {
+                self.small_looks = 0;
+            } else {
+                self.small_looks += 1;
+            }
+            if self.small_looks <= LONG_LAP_SMALL_LOOKS {
+                self.long_lap = true;
+                self.look_at = LONG_LAP.min(self.wrap_at);
+                self.heard = heard;
+                return Ok(());
+            }
+            self.long_lap = false;
+            self.small_looks = 0;
+            self.look_at = self.min_lap;
         }
         let due = pos + total > self.look_at;
         // Wrapping pays only when the record and the free header slot after

@@ -778,9 +778,14 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
     let mem = Mem::new(geo);
     let (mut tx, mut rx) = mem.ends(geo);
     let mut seq = 0u64;
-    let mut send = |tx: &mut Producer, rx: &mut Consumer, len: usize| -> usize {
+    // `hears`: the producer heard from its peer before this record (an
+    // exchange), as a count that moves; else a stream.
+    let mut send = |tx: &mut Producer, rx: &mut Consumer, len: usize, hears: bool| -> usize {
         let data = payload(seq, len);
-        tx.push(kind::MSG, 7, &[&data]).unwrap().expect("room");
+        let heard = if hears { seq + 1 } else { 0 };
+        tx.push_heard(kind::MSG, 7, &[&data], heard)
+            .unwrap()
+            .expect("room");
         let r = rx.peek().unwrap().unwrap();
         assert_eq!((r.len, r.tag), (len, 7));
         // SAFETY: valid until release.
@@ -796,7 +801,7 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
     let lap = ring::LONG_LAP as usize;
     let (mut highest, mut last, mut wraps) = (0, 0, 0);
     for _ in 0..3 * (lap / rec) + 2 {
-        let at = send(&mut tx, &mut rx, len);
+        let at = send(&mut tx, &mut rx, len, false);
         if at < last {
             assert!(last + len + rec > lap, "an early wrap at {last}");
             wraps += 1;
@@ -809,12 +814,14 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
         highest > lap - rec && highest <= lap + rec,
         "reached {highest}"
     );
-    // Small records after them wrap early again: within REWIND_AT of
-    // the start once they have wrapped (4 MiB of them).
+    // Small records streamed after them stay in the long lap up to
+    // LONG_LAP, then wrap early again: within REWIND_AT of the start once
+    // they have wrapped (4 MiB of them).
     let mut wrapped = false;
     for _ in 0..(4 << 20) / 1000 {
-        let at = send(&mut tx, &mut rx, 1000);
-        if at < last {
+        let at = send(&mut tx, &mut rx, 1000, false);
+        if at < last && !wrapped {
+            assert!(last + 1000 + 1008 > lap, "an early wrap at {last}");
             wrapped = true;
         }
         last = at;
@@ -823,6 +830,35 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
         }
     }
     assert!(wrapped);
+    // Large records again, the lap long at its third (at 40 KiB); then an
+    // exchange of small records (each after news from the peer) ends it
+    // after LONG_LAP_SMALL_LOOKS looks and wraps early: a pair that went
+    // small after a burst does not hold the lap open.
+    loop {
+        let at = send(&mut tx, &mut rx, len, false);
+        let wrapped = at < last;
+        last = at;
+        if wrapped {
+            break;
+        }
+    }
+    for _ in 0..2 {
+        last = send(&mut tx, &mut rx, len, false);
+    }
+    let mut n = 0;
+    loop {
+        let at = send(&mut tx, &mut rx, 1000, true);
+        n += 1;
+        if at < last {
+            break;
+        }
+        last = at;
+        // (LONG_LAP_SMALL_LOOKS looks, and the one that wraps)
+        assert!(
+            n <= 9,
+            "no early wrap after {n} small records in an exchange, at {at}"
+        );
+    }
     assert!(rx.peek().unwrap().is_none());
 }
 
