@@ -1030,7 +1030,7 @@ impl Producer {
     /// wrote the same first kilobytes again at every message, lines that
     /// the receiving core had just read and still held: each write waits
     /// for the other core to let its copy go. Between two pinned ranks
-    /// osu_latency from 8 KiB to 256 KiB took 0.40-0.77 of the time on
+    /// osu_latency from 8 KiB to 256 KiB took 0.47-0.80 of the time on
     /// long laps (docs/PERFORMANCE.md); laps of 64 and 256 KiB gained
     /// nothing, 1 MiB most of it. Such a ring's first MiB is touched once
     /// (its pages stay until the give-back), as a stream's already was;
