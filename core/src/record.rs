@@ -49,7 +49,7 @@ pub fn encode_bytes(len: usize, kind: u8, tag: u8) -> [u8; HEADER] {
 #[inline(always)]
 pub const fn decode(word: u64) -> (usize, u8, u8, u16) {
     (
-        (word & 0xffff_ffff) as usize,
+        len_of(word) as usize,
         (word >> 32) as u8,
         (word >> 40) as u8,
         (word >> 48) as u16,

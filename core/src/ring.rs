@@ -1090,8 +1090,7 @@ impl Producer {
     fn rewind_look(&mut self, pos: u64, total: u64, heard: u64) -> Result<()> {
         if pos == 0 {
             // a new lap
-            self.long_lap = false;
-            self.look_at = self.min_lap;
+            self.start_lap_over();
             if self.give_back.is_some() && self.ended_at_the_end(pos) {
                 self.end_lap = self.prod;
                 self.went_far();
@@ -1115,9 +1114,7 @@ impl Producer {
                 self.heard = heard;
                 return Ok(());
             }
-            self.long_lap = false;
-            self.small_looks = 0;
-            self.look_at = self.min_lap;
+            self.start_lap_over();
         }
         let due = pos + total > self.look_at;
         // Wrapping pays only when the record and the free header slot after
@@ -1178,6 +1175,15 @@ impl Producer {
         Ok(())
     }
 
+    /// Ends a long lap (if any) and looks next at `min_lap`, as at the
+    /// start of a lap. (`small_looks` needs no reset: the large record
+    /// that begins a long lap resets it.)
+    #[inline]
+    fn start_lap_over(&mut self) {
+        self.long_lap = false;
+        self.look_at = self.min_lap;
+    }
+
     /// The ring had no room for a record at `pos`: laps of at least twice
     /// that from now on (see `min_lap`).
     #[cold]
@@ -1199,8 +1205,7 @@ impl Producer {
         }
         if self.long_lap {
             // (the next lap starts over)
-            self.long_lap = false;
-            self.look_at = self.min_lap;
+            self.start_lap_over();
         }
         let pad = crate::record::encode((contig - RECORD_HEADER as u64) as u32, kind::PAD, 0);
         // The next lap's first slot reads "empty" before the padding record
