@@ -120,6 +120,25 @@ pub const LONG_LAP: u64 = 1 << 20;
 /// wraps early again, and gives its pages back a second later.
 pub const LONG_LAP_SMALL_LOOKS: u8 = 8;
 
+/// Records larger than this (header included: messages of more than 512
+/// bytes with their upper layer's header) and of at most
+/// [`WRAP_BEHIND_MAX`] are medium: a one-way stream of them that has run
+/// [`MEDIUM_STREAM`] bytes gets long laps as large records do.
+pub const MEDIUM_MIN: u64 = 512 + 64;
+
+/// Bytes that a one-way stream of medium records runs on short laps
+/// before its laps go long (where the wrap offset lies at least
+/// [`LONG_LAP_MIN`] in): a short run of them does not pay the first lap
+/// over fresh pages.
+pub const MEDIUM_STREAM: u64 = 256 << 10;
+
+/// The producer streams one way while what it heard from its peer
+/// between two looks is at most this fraction of what it wrote in the
+/// meantime in this lap (at least [`REWIND_STRIDE`]): 1/32, half a KiB a
+/// look at least (osu_bw's reply to a window of 64 messages is some 64
+/// bytes; a ping-pong hears as much as it sends).
+const ONE_WAY: u64 = 32;
+
 /// Whether consumers of this process tell their CPU ([`OFF_CONS_CPU`]):
 /// on once a caller asks whether its consumers are at work
 /// ([`tell_cpu`]), so that a process whose ranks have cores of their own
@@ -606,8 +625,17 @@ pub struct Producer {
     /// `min_lap` (see `rewind`).
     long_lap: bool,
     /// Looks that records of at most [`WRAP_BEHIND_MAX`] came to in a row
-    /// in a long lap; more than [`LONG_LAP_SMALL_LOOKS`] end it.
+    /// in a long lap (medium ones of a stream aside); more than
+    /// [`LONG_LAP_SMALL_LOOKS`] end it.
     small_looks: u8,
+    /// Producer index since which every look found a medium record, and
+    /// the peer quiet since the look before: a one-way stream of them
+    /// ([`MEDIUM_STREAM`]).
+    stream_from: u64,
+    /// Producer index and the caller's `heard` count at the last look
+    /// that asked whether the producer streams (`streams`).
+    look_prod: u64,
+    look_heard: u64,
     /// Offset below which this producer does not wrap early: `rewind_at`
     /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
     /// until the consumer passes the padding record, so a producer that
@@ -708,6 +736,9 @@ impl Producer {
             look_at: rewind_at,
             long_lap: false,
             small_looks: 0,
+            stream_from: 0,
+            look_prod: 0,
+            look_heard: 0,
             min_lap: rewind_at,
             ran_out: false,
             ran_out_at: 0,
@@ -1011,10 +1042,9 @@ impl Producer {
     /// between two pinned ranks, wrapping every record behind the consumer
     /// cost streams of 1 KiB to 256 KiB 8-31 %, and from 4 KiB ivcom is
     /// 2-10x vader on long laps (docs/PERFORMANCE.md). Long streams of 1-2
-    /// KiB between pinned ranks also run 15-26 % faster on long laps
-    /// (unpinned ones alike on either), but reaching them costs that first
-    /// lap, and growing laps with the traffic measured slower still in the
-    /// meantime.
+    /// KiB between pinned ranks also run faster on long laps, but reaching
+    /// them costs that first lap, and growing laps with the traffic
+    /// measured slower still in the meantime: see the medium records below.
     ///
     /// And where the wrap offset lies at least [`LONG_LAP_MIN`] into the
     /// data area (few peers under the budget), a lap that holds a record
@@ -1037,6 +1067,15 @@ impl Producer {
     /// laps that ran to the wrap offset ran a ping-pong over all 4 MiB of
     /// a ring once a record of the largest size had been sent, and the
     /// phase that did paid the fresh pages.
+    ///
+    /// Medium records ([`MEDIUM_MIN`] to `WRAP_BEHIND_MAX`: messages of
+    /// 512 bytes to 2 KiB) open long laps the same way once they form a
+    /// one-way stream that has run [`MEDIUM_STREAM`] bytes (`streams`): a
+    /// receiver that keeps up with them (at 1-2 KiB the sender sets the
+    /// pace) read lines that the next lap wrote again; on long laps osu_bw
+    /// moved 1.26x (1 KiB) and 1.35x (2 KiB) as much between pinned ranks
+    /// in long runs. Short runs of them keep the short laps and their
+    /// pages; a ping-pong of them, or a pair that streams both ways, too.
     ///
     /// Whether the ring is empty costs a look at the consumer index (the
     /// transfer of the consumer's cache line). The first record of a lap
@@ -1097,13 +1136,14 @@ impl Producer {
             }
             return Ok(());
         }
-        if (self.long_lap || (total > WRAP_BEHIND_MAX && self.wrap_at >= LONG_LAP_MIN))
-            && pos + total <= LONG_LAP
-        {
-            // A lap that holds a large record runs on to LONG_LAP (or the
-            // wrap offset), small records after it too (see `rewind`),
-            // unless they alone come to looks: the exchange went small.
-            if total > WRAP_BEHIND_MAX {
+        let opens = self.wrap_at >= LONG_LAP_MIN
+            && (self.streams(pos, total, heard) || total > WRAP_BEHIND_MAX);
+        if (self.long_lap || opens) && pos + total <= LONG_LAP {
+            // A lap that holds a large record (or a medium one of a
+            // stream) runs on to LONG_LAP (or the wrap offset), small
+            // records after it too (see `rewind`), unless they alone come
+            // to looks: the exchange went small.
+            if opens {
                 self.small_looks = 0;
             } else {
                 self.small_looks += 1;
@@ -1175,9 +1215,33 @@ impl Producer {
         Ok(())
     }
 
+    /// At a look, whether a record of `total` bytes is a medium one of a
+    /// one-way stream that has run [`MEDIUM_STREAM`] bytes: every look
+    /// since `stream_from` found a medium record, and the peer had sent at
+    /// most 1/[`ONE_WAY`] of what this side wrote since the look before
+    /// (in this lap: a look that begins a lap may follow a whole lap
+    /// without one).
+    /// A ping-pong of such messages, or a pair that streams both ways,
+    /// keeps the short laps. (`heard` counts the padding records of the
+    /// peer's wraps too: the look that follows one starts the stream over.)
+    fn streams(&mut self, pos: u64, total: u64, heard: u64) -> bool {
+        let wrote = self
+            .prod
+            .wrapping_sub(self.look_prod)
+            .min(pos)
+            .max(REWIND_STRIDE);
+        let one_way = heard.wrapping_sub(self.look_heard) <= wrote / ONE_WAY;
+        (self.look_prod, self.look_heard) = (self.prod, heard);
+        if !(total > MEDIUM_MIN && total <= WRAP_BEHIND_MAX && one_way) {
+            self.stream_from = self.prod;
+            return false;
+        }
+        self.prod.wrapping_sub(self.stream_from) >= MEDIUM_STREAM
+    }
+
     /// Ends a long lap (if any) and looks next at `min_lap`, as at the
-    /// start of a lap. (`small_looks` needs no reset: the large record
-    /// that begins a long lap resets it.)
+    /// start of a lap. (`small_looks` needs no reset: the record that
+    /// begins a long lap resets it.)
     #[inline]
     fn start_lap_over(&mut self) {
         self.long_lap = false;

@@ -779,10 +779,11 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
     let (mut tx, mut rx) = mem.ends(geo);
     let mut seq = 0u64;
     // `hears`: the producer heard from its peer before this record (an
-    // exchange), as a count that moves; else a stream.
+    // exchange: as many bytes as it sends, the channel's count), else a
+    // stream.
     let mut send = |tx: &mut Producer, rx: &mut Consumer, len: usize, hears: bool| -> usize {
         let data = payload(seq, len);
-        let heard = if hears { seq + 1 } else { 0 };
+        let heard = if hears { (seq + 1) * len as u64 } else { 0 };
         tx.push_heard(kind::MSG, 7, &[&data], heard)
             .unwrap()
             .expect("room");
@@ -816,17 +817,26 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
     );
     // Small records streamed after them stay in the long lap up to
     // LONG_LAP, then wrap early again: within REWIND_AT of the start once
-    // they have wrapped (4 MiB of them).
+    // they have wrapped (4 MiB of them; small: not medium records, which
+    // a stream takes on long laps, see the next test).
+    let small = 500;
+    assert!((RECORD_HEADER + small) as u64 <= ring::MEDIUM_MIN);
     let mut wrapped = false;
-    for _ in 0..(4 << 20) / 1000 {
-        let at = send(&mut tx, &mut rx, 1000, false);
+    for _ in 0..(4 << 20) / small {
+        let at = send(&mut tx, &mut rx, small, false);
         if at < last && !wrapped {
-            assert!(last + 1000 + 1008 > lap, "an early wrap at {last}");
+            assert!(
+                last + 2 * (small + RECORD_HEADER) > lap,
+                "an early wrap at {last}"
+            );
             wrapped = true;
         }
         last = at;
         if wrapped {
-            assert!(at + 1000 <= ring::REWIND_AT as usize + 1008, "at {at}");
+            assert!(
+                at + small <= ring::REWIND_AT as usize + small + RECORD_HEADER,
+                "at {at}"
+            );
         }
     }
     assert!(wrapped);
@@ -858,6 +868,95 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
             n <= 9,
             "no early wrap after {n} small records in an exchange, at {at}"
         );
+    }
+    assert!(rx.peek().unwrap().is_none());
+}
+
+/// Medium records (1,000 bytes: more than `ring::MEDIUM_MIN` with their
+/// header, at most `ring::WRAP_BEHIND_MAX`) on a ring with few peers: a
+/// one-way stream of them wraps early (within `REWIND_AT`) until it has
+/// run `ring::MEDIUM_STREAM` bytes, then runs laps to `ring::LONG_LAP`,
+/// never the second MiB; the same records in an exchange (the producer
+/// hears as much as it sends) end such a lap within
+/// `LONG_LAP_SMALL_LOOKS` looks and keep short laps. Every byte and the
+/// order checked.
+#[test]
+fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
+    let geo = Geometry::new(2 << 20).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    let len = 1000usize;
+    let rec = RECORD_HEADER + len.next_multiple_of(8);
+    assert!(rec as u64 > ring::MEDIUM_MIN && rec as u64 <= ring::WRAP_BEHIND_MAX);
+    let (lap, short) = (ring::LONG_LAP as usize, ring::REWIND_AT as usize + rec);
+    let (mut seq, mut heard, mut last, mut written) = (0u64, 0u64, 0usize, 0usize);
+    // One record, taken at once (the consumer keeps the ring empty);
+    // `hears`: the peer sent as much before it.
+    let mut send = |tx: &mut Producer, rx: &mut Consumer, hears: bool| -> usize {
+        if hears {
+            heard += rec as u64;
+        }
+        let data = payload(seq, len);
+        tx.push_heard(kind::MSG, 3, &[&data], heard)
+            .unwrap()
+            .expect("room");
+        let r = rx.peek().unwrap().unwrap();
+        assert_eq!((r.len, r.tag), (len, 3));
+        // SAFETY: valid until release.
+        assert_eq!(unsafe { r.payload() }.to_vec(), data, "record {seq}");
+        let at = offset(&mem, &r);
+        rx.release_flush();
+        seq += 1;
+        at
+    };
+    // The stream's first MEDIUM_STREAM bytes: short laps.
+    let (mut long_wraps, mut highest) = (0, 0);
+    for _ in 0..(3 << 20) / rec {
+        let at = send(&mut tx, &mut rx, false);
+        written += rec;
+        if at < last {
+            if written <= ring::MEDIUM_STREAM as usize {
+                assert!(
+                    last + rec <= short,
+                    "record {seq}: a short lap reached {last}"
+                );
+            } else if last + rec > short {
+                assert!(
+                    last + 2 * rec > lap,
+                    "record {seq}: a long lap wrapped at {last}"
+                );
+                long_wraps += 1;
+            }
+        }
+        last = at;
+        highest = highest.max(at + rec);
+    }
+    assert!(long_wraps >= 2, "{long_wraps} long laps");
+    assert!(
+        highest > lap - rec && highest <= lap + rec,
+        "reached {highest}"
+    );
+    // Into a long lap again, then an exchange of the same records.
+    while last < 64 << 10 {
+        last = send(&mut tx, &mut rx, false);
+    }
+    let mut n = 0;
+    loop {
+        let at = send(&mut tx, &mut rx, true);
+        n += 1;
+        let wrapped = at < last;
+        last = at;
+        if wrapped {
+            break;
+        }
+        assert!(
+            n <= 9,
+            "no early wrap after {n} records of an exchange, at {at}"
+        );
+    }
+    for _ in 0..(2 << 20) / rec {
+        let at = send(&mut tx, &mut rx, true);
+        assert!(at + rec <= short, "record {seq} of an exchange at {at}");
     }
     assert!(rx.peek().unwrap().is_none());
 }
