@@ -123,14 +123,24 @@ pub const LONG_LAP_SMALL_LOOKS: u8 = 8;
 /// Records larger than this (header included: messages of more than 512
 /// bytes with their upper layer's header) and of at most
 /// [`WRAP_BEHIND_MAX`] are medium: a one-way stream of them that has run
-/// [`MEDIUM_STREAM`] bytes gets long laps as large records do.
+/// [`MEDIUM_STREAM`] bytes (over warm pages) or [`MEDIUM_STREAM_COLD`]
+/// gets long laps as large records do.
 pub const MEDIUM_MIN: u64 = 512 + 64;
 
 /// Bytes that a one-way stream of medium records runs on short laps
 /// before its laps go long (where the wrap offset lies at least
-/// [`LONG_LAP_MIN`] in): a short run of them does not pay the first lap
-/// over fresh pages.
+/// [`LONG_LAP_MIN`] in) when the pages of a long lap are there already
+/// (a lap ended within 64 KiB of [`LONG_LAP`] since they were last given
+/// back).
 pub const MEDIUM_STREAM: u64 = 256 << 10;
+
+/// The same over fresh pages: the first lap over them (about 250 pages
+/// at 2.0-2.7 us each here) costs what the long laps gain over some 16 MB
+/// of a 1 KiB stream (1.26x between pinned ranks), so a stream keeps its
+/// short laps until it has run that long (a rent-or-buy rule: a stream
+/// that ends sooner paid at most twice the best choice), and short runs
+/// of such messages (OSU's phases of 1.4-14 MB) do not pay it at all.
+pub const MEDIUM_STREAM_COLD: u64 = 16 << 20;
 
 /// The producer streams one way while what it heard from its peer
 /// between two looks is at most this fraction of what it wrote in the
@@ -628,14 +638,17 @@ pub struct Producer {
     /// in a long lap (medium ones of a stream aside); more than
     /// [`LONG_LAP_SMALL_LOOKS`] end it.
     small_looks: u8,
-    /// Producer index since which every look found a medium record, and
-    /// the peer quiet since the look before: a one-way stream of them
-    /// ([`MEDIUM_STREAM`]).
-    stream_from: u64,
+    /// Bytes of records (padding aside) written since every look found a
+    /// medium record, and the peer quiet since the look before: a one-way
+    /// stream of them ([`MEDIUM_STREAM`]).
+    stream_run: u64,
     /// Producer index and the caller's `heard` count at the last look
     /// that asked whether the producer streams (`streams`).
     look_prod: u64,
     look_heard: u64,
+    /// Furthest offset a lap ended at since the pages past [`KEEP_BYTES`]
+    /// were last given back: the pages before it are there.
+    touched: u64,
     /// Offset below which this producer does not wrap early: `rewind_at`
     /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
     /// until the consumer passes the padding record, so a producer that
@@ -736,9 +749,10 @@ impl Producer {
             look_at: rewind_at,
             long_lap: false,
             small_looks: 0,
-            stream_from: 0,
+            stream_run: 0,
             look_prod: 0,
             look_heard: 0,
+            touched: 0,
             min_lap: rewind_at,
             ran_out: false,
             ran_out_at: 0,
@@ -848,6 +862,7 @@ impl Producer {
             return;
         }
         self.far_at = 0;
+        self.touched = KEEP_BYTES;
         self.given_back += 1;
     }
 
@@ -1070,12 +1085,15 @@ impl Producer {
     ///
     /// Medium records ([`MEDIUM_MIN`] to `WRAP_BEHIND_MAX`: messages of
     /// 512 bytes to 2 KiB) open long laps the same way once they form a
-    /// one-way stream that has run [`MEDIUM_STREAM`] bytes (`streams`): a
-    /// receiver that keeps up with them (at 1-2 KiB the sender sets the
-    /// pace) read lines that the next lap wrote again; on long laps osu_bw
-    /// moved 1.26x (1 KiB) and 1.35x (2 KiB) as much between pinned ranks
-    /// in long runs. Short runs of them keep the short laps and their
-    /// pages; a ping-pong of them, or a pair that streams both ways, too.
+    /// one-way stream that has run [`MEDIUM_STREAM_COLD`] bytes, or
+    /// [`MEDIUM_STREAM`] where the long lap's pages are there already
+    /// (`streams`): a receiver that keeps up with them (at 1-2 KiB the
+    /// sender sets the pace) read lines that the next lap wrote again; on
+    /// long laps osu_bw moved 1.26-1.51x (1 KiB) and 1.35-1.78x (2 KiB)
+    /// as much between pinned ranks in long runs (docs/PERFORMANCE.md).
+    /// Shorter runs of them keep the short laps and pay no first lap; a
+    /// ping-pong of them, or a pair that streams both ways, keeps them
+    /// too.
     ///
     /// Whether the ring is empty costs a look at the consumer index (the
     /// transfer of the consumer's cache line). The first record of a lap
@@ -1130,6 +1148,10 @@ impl Producer {
         if pos == 0 {
             // a new lap
             self.start_lap_over();
+            if self.prod != 0 {
+                // (the last one ended at the end of the data area)
+                self.touched = self.v.size();
+            }
             if self.give_back.is_some() && self.ended_at_the_end(pos) {
                 self.end_lap = self.prod;
                 self.went_far();
@@ -1216,8 +1238,9 @@ impl Producer {
     }
 
     /// At a look, whether a record of `total` bytes is a medium one of a
-    /// one-way stream that has run [`MEDIUM_STREAM`] bytes: every look
-    /// since `stream_from` found a medium record, and the peer had sent at
+    /// one-way stream that has run [`MEDIUM_STREAM`] bytes (over pages
+    /// that are there, `touched`) or [`MEDIUM_STREAM_COLD`]: every look
+    /// in its last `stream_run` bytes found a medium record, and the peer had sent at
     /// most 1/[`ONE_WAY`] of what this side wrote since the look before
     /// (in this lap: a look that begins a lap may follow a whole lap
     /// without one).
@@ -1225,18 +1248,17 @@ impl Producer {
     /// keeps the short laps. (`heard` counts the padding records of the
     /// peer's wraps too: the look that follows one starts the stream over.)
     fn streams(&mut self, pos: u64, total: u64, heard: u64) -> bool {
-        let wrote = self
-            .prod
-            .wrapping_sub(self.look_prod)
-            .min(pos)
-            .max(REWIND_STRIDE);
-        let one_way = heard.wrapping_sub(self.look_heard) <= wrote / ONE_WAY;
+        // (this lap's part: the padding that ended the last one aside)
+        let wrote = self.prod.wrapping_sub(self.look_prod).min(pos);
+        let one_way = heard.wrapping_sub(self.look_heard) <= wrote.max(REWIND_STRIDE) / ONE_WAY;
         (self.look_prod, self.look_heard) = (self.prod, heard);
         if !(total > MEDIUM_MIN && total <= WRAP_BEHIND_MAX && one_way) {
-            self.stream_from = self.prod;
+            self.stream_run = 0;
             return false;
         }
-        self.prod.wrapping_sub(self.stream_from) >= MEDIUM_STREAM
+        self.stream_run = self.stream_run.saturating_add(wrote);
+        let warm = self.touched + (64 << 10) >= LONG_LAP.min(self.wrap_at);
+        self.stream_run >= MEDIUM_STREAM && (warm || self.stream_run >= MEDIUM_STREAM_COLD)
     }
 
     /// Ends a long lap (if any) and looks next at `min_lap`, as at the
@@ -1264,6 +1286,7 @@ impl Producer {
         debug_assert!(pos > 0, "a padding record never starts at offset 0");
         let contig = self.v.size() - pos;
         self.reach = self.reach.max(pos + RECORD_HEADER as u64);
+        self.touched = self.touched.max(pos + RECORD_HEADER as u64);
         if self.give_back.is_some() && pos + RECORD_HEADER as u64 > KEEP_BYTES {
             self.went_far();
         }

@@ -874,12 +874,13 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
 
 /// Medium records (1,000 bytes: more than `ring::MEDIUM_MIN` with their
 /// header, at most `ring::WRAP_BEHIND_MAX`) on a ring with few peers: a
-/// one-way stream of them wraps early (within `REWIND_AT`) until it has
-/// run `ring::MEDIUM_STREAM` bytes, then runs laps to `ring::LONG_LAP`,
-/// never the second MiB; the same records in an exchange (the producer
-/// hears as much as it sends) end such a lap within
-/// `LONG_LAP_SMALL_LOOKS` looks and keep short laps. Every byte and the
-/// order checked.
+/// one-way stream of them over fresh pages wraps early (within
+/// `REWIND_AT`) until it has run `ring::MEDIUM_STREAM_COLD` bytes, then
+/// runs laps to `ring::LONG_LAP`, never the second MiB; the same records
+/// in an exchange (the producer hears as much as it sends) end such a lap
+/// within `LONG_LAP_SMALL_LOOKS` looks and keep short laps; a one-way
+/// stream again, now over pages that the long laps left, goes long after
+/// `ring::MEDIUM_STREAM` bytes. Every byte and the order checked.
 #[test]
 fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
     let geo = Geometry::new(2 << 20).unwrap();
@@ -889,10 +890,10 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
     let rec = RECORD_HEADER + len.next_multiple_of(8);
     assert!(rec as u64 > ring::MEDIUM_MIN && rec as u64 <= ring::WRAP_BEHIND_MAX);
     let (lap, short) = (ring::LONG_LAP as usize, ring::REWIND_AT as usize + rec);
-    let (mut seq, mut heard, mut last, mut written) = (0u64, 0u64, 0usize, 0usize);
+    let (mut seq, mut heard, mut last) = (0u64, 0u64, 0usize);
     // One record, taken at once (the consumer keeps the ring empty);
     // `hears`: the peer sent as much before it.
-    let mut send = |tx: &mut Producer, rx: &mut Consumer, hears: bool| -> usize {
+    let mut send = |tx: &mut Producer, rx: &mut Consumer, hears: bool| -> (usize, u64) {
         if hears {
             heard += rec as u64;
         }
@@ -907,42 +908,63 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
         let at = offset(&mem, &r);
         rx.release_flush();
         seq += 1;
-        at
+        (at, seq)
     };
-    // The stream's first MEDIUM_STREAM bytes: short laps.
-    let (mut long_wraps, mut highest) = (0, 0);
-    for _ in 0..(3 << 20) / rec {
-        let at = send(&mut tx, &mut rx, false);
-        written += rec;
-        if at < last {
-            if written <= ring::MEDIUM_STREAM as usize {
-                assert!(
-                    last + rec <= short,
-                    "record {seq}: a short lap reached {last}"
-                );
-            } else if last + rec > short {
-                assert!(
-                    last + 2 * rec > lap,
-                    "record {seq}: a long lap wrapped at {last}"
-                );
-                long_wraps += 1;
+    // A one-way stream of `bytes`: short laps while it has run at most
+    // `short_for`, then at least two long ones, none past LONG_LAP.
+    // A one-way stream of `bytes`: short laps while it has run at most
+    // `short_for`, then at least two long ones, none past LONG_LAP.
+    type Send<'a> = dyn FnMut(&mut Producer, &mut Consumer, bool) -> (usize, u64) + 'a;
+    let one_way = |send: &mut Send<'_>,
+                   tx: &mut Producer,
+                   rx: &mut Consumer,
+                   last: &mut usize,
+                   bytes: usize,
+                   short_for: usize| {
+        let (mut written, mut long_wraps, mut highest) = (0, 0, 0);
+        for _ in 0..bytes / rec {
+            let (at, seq) = send(tx, rx, false);
+            written += rec;
+            if at < *last {
+                if written <= short_for {
+                    assert!(
+                        *last + rec <= short,
+                        "record {seq}: a short lap reached {last}"
+                    );
+                } else if *last + rec > short {
+                    assert!(
+                        *last + 2 * rec > lap,
+                        "record {seq}: a long lap wrapped at {last}"
+                    );
+                    long_wraps += 1;
+                }
             }
+            *last = at;
+            highest = highest.max(at + rec);
         }
-        last = at;
-        highest = highest.max(at + rec);
-    }
-    assert!(long_wraps >= 2, "{long_wraps} long laps");
-    assert!(
-        highest > lap - rec && highest <= lap + rec,
-        "reached {highest}"
+        assert!(long_wraps >= 2, "{long_wraps} long laps after {short_for}");
+        assert!(
+            highest > lap - rec && highest <= lap + rec,
+            "reached {highest}"
+        );
+    };
+    // Over fresh pages.
+    let cold = ring::MEDIUM_STREAM_COLD as usize;
+    one_way(
+        &mut send,
+        &mut tx,
+        &mut rx,
+        &mut last,
+        cold + (3 << 20),
+        cold,
     );
     // Into a long lap again, then an exchange of the same records.
     while last < 64 << 10 {
-        last = send(&mut tx, &mut rx, false);
+        last = send(&mut tx, &mut rx, false).0;
     }
     let mut n = 0;
     loop {
-        let at = send(&mut tx, &mut rx, true);
+        let at = send(&mut tx, &mut rx, true).0;
         n += 1;
         let wrapped = at < last;
         last = at;
@@ -955,9 +977,19 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
         );
     }
     for _ in 0..(2 << 20) / rec {
-        let at = send(&mut tx, &mut rx, true);
-        assert!(at + rec <= short, "record {seq} of an exchange at {at}");
+        let at = send(&mut tx, &mut rx, true).0;
+        assert!(at + rec <= short, "an exchange's record at {at}");
     }
+    // A stream again: the first MiB's pages are there.
+    let warm = ring::MEDIUM_STREAM as usize;
+    one_way(
+        &mut send,
+        &mut tx,
+        &mut rx,
+        &mut last,
+        warm + (3 << 20),
+        warm,
+    );
     assert!(rx.peek().unwrap().is_none());
 }
 
