@@ -1336,6 +1336,55 @@ mod tests {
     }
 
     #[test]
+    fn a_medium_stream_after_a_give_back_proves_itself_again_over_fresh_pages() {
+        // A 2 MiB ring (few peers), one thread doing both sides, 1,000-byte
+        // messages with the receiver four behind and never answering (a
+        // one-way stream). Over fresh pages the stream keeps its short laps
+        // for ring::MEDIUM_STREAM_COLD (16 MiB), then runs long laps; the
+        // pair falls silent and gives those pages back; a stream after
+        // that is a new one over fresh pages: 4 MiB of it touch no page
+        // past the kept area, and past 16 MiB its laps are long again.
+        // Every byte checked.
+        let (mut a, mut b, _dir) = pair(2 << 20);
+        a.tx.give_back_idle_pages(Duration::from_millis(30));
+        let mut t = Traffic::default();
+        let mut stream = |a: &mut Channel, b: &mut Channel, bytes: usize| {
+            for _ in 0..bytes / 1000 {
+                t.send(a, 1, 1000);
+                t.take(b, 4);
+            }
+            t.take(b, 0);
+            b.flush_rx().unwrap();
+        };
+        let cold = ring::MEDIUM_STREAM_COLD as usize;
+        stream(&mut a, &mut b, 4 << 20);
+        assert_eq!(tail_resident(&a), 0, "a short stream: {}", a.tx.dbg());
+        stream(&mut a, &mut b, cold - (4 << 20) + (2 << 20));
+        assert!(
+            tail_resident(&a) > 200,
+            "no long laps after {cold} bytes: {}",
+            a.tx.dbg()
+        );
+        let since = Instant::now();
+        while a.tx.pages_given_back() == 0 {
+            assert!(since.elapsed() < Duration::from_secs(10), "{}", a.tx.dbg());
+            a.idle_look().unwrap();
+            assert_eq!(b.poll(16, &mut |_, _| panic!("a message")).unwrap(), 0);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(tail_resident(&a), 0);
+        stream(&mut a, &mut b, 4 << 20);
+        assert_eq!(
+            tail_resident(&a),
+            0,
+            "a short stream after the give-back: {}",
+            a.tx.dbg()
+        );
+        stream(&mut a, &mut b, cold - (4 << 20) + (2 << 20));
+        assert!(tail_resident(&a) > 200, "{}", a.tx.dbg());
+    }
+
+    #[test]
     fn a_ring_gives_its_idle_pages_back_and_grows_again_intact() {
         // 1 MiB rings, one thread doing both sides. Large messages (60 KB,
         // one record each) with the receiver a burst behind run the ring

@@ -646,8 +646,10 @@ pub struct Producer {
     /// that asked whether the producer streams (`streams`).
     look_prod: u64,
     look_heard: u64,
-    /// Furthest offset a lap ended at since the pages past [`KEEP_BYTES`]
-    /// were last given back: the pages before it are there.
+    /// Furthest offset a padding record began at since the pages past
+    /// [`KEEP_BYTES`] were last given back: the pages before it are there.
+    /// (A lap that ended exactly at the end of the data area, with no
+    /// padding record, is not counted: `warm` errs on the cold side.)
     touched: u64,
     /// Offset below which this producer does not wrap early: `rewind_at`
     /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
@@ -862,7 +864,9 @@ impl Producer {
             return;
         }
         self.far_at = 0;
+        // (a stream after this one is a new one, and over fresh pages)
         self.touched = KEEP_BYTES;
+        self.stream_run = 0;
         self.given_back += 1;
     }
 
@@ -1148,10 +1152,6 @@ impl Producer {
         if pos == 0 {
             // a new lap
             self.start_lap_over();
-            if self.prod != 0 {
-                // (the last one ended at the end of the data area)
-                self.touched = self.v.size();
-            }
             if self.give_back.is_some() && self.ended_at_the_end(pos) {
                 self.end_lap = self.prod;
                 self.went_far();
