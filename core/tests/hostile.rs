@@ -697,6 +697,29 @@ fn offset(mem: &Mem, r: &ring::Record) -> usize {
     r.ptr as usize - (mem.base as usize + ring::CTRL_BYTES)
 }
 
+/// Pushes record `seq` (`len` bytes of [`payload`], `tag`) after `heard`
+/// and takes it at once, checking its length, tag and every byte; returns
+/// its payload's offset in the data area.
+fn push_and_take(
+    mem: &Mem,
+    tx: &mut Producer,
+    rx: &mut Consumer,
+    (seq, len, tag): (u64, usize, u8),
+    heard: u64,
+) -> usize {
+    let data = payload(seq, len);
+    tx.push_heard(kind::MSG, tag, &[&data], heard)
+        .unwrap()
+        .expect("room");
+    let r = rx.peek().unwrap().unwrap();
+    assert_eq!((r.len, r.tag), (len, tag));
+    // SAFETY: valid until release.
+    assert_eq!(unsafe { r.payload() }.to_vec(), data, "record {seq}");
+    let at = offset(mem, &r);
+    rx.release_flush();
+    at
+}
+
 /// Takes the next record, which must hold `payload(*next, len)`, counts it
 /// and releases it; returns its payload's offset, `None` when the ring is
 /// empty.
@@ -782,17 +805,8 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
     // exchange: as many bytes as it sends, the channel's count), else a
     // stream.
     let mut send = |tx: &mut Producer, rx: &mut Consumer, len: usize, hears: bool| -> usize {
-        let data = payload(seq, len);
         let heard = if hears { (seq + 1) * len as u64 } else { 0 };
-        tx.push_heard(kind::MSG, 7, &[&data], heard)
-            .unwrap()
-            .expect("room");
-        let r = rx.peek().unwrap().unwrap();
-        assert_eq!((r.len, r.tag), (len, 7));
-        // SAFETY: valid until release.
-        assert_eq!(unsafe { r.payload() }.to_vec(), data, "record {seq}");
-        let at = offset(&mem, &r);
-        rx.release_flush();
+        let at = push_and_take(&mem, tx, rx, (seq, len, 7), heard);
         seq += 1;
         at
     };
@@ -897,16 +911,7 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
         if hears {
             heard += rec as u64;
         }
-        let data = payload(seq, len);
-        tx.push_heard(kind::MSG, 3, &[&data], heard)
-            .unwrap()
-            .expect("room");
-        let r = rx.peek().unwrap().unwrap();
-        assert_eq!((r.len, r.tag), (len, 3));
-        // SAFETY: valid until release.
-        assert_eq!(unsafe { r.payload() }.to_vec(), data, "record {seq}");
-        let at = offset(&mem, &r);
-        rx.release_flush();
+        let at = push_and_take(&mem, tx, rx, (seq, len, 3), heard);
         seq += 1;
         (at, seq)
     };
