@@ -1240,12 +1240,11 @@ impl Producer {
     /// At a look, whether a record of `total` bytes is a medium one of a
     /// one-way stream that has run [`MEDIUM_STREAM`] bytes (over pages
     /// that are there, `touched`) or [`MEDIUM_STREAM_COLD`]: every look
-    /// in its last `stream_run` bytes found a medium record, and the peer had sent at
-    /// most 1/[`ONE_WAY`] of what this side wrote since the look before
-    /// (in this lap: a look that begins a lap may follow a whole lap
-    /// without one).
-    /// A ping-pong of such messages, or a pair that streams both ways,
-    /// keeps the short laps. (`heard` counts the padding records of the
+    /// in its last `stream_run` bytes found a medium record, and the peer
+    /// had sent at most 1/[`ONE_WAY`] of what this side wrote since the
+    /// look before (in this lap: a look that begins a lap may follow a
+    /// whole lap without one). A ping-pong of such messages, or a pair
+    /// that streams both ways, keeps the short laps. (`heard` counts the padding records of the
     /// peer's wraps too: the look that follows one starts the stream over.)
     fn streams(&mut self, pos: u64, total: u64, heard: u64) -> bool {
         // (this lap's part: the padding that ended the last one aside)

@@ -907,28 +907,23 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
     let (mut seq, mut heard, mut last) = (0u64, 0u64, 0usize);
     // One record, taken at once (the consumer keeps the ring empty);
     // `hears`: the peer sent as much before it.
-    let mut send = |tx: &mut Producer, rx: &mut Consumer, hears: bool| -> (usize, u64) {
+    let mut send = |hears: bool| -> (usize, u64) {
         if hears {
             heard += rec as u64;
         }
-        let at = push_and_take(&mem, tx, rx, (seq, len, 3), heard);
+        let at = push_and_take(&mem, &mut tx, &mut rx, (seq, len, 3), heard);
         seq += 1;
         (at, seq)
     };
     // A one-way stream of `bytes`: short laps while it has run at most
     // `short_for`, then at least two long ones, none past LONG_LAP.
-    // A one-way stream of `bytes`: short laps while it has run at most
-    // `short_for`, then at least two long ones, none past LONG_LAP.
-    type Send<'a> = dyn FnMut(&mut Producer, &mut Consumer, bool) -> (usize, u64) + 'a;
-    let one_way = |send: &mut Send<'_>,
-                   tx: &mut Producer,
-                   rx: &mut Consumer,
+    let one_way = |send: &mut dyn FnMut(bool) -> (usize, u64),
                    last: &mut usize,
                    bytes: usize,
                    short_for: usize| {
         let (mut written, mut long_wraps, mut highest) = (0, 0, 0);
         for _ in 0..bytes / rec {
-            let (at, seq) = send(tx, rx, false);
+            let (at, seq) = send(false);
             written += rec;
             if at < *last {
                 if written <= short_for {
@@ -955,21 +950,14 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
     };
     // Over fresh pages.
     let cold = ring::MEDIUM_STREAM_COLD as usize;
-    one_way(
-        &mut send,
-        &mut tx,
-        &mut rx,
-        &mut last,
-        cold + (3 << 20),
-        cold,
-    );
+    one_way(&mut send, &mut last, cold + (3 << 20), cold);
     // Into a long lap again, then an exchange of the same records.
     while last < 64 << 10 {
-        last = send(&mut tx, &mut rx, false).0;
+        last = send(false).0;
     }
     let mut n = 0;
     loop {
-        let at = send(&mut tx, &mut rx, true).0;
+        let at = send(true).0;
         n += 1;
         let wrapped = at < last;
         last = at;
@@ -982,19 +970,12 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
         );
     }
     for _ in 0..(2 << 20) / rec {
-        let at = send(&mut tx, &mut rx, true).0;
+        let at = send(true).0;
         assert!(at + rec <= short, "an exchange's record at {at}");
     }
     // A stream again: the first MiB's pages are there.
     let warm = ring::MEDIUM_STREAM as usize;
-    one_way(
-        &mut send,
-        &mut tx,
-        &mut rx,
-        &mut last,
-        warm + (3 << 20),
-        warm,
-    );
+    one_way(&mut send, &mut last, warm + (3 << 20), warm);
     assert!(rx.peek().unwrap().is_none());
 }
 
