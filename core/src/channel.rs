@@ -418,6 +418,9 @@ impl Channel {
         if region.gives_pages_back() {
             tx.give_back_idle_pages(GIVE_BACK_AFTER);
         }
+        if region.pages_up_front() {
+            tx.pages_up_front();
+        }
         if region.shares_cpus() {
             tx.share_cpus();
             rx.share_cpus();

@@ -649,7 +649,9 @@ pub struct Producer {
     /// Furthest offset a padding record began at since the pages past
     /// [`KEEP_BYTES`] were last given back: the pages before it are there.
     /// (A lap that ended exactly at the end of the data area, with no
-    /// padding record, is not counted: `warm` errs on the cold side.)
+    /// padding record, is not counted: `warm` errs on the cold side.) The
+    /// whole data area where the backend allocates pages up front
+    /// ([`Producer::pages_up_front`]).
     touched: u64,
     /// Offset below which this producer does not wrap early: `rewind_at`
     /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
@@ -777,6 +779,17 @@ impl Producer {
             cpus_shared: false,
             broken: None,
         })
+    }
+
+    /// Tells this producer that every page of its data area exists already
+    /// (a backend that allocates them up front: Xen's granted pages), so
+    /// that no lap pays for fresh pages: a one-way stream of medium
+    /// records takes the long laps after [`MEDIUM_STREAM`], as over pages
+    /// that an earlier lap touched, not after [`MEDIUM_STREAM_COLD`].
+    /// (Such memory is never given back: nothing makes the ring cold
+    /// again.)
+    pub fn pages_up_front(&mut self) {
+        self.touched = self.v.size();
     }
 
     /// Lets this producer give the pages of its data area past

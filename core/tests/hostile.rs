@@ -903,7 +903,7 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
     let len = 1000usize;
     let rec = RECORD_HEADER + len.next_multiple_of(8);
     assert!(rec as u64 > ring::MEDIUM_MIN && rec as u64 <= ring::WRAP_BEHIND_MAX);
-    let (lap, short) = (ring::LONG_LAP as usize, ring::REWIND_AT as usize + rec);
+    let short = ring::REWIND_AT as usize + rec;
     let (mut seq, mut heard, mut last) = (0u64, 0u64, 0usize);
     // One record, taken at once (the consumer keeps the ring empty);
     // `hears`: the peer sent as much before it.
@@ -915,42 +915,9 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
         seq += 1;
         (at, seq)
     };
-    // A one-way stream of `bytes`: short laps while it has run at most
-    // `short_for`, then at least two long ones, none past LONG_LAP.
-    let one_way = |send: &mut dyn FnMut(bool) -> (usize, u64),
-                   last: &mut usize,
-                   bytes: usize,
-                   short_for: usize| {
-        let (mut written, mut long_wraps, mut highest) = (0, 0, 0);
-        for _ in 0..bytes / rec {
-            let (at, seq) = send(false);
-            written += rec;
-            if at < *last {
-                if written <= short_for {
-                    assert!(
-                        *last + rec <= short,
-                        "record {seq}: a short lap reached {last}"
-                    );
-                } else if *last + rec > short {
-                    assert!(
-                        *last + 2 * rec > lap,
-                        "record {seq}: a long lap wrapped at {last}"
-                    );
-                    long_wraps += 1;
-                }
-            }
-            *last = at;
-            highest = highest.max(at + rec);
-        }
-        assert!(long_wraps >= 2, "{long_wraps} long laps after {short_for}");
-        assert!(
-            highest > lap - rec && highest <= lap + rec,
-            "reached {highest}"
-        );
-    };
     // Over fresh pages.
     let cold = ring::MEDIUM_STREAM_COLD as usize;
-    one_way(&mut send, &mut last, cold + (3 << 20), cold);
+    one_way(&mut send, &mut last, rec, cold + (3 << 20), cold);
     // Into a long lap again, then an exchange of the same records.
     while last < 64 << 10 {
         last = send(false).0;
@@ -975,7 +942,72 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
     }
     // A stream again: the first MiB's pages are there.
     let warm = ring::MEDIUM_STREAM as usize;
-    one_way(&mut send, &mut last, warm + (3 << 20), warm);
+    one_way(&mut send, &mut last, rec, warm + (3 << 20), warm);
+    assert!(rx.peek().unwrap().is_none());
+}
+
+/// A one-way stream of `bytes` in records of `rec` bytes (header
+/// included), each sent by `send(false)` (which answers where it went and
+/// its number), `last` where the one before went: short laps while the
+/// stream has run at most `short_for`, then at least two long ones, none
+/// past `ring::LONG_LAP`.
+fn one_way(
+    send: &mut dyn FnMut(bool) -> (usize, u64),
+    last: &mut usize,
+    rec: usize,
+    bytes: usize,
+    short_for: usize,
+) {
+    let (lap, short) = (ring::LONG_LAP as usize, ring::REWIND_AT as usize + rec);
+    let (mut written, mut long_wraps, mut highest) = (0, 0, 0);
+    for _ in 0..bytes / rec {
+        let (at, seq) = send(false);
+        written += rec;
+        if at < *last {
+            if written <= short_for {
+                assert!(
+                    *last + rec <= short,
+                    "record {seq}: a short lap reached {last}"
+                );
+            } else if *last + rec > short {
+                assert!(
+                    *last + 2 * rec > lap,
+                    "record {seq}: a long lap wrapped at {last}"
+                );
+                long_wraps += 1;
+            }
+        }
+        *last = at;
+        highest = highest.max(at + rec);
+    }
+    assert!(long_wraps >= 2, "{long_wraps} long laps after {short_for}");
+    assert!(
+        highest > lap - rec && highest <= lap + rec,
+        "reached {highest}"
+    );
+}
+
+/// Where the backend allocates a ring's pages up front (Xen's granted
+/// pages: `Producer::pages_up_front`), no lap pays for fresh pages: a
+/// one-way stream of medium records goes long after
+/// `ring::MEDIUM_STREAM`, the first time too, not after
+/// `ring::MEDIUM_STREAM_COLD`. Every byte and the order checked.
+#[test]
+fn a_medium_stream_over_pages_allocated_up_front_runs_long_laps_from_its_first_mib() {
+    let geo = Geometry::new(2 << 20).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    tx.pages_up_front();
+    let len = 1000usize;
+    let rec = RECORD_HEADER + len.next_multiple_of(8);
+    let (mut seq, mut last) = (0u64, 0usize);
+    let mut send = |_: bool| -> (usize, u64) {
+        let at = push_and_take(&mem, &mut tx, &mut rx, (seq, len, 3), 0);
+        seq += 1;
+        (at, seq)
+    };
+    let warm = ring::MEDIUM_STREAM as usize;
+    one_way(&mut send, &mut last, rec, warm + (3 << 20), warm);
     assert!(rx.peek().unwrap().is_none());
 }
 

@@ -98,6 +98,14 @@ pub trait Region: Send + Sync {
     fn gives_pages_back(&self) -> bool {
         false
     }
+    /// Whether every page of the region exists from the start, so that
+    /// its first write costs no page fault (Xen: gntalloc allocates a page
+    /// when it is granted, and the grant device maps the peer's pages when
+    /// the region is mapped). The host backend's pages come with their
+    /// first write.
+    fn pages_up_front(&self) -> bool {
+        false
+    }
     /// Whether both ends run on the CPUs of one kernel, so that a CPU
     /// number means the same on both sides (the host backend). A domain's
     /// virtual CPUs are its own.

@@ -517,6 +517,11 @@ impl Region for XenRegion {
     /// Nothing to do: a grant names one peer domain, no third domain can map
     /// it, and the grant must stay while the peer maps the pages.
     fn peer_attached(&self) {}
+    /// Granted pages are allocated when granted (this side) and mapped
+    /// whole when the region is mapped (the peer's).
+    fn pages_up_front(&self) -> bool {
+        true
+    }
 }
 
 impl Drop for XenRegion {
