@@ -104,7 +104,7 @@ pub const WRAP_BEHIND_MAX: u64 = 2048 + 64;
 /// area (a ring with few peers under its budget) gives a lap that holds a
 /// record larger than [`WRAP_BEHIND_MAX`] no early wrap before
 /// [`LONG_LAP`] (or the wrap offset, when nearer): its lines have left the
-/// receiving core's private caches (512 KiB of L2 on the machine
+/// receiving core's private caches (1 MiB of L2 on the machine
 /// measured) before they are written again (see `Producer::rewind`).
 pub const LONG_LAP_MIN: u64 = 512 << 10;
 
