@@ -318,6 +318,9 @@ impl RxHalf {
         // SAFETY: forwarded contract.
         let s = unsafe { self.side() };
         s.quiet += 1;
+        if s.quiet.is_multiple_of(ring::PREPARE_EVERY) {
+            s.rx.prepare_page();
+        }
         if s.quiet >= QUIET_POLLS {
             s.quiet = 0;
             return true;
@@ -925,6 +928,13 @@ impl Channel {
         }
     }
 
+    /// For a poll that found nothing, every [`ring::PREPARE_EVERY`]: the
+    /// receiving ring prepares a page its producer asked for
+    /// ([`ring::Consumer::prepare_page`]). Returns whether it touched one.
+    pub fn prepare_page(&mut self) -> bool {
+        self.rxs().rx.prepare_page()
+    }
+
     /// For a caller's idle moments (a poll found nothing, now and then):
     /// lets a sending ring that fell silent give its idle pages back
     /// ([`Producer::idle_look`]).
@@ -1335,6 +1345,66 @@ mod tests {
                 let want = self.in_flight.pop_front().unwrap();
                 assert!(got[0] == want, "a message of {} bytes changed", want.len());
             }
+        }
+    }
+
+    #[test]
+    fn a_receiver_prepares_a_medium_streams_pages_and_they_go_back_with_the_rest() {
+        // A 2 MiB ring (few peers), one thread doing both sides, 1,000-byte
+        // messages with the receiver four behind and never answering; the
+        // receiver prepares a page for every message it takes, as its
+        // polls that find nothing between messages would
+        // (ring::PREPARE_EVERY). 2 MiB of the stream run long laps
+        // (ring::MEDIUM_PREPARE, not ring::MEDIUM_STREAM_COLD), and the
+        // pages past the kept 64 KiB are the first MiB's, no more; the pair
+        // falls silent and gives them back, and the receiver's next
+        // preparations touch none (the request went with them); a stream
+        // after that asks again and runs long again. Every byte checked.
+        let (mut a, mut b, _dir) = pair(2 << 20);
+        a.tx.give_back_idle_pages(Duration::from_millis(30));
+        let mut t = Traffic::default();
+        let lap_pages = ((ring::LONG_LAP - ring::KEEP_BYTES) / 4096) as usize;
+        // (pages prepared, and the furthest offset the stream wrote at)
+        let mut stream = |a: &mut Channel, b: &mut Channel, bytes: usize| {
+            let (mut prepared, mut far) = (0, 0);
+            for _ in 0..bytes / 1000 {
+                t.send(a, 1, 1000);
+                far = far.max(a.tx.offset());
+                t.take(b, 4);
+                prepared += b.prepare_page() as usize;
+            }
+            t.take(b, 0);
+            b.flush_rx().unwrap();
+            (prepared, far)
+        };
+        for round in 1..=2 {
+            let (prepared, far) = stream(&mut a, &mut b, 2 << 20);
+            assert_eq!(prepared, lap_pages, "round {round}");
+            assert!(
+                far + 2048 > ring::LONG_LAP && far <= ring::LONG_LAP + 2048,
+                "round {round}: laps to {far}: {}",
+                a.tx.dbg()
+            );
+            let resident = tail_resident(&a);
+            assert!(
+                resident >= lap_pages && resident <= lap_pages + 1,
+                "round {round}: {resident} pages past the kept area: {}",
+                a.tx.dbg()
+            );
+            let given = a.tx.pages_given_back();
+            let since = Instant::now();
+            while a.tx.pages_given_back() == given {
+                assert!(since.elapsed() < Duration::from_secs(10), "{}", a.tx.dbg());
+                a.idle_look().unwrap();
+                assert_eq!(b.poll(16, &mut |_, _| panic!("a message")).unwrap(), 0);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(tail_resident(&a), 0, "round {round}");
+            assert!(
+                !b.prepare_page(),
+                "round {round}: a page after the give-back"
+            );
+            assert_eq!(tail_resident(&a), 0, "round {round}");
         }
     }
 

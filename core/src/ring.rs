@@ -142,6 +142,21 @@ pub const MEDIUM_STREAM: u64 = 256 << 10;
 /// of such messages (OSU's phases of 1.4-14 MB) do not pay it at all.
 pub const MEDIUM_STREAM_COLD: u64 = 16 << 20;
 
+/// A one-way stream of medium records that has run this far over fresh
+/// pages (the host backend's) asks its consumer to prepare the pages of a
+/// long lap ([`OFF_PROD_WANT`]): the consumer, whose polls find nothing
+/// between the sender's records at these sizes, touches one page every
+/// [`PREPARE_EVERY`] such polls ([`Consumer::prepare_page`]), and once
+/// all are there ([`OFF_CONS_READY`]) the producer maps them in one call
+/// and counts the ring as warm: long laps after [`MEDIUM_STREAM`], not
+/// [`MEDIUM_STREAM_COLD`], with the first lap's page allocations moved off
+/// the sender.
+pub const MEDIUM_PREPARE: u64 = 64 << 10;
+
+/// Polls that found nothing per page a consumer prepares (see
+/// [`MEDIUM_PREPARE`]).
+pub const PREPARE_EVERY: u32 = 16;
+
 /// The producer streams one way while what it heard from its peer
 /// between two looks is at most this fraction of what it wrote in the
 /// meantime in this lap (at least [`REWIND_STRIDE`]): 1/32, half a KiB a
@@ -231,6 +246,13 @@ pub const OFF_PROD_POLLS: usize = 0x1C0;
 /// producer may publish without the fence. Written once by the consumer
 /// before the rings are used.
 pub const OFF_CONS_POLLS: usize = 0x200;
+/// The pages the producer asks its consumer to prepare, `epoch << 32 |
+/// end` (0: none): a hint, see [`Consumer::prepare_page`]. Written by the
+/// producer when a medium stream begins and at each give-back.
+pub const OFF_PROD_WANT: usize = 0x240;
+/// What the consumer prepared, `epoch << 32 | end`, once it is done: a
+/// hint, see [`Producer::streams`](Producer). Written by the consumer.
+pub const OFF_CONS_READY: usize = 0x280;
 
 /// Record kinds (one home: [`crate::record`]).
 pub use crate::record::kind;
@@ -653,6 +675,12 @@ pub struct Producer {
     /// whole data area where the backend allocates pages up front
     /// ([`Producer::pages_up_front`]).
     touched: u64,
+    /// The epoch of the pages asked of the consumer ([`OFF_PROD_WANT`]):
+    /// a give-back starts the next, so that what the consumer prepared
+    /// before it is never taken for pages that are there. And whether this
+    /// epoch asked.
+    prep_epoch: u32,
+    prep_asked: bool,
     /// Offset below which this producer does not wrap early: `rewind_at`
     /// at first. An early wrap at offset `p` leaves the next lap `p` bytes
     /// until the consumer passes the padding record, so a producer that
@@ -757,6 +785,8 @@ impl Producer {
             look_prod: 0,
             look_heard: 0,
             touched: 0,
+            prep_epoch: 1,
+            prep_asked: false,
             min_lap: rewind_at,
             ran_out: false,
             ran_out_at: 0,
@@ -881,6 +911,13 @@ impl Producer {
         self.touched = KEEP_BYTES;
         self.stream_run = 0;
         self.given_back += 1;
+        // (what the consumer prepared went back too: a new epoch, nothing
+        // asked)
+        self.prep_epoch = self.prep_epoch.wrapping_add(1).max(1);
+        self.prep_asked = false;
+        self.v
+            .word(OFF_PROD_WANT)
+            .store(u64::from(self.prep_epoch) << 32, Ordering::Relaxed);
     }
 
     /// The give-back of a producer that fell silent, for the caller's
@@ -1269,8 +1306,59 @@ impl Producer {
             return false;
         }
         self.stream_run = self.stream_run.saturating_add(wrote);
-        let warm = self.touched + (64 << 10) >= LONG_LAP.min(self.wrap_at);
+        let end = LONG_LAP.min(self.wrap_at);
+        let warm = self.touched + (64 << 10) >= end
+            || (self.stream_run >= MEDIUM_PREPARE && self.prepared(end & !4095));
         self.stream_run >= MEDIUM_STREAM && (warm || self.stream_run >= MEDIUM_STREAM_COLD)
+    }
+
+    /// Whether the pages up to `end` (page-aligned) are there because the consumer
+    /// prepared them ([`MEDIUM_PREPARE`]): asks it first (once an epoch),
+    /// and when it answers, maps them here and counts them as touched.
+    /// Only for memory that comes with its first write and goes back with
+    /// the give-back (the host backend's): elsewhere the pages are there
+    /// from the start or never counted. What the consumer answers is a
+    /// hint: a consumer that claims pages it did not prepare makes this
+    /// producer allocate them in its long laps, as without it.
+    #[cold]
+    fn prepared(&mut self, end: u64) -> bool {
+        if self.give_back.is_none() {
+            return false;
+        }
+        let epoch = u64::from(self.prep_epoch);
+        if !self.prep_asked {
+            self.prep_asked = true;
+            self.v
+                .word(OFF_PROD_WANT)
+                .store(epoch << 32 | end, Ordering::Relaxed);
+            // Pages past KEEP_BYTES come now: they go back a give-back
+            // delay after this if no long lap follows.
+            self.far_at = coarse_ticks().max(1);
+            return false;
+        }
+        let r = self.v.word(OFF_CONS_READY).load(Ordering::Relaxed);
+        if r >> 32 != epoch || r & 0xFFFF_FFFF < end {
+            return false;
+        }
+        let from = self.touched.max(KEEP_BYTES);
+        if from < end {
+            // SAFETY: KEEP_BYTES <= from < end <= the data size: a
+            // page-aligned range (`end` is, `from` rounded down, not below
+            // KEEP_BYTES, a multiple of the page) of this producer's
+            // mapping. Populating maps what is there and allocates the
+            // rest, leaving every byte as it is. Where the kernel lacks it
+            // the writes fault them in.
+            let from = from & !4095;
+            unsafe {
+                libc::madvise(
+                    self.v.data().add(from as usize).cast(),
+                    (end - from) as usize,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+        }
+        self.touched = self.touched.max(end);
+        true
     }
 
     /// Ends a long lap (if any) and looks next at `min_lap`, as at the
@@ -1890,6 +1978,10 @@ pub struct Consumer {
     /// ([`OFF_CONS_CPU`]) once [`tell_cpu`] was called; the value last told.
     cpus_shared: bool,
     cpu_told: u64,
+    /// The epoch of the pages the producer asked for that this consumer
+    /// prepares ([`Consumer::prepare_page`]), and the next offset to.
+    prep_epoch: u64,
+    prep_at: u64,
     broken: Option<Violation>,
 }
 
@@ -1912,8 +2004,46 @@ impl Consumer {
             peer_polls: false,
             cpus_shared: false,
             cpu_told: 0,
+            prep_epoch: 0,
+            prep_at: 0,
             broken: None,
         })
+    }
+
+    /// For a poll that found nothing, every [`PREPARE_EVERY`]: touches the
+    /// next page that the producer asked to have prepared
+    /// ([`OFF_PROD_WANT`], [`MEDIUM_PREPARE`]), if any, and says when all
+    /// are there ([`OFF_CONS_READY`]). A read: the backend allocates the
+    /// page (zeros) for both mappings, and the producer's first write
+    /// there no longer waits for it. The request is a hint from memory
+    /// the producer writes: read once per call, its end bounded by the
+    /// data area, pages from [`KEEP_BYTES`] (the short laps' pages are
+    /// there) one per call, nothing parsed and nothing written to the
+    /// data area. Returns whether it touched a page.
+    #[cold]
+    pub fn prepare_page(&mut self) -> bool {
+        let w = self.v.word(OFF_PROD_WANT).load(Ordering::Relaxed);
+        let epoch = w >> 32;
+        if epoch == 0 {
+            return false;
+        }
+        let end = (w & 0xFFFF_FFFF).min(self.v.size()) & !4095;
+        if epoch != self.prep_epoch {
+            self.prep_epoch = epoch;
+            self.prep_at = KEEP_BYTES;
+        }
+        if self.prep_at >= end {
+            return false;
+        }
+        // (a page of the data area: KEEP_BYTES <= prep_at < end <= size)
+        let _ = self.v.slot(self.prep_at).load(Ordering::Relaxed);
+        self.prep_at += 4096;
+        if self.prep_at >= end {
+            self.v
+                .word(OFF_CONS_READY)
+                .store(epoch << 32 | self.prep_at, Ordering::Relaxed);
+        }
+        true
     }
 
     /// The ring geometry.

@@ -32,6 +32,7 @@ fn word() -> impl Strategy<Value = Word> {
         1 => Just(Word::ProdWaiting),
         1 => Just(Word::ConsWaiting),
         1 => Just(Word::Nonce),
+        1 => Just(Word::ProdWant),
         1 => prop::sample::select(vec![Word::Magic, Word::Geometry]),
     ]
 }
@@ -100,6 +101,7 @@ fn api_op() -> impl Strategy<Value = Op> {
         3 => Just(Op::ReleaseFlush),
         1 => Just(Op::HasData),
         1 => Just(Op::LooksEmpty),
+        1 => Just(Op::PreparePage),
         1 => Just(Op::ConsumerSleep),
         1 => Just(Op::ConsumerWake),
         4 => len().prop_map(|len| Op::Reserve { len }),
@@ -244,6 +246,11 @@ impl Mem {
     fn set_word(&self, off: usize, v: u64) {
         // SAFETY: an 8-aligned word of the control page.
         unsafe { std::ptr::write_volatile(self.base.add(off) as *mut u64, v) }
+    }
+
+    fn word(&self, off: usize) -> u64 {
+        // SAFETY: an 8-aligned word of the control page.
+        unsafe { std::ptr::read_volatile(self.base.add(off) as *const u64) }
     }
 }
 
@@ -944,6 +951,9 @@ fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
     let warm = ring::MEDIUM_STREAM as usize;
     one_way(&mut send, &mut last, rec, warm + (3 << 20), warm);
     assert!(rx.peek().unwrap().is_none());
+    drop((tx, rx));
+    // (a producer that gives nothing back asks its consumer for nothing)
+    assert_eq!(mem.word(ring::OFF_PROD_WANT), 0);
 }
 
 /// A one-way stream of `bytes` in records of `rec` bytes (header
@@ -985,6 +995,70 @@ fn one_way(
         highest > lap - rec && highest <= lap + rec,
         "reached {highest}"
     );
+}
+
+/// A producer whose pages come with their first write and go back with
+/// the give-back (the host backend's) asks its consumer, once a one-way
+/// medium stream has run `ring::MEDIUM_PREPARE`, to prepare the pages of a
+/// long lap; a consumer that prepares one page per record it takes (a
+/// receiver whose polls find nothing between records) has them all after
+/// 240 records, says so, and the stream runs long laps from there, after
+/// `ring::MEDIUM_STREAM`, not `ring::MEDIUM_STREAM_COLD`. The consumer
+/// touches exactly the pages from `ring::KEEP_BYTES` to `ring::LONG_LAP`.
+/// A forged request is bounded by the data area and touches each page
+/// once; one of epoch 0 touches none; the producer, of another epoch,
+/// takes no answer to it for its own. Every byte and the order checked.
+#[test]
+fn a_medium_stream_has_its_consumer_prepare_the_long_laps_pages_and_runs_them_once_they_are_there()
+{
+    let geo = Geometry::new(2 << 20).unwrap();
+    let mem = Mem::new(geo);
+    let (mut tx, mut rx) = mem.ends(geo);
+    tx.give_back_idle_pages(std::time::Duration::from_secs(3600));
+    let len = 1000usize;
+    let rec = RECORD_HEADER + len.next_multiple_of(8);
+    let (mut seq, mut last, mut touched) = (0u64, 0usize, 0usize);
+    let mut asked_at = None;
+    let mut send = |_: bool| -> (usize, u64) {
+        let at = push_and_take(&mem, &mut tx, &mut rx, (seq, len, 3), 0);
+        seq += 1;
+        if asked_at.is_none() && mem.word(ring::OFF_PROD_WANT) != 0 {
+            asked_at = Some(seq as usize * rec);
+        }
+        touched += rx.prepare_page() as usize;
+        (at, seq)
+    };
+    let warm = ring::MEDIUM_STREAM as usize;
+    one_way(&mut send, &mut last, rec, warm + (3 << 20), warm);
+    let asked_at = asked_at.expect("the producer never asked");
+    assert!(
+        asked_at >= ring::MEDIUM_PREPARE as usize
+            && asked_at <= ring::MEDIUM_PREPARE as usize + ring::REWIND_AT as usize + rec,
+        "asked after {asked_at} bytes"
+    );
+    let (keep, lap) = (ring::KEEP_BYTES, ring::LONG_LAP);
+    assert_eq!(mem.word(ring::OFF_PROD_WANT), 1 << 32 | lap);
+    assert_eq!(mem.word(ring::OFF_CONS_READY), 1 << 32 | lap);
+    assert_eq!(touched as u64, (lap - keep) / 4096);
+    // A forged request: up to the end of the data area, each page once.
+    mem.set_word(ring::OFF_PROD_WANT, 9 << 32 | 0xFFFF_F000);
+    let mut n = 0u64;
+    while rx.prepare_page() {
+        n += 1;
+        assert!(n <= (2 << 20) / 4096, "past the data area");
+    }
+    assert_eq!(n, ((2 << 20) - keep) / 4096);
+    assert_eq!(mem.word(ring::OFF_CONS_READY), 9 << 32 | 2 << 20);
+    assert!(!rx.prepare_page());
+    mem.set_word(ring::OFF_PROD_WANT, 0xFFFF_FFFF);
+    assert!(!rx.prepare_page(), "a request of epoch 0");
+    // The stream goes on as it was, every byte checked.
+    for _ in 0..(2 << 20) / rec {
+        let at = push_and_take(&mem, &mut tx, &mut rx, (seq, len, 3), 0);
+        assert!(at + rec <= lap as usize + rec, "record {seq} at {at}");
+        seq += 1;
+    }
+    assert!(rx.peek().unwrap().is_none());
 }
 
 /// Where the backend allocates a ring's pages up front (Xen's granted

@@ -46,10 +46,12 @@ pub enum Word {
     Closed,
     Cons,
     ConsWaiting,
+    /// The producer's request for prepared pages.
+    ProdWant,
 }
 
 impl Word {
-    pub const ALL: [Word; 8] = [
+    pub const ALL: [Word; 9] = [
         Word::Magic,
         Word::Geometry,
         Word::Nonce,
@@ -58,6 +60,7 @@ impl Word {
         Word::Closed,
         Word::Cons,
         Word::ConsWaiting,
+        Word::ProdWant,
     ];
 
     pub fn offset(self) -> usize {
@@ -70,6 +73,7 @@ impl Word {
             Word::Closed => ring::OFF_CLOSED,
             Word::Cons => ring::OFF_CONS,
             Word::ConsWaiting => ring::OFF_CONS_WAITING,
+            Word::ProdWant => ring::OFF_PROD_WANT,
         }
     }
 }
@@ -138,6 +142,8 @@ pub enum Op {
     ReleaseFlush,
     HasData,
     LooksEmpty,
+    /// `prepare_page`, as a poll that found nothing calls it.
+    PreparePage,
     ConsumerSleep,
     ConsumerWake,
     // --- producer calls ---
@@ -364,6 +370,9 @@ impl Harness {
                     }
                 }
             }
+            Op::PreparePage => {
+                self.cons.prepare_page();
+            }
             Op::ConsumerSleep => {
                 // Not checked for stickiness: prepare_sleep does not look at
                 // the broken state (the caller's has_data/peek does).
@@ -556,7 +565,7 @@ pub fn decode(input: &[u8]) -> (usize, Vec<Op>) {
     let mut ops = Vec::new();
     while !c.done() && ops.len() < 4096 {
         let code = c.u8();
-        let op = match code % 24 {
+        let op = match code % 25 {
             0 => {
                 let off = c.u16() as u32;
                 let n = (c.u8() % 24) as usize;
@@ -596,11 +605,11 @@ pub fn decode(input: &[u8]) -> (usize, Vec<Op>) {
                 }
             }
             3 => Op::Set {
-                word: Word::ALL[c.u8() as usize % 8],
+                word: Word::ALL[c.u8() as usize % Word::ALL.len()],
                 value: c.u64(),
             },
             4 | 5 => Op::Nudge {
-                word: Word::ALL[c.u8() as usize % 8],
+                word: Word::ALL[c.u8() as usize % Word::ALL.len()],
                 delta: c.u16() as i16 as i64,
             },
             6 => Op::Version {
@@ -647,7 +656,8 @@ pub fn decode(input: &[u8]) -> (usize, Vec<Op>) {
                 1 => Op::ProducerWake,
                 _ => Op::Close,
             },
-            _ => Op::LooksEmpty,
+            23 => Op::LooksEmpty,
+            _ => Op::PreparePage,
         };
         ops.push(op);
     }

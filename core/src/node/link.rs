@@ -182,6 +182,11 @@ impl Link {
     #[inline]
     fn idle(&mut self) -> Result<()> {
         self.idle_polls += 1;
+        if self.idle_polls.is_multiple_of(crate::ring::PREPARE_EVERY) {
+            if let Imp::Ring(c) = &mut self.imp {
+                c.prepare_page();
+            }
+        }
         if self.idle_polls >= ALIVE_EVERY {
             self.idle_check()?;
         }
