@@ -1364,6 +1364,20 @@ mod tests {
         a.tx.give_back_idle_pages(Duration::from_millis(30));
         let mut t = Traffic::default();
         let lap_pages = ((ring::LONG_LAP - ring::KEEP_BYTES) / 4096) as usize;
+        // The receiver's reads alone make the pages exist (a request of
+        // another epoch than the producer's, written here).
+        let (base, _) = a.raw_tx_ring();
+        // SAFETY: an 8-aligned word of the ring's control page.
+        unsafe {
+            (*base.add(ring::OFF_PROD_WANT).cast::<AtomicU64>())
+                .store(7 << 32 | (ring::KEEP_BYTES + 16 * 4096), Ordering::Relaxed)
+        };
+        assert_eq!(tail_resident(&a), 0);
+        for _ in 0..16 {
+            assert!(b.prepare_page());
+        }
+        assert!(!b.prepare_page());
+        assert_eq!(tail_resident(&a), 16);
         // (pages prepared, and the furthest offset the stream wrote at)
         let mut stream = |a: &mut Channel, b: &mut Channel, bytes: usize| {
             let (mut prepared, mut far) = (0, 0);

@@ -2035,8 +2035,9 @@ impl Consumer {
         if self.prep_at >= end {
             return false;
         }
-        // (a page of the data area: KEEP_BYTES <= prep_at < end <= size)
-        let _ = self.v.slot(self.prep_at).load(Ordering::Relaxed);
+        // (a page of the data area: KEEP_BYTES <= prep_at < end <= size;
+        // the value is of no use, the read is the point)
+        std::hint::black_box(self.v.slot(self.prep_at).load(Ordering::Relaxed));
         self.prep_at += 4096;
         if self.prep_at >= end {
             self.v
