@@ -893,6 +893,22 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
     assert!(rx.peek().unwrap().is_none());
 }
 
+/// The ring and records of the medium-stream tests: a 2 MiB ring (few
+/// peers: its wrap offset lies past `ring::LONG_LAP_MIN`), its two ends,
+/// and records of 1,000 bytes of payload (`len`), `rec` with their header:
+/// medium, more than `ring::MEDIUM_MIN` and at most
+/// `ring::WRAP_BEHIND_MAX`. (The ends go before the memory: declared
+/// after it, they are dropped first.)
+fn medium_ring() -> (Mem, Producer, Consumer, usize, usize) {
+    let geo = Geometry::new(2 << 20).unwrap();
+    let mem = Mem::new(geo);
+    let (tx, rx) = mem.ends(geo);
+    let len = 1000usize;
+    let rec = RECORD_HEADER + len.next_multiple_of(8);
+    assert!(rec as u64 > ring::MEDIUM_MIN && rec as u64 <= ring::WRAP_BEHIND_MAX);
+    (mem, tx, rx, len, rec)
+}
+
 /// Medium records (1,000 bytes: more than `ring::MEDIUM_MIN` with their
 /// header, at most `ring::WRAP_BEHIND_MAX`) on a ring with few peers: a
 /// one-way stream of them over fresh pages wraps early (within
@@ -904,12 +920,7 @@ fn large_records_on_a_ring_with_few_peers_run_long_laps() {
 /// `ring::MEDIUM_STREAM` bytes. Every byte and the order checked.
 #[test]
 fn a_one_way_stream_of_medium_records_runs_long_laps_once_it_has_run_a_while() {
-    let geo = Geometry::new(2 << 20).unwrap();
-    let mem = Mem::new(geo);
-    let (mut tx, mut rx) = mem.ends(geo);
-    let len = 1000usize;
-    let rec = RECORD_HEADER + len.next_multiple_of(8);
-    assert!(rec as u64 > ring::MEDIUM_MIN && rec as u64 <= ring::WRAP_BEHIND_MAX);
+    let (mem, mut tx, mut rx, len, rec) = medium_ring();
     let short = ring::REWIND_AT as usize + rec;
     let (mut seq, mut heard, mut last) = (0u64, 0u64, 0usize);
     // One record, taken at once (the consumer keeps the ring empty);
@@ -1011,12 +1022,8 @@ fn one_way(
 #[test]
 fn a_medium_stream_has_its_consumer_prepare_the_long_laps_pages_and_runs_them_once_they_are_there()
 {
-    let geo = Geometry::new(2 << 20).unwrap();
-    let mem = Mem::new(geo);
-    let (mut tx, mut rx) = mem.ends(geo);
+    let (mem, mut tx, mut rx, len, rec) = medium_ring();
     tx.give_back_idle_pages(std::time::Duration::from_secs(3600));
-    let len = 1000usize;
-    let rec = RECORD_HEADER + len.next_multiple_of(8);
     let (mut seq, mut last, mut touched) = (0u64, 0usize, 0usize);
     let mut asked_at = None;
     let mut send = |_: bool| -> (usize, u64) {
@@ -1068,12 +1075,8 @@ fn a_medium_stream_has_its_consumer_prepare_the_long_laps_pages_and_runs_them_on
 /// `ring::MEDIUM_STREAM_COLD`. Every byte and the order checked.
 #[test]
 fn a_medium_stream_over_pages_allocated_up_front_runs_long_laps_from_its_first_mib() {
-    let geo = Geometry::new(2 << 20).unwrap();
-    let mem = Mem::new(geo);
-    let (mut tx, mut rx) = mem.ends(geo);
+    let (mem, mut tx, mut rx, len, rec) = medium_ring();
     tx.pages_up_front();
-    let len = 1000usize;
-    let rec = RECORD_HEADER + len.next_multiple_of(8);
     let (mut seq, mut last) = (0u64, 0usize);
     let mut send = |_: bool| -> (usize, u64) {
         let at = push_and_take(&mem, &mut tx, &mut rx, (seq, len, 3), 0);
