@@ -254,6 +254,17 @@ pub const OFF_PROD_WANT: usize = 0x240;
 /// hint, see [`Producer::streams`](Producer). Written by the consumer.
 pub const OFF_CONS_READY: usize = 0x280;
 
+/// The word of [`OFF_PROD_WANT`] and [`OFF_CONS_READY`]: `epoch << 32 |
+/// end` (`end` below 4 GiB, as every data area is).
+fn pages_word(epoch: u64, end: u64) -> u64 {
+    epoch << 32 | end
+}
+
+/// `(epoch, end)` of such a word, as read (the reader bounds `end`).
+fn pages_word_parts(w: u64) -> (u64, u64) {
+    (w >> 32, w & 0xFFFF_FFFF)
+}
+
 /// Record kinds (one home: [`crate::record`]).
 pub use crate::record::kind;
 
@@ -917,7 +928,7 @@ impl Producer {
         self.prep_asked = false;
         self.v
             .word(OFF_PROD_WANT)
-            .store(u64::from(self.prep_epoch) << 32, Ordering::Relaxed);
+            .store(pages_word(u64::from(self.prep_epoch), 0), Ordering::Relaxed);
     }
 
     /// The give-back of a producer that fell silent, for the caller's
@@ -1330,14 +1341,15 @@ impl Producer {
             self.prep_asked = true;
             self.v
                 .word(OFF_PROD_WANT)
-                .store(epoch << 32 | end, Ordering::Relaxed);
+                .store(pages_word(epoch, end), Ordering::Relaxed);
             // Pages past KEEP_BYTES come now: they go back a give-back
             // delay after this if no long lap follows.
             self.far_at = coarse_ticks().max(1);
             return false;
         }
-        let r = self.v.word(OFF_CONS_READY).load(Ordering::Relaxed);
-        if r >> 32 != epoch || r & 0xFFFF_FFFF < end {
+        let (ready_epoch, ready) =
+            pages_word_parts(self.v.word(OFF_CONS_READY).load(Ordering::Relaxed));
+        if ready_epoch != epoch || ready < end {
             return false;
         }
         let from = self.touched.max(KEEP_BYTES);
@@ -2022,12 +2034,11 @@ impl Consumer {
     /// data area. Returns whether it touched a page.
     #[cold]
     pub fn prepare_page(&mut self) -> bool {
-        let w = self.v.word(OFF_PROD_WANT).load(Ordering::Relaxed);
-        let epoch = w >> 32;
+        let (epoch, end) = pages_word_parts(self.v.word(OFF_PROD_WANT).load(Ordering::Relaxed));
         if epoch == 0 {
             return false;
         }
-        let end = (w & 0xFFFF_FFFF).min(self.v.size()) & !4095;
+        let end = end.min(self.v.size()) & !4095;
         if epoch != self.prep_epoch {
             self.prep_epoch = epoch;
             self.prep_at = KEEP_BYTES;
@@ -2042,7 +2053,7 @@ impl Consumer {
         if self.prep_at >= end {
             self.v
                 .word(OFF_CONS_READY)
-                .store(epoch << 32 | self.prep_at, Ordering::Relaxed);
+                .store(pages_word(epoch, self.prep_at), Ordering::Relaxed);
         }
         true
     }
