@@ -1337,6 +1337,25 @@ mod tests {
             }
         }
 
+        /// A one-way stream of `bytes` in messages of 1,000 bytes from `a`
+        /// to `b`, the receiver four behind and never answering, then
+        /// drained; `each` runs after every message taken.
+        fn one_way(
+            &mut self,
+            a: &mut Channel,
+            b: &mut Channel,
+            bytes: usize,
+            mut each: impl FnMut(&mut Channel, &mut Channel),
+        ) {
+            for _ in 0..bytes / 1000 {
+                self.send(a, 1, 1000);
+                self.take(b, 4);
+                each(a, b);
+            }
+            self.take(b, 0);
+            b.flush_rx().unwrap();
+        }
+
         /// Takes messages on `b` until at most `lag` are in flight.
         fn take(&mut self, b: &mut Channel, lag: usize) {
             while self.in_flight.len() > lag {
@@ -1345,6 +1364,20 @@ mod tests {
                 let want = self.in_flight.pop_front().unwrap();
                 assert!(got[0] == want, "a message of {} bytes changed", want.len());
             }
+        }
+    }
+
+    /// The pair falls silent, both sides polling, until `a`'s sending
+    /// ring gives its pages back once more (within 10 s); nothing arrives
+    /// meanwhile.
+    fn silent_until_given_back(a: &mut Channel, b: &mut Channel) {
+        let given = a.tx.pages_given_back();
+        let since = Instant::now();
+        while a.tx.pages_given_back() == given {
+            assert!(since.elapsed() < Duration::from_secs(10), "{}", a.tx.dbg());
+            a.idle_look().unwrap();
+            assert_eq!(b.poll(16, &mut |_, _| panic!("a message")).unwrap(), 0);
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 
@@ -1381,14 +1414,10 @@ mod tests {
         // (pages prepared, and the furthest offset the stream wrote at)
         let mut stream = |a: &mut Channel, b: &mut Channel, bytes: usize| {
             let (mut prepared, mut far) = (0, 0);
-            for _ in 0..bytes / 1000 {
-                t.send(a, 1, 1000);
+            t.one_way(a, b, bytes, |a, b| {
                 far = far.max(a.tx.offset());
-                t.take(b, 4);
                 prepared += b.prepare_page() as usize;
-            }
-            t.take(b, 0);
-            b.flush_rx().unwrap();
+            });
             (prepared, far)
         };
         for round in 1..=2 {
@@ -1405,14 +1434,7 @@ mod tests {
                 "round {round}: {resident} pages past the kept area: {}",
                 a.tx.dbg()
             );
-            let given = a.tx.pages_given_back();
-            let since = Instant::now();
-            while a.tx.pages_given_back() == given {
-                assert!(since.elapsed() < Duration::from_secs(10), "{}", a.tx.dbg());
-                a.idle_look().unwrap();
-                assert_eq!(b.poll(16, &mut |_, _| panic!("a message")).unwrap(), 0);
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            silent_until_given_back(&mut a, &mut b);
             assert_eq!(tail_resident(&a), 0, "round {round}");
             assert!(
                 !b.prepare_page(),
@@ -1435,14 +1457,8 @@ mod tests {
         let (mut a, mut b, _dir) = pair(2 << 20);
         a.tx.give_back_idle_pages(Duration::from_millis(30));
         let mut t = Traffic::default();
-        let mut stream = |a: &mut Channel, b: &mut Channel, bytes: usize| {
-            for _ in 0..bytes / 1000 {
-                t.send(a, 1, 1000);
-                t.take(b, 4);
-            }
-            t.take(b, 0);
-            b.flush_rx().unwrap();
-        };
+        let mut stream =
+            |a: &mut Channel, b: &mut Channel, bytes: usize| t.one_way(a, b, bytes, |_, _| {});
         let cold = ring::MEDIUM_STREAM_COLD as usize;
         stream(&mut a, &mut b, 4 << 20);
         assert_eq!(tail_resident(&a), 0, "a short stream: {}", a.tx.dbg());
@@ -1452,13 +1468,7 @@ mod tests {
             "no long laps after {cold} bytes: {}",
             a.tx.dbg()
         );
-        let since = Instant::now();
-        while a.tx.pages_given_back() == 0 {
-            assert!(since.elapsed() < Duration::from_secs(10), "{}", a.tx.dbg());
-            a.idle_look().unwrap();
-            assert_eq!(b.poll(16, &mut |_, _| panic!("a message")).unwrap(), 0);
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        silent_until_given_back(&mut a, &mut b);
         assert_eq!(tail_resident(&a), 0);
         stream(&mut a, &mut b, 4 << 20);
         assert_eq!(
