@@ -118,6 +118,8 @@ typedef struct mca_btl_ivcom_component_t {
     int verbose;
     int connect_timeout;
     double peer_timeout;
+    int tcp;                /* 1: peers that cannot share memory with us go over
+                             * ivcom's TCP path; 0: left to the other BTLs */
 
     /* state */
     ivcom_node *node;

@@ -214,6 +214,13 @@ static int ivcom_register(void)
             &c->verbose, 0);
     reg_int("connect_timeout", "Seconds allowed to connect to a peer and agree on a path",
             &c->connect_timeout, 30);
+    reg_int("tcp",
+            "1: peers that cannot share memory with this process (other hosts, another "
+            "backend) go over ivcom's own TCP path; 0: ivcom leaves them to the other BTLs of "
+            "the job's list, e.g. --mca btl ivcom,tcp,self for Open MPI's btl/tcp (which sends "
+            "messages of up to 64 KiB eagerly where ivcom's eager limit, shared with the "
+            "rings, is 8 KiB); with no other BTL such peers are unreachable",
+            &c->tcp, 1);
     c->peer_timeout = 4.0;
     (void) mca_base_component_var_register(
         &mca_btl_ivcom_component.super.btl_version, "peer_timeout",
@@ -405,6 +412,10 @@ static bool check_params(ivcom_config *cfg)
     if (c->connect_timeout <= 0 || c->connect_timeout > 3600) {
         snprintf(buf, sizeof(buf), "%d", c->connect_timeout);
         return bad("btl_ivcom_connect_timeout", buf, "must be 1 to 3600 seconds");
+    }
+    if (0 != c->tcp && 1 != c->tcp) {
+        snprintf(buf, sizeof(buf), "%d", c->tcp);
+        return bad("btl_ivcom_tcp", buf, "expected 0 or 1");
     }
     if (c->peer_timeout != 0.0 && (c->peer_timeout < 1.0 || c->peer_timeout > 86400.0)) {
         snprintf(buf, sizeof(buf), "%g", c->peer_timeout);

@@ -429,6 +429,18 @@ size_t ivcom_node_pending(const ivcom_node *node);
 size_t ivcom_node_coresident(const ivcom_node *node);
 
 /**
+ * Whether the peer of binary card `card` may share memory with this node
+ * (the same backend on the same host: a ring candidate; whether a ring
+ * to it will exist is known only once the two connect): 1 yes, 0 no
+ * (its traffic can only go over TCP), `IVCOM_E_INVALID` for a malformed
+ * card.
+ *
+ * # Safety
+ * `node` valid; `card` has `card_len` readable bytes.
+ */
+int ivcom_node_ring_candidate(const ivcom_node *node, const uint8_t *card, size_t card_len);
+
+/**
  * Writes into `ids` (room for `n`) the ids of the peers whose links wait
  * to be taken; returns how many there are (call with `n` 0 to count).
  *

@@ -663,6 +663,29 @@ pub unsafe extern "C" fn ivcom_node_coresident(node: *const ivcom_node) -> usize
     unsafe { &*node }.node.coresident_peers()
 }
 
+/// Whether the peer of binary card `card` may share memory with this node
+/// (the same backend on the same host: a ring candidate; whether a ring
+/// to it will exist is known only once the two connect): 1 yes, 0 no
+/// (its traffic can only go over TCP), `IVCOM_E_INVALID` for a malformed
+/// card.
+///
+/// # Safety
+/// `node` valid; `card` has `card_len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_node_ring_candidate(
+    node: *const ivcom_node,
+    card: *const u8,
+    card_len: usize,
+) -> c_int {
+    // SAFETY: readable per contract.
+    let b = unsafe { std::slice::from_raw_parts(card, card_len) };
+    match Card::from_bytes(b) {
+        // SAFETY: valid handle per contract.
+        Ok(c) => c_int::from(unsafe { &*node }.node.card().ring_candidate(&c)),
+        Err(_) => IVCOM_E_INVALID,
+    }
+}
+
 /// Writes into `ids` (room for `n`) the ids of the peers whose links wait
 /// to be taken; returns how many there are (call with `n` 0 to count).
 ///

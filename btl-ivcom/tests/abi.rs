@@ -705,3 +705,59 @@ fn a_sender_sees_its_peer_draining_only_while_it_takes_the_last_burst() {
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ivcom_node_ring_candidate`: a peer that shares the node's hypervisor
+/// directory may share memory with it; one that shares another directory,
+/// or that runs without a ring backend, may not; a card that is not one is
+/// refused by name.
+#[test]
+fn a_node_tells_which_peers_may_share_its_memory_from_their_cards() {
+    let dirs: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|x| {
+            let d = std::env::temp_dir().join(format!("ivcom-cand-{x}-{}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+            d
+        })
+        .collect();
+    let c = |d: &std::path::PathBuf| std::ffi::CString::new(d.to_str().unwrap()).unwrap();
+    let (a, b) = (c(&dirs[0]), c(&dirs[1]));
+    let me = Node::new(&a);
+    let same = Node::new(&a);
+    let other = Node::new(&b);
+    let tcp_only = {
+        let mut cfg = std::mem::MaybeUninit::<ivcom_config>::uninit();
+        // SAFETY: writable config; defaults, then no ring backend.
+        let mut cfg = unsafe {
+            ivcom_config_default(cfg.as_mut_ptr());
+            cfg.assume_init()
+        };
+        cfg.backend = IVCOM_BACKEND_NONE;
+        let mut n = std::ptr::null_mut();
+        // SAFETY: valid config and out pointer.
+        assert_eq!(
+            unsafe { ivcom_node_new(&cfg, &mut n) },
+            IVCOM_OK,
+            "{}",
+            last_error()
+        );
+        Node(n)
+    };
+    let candidate = |card: &[u8]| {
+        // SAFETY: valid node; card has card.len() readable bytes.
+        unsafe { ivcom_node_ring_candidate(me.0, card.as_ptr(), card.len()) }
+    };
+    assert_eq!(candidate(&same.card()), 1);
+    assert_eq!(candidate(&other.card()), 0);
+    assert_eq!(candidate(&tcp_only.card()), 0);
+    assert_eq!(candidate(b"not a card"), IVCOM_E_INVALID);
+    let mut cut = same.card();
+    cut.truncate(cut.len() / 2);
+    assert_eq!(candidate(&cut), IVCOM_E_INVALID);
+    drop((me, same, other, tcp_only));
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

@@ -225,10 +225,15 @@ impl Cluster {
     /// `mpirun` on the cluster's head node, `np` ranks over
     /// `--mca btl ivcom,self` with the verbose path report.
     pub fn mpirun(&self, np: usize) -> Command {
+        self.mpirun_btl(np, "ivcom,self")
+    }
+
+    /// [`Cluster::mpirun`] over the BTLs `btl` (a list with ivcom).
+    pub fn mpirun_btl(&self, np: usize, btl: &str) -> Command {
         let mut c = Command::new(repo().join("scripts/vcluster"));
         mpi_env(&mut c)
             .args(["mpirun", "-np", &np.to_string()])
-            .args(["--mca", "pml", "ob1", "--mca", "btl", "ivcom,self"])
+            .args(["--mca", "pml", "ob1", "--mca", "btl", btl])
             .args(["--mca", "btl_ivcom_verbose", "1"]);
         c
     }

@@ -70,6 +70,58 @@ fn two_hosts_two_vms_each_ring_inside_tcp_across() {
     }
 }
 
+/// With `btl_ivcom_tcp 0` ivcom takes only the peers it may share memory
+/// with and leaves the others to Open MPI's btl/tcp: across the two hosts
+/// ivcom opens no link at all, inside each host the pairs are on rings,
+/// and every byte still arrives (the integrity job checks each message
+/// between every pair, so btl/tcp carried the pairs across).
+#[test]
+fn without_its_tcp_path_ivcom_leaves_other_hosts_to_btl_tcp() {
+    require_component();
+    if !is_root() {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    }
+    let c = Cluster::up("hostA:vm1,vm2 hostB:vm3,vm4");
+    let mut cmd = c.mpirun_btl(4, "ivcom,tcp,self");
+    cmd.args(["--mca", "btl_ivcom_tcp", "0"])
+        .arg(bin("ivcom-integrity"));
+    let r = run(&mut cmd, Duration::from_secs(240));
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
+        "{}",
+        r.text()
+    );
+    let host = |rank: u32| rank / 2;
+    let lines = path_lines(&r.stderr);
+    for a in 0..4u32 {
+        for b in 0..4u32 {
+            let l = lines.iter().find(|l| l.rank == a && l.peer == b);
+            if a == b {
+                continue;
+            }
+            if host(a) == host(b) {
+                let l = l.unwrap_or_else(|| panic!("no path line for {a} -> {b}:\n{}", r.text()));
+                assert_eq!(l.path, "ring", "{a} -> {b}: {l:?}");
+            } else {
+                assert!(l.is_none(), "ivcom linked {a} -> {b} across hosts: {l:?}");
+            }
+        }
+    }
+    // ivcom's links carried only what stayed on each host: the 16 MiB
+    // messages of the two pairs inside the hosts, each way, and no more
+    // than the job's traffic between those pairs.
+    let tx = stats_sum(&r.stderr, "tx_bytes");
+    assert!(tx > 2 * (16 << 20), "{}", r.text());
+    assert_eq!(tx, stats_sum(&r.stderr, "rx_bytes"));
+    assert_eq!(
+        stats_values(&r.stderr, "tx_bytes").len(),
+        4,
+        "one stats line per ring end:\n{}",
+        r.text()
+    );
+}
+
 /// The pid of the `ivcom-integrity` rank running in VM `vm` (network
 /// namespace `ivc-<vm>`), once it runs.
 fn rank_pid_in(vm: &str) -> Option<i32> {

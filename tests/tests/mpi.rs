@@ -244,6 +244,7 @@ fn bad_mca_values_are_rejected_by_name() {
         ("btl_ivcom_ring_budget", "-5"),
         ("btl_ivcom_min_record", "512"),
         ("btl_ivcom_min_record", "-1"),
+        ("btl_ivcom_tcp", "2"),
     ] {
         refused_naming(&[(param, value)], param);
     }
