@@ -219,7 +219,8 @@ static int ivcom_register(void)
             "backend) go over ivcom's own TCP path; 0: ivcom leaves them to the other BTLs of "
             "the job's list, e.g. --mca btl ivcom,tcp,self for Open MPI's btl/tcp (which sends "
             "messages of up to 64 KiB eagerly where ivcom's eager limit, shared with the "
-            "rings, is 8 KiB); with no other BTL such peers are unreachable",
+            "rings, is 8 KiB); with no other BTL such peers are unreachable. Under Xen every Xen "
+            "guest counts as able to share (the grant mapping decides)",
             &c->tcp, 1);
     c->peer_timeout = 4.0;
     (void) mca_base_component_var_register(
