@@ -10,15 +10,24 @@ use std::time::{Duration, Instant};
 struct Node(*mut ivcom_node);
 
 impl Node {
+    /// A node of the host backend in hypervisor directory `dir`.
     fn new(dir: &std::ffi::CString) -> Node {
+        Node::with(IVCOM_BACKEND_HOST, Some(dir))
+    }
+
+    /// A polling node of `backend` (`IVCOM_BACKEND_*`), in hypervisor
+    /// directory `dir` when given.
+    fn with(backend: std::ffi::c_int, dir: Option<&std::ffi::CString>) -> Node {
         let mut cfg = std::mem::MaybeUninit::<ivcom_config>::uninit();
         // SAFETY: writable config; defaults, then our directory and backend.
         let mut cfg = unsafe {
             ivcom_config_default(cfg.as_mut_ptr());
             cfg.assume_init()
         };
-        cfg.backend = IVCOM_BACKEND_HOST;
-        cfg.host_dir = dir.as_ptr();
+        cfg.backend = backend;
+        if let Some(dir) = dir {
+            cfg.host_dir = dir.as_ptr();
+        }
         cfg.poll_only = 1;
         let mut n = std::ptr::null_mut();
         // SAFETY: valid config and out pointer.
@@ -727,24 +736,7 @@ fn a_node_tells_which_peers_may_share_its_memory_from_their_cards() {
     let me = Node::new(&a);
     let same = Node::new(&a);
     let other = Node::new(&b);
-    let tcp_only = {
-        let mut cfg = std::mem::MaybeUninit::<ivcom_config>::uninit();
-        // SAFETY: writable config; defaults, then no ring backend.
-        let mut cfg = unsafe {
-            ivcom_config_default(cfg.as_mut_ptr());
-            cfg.assume_init()
-        };
-        cfg.backend = IVCOM_BACKEND_NONE;
-        let mut n = std::ptr::null_mut();
-        // SAFETY: valid config and out pointer.
-        assert_eq!(
-            unsafe { ivcom_node_new(&cfg, &mut n) },
-            IVCOM_OK,
-            "{}",
-            last_error()
-        );
-        Node(n)
-    };
+    let tcp_only = Node::with(IVCOM_BACKEND_NONE, None);
     let candidate = |card: &[u8]| {
         // SAFETY: valid node; card has card.len() readable bytes.
         unsafe { ivcom_node_ring_candidate(me.0, card.as_ptr(), card.len()) }

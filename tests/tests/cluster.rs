@@ -7,6 +7,45 @@ use ivcom_tests::*;
 use std::process::Command;
 use std::time::Duration;
 
+/// Two emulated hosts of two VMs each: ranks 0,1 run in vm1,vm2 (hostA),
+/// ranks 2,3 in vm3,vm4 (hostB).
+const TWO_HOSTS: &str = "hostA:vm1,vm2 hostB:vm3,vm4";
+
+/// The integrity job (every message between every pair checked) on the
+/// four ranks of [`TWO_HOSTS`] (cluster `c`) over the BTLs `btl`, with
+/// mpirun options `extra`; the test fails unless it passed.
+fn integrity_on_two_hosts(c: &Cluster, btl: &str, extra: &[&str]) -> Run {
+    let mut cmd = c.mpirun_btl(4, btl);
+    cmd.args(extra).arg(bin("ivcom-integrity"));
+    let r = run(&mut cmd, Duration::from_secs(240));
+    assert!(
+        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
+        "{}",
+        r.text()
+    );
+    r
+}
+
+/// Each ordered pair of distinct ranks of [`TWO_HOSTS`] has the path
+/// `want(same host)` in its verbose path line, or, for `None`, no line
+/// (ivcom opened no link).
+fn assert_pair_paths(r: &Run, want: impl Fn(bool) -> Option<&'static str>) {
+    let lines = path_lines(&r.stderr);
+    for a in 0..4u32 {
+        for b in (0..4u32).filter(|&b| b != a) {
+            let l = lines.iter().find(|l| l.rank == a && l.peer == b);
+            match want(a / 2 == b / 2) {
+                Some(path) => {
+                    let l =
+                        l.unwrap_or_else(|| panic!("no path line for {a} -> {b}:\n{}", r.text()));
+                    assert_eq!(l.path, path, "{a} -> {b}: {l:?}");
+                }
+                None => assert!(l.is_none(), "ivcom linked {a} -> {b}: {l:?}"),
+            }
+        }
+    }
+}
+
 #[test]
 fn two_hosts_two_vms_each_ring_inside_tcp_across() {
     require_component();
@@ -14,33 +53,11 @@ fn two_hosts_two_vms_each_ring_inside_tcp_across() {
         eprintln!("SKIPPED: network namespaces need root (docs/design.md: plain processes otherwise, covered by tests/mpi.rs)");
         return;
     }
-    let c = Cluster::up("hostA:vm1,vm2 hostB:vm3,vm4");
-    let mut cmd = c.mpirun(4);
-    cmd.arg(bin("ivcom-integrity"));
-    let r = run(&mut cmd, Duration::from_secs(240));
-    assert!(
-        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
-        "{}",
-        r.text()
-    );
-    // Ranks 0,1 run in vm1,vm2 (hostA); ranks 2,3 in vm3,vm4 (hostB).
-    let host = |rank: u32| rank / 2;
-    let lines = path_lines(&r.stderr);
-    for a in 0..4u32 {
-        for b in 0..4u32 {
-            if a == b {
-                continue;
-            }
-            let l = lines
-                .iter()
-                .find(|l| l.rank == a && l.peer == b)
-                .unwrap_or_else(|| panic!("no path line for {a} -> {b}:\n{}", r.text()));
-            let want = if host(a) == host(b) { "ring" } else { "tcp" };
-            assert_eq!(l.path, want, "{a} -> {b}: {l:?}");
-            if want == "tcp" {
-                assert!(l.reason.contains("another host"), "{l:?}");
-            }
-        }
+    let c = Cluster::up(TWO_HOSTS);
+    let r = integrity_on_two_hosts(&c, "ivcom,self", &[]);
+    assert_pair_paths(&r, |same_host| Some(if same_host { "ring" } else { "tcp" }));
+    for l in path_lines(&r.stderr).iter().filter(|l| l.path == "tcp") {
+        assert!(l.reason.contains("another host"), "{l:?}");
     }
     // Each VM really is a separate node to Open MPI (own hostname).
     for vm in ["vm1", "vm2", "vm3", "vm4"] {
@@ -82,32 +99,10 @@ fn without_its_tcp_path_ivcom_leaves_other_hosts_to_btl_tcp() {
         eprintln!("SKIPPED: network namespaces need root");
         return;
     }
-    let c = Cluster::up("hostA:vm1,vm2 hostB:vm3,vm4");
-    let mut cmd = c.mpirun_btl(4, "ivcom,tcp,self");
-    cmd.args(["--mca", "btl_ivcom_tcp", "0"])
-        .arg(bin("ivcom-integrity"));
-    let r = run(&mut cmd, Duration::from_secs(240));
-    assert!(
-        r.ok() && r.stdout.contains("INTEGRITY PASS ranks=4"),
-        "{}",
-        r.text()
-    );
-    let host = |rank: u32| rank / 2;
-    let lines = path_lines(&r.stderr);
-    for a in 0..4u32 {
-        for b in 0..4u32 {
-            let l = lines.iter().find(|l| l.rank == a && l.peer == b);
-            if a == b {
-                continue;
-            }
-            if host(a) == host(b) {
-                let l = l.unwrap_or_else(|| panic!("no path line for {a} -> {b}:\n{}", r.text()));
-                assert_eq!(l.path, "ring", "{a} -> {b}: {l:?}");
-            } else {
-                assert!(l.is_none(), "ivcom linked {a} -> {b} across hosts: {l:?}");
-            }
-        }
-    }
+    let c = Cluster::up(TWO_HOSTS);
+    let r = integrity_on_two_hosts(&c, "ivcom,tcp,self", &["--mca", "btl_ivcom_tcp", "0"]);
+    // (None: ivcom opened no link, so it printed no path line)
+    assert_pair_paths(&r, |same_host| same_host.then_some("ring"));
     // ivcom's links carried only what stayed on each host: the 16 MiB
     // messages of the two pairs inside the hosts, each way, and no more
     // than the job's traffic between those pairs.
