@@ -47,7 +47,8 @@ static int ivcom_add_procs(struct mca_btl_base_module_t *btl, size_t nprocs,
         if (OPAL_SUCCESS != mca_btl_ivcom_card_fetch(procs[i], &data, &size)) {
             continue; /* the peer runs without ivcom */
         }
-        if (0 == C->tcp && NULL != C->node && 0 == ivcom_node_ring_candidate(C->node, data, size)) {
+        if (0 == C->tcp && NULL != C->node
+            && 0 == ivcom_node_ring_candidate(C->node, data, size)) {
             /* It cannot share memory with us, and TCP is left to the other
              * BTLs (btl_ivcom_tcp 0): unreachable here. (A malformed card
              * goes on, to be refused by name below.) */

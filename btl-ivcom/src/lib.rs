@@ -553,7 +553,7 @@ pub unsafe extern "C" fn ivcom_card_describe(
 ) -> c_int {
     guard(|| {
         // SAFETY: readable per contract.
-        let b = unsafe { std::slice::from_raw_parts(card, card_len) };
+        let b = unsafe { c_slice(card, card_len) };
         match Card::from_bytes(b) {
             // SAFETY: writable per contract.
             Ok(c) => unsafe { write_str(&c.to_string(), buf, len) as c_int },
@@ -622,7 +622,7 @@ pub unsafe extern "C" fn ivcom_node_admit(
 ) -> c_int {
     guard(|| {
         // SAFETY: readable per contract.
-        let b = unsafe { std::slice::from_raw_parts(card, card_len) };
+        let b = unsafe { c_slice(card, card_len) };
         // SAFETY: valid handle per contract.
         match Card::from_bytes(b).and_then(|c| unsafe { &*node }.node.admit(&c)) {
             Ok(()) => IVCOM_OK,
@@ -638,7 +638,7 @@ pub unsafe extern "C" fn ivcom_node_admit(
 #[no_mangle]
 pub unsafe extern "C" fn ivcom_card_id(card: *const u8, card_len: usize) -> u64 {
     // SAFETY: readable per contract.
-    let b = unsafe { std::slice::from_raw_parts(card, card_len) };
+    let b = unsafe { c_slice(card, card_len) };
     Card::from_bytes(b).map_or(0, |c| c.id)
 }
 
@@ -678,7 +678,7 @@ pub unsafe extern "C" fn ivcom_node_ring_candidate(
     card_len: usize,
 ) -> c_int {
     // SAFETY: readable per contract.
-    let b = unsafe { std::slice::from_raw_parts(card, card_len) };
+    let b = unsafe { c_slice(card, card_len) };
     match Card::from_bytes(b) {
         // SAFETY: valid handle per contract.
         Ok(c) => c_int::from(unsafe { &*node }.node.card().ring_candidate(&c)),
@@ -772,7 +772,7 @@ pub unsafe extern "C" fn ivcom_link_open(
 ) -> c_int {
     guard(|| {
         // SAFETY: readable per contract.
-        let b = unsafe { std::slice::from_raw_parts(card, card_len) };
+        let b = unsafe { c_slice(card, card_len) };
         let card = match Card::from_bytes(b) {
             Ok(c) => c,
             Err(e) => return fail(e),
