@@ -319,7 +319,7 @@ impl RxHalf {
         let s = unsafe { self.side() };
         s.quiet += 1;
         if s.quiet.is_multiple_of(ring::PREPARE_EVERY) {
-            s.rx.prepare_page();
+            s.rx.prepare_pages();
         }
         if s.quiet >= QUIET_POLLS {
             s.quiet = 0;
@@ -930,9 +930,9 @@ impl Channel {
 
     /// For a poll that found nothing, every [`ring::PREPARE_EVERY`]: the
     /// receiving ring prepares a page its producer asked for
-    /// ([`ring::Consumer::prepare_page`]). Returns whether it touched one.
-    pub fn prepare_page(&mut self) -> bool {
-        self.rxs().rx.prepare_page()
+    /// ([`ring::Consumer::prepare_pages`]). Returns how many it prepared.
+    pub fn prepare_pages(&mut self) -> u64 {
+        self.rxs().rx.prepare_pages()
     }
 
     /// For a caller's idle moments (a poll found nothing, now and then):
@@ -1385,9 +1385,10 @@ mod tests {
     fn a_receiver_prepares_a_medium_streams_pages_and_they_go_back_with_the_rest() {
         // A 2 MiB ring (few peers), one thread doing both sides, 1,000-byte
         // messages with the receiver four behind and never answering; the
-        // receiver prepares a page for every message it takes, as its
-        // polls that find nothing between messages would
-        // (ring::PREPARE_EVERY). 2 MiB of the stream run long laps
+        // receiver prepares at every message it takes, as its polls that
+        // find nothing between messages would (ring::PREPARE_EVERY), and
+        // has the whole lap's pages from its first call after the request
+        // (one per call where the kernel cannot populate a range). 2 MiB of the stream run long laps
         // (ring::MEDIUM_PREPARE, not ring::MEDIUM_STREAM_COLD), and the
         // pages past the kept 64 KiB are the first MiB's, no more; the pair
         // falls silent and gives them back, and the receiver's next
@@ -1406,17 +1407,16 @@ mod tests {
                 .store(7 << 32 | (ring::KEEP_BYTES + 16 * 4096), Ordering::Relaxed)
         };
         assert_eq!(tail_resident(&a), 0);
-        for _ in 0..16 {
-            assert!(b.prepare_page());
-        }
-        assert!(!b.prepare_page());
+        // All in one call (MADV_POPULATE_READ on the host backend's memfd).
+        assert_eq!(b.prepare_pages(), 16);
+        assert_eq!(b.prepare_pages(), 0);
         assert_eq!(tail_resident(&a), 16);
         // (pages prepared, and the furthest offset the stream wrote at)
         let mut stream = |a: &mut Channel, b: &mut Channel, bytes: usize| {
             let (mut prepared, mut far) = (0, 0);
             t.one_way(a, b, bytes, |a, b| {
                 far = far.max(a.tx.offset());
-                prepared += b.prepare_page() as usize;
+                prepared += b.prepare_pages() as usize;
             });
             (prepared, far)
         };
@@ -1437,7 +1437,7 @@ mod tests {
             silent_until_given_back(&mut a, &mut b);
             assert_eq!(tail_resident(&a), 0, "round {round}");
             assert!(
-                !b.prepare_page(),
+                b.prepare_pages() == 0,
                 "round {round}: a page after the give-back"
             );
             assert_eq!(tail_resident(&a), 0, "round {round}");

@@ -1011,9 +1011,10 @@ fn one_way(
 /// A producer whose pages come with their first write and go back with
 /// the give-back (the host backend's) asks its consumer, once a one-way
 /// medium stream has run `ring::MEDIUM_PREPARE`, to prepare the pages of a
-/// long lap; a consumer that prepares one page per record it takes (a
-/// receiver whose polls find nothing between records) has them all after
-/// 240 records, says so, and the stream runs long laps from there, after
+/// long lap; a consumer that prepares at each record it takes (a receiver
+/// whose polls find nothing between records) has them all (in one call,
+/// or one page a call where the memory cannot be populated as a range),
+/// says so, and the stream runs long laps from there, after
 /// `ring::MEDIUM_STREAM`, not `ring::MEDIUM_STREAM_COLD`. The consumer
 /// touches exactly the pages from `ring::KEEP_BYTES` to `ring::LONG_LAP`.
 /// A forged request is bounded by the data area and touches each page
@@ -1032,7 +1033,7 @@ fn a_medium_stream_has_its_consumer_prepare_the_long_laps_pages_and_runs_them_on
         if asked_at.is_none() && mem.word(ring::OFF_PROD_WANT) != 0 {
             asked_at = Some(seq as usize * rec);
         }
-        touched += rx.prepare_page() as usize;
+        touched += rx.prepare_pages() as usize;
         (at, seq)
     };
     let warm = ring::MEDIUM_STREAM as usize;
@@ -1050,15 +1051,19 @@ fn a_medium_stream_has_its_consumer_prepare_the_long_laps_pages_and_runs_them_on
     // A forged request: up to the end of the data area, each page once.
     mem.set_word(ring::OFF_PROD_WANT, 9 << 32 | 0xFFFF_F000);
     let mut n = 0u64;
-    while rx.prepare_page() {
-        n += 1;
+    loop {
+        let pages = rx.prepare_pages();
+        if pages == 0 {
+            break;
+        }
+        n += pages;
         assert!(n <= (2 << 20) / 4096, "past the data area");
     }
     assert_eq!(n, ((2 << 20) - keep) / 4096);
     assert_eq!(mem.word(ring::OFF_CONS_READY), 9 << 32 | 2 << 20);
-    assert!(!rx.prepare_page());
+    assert_eq!(rx.prepare_pages(), 0);
     mem.set_word(ring::OFF_PROD_WANT, 0xFFFF_FFFF);
-    assert!(!rx.prepare_page(), "a request of epoch 0");
+    assert_eq!(rx.prepare_pages(), 0, "a request of epoch 0");
     // The stream goes on as it was, every byte checked.
     for _ in 0..(2 << 20) / rec {
         let at = push_and_take(&mem, &mut tx, &mut rx, (seq, len, 3), 0);

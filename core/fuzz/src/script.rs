@@ -142,7 +142,7 @@ pub enum Op {
     ReleaseFlush,
     HasData,
     LooksEmpty,
-    /// `prepare_page`, as a poll that found nothing calls it.
+    /// `prepare_pages`, as a poll that found nothing calls it.
     PreparePage,
     ConsumerSleep,
     ConsumerWake,
@@ -371,7 +371,7 @@ impl Harness {
                 }
             }
             Op::PreparePage => {
-                self.cons.prepare_page();
+                self.cons.prepare_pages();
             }
             Op::ConsumerSleep => {
                 // Not checked for stickiness: prepare_sleep does not look at

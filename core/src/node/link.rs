@@ -184,7 +184,7 @@ impl Link {
         self.idle_polls += 1;
         if self.idle_polls.is_multiple_of(crate::ring::PREPARE_EVERY) {
             if let Imp::Ring(c) = &mut self.imp {
-                c.prepare_page();
+                c.prepare_pages();
             }
         }
         if self.idle_polls >= ALIVE_EVERY {
