@@ -2031,7 +2031,8 @@ impl Consumer {
     /// (`MADV_POPULATE_READ`, Linux 5.14: a 1 MiB lap's 240 pages in one
     /// stop of the receiver, where one page every [`PREPARE_EVERY`] empty
     /// polls took most of a short stream such as OSU's 1 KiB phase); else
-    /// one page per call. The request is a hint from memory the producer
+    /// one page per call. Memory that the kernel refuses (the memory
+    /// cgroup's limit) ends the preparation unanswered. The request is a hint from memory the producer
     /// writes: read once per call, its end bounded by the data area, pages
     /// from [`KEEP_BYTES`] (the short laps' pages are there), nothing
     /// parsed and nothing written to the data area. Returns the number of
@@ -2054,8 +2055,7 @@ impl Consumer {
         // SAFETY: KEEP_BYTES <= prep_at < end <= the data size, both
         // multiples of the page: a page-aligned range of this consumer's
         // mapping of the data area. Populating for reading allocates what
-        // is missing and changes no byte; a mapping that refuses it (a
-        // grant mapping, an older kernel) is read a page at a time below.
+        // is missing and changes no byte.
         let rc = unsafe {
             libc::madvise(
                 self.v.data().add(self.prep_at as usize).cast(),
@@ -2066,10 +2066,25 @@ impl Consumer {
         if rc == 0 {
             self.prep_at = end;
         } else {
-            // (a page of the data area: KEEP_BYTES <= prep_at < end <= size;
-            // the value is of no use, the read is the point)
-            std::hint::black_box(self.v.slot(self.prep_at).load(Ordering::Relaxed));
-            self.prep_at += 4096;
+            match std::io::Error::last_os_error().raw_os_error() {
+                // A mapping that cannot be populated so (an older kernel, a
+                // grant mapping): a page at a time. (The value is of no
+                // use, the read is the point; KEEP_BYTES <= prep_at < end
+                // <= size.)
+                Some(libc::EINVAL) => {
+                    std::hint::black_box(self.v.slot(self.prep_at).load(Ordering::Relaxed));
+                    self.prep_at += 4096;
+                }
+                // Interrupted: the next empty poll goes on.
+                Some(libc::EINTR | libc::EAGAIN) => return 0,
+                // The memory is refused (this process's memory cgroup at
+                // its limit): prepare no more this epoch and do not say
+                // they are there; the producer keeps its short laps.
+                _ => {
+                    self.prep_at = end;
+                    return 0;
+                }
+            }
         }
         if self.prep_at >= end {
             self.v

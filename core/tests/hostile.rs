@@ -1008,6 +1008,65 @@ fn one_way(
     );
 }
 
+/// A consumer asked to prepare pages that the kernel will not give (here
+/// pages past the end of the file the ring lies in, which a read would
+/// meet with SIGBUS; in a real job, a memory cgroup at its limit) leaves
+/// them: the call prepares nothing, reads none of them and does not say
+/// they are there, and the next calls of that epoch do nothing either.
+/// The pages before the end are prepared by a request that stops there.
+#[test]
+fn a_consumer_leaves_pages_that_the_kernel_refuses_and_does_not_claim_them() {
+    let geo = Geometry::new(2 << 20).unwrap();
+    let ctrl = geo.ring_bytes() - (2 << 20);
+    // SAFETY: a fresh memfd mapped shared for ring_bytes(); unmapped at
+    // the end of the test, after the consumer's last use.
+    let (fd, base) = unsafe {
+        let fd = libc::memfd_create(c"ring".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0);
+        assert_eq!(libc::ftruncate(fd, geo.ring_bytes() as libc::off_t), 0);
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            geo.ring_bytes(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        ring::init(p.cast(), geo, 7);
+        (fd, p.cast::<u8>())
+    };
+    // SAFETY: the mapping outlives the consumer's uses.
+    let mut rx = unsafe { Consumer::new(base, geo) }.unwrap();
+    let word = |off: usize| {
+        // SAFETY: an 8-aligned word of the control page.
+        unsafe { &*base.add(off).cast::<std::sync::atomic::AtomicU64>() }
+    };
+    // The file ends 128 KiB into the data area: pages from there on are
+    // beyond it.
+    let file_end = ring::KEEP_BYTES + (64 << 10);
+    // SAFETY: fd is ours.
+    assert_eq!(
+        unsafe { libc::ftruncate(fd, (ctrl as u64 + file_end) as libc::off_t) },
+        0
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    word(ring::OFF_PROD_WANT).store(3 << 32 | ring::LONG_LAP, Relaxed);
+    assert_eq!(rx.prepare_pages(), 0, "pages past the end of the file");
+    assert_eq!(word(ring::OFF_CONS_READY).load(Relaxed), 0, "claimed");
+    assert_eq!(rx.prepare_pages(), 0, "the same epoch again");
+    assert_eq!(word(ring::OFF_CONS_READY).load(Relaxed), 0);
+    // A request that ends where the file does is prepared and answered.
+    word(ring::OFF_PROD_WANT).store(4 << 32 | file_end, Relaxed);
+    assert_eq!(rx.prepare_pages(), (file_end - ring::KEEP_BYTES) / 4096);
+    assert_eq!(word(ring::OFF_CONS_READY).load(Relaxed), 4 << 32 | file_end);
+    // SAFETY: ours; the consumer (no destructor) is not used after this.
+    unsafe {
+        libc::munmap(base.cast(), geo.ring_bytes());
+        libc::close(fd);
+    }
+}
+
 /// A producer whose pages come with their first write and go back with
 /// the give-back (the host backend's) asks its consumer, once a one-way
 /// medium stream has run `ring::MEDIUM_PREPARE`, to prepare the pages of a
