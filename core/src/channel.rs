@@ -935,6 +935,17 @@ impl Channel {
         self.rxs().rx.prepare_pages()
     }
 
+    /// The receiving ring prepares the pages its producer asks for a page
+    /// a call ([`ring::Consumer::prepare_a_page_a_call`]).
+    pub fn prepare_a_page_a_call(&mut self) {
+        self.rxs().rx.prepare_a_page_a_call();
+    }
+
+    /// Whether the receiving ring prepares a page a call.
+    pub fn prepares_a_page_a_call(&self) -> bool {
+        self.rxr().rx.prepares_a_page_a_call()
+    }
+
     /// For a caller's idle moments (a poll found nothing, now and then):
     /// lets a sending ring that fell silent give its idle pages back
     /// ([`Producer::idle_look`]).

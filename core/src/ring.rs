@@ -145,9 +145,9 @@ pub const MEDIUM_STREAM_COLD: u64 = 16 << 20;
 /// A one-way stream of medium records that has run this far over fresh
 /// pages (the host backend's) asks its consumer to prepare the pages of a
 /// long lap ([`OFF_PROD_WANT`]): the consumer, whose polls find nothing
-/// between the sender's records at these sizes, touches one page every
-/// [`PREPARE_EVERY`] such polls ([`Consumer::prepare_pages`]), and once
-/// all are there ([`OFF_CONS_READY`]) the producer maps them in one call
+/// between the sender's records at these sizes, prepares them at one of
+/// every [`PREPARE_EVERY`] such polls ([`Consumer::prepare_pages`]), and
+/// once all are there ([`OFF_CONS_READY`]) the producer maps them in one call
 /// and counts the ring as warm: long laps after [`MEDIUM_STREAM`], not
 /// [`MEDIUM_STREAM_COLD`], with the first lap's page allocations moved off
 /// the sender.
@@ -1994,6 +1994,9 @@ pub struct Consumer {
     /// prepares ([`Consumer::prepare_pages`]), and the next offset to.
     prep_epoch: u64,
     prep_at: u64,
+    /// A page a call ([`Consumer::prepare_a_page_a_call`], or the mapping
+    /// cannot be populated as a range).
+    prep_by_page: bool,
     broken: Option<Violation>,
 }
 
@@ -2018,6 +2021,7 @@ impl Consumer {
             cpu_told: 0,
             prep_epoch: 0,
             prep_at: 0,
+            prep_by_page: false,
             broken: None,
         })
     }
@@ -2031,12 +2035,13 @@ impl Consumer {
     /// (`MADV_POPULATE_READ`, Linux 5.14: a 1 MiB lap's 240 pages in one
     /// stop of the receiver, where one page every [`PREPARE_EVERY`] empty
     /// polls took most of a short stream such as OSU's 1 KiB phase); else
-    /// one page per call. Memory that the kernel refuses (the memory
-    /// cgroup's limit) ends the preparation unanswered. The request is a hint from memory the producer
-    /// writes: read once per call, its end bounded by the data area, pages
-    /// from [`KEEP_BYTES`] (the short laps' pages are there), nothing
-    /// parsed and nothing written to the data area. Returns the number of
-    /// pages it prepared.
+    /// (a mapping that cannot be populated so) one page per call. Memory
+    /// that the kernel refuses (the memory cgroup's limit) ends the
+    /// preparation unanswered. The request is a hint from memory the
+    /// producer writes: read once per call, its end bounded by the data
+    /// area, pages from [`KEEP_BYTES`] (the short laps' pages are there),
+    /// nothing parsed and nothing written to the data area. Returns the
+    /// number of pages it prepared.
     #[cold]
     pub fn prepare_pages(&mut self) -> u64 {
         let (epoch, end) = pages_word_parts(self.v.word(OFF_PROD_WANT).load(Ordering::Relaxed));
@@ -2052,31 +2057,41 @@ impl Consumer {
             return 0;
         }
         let from = self.prep_at;
-        // SAFETY: KEEP_BYTES <= prep_at < end <= the data size, both
-        // multiples of the page: a page-aligned range of this consumer's
-        // mapping of the data area. Populating for reading allocates what
-        // is missing and changes no byte.
-        let rc = unsafe {
-            libc::madvise(
-                self.v.data().add(self.prep_at as usize).cast(),
-                (end - self.prep_at) as usize,
-                libc::MADV_POPULATE_READ,
-            )
+        let rc = if self.prep_by_page {
+            -1
+        } else {
+            // SAFETY: KEEP_BYTES <= prep_at < end <= the data size, both
+            // multiples of the page: a page-aligned range of this
+            // consumer's mapping of the data area. Populating for reading
+            // allocates what is missing and changes no byte.
+            unsafe {
+                libc::madvise(
+                    self.v.data().add(self.prep_at as usize).cast(),
+                    (end - self.prep_at) as usize,
+                    libc::MADV_POPULATE_READ,
+                )
+            }
         };
         if rc == 0 {
             self.prep_at = end;
         } else {
-            match std::io::Error::last_os_error().raw_os_error() {
+            let err = if self.prep_by_page {
+                libc::EINVAL
+            } else {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+            };
+            match err {
                 // A mapping that cannot be populated so (an older kernel, a
-                // grant mapping): a page at a time. (The value is of no
-                // use, the read is the point; KEEP_BYTES <= prep_at < end
-                // <= size.)
-                Some(libc::EINVAL) => {
+                // grant mapping): a page at a time, from now on. (The value
+                // is of no use, the read is the point; KEEP_BYTES <= prep_at
+                // < end <= size.)
+                libc::EINVAL => {
+                    self.prep_by_page = true;
                     std::hint::black_box(self.v.slot(self.prep_at).load(Ordering::Relaxed));
                     self.prep_at += 4096;
                 }
                 // Interrupted: the next empty poll goes on.
-                Some(libc::EINTR | libc::EAGAIN) => return 0,
+                libc::EINTR | libc::EAGAIN => return 0,
                 // The memory is refused (this process's memory cgroup at
                 // its limit): prepare no more this epoch and do not say
                 // they are there; the producer keeps its short laps.
@@ -2092,6 +2107,22 @@ impl Consumer {
                 .store(pages_word(epoch, self.prep_at), Ordering::Relaxed);
         }
         (self.prep_at - from) / 4096
+    }
+
+    /// Makes [`Consumer::prepare_pages`] prepare a page a call, in the
+    /// receiver's slack, instead of the whole range in one stop: for a
+    /// receiver whose process's co-resident ranks outnumber the CPUs, where
+    /// a stop of the receiver (0.9 ms for a lap's 240 pages here) takes the
+    /// time of ranks that share its core and is more than a short stream
+    /// gains from the long laps (docs/design.md). As where the mapping
+    /// cannot be populated as a range.
+    pub fn prepare_a_page_a_call(&mut self) {
+        self.prep_by_page = true;
+    }
+
+    /// Whether [`Consumer::prepare_pages`] prepares a page a call.
+    pub fn prepares_a_page_a_call(&self) -> bool {
+        self.prep_by_page
     }
 
     /// The ring geometry.

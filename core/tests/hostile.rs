@@ -1077,7 +1077,8 @@ fn a_consumer_leaves_pages_that_the_kernel_refuses_and_does_not_claim_them() {
 /// `ring::MEDIUM_STREAM`, not `ring::MEDIUM_STREAM_COLD`. The consumer
 /// touches exactly the pages from `ring::KEEP_BYTES` to `ring::LONG_LAP`.
 /// A forged request is bounded by the data area and touches each page
-/// once; one of epoch 0 touches none; the producer, of another epoch,
+/// once, in one call or (where the memory cannot be populated as a range)
+/// a page a call; one of epoch 0 touches none; the producer, of another epoch,
 /// takes no answer to it for its own. Every byte and the order checked.
 #[test]
 fn a_medium_stream_has_its_consumer_prepare_the_long_laps_pages_and_runs_them_once_they_are_there()
@@ -1120,6 +1121,22 @@ fn a_medium_stream_has_its_consumer_prepare_the_long_laps_pages_and_runs_them_on
     }
     assert_eq!(n, ((2 << 20) - keep) / 4096);
     assert_eq!(mem.word(ring::OFF_CONS_READY), 9 << 32 | 2 << 20);
+    assert_eq!(rx.prepare_pages(), 0);
+    // Where the memory cannot be populated as a range: a page a call, the
+    // answer once all are read.
+    rx.prepare_a_page_a_call();
+    mem.set_word(ring::OFF_PROD_WANT, 10 << 32 | 0xFFFF_F000);
+    let mut calls = 0u64;
+    while rx.prepare_pages() == 1 {
+        calls += 1;
+        let ready = mem.word(ring::OFF_CONS_READY);
+        assert!(
+            calls == ((2 << 20) - keep) / 4096 || ready == 9 << 32 | 2 << 20,
+            "answered after {calls} pages"
+        );
+    }
+    assert_eq!(calls, ((2 << 20) - keep) / 4096);
+    assert_eq!(mem.word(ring::OFF_CONS_READY), 10 << 32 | 2 << 20);
     assert_eq!(rx.prepare_pages(), 0);
     mem.set_word(ring::OFF_PROD_WANT, 0xFFFF_FFFF);
     assert_eq!(rx.prepare_pages(), 0, "a request of epoch 0");

@@ -510,4 +510,60 @@ mod tests {
         assert_eq!(t.join().unwrap(), (9, vec![1, 2, 3]));
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// Whether `link`'s receiving ring prepares a page a call.
+    fn by_page(link: &Link) -> bool {
+        match &link.imp {
+            link::Imp::Ring(c) => c.prepares_a_page_a_call(),
+            link::Imp::Tcp(_) => panic!("a TCP link: {}", link.reason()),
+        }
+    }
+
+    /// A ring between `a` and `b`, both ends: whether each prepares a page
+    /// a call.
+    fn ring_ends(a: &Node, b: Node) -> (bool, bool) {
+        let (card_a, card_b) = (a.card().clone(), b.card().clone());
+        let t = std::thread::spawn(move || by_page(&b.link(&card_a).unwrap()));
+        let la = a.link(&card_b).unwrap();
+        (by_page(&la), t.join().unwrap())
+    }
+
+    #[test]
+    fn receivers_prepare_pages_in_their_slack_once_the_hosts_ranks_outnumber_its_cpus() {
+        // Two nodes of one host: two ranks. Their receiving rings prepare
+        // a stream's pages in one call where two ranks have a CPU each,
+        // else a page a call. With as many more co-resident peers admitted
+        // as there are CPUs (ranks that will share cores), the rings of a
+        // new pair prepare a page a call, on both ends.
+        // SAFETY: no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        let dir = std::env::temp_dir().join(format!("ivcom-slack-{}", std::process::id()));
+        let node = || {
+            Node::new(Config {
+                host_dir: Some(dir.clone()),
+                ring_size: MIB,
+                listen: Some("127.0.0.1".parse().unwrap()),
+                ..Config::default()
+            })
+            .unwrap()
+        };
+        let (a, b) = (node(), node());
+        b.admit(a.card()).unwrap();
+        let two = 2 > cpus;
+        assert_eq!(ring_ends(&a, b), (two, two));
+        let (c, d) = (node(), node());
+        d.admit(c.card()).unwrap();
+        for n in [&c, &d] {
+            for i in 0..cpus as u64 {
+                n.admit(&Card {
+                    id: 0xC0FFEE00 + i,
+                    key: Some(crate::card::Key::random()),
+                    ..n.card().clone()
+                })
+                .unwrap();
+            }
+        }
+        assert_eq!(ring_ends(&c, d), (true, true));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

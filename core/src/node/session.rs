@@ -137,6 +137,17 @@ enum Attempt {
 }
 
 impl Inner {
+    /// Whether this process and its admitted co-resident peers outnumber
+    /// the CPUs online: then a receiver prepares a stream's pages in its
+    /// slack, a page a call, instead of in one stop that would take the
+    /// time of the ranks sharing its core
+    /// ([`crate::ring::Consumer::prepare_a_page_a_call`]).
+    fn ranks_outnumber_cpus(&self) -> bool {
+        // SAFETY: sysconf has no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        self.lock().coresident(&self.card) + 1 > cpus
+    }
+
     /// Connects to `addr` and runs the handshake as initiator (retrying
     /// while the peer is not listening yet or is busy) until `deadline`.
     pub(super) fn initiate(
@@ -257,6 +268,9 @@ impl Inner {
         };
         if !self.cfg.wait.sleep {
             offer.channel.declare_polling();
+        }
+        if self.ranks_outnumber_cpus() {
+            offer.channel.prepare_a_page_a_call();
         }
         let geo = offer.channel.geometry();
         w.send(&Msg::Offer {
@@ -437,6 +451,9 @@ impl Inner {
             let (mut ch, nonce) = Channel::accept(&*hv, peer.domain, geo, &grant, &bell)?;
             if !self.cfg.wait.sleep {
                 ch.declare_polling();
+            }
+            if self.ranks_outnumber_cpus() {
+                ch.prepare_a_page_a_call();
             }
             ch.learn_peer();
             Ok((ch, nonce))
