@@ -929,7 +929,7 @@ impl Channel {
     }
 
     /// For a poll that found nothing, every [`ring::PREPARE_EVERY`]: the
-    /// receiving ring prepares a page its producer asked for
+    /// receiving ring prepares the pages its producer asked for
     /// ([`ring::Consumer::prepare_pages`]). Returns how many it prepared.
     pub fn prepare_pages(&mut self) -> u64 {
         self.rxs().rx.prepare_pages()
@@ -1399,7 +1399,8 @@ mod tests {
         // receiver prepares at every message it takes, as its polls that
         // find nothing between messages would (ring::PREPARE_EVERY), and
         // has the whole lap's pages from its first call after the request
-        // (one per call where the kernel cannot populate a range). 2 MiB of the stream run long laps
+        // (one per call where the kernel cannot populate a range). 2 MiB
+        // of the stream run long laps
         // (ring::MEDIUM_PREPARE, not ring::MEDIUM_STREAM_COLD), and the
         // pages past the kept 64 KiB are the first MiB's, no more; the pair
         // falls silent and gives them back, and the receiver's next

@@ -146,14 +146,15 @@ pub const MEDIUM_STREAM_COLD: u64 = 16 << 20;
 /// pages (the host backend's) asks its consumer to prepare the pages of a
 /// long lap ([`OFF_PROD_WANT`]): the consumer, whose polls find nothing
 /// between the sender's records at these sizes, prepares them at one of
-/// every [`PREPARE_EVERY`] such polls ([`Consumer::prepare_pages`]), and
-/// once all are there ([`OFF_CONS_READY`]) the producer maps them in one call
-/// and counts the ring as warm: long laps after [`MEDIUM_STREAM`], not
+/// every [`PREPARE_EVERY`] such polls ([`Consumer::prepare_pages`]: all at
+/// once, or a page a call where the host's ranks outnumber its CPUs), and
+/// once all are there ([`OFF_CONS_READY`]) the producer maps them in one
+/// call and counts the ring as warm: long laps after [`MEDIUM_STREAM`], not
 /// [`MEDIUM_STREAM_COLD`], with the first lap's page allocations moved off
 /// the sender.
 pub const MEDIUM_PREPARE: u64 = 64 << 10;
 
-/// Polls that found nothing per page a consumer prepares (see
+/// Polls that found nothing per preparation a consumer makes (see
 /// [`MEDIUM_PREPARE`]).
 pub const PREPARE_EVERY: u32 = 16;
 
