@@ -2058,49 +2058,43 @@ impl Consumer {
             return 0;
         }
         let from = self.prep_at;
-        let rc = if self.prep_by_page {
-            -1
-        } else {
+        if !self.prep_by_page {
             // SAFETY: KEEP_BYTES <= prep_at < end <= the data size, both
             // multiples of the page: a page-aligned range of this
             // consumer's mapping of the data area. Populating for reading
             // allocates what is missing and changes no byte.
-            unsafe {
+            let rc = unsafe {
                 libc::madvise(
                     self.v.data().add(self.prep_at as usize).cast(),
                     (end - self.prep_at) as usize,
                     libc::MADV_POPULATE_READ,
                 )
-            }
-        };
-        if rc == 0 {
-            self.prep_at = end;
-        } else {
-            let err = if self.prep_by_page {
-                libc::EINVAL
-            } else {
-                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
             };
-            match err {
-                // A mapping that cannot be populated so (an older kernel, a
-                // grant mapping): a page at a time, from now on. (The value
-                // is of no use, the read is the point; KEEP_BYTES <= prep_at
-                // < end <= size.)
-                libc::EINVAL => {
-                    self.prep_by_page = true;
-                    std::hint::black_box(self.v.slot(self.prep_at).load(Ordering::Relaxed));
-                    self.prep_at += 4096;
-                }
-                // Interrupted: the next empty poll goes on.
-                libc::EINTR | libc::EAGAIN => return 0,
-                // The memory is refused (this process's memory cgroup at
-                // its limit): prepare no more this epoch and do not say
-                // they are there; the producer keeps its short laps.
-                _ => {
-                    self.prep_at = end;
-                    return 0;
+            if rc == 0 {
+                self.prep_at = end;
+            } else {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    // A mapping that cannot be populated so (an older
+                    // kernel, a grant mapping): a page at a time, from now
+                    // on (below).
+                    Some(libc::EINVAL) => self.prep_by_page = true,
+                    // Interrupted: the next empty poll goes on.
+                    Some(libc::EINTR | libc::EAGAIN) => return 0,
+                    // The memory is refused (this process's memory cgroup
+                    // at its limit): prepare no more this epoch and do not
+                    // say they are there; the producer keeps its short laps.
+                    _ => {
+                        self.prep_at = end;
+                        return 0;
+                    }
                 }
             }
+        }
+        if self.prep_by_page {
+            // (a page of the data area: KEEP_BYTES <= prep_at < end <= size;
+            // the value is of no use, the read is the point)
+            std::hint::black_box(self.v.slot(self.prep_at).load(Ordering::Relaxed));
+            self.prep_at += 4096;
         }
         if self.prep_at >= end {
             self.v
