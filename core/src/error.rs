@@ -26,6 +26,8 @@ pub enum Violation {
     BadSequence,
     /// A record carries a tag at or above the limit of the layer above.
     BadTag,
+    /// A record of a receive queue names no producer slot of the queue.
+    BadSender,
 }
 
 impl fmt::Display for Violation {
@@ -40,6 +42,7 @@ impl fmt::Display for Violation {
             Violation::BadPadding => "malformed padding record",
             Violation::BadSequence => "fragments out of sequence",
             Violation::BadTag => "tag out of range",
+            Violation::BadSender => "record names no producer of the queue",
         };
         f.write_str(s)
     }

@@ -11,6 +11,7 @@ pub mod node;
 pub mod payload;
 #[doc(hidden)]
 pub mod protocol;
+pub mod queue;
 pub mod record;
 pub mod ring;
 pub mod tcp;

@@ -50,6 +50,23 @@ fn reassembly() {
 }
 
 #[test]
+fn queue() {
+    for v in inputs(11, 3000, 400) {
+        targets::queue(&v);
+    }
+    // Honest scripts: no forged word (op 4), so the model's order and
+    // contents are checked all through.
+    for mut v in inputs(12, 3000, 600) {
+        for b in v.iter_mut() {
+            if *b % 6 == 4 {
+                *b = b.wrapping_add(1);
+            }
+        }
+        targets::queue(&v);
+    }
+}
+
+#[test]
 fn tcp_stream() {
     for v in inputs(5, 4000, 600) {
         targets::tcp_stream(&v);

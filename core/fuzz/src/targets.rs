@@ -350,3 +350,158 @@ pub fn tcp_header(data: &[u8]) {
         assert_eq!(record::encode_bytes(len, k, tag), h);
     }
 }
+
+/// A receive queue (`ivcom_core::queue`) driven by a script: honest
+/// producers in three slots push records, reserve and leave reservations
+/// open, and commit them later; the consumer takes and releases; forged
+/// words land anywhere in the control page or the data area. Ops (one
+/// byte, then operands): `0 s l` push from slot `s % 3` a record of
+/// `4 * l` bytes; `1` consumer peek and release one; `2 s l` reserve in
+/// slot `s % 3` without committing (at most one open reservation a slot);
+/// `3 s` commit slot `s`'s open reservation; `4 o0 o1 w0..w7` store the
+/// word `w` at the 8-aligned offset `o` of the region; `5` the consumer
+/// prepares to sleep and finishes. Checks: no panic, no access outside the
+/// region (ASan), every record handed out inside the data area with a
+/// length of at most the largest record, a producer slot of the queue and
+/// a valid kind; while no word was forged, records arrive exactly as the
+/// model (reservation order, contents) says; a broken consumer stays
+/// broken; no error other than `Broken`, `Closed` or `TooLarge`.
+pub fn queue(data: &[u8]) {
+    use ivcom_core::queue::{self, Consumer, Geometry, Producer, Reservation, CTRL_BYTES};
+    use std::collections::VecDeque;
+
+    const SLOTS: usize = 3;
+    let geo = Geometry::new(4096, 1000, SLOTS).unwrap();
+    let layout = std::alloc::Layout::from_size_align(geo.region_bytes(), 4096).unwrap();
+    // SAFETY: non-zero size; freed at the end.
+    let base = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!base.is_null());
+    // SAFETY: a fresh zeroed region of the right size, alive until the end.
+    unsafe { queue::init(base, geo, 9) };
+    let mut c = unsafe { Consumer::new(base, geo) }.unwrap();
+    let mut ps: Vec<Producer> = (0..SLOTS)
+        .map(|s| unsafe { Producer::attach(base, geo, s) }.unwrap())
+        .collect();
+    let mut open: Vec<Option<(Reservation, u32)>> = (0..SLOTS).map(|_| None).collect();
+    // The model: records in reservation order, (slot, seq, len, committed).
+    let mut model: VecDeque<(usize, u32, usize, bool)> = VecDeque::new();
+    let mut seq = 0u32;
+    let mut forged = false;
+    let mut broken = false;
+    let data_start = base as usize + CTRL_BYTES;
+    let data_end = base as usize + geo.region_bytes();
+    let fill = |p: *mut u8, len: usize, seq: u32| {
+        for i in 0..len {
+            // SAFETY: inside the reservation.
+            unsafe {
+                p.add(i)
+                    .write((seq as usize).wrapping_mul(7).wrapping_add(i) as u8)
+            };
+        }
+    };
+    let ok_err = |e: &Error| matches!(e, Error::Broken(_) | Error::Closed | Error::TooLarge { .. });
+    let mut i = 0;
+    while i < data.len() {
+        let op = data[i] % 6;
+        let arg = |k: usize| data.get(i + k).copied().unwrap_or(0);
+        match op {
+            0 | 2 => {
+                let s = arg(1) as usize % SLOTS;
+                let len = arg(2) as usize * 4;
+                i += 3;
+                if open[s].is_some() {
+                    continue;
+                }
+                match ps[s].reserve(len) {
+                    Ok(Some(r)) => {
+                        fill(r.payload(), len, seq);
+                        let a = r.payload() as usize;
+                        assert!(a >= data_start && a + len <= data_end);
+                        if op == 0 {
+                            ps[s].commit(r, kind::MSG, s as u8);
+                            model.push_back((s, seq, len, true));
+                        } else {
+                            open[s] = Some((r, seq));
+                            model.push_back((s, seq, len, false));
+                        }
+                        seq += 1;
+                    }
+                    Ok(None) => {}
+                    Err(e) => assert!(ok_err(&e), "{e}"),
+                }
+            }
+            3 => {
+                let s = arg(1) as usize % SLOTS;
+                i += 2;
+                if let Some((r, q)) = open[s].take() {
+                    ps[s].commit(r, kind::MSG, s as u8);
+                    for m in model.iter_mut() {
+                        if m.1 == q {
+                            m.3 = true;
+                        }
+                    }
+                }
+            }
+            4 => {
+                let off = (u16::from_le_bytes([arg(1), arg(2)]) as usize * 8) % geo.region_bytes();
+                let mut w = [0u8; 8];
+                for (k, b) in w.iter_mut().enumerate() {
+                    *b = arg(3 + k);
+                }
+                i += 11;
+                // SAFETY: an 8-aligned word inside the region.
+                unsafe {
+                    (*(base.add(off) as *const std::sync::atomic::AtomicU64))
+                        .store(u64::from_le_bytes(w), std::sync::atomic::Ordering::Release)
+                };
+                forged = true;
+            }
+            5 => {
+                i += 1;
+                if c.prepare_sleep() {
+                    c.finish_sleep();
+                }
+            }
+            _ => {
+                i += 1;
+                match c.peek() {
+                    Ok(Some(r)) => {
+                        assert!(!broken, "a broken consumer handed out a record");
+                        let a = r.ptr as usize;
+                        assert!(a >= data_start && a + r.len <= data_end);
+                        assert!(r.len <= geo.max_record && r.slot < SLOTS);
+                        assert!(record::kind::valid(r.kind));
+                        if !forged {
+                            let (s, q, len, done) =
+                                model.pop_front().expect("a record nobody wrote");
+                            assert!(done, "a record handed out before its commit");
+                            assert_eq!((r.slot, r.len, r.tag as usize), (s, len, s));
+                            for k in 0..len {
+                                // SAFETY: inside the record.
+                                let b = unsafe { *r.ptr.add(k) };
+                                assert_eq!(b, (q as usize).wrapping_mul(7).wrapping_add(k) as u8);
+                            }
+                        }
+                        c.release(&r);
+                    }
+                    Ok(None) => {
+                        if !forged && !broken {
+                            assert!(
+                                model.front().is_none_or(|m| !m.3),
+                                "a committed record not seen"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        assert!(matches!(e, Error::Broken(_)), "{e}");
+                        assert!(forged, "an honest queue broke: {e}");
+                        broken = true;
+                    }
+                }
+            }
+        }
+    }
+    drop(ps);
+    // SAFETY: allocated above with this layout; nothing uses it any more.
+    unsafe { std::alloc::dealloc(base, layout) };
+}

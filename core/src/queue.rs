@@ -1,0 +1,781 @@
+//! Receive queue: many producers, one consumer, in one shared region.
+//!
+//! A ring ([`crate::ring`]) serves one pair of processes; on Xen every ring
+//! costs the domain that grants it pages of a pool that all of its
+//! processes share (gntalloc's 1,024 pages by default), and a layout of
+//! many domains of many ranks runs out of it (docs/design.md, "Memory
+//! follows the traffic"). A receive queue serves one consuming process and
+//! every producing process of one peer domain: the consumer grants it, the
+//! producers of that domain all map it and share its space, so a domain
+//! needs one queue per process and peer domain, not one ring per pair.
+//!
+//! The wire format is in `docs/queue-format.md`. In short: a 4 KiB control
+//! page (header; the reservation word the producers share; the consumer
+//! index; the doorbell and the sleep flags; one waiting bit per producer),
+//! then a power-of-two data area of records that start on 64-byte cells:
+//! the ring's 8-byte header word, whose reserved high 16 bits name the
+//! producer's slot, then the payload. A producer reserves a record's cells
+//! with one compare-and-swap of the reservation word, writes the payload
+//! and then the header with release ordering; the consumer polls the header
+//! word at its own index. Producers commit out of order (each in its own
+//! reserved space) and the consumer takes records in the order of their
+//! reservations: a slot's records arrive in the order it sent them.
+//!
+//! A stale word can never pass for a header: the consumer clears the first
+//! word of every cell of a record it releases before it publishes its index,
+//! and a producer writes into released space only after it read that index
+//! (acquire). So every cell a record may start on reads zero until a
+//! producer publishes a header there. (A ring clears the next header slot
+//! from the producer instead; with several producers the next slot may be
+//! another producer's header, already published.)
+//!
+//! Trust. The consumer's domain and the producers' domain do not trust each
+//! other: every word either side reads from the region is read once into a
+//! local and checked, and a violation breaks the queue with a named
+//! [`Violation`] on the side that saw it. The producers of one queue are
+//! the ranks of one job in one domain (one user, one VM): they share the
+//! reservation word and can stall or spoil each other's records, which no
+//! outsider can; the consumer takes from a record only what its header
+//! bounds, and a record that names no producer slot breaks the queue
+//! ([`Violation::BadSender`]). A producer that reserves space and never
+//! fills it (a rank that died in between) leaves the consumer waiting at
+//! that record: [`Consumer::blocked`] tells the layer above, which breaks
+//! the queue when it learns that a producer of that domain is gone.
+
+use crate::error::{Error, Result, Violation};
+use crate::protocol::{self, Word};
+use crate::record::{self, kind};
+use std::ptr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// `"IVCQ"` little-endian.
+pub const MAGIC: u32 = 0x5143_5649;
+/// Wire-format version of receive queues.
+pub const VERSION: u16 = 1;
+/// Size of the control page that precedes the data area.
+pub const CTRL_BYTES: usize = 4096;
+/// Records start on cells of this many bytes (a cache line).
+pub const CELL: usize = 64;
+/// Smallest data area.
+pub const MIN_DATA: usize = 4096;
+/// Largest data area.
+pub const MAX_DATA: usize = 1 << 30;
+/// Most producer slots of one queue (one waiting bit each).
+pub const MAX_SLOTS: usize = 256;
+
+/// Offsets in the control page.
+pub const OFF_MAGIC: usize = 0x00; // magic u32, version u16, slots u16
+/// data_size u32, max_record u32.
+pub const OFF_GEOMETRY: usize = 0x08;
+/// u64 nonce, written by the creator.
+pub const OFF_NONCE: usize = 0x10;
+/// Reservation word: free-running byte index of the next free cell (producers).
+pub const OFF_RESERVE: usize = 0x40;
+/// Consumer index: free-running byte index of the next record (consumer).
+pub const OFF_CONS: usize = 0x80;
+/// Doorbell word of the host backend (futex; wakes the consumer).
+pub const OFF_BELL: usize = 0xC0;
+/// Consumer-waiting flag (consumer sets, a producer clears and rings).
+pub const OFF_CONS_WAITING: usize = 0x100;
+/// Closed flag (the consumer closed the queue).
+pub const OFF_CLOSED: usize = 0x140;
+/// Producers-waiting bits: `MAX_SLOTS / 64` words (a producer sets its own
+/// bit; the consumer clears them all and rings those producers).
+pub const OFF_PROD_WAITING: usize = 0x180;
+
+/// Words of producers-waiting bits.
+const WAIT_WORDS: usize = MAX_SLOTS / 64;
+/// Compare-and-swap attempts a reservation makes before it reports the
+/// queue full for now (the other producers, or a consumer that scribbles
+/// on the word, took them all); the caller comes back as it does for a
+/// full queue.
+const CAS_TRIES: u32 = 64;
+
+const fn cells(n: usize) -> usize {
+    (n + CELL - 1) & !(CELL - 1)
+}
+
+/// Shape of a queue: data area size, largest record payload, and how many
+/// producer slots it has. Agreed by both sides; the consumer writes it to
+/// the control page and every producer checks it there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes in the data area (a power of two).
+    pub data_size: usize,
+    /// Largest record payload.
+    pub max_record: usize,
+    /// Producer slots (1 to [`MAX_SLOTS`]).
+    pub slots: usize,
+}
+
+impl Geometry {
+    /// A geometry, checked: a power-of-two data area from [`MIN_DATA`] to
+    /// [`MAX_DATA`], a largest record whose cells fill at most half of it,
+    /// 1 to [`MAX_SLOTS`] slots.
+    pub fn new(data_size: usize, max_record: usize, slots: usize) -> Result<Geometry> {
+        if !data_size.is_power_of_two() || !(MIN_DATA..=MAX_DATA).contains(&data_size) {
+            return Err(Error::Invalid(format!(
+                "queue data size {data_size} is not a power of two from {MIN_DATA} to {MAX_DATA}"
+            )));
+        }
+        if max_record > u32::MAX as usize || cells(record::HEADER + max_record) > data_size / 2 {
+            return Err(Error::Invalid(format!(
+                "queue record of {max_record} bytes does not fit twice in {data_size}"
+            )));
+        }
+        if !(1..=MAX_SLOTS).contains(&slots) {
+            return Err(Error::Invalid(format!(
+                "queue of {slots} producer slots (1 to {MAX_SLOTS})"
+            )));
+        }
+        Ok(Geometry {
+            data_size,
+            max_record,
+            slots,
+        })
+    }
+
+    /// Bytes of the whole region: control page and data area.
+    pub fn region_bytes(&self) -> usize {
+        CTRL_BYTES + self.data_size
+    }
+
+    /// Bytes a record of `len` payload bytes occupies (header and payload,
+    /// rounded up to whole cells).
+    pub fn record_bytes(len: usize) -> usize {
+        cells(record::HEADER + len)
+    }
+
+    fn header_word(&self) -> u64 {
+        MAGIC as u64 | (VERSION as u64) << 32 | (self.slots as u64) << 48
+    }
+
+    fn geometry_word(&self) -> u64 {
+        self.data_size as u64 | (self.max_record as u64) << 32
+    }
+}
+
+/// Raw view of a queue in mapped memory; holds no ownership (whoever
+/// creates a producer or consumer keeps the mapping alive).
+#[derive(Clone, Copy)]
+struct View {
+    base: *mut u8,
+    geo: Geometry,
+}
+
+impl View {
+    #[inline(always)]
+    fn word(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: `off` is an 8-aligned offset inside the control page,
+        // mapped while the view is used; atomics are valid on shared memory.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    #[inline(always)]
+    fn size(&self) -> u64 {
+        self.geo.data_size as u64
+    }
+
+    /// The first word of the cell at offset `off` of the data area: where a
+    /// record's header is published.
+    #[inline(always)]
+    fn cell(&self, off: u64) -> &AtomicU64 {
+        debug_assert!(off < self.size() && (off as usize).is_multiple_of(CELL));
+        // SAFETY: `off` is a cell offset inside the data area (callers take
+        // it modulo the data size), which follows the control page inside
+        // the mapping; the peer may write it concurrently, hence an atomic.
+        unsafe { &*(self.base.add(CTRL_BYTES + off as usize) as *const AtomicU64) }
+    }
+
+    /// The payload of the record whose header is at `off`.
+    ///
+    /// # Safety
+    /// The record (header and payload) lies inside the data area.
+    #[inline(always)]
+    unsafe fn payload(&self, off: u64) -> *mut u8 {
+        // SAFETY: forwarded contract.
+        unsafe { self.base.add(CTRL_BYTES + off as usize + record::HEADER) }
+    }
+
+    fn bell(&self) -> *const AtomicU32 {
+        // SAFETY: in bounds of the control page, 4-aligned.
+        unsafe { self.base.add(OFF_BELL) as *const AtomicU32 }
+    }
+
+    fn check(&self) -> Result<()> {
+        let h = self.word(OFF_MAGIC).load(Ordering::Relaxed);
+        let g = self.word(OFF_GEOMETRY).load(Ordering::Relaxed);
+        if h as u32 != MAGIC {
+            return Err(Violation::BadMagic.into());
+        }
+        if h != self.geo.header_word() {
+            return Err(Violation::BadVersion.into());
+        }
+        if g != self.geo.geometry_word() {
+            return Err(Violation::BadGeometry.into());
+        }
+        Ok(())
+    }
+}
+
+/// Writes a fresh queue's control page (the consumer's side, which creates
+/// and grants the region). The data area must read zero (fresh pages).
+///
+/// # Safety
+/// `base` points to a writable mapping of at least `geo.region_bytes()`
+/// bytes, 8-aligned, that nobody else uses yet.
+pub unsafe fn init(base: *mut u8, geo: Geometry, nonce: u64) {
+    // SAFETY: the control page is inside the mapping (contract).
+    unsafe { ptr::write_bytes(base, 0, CTRL_BYTES) };
+    let v = View { base, geo };
+    v.word(OFF_GEOMETRY)
+        .store(geo.geometry_word(), Ordering::Relaxed);
+    v.word(OFF_NONCE).store(nonce, Ordering::Relaxed);
+    v.word(OFF_MAGIC)
+        .store(geo.header_word(), Ordering::Release);
+}
+
+/// One producer of a queue: a process of the peer domain, in its slot.
+pub struct Producer {
+    v: View,
+    slot: u16,
+    /// Consumer index last read (acquire), checked.
+    cons: u64,
+    broken: Option<Violation>,
+}
+
+// SAFETY: the producer owns its view of the shared pages; moving it to
+// another thread moves that exclusive use with it.
+unsafe impl Send for Producer {}
+
+/// Where [`Producer::reserve`] put a record: its payload, to be filled,
+/// then published with [`Producer::commit`].
+#[derive(Debug)]
+pub struct Reservation {
+    off: u64,
+    len: usize,
+    payload: *mut u8,
+}
+
+impl Reservation {
+    /// The payload bytes to fill (exactly the length reserved).
+    pub fn payload(&self) -> *mut u8 {
+        self.payload
+    }
+}
+
+impl Producer {
+    /// Attaches to a queue as the producer of `slot`, after checking the
+    /// control page against the agreed geometry.
+    ///
+    /// # Safety
+    /// `base` points to a mapping of at least `geo.region_bytes()` bytes,
+    /// 8-aligned, that stays mapped while the producer is used.
+    pub unsafe fn attach(base: *mut u8, geo: Geometry, slot: usize) -> Result<Producer> {
+        if slot >= geo.slots {
+            return Err(Error::Invalid(format!(
+                "producer slot {slot} of a queue of {}",
+                geo.slots
+            )));
+        }
+        let v = View { base, geo };
+        v.check()?;
+        Ok(Producer {
+            v,
+            slot: slot as u16,
+            cons: 0,
+            broken: None,
+        })
+    }
+
+    /// The slot this producer writes in.
+    pub fn slot(&self) -> usize {
+        self.slot as usize
+    }
+
+    fn fail(&mut self, v: Violation) -> Error {
+        self.broken = Some(v);
+        Error::Broken(v)
+    }
+
+    /// Reads the consumer index (acquire: the consumer cleared the cells it
+    /// released before it stored the index), then the reservation word,
+    /// which is therefore at least that index, and checks the two: the
+    /// consumer is never ahead of what was reserved, nor more than the data
+    /// area behind, nor back from where it was. Returns the fresh
+    /// reservation word.
+    fn reload_cons(&mut self) -> Result<u64> {
+        let c = self.v.word(OFF_CONS).load(Ordering::Acquire);
+        let r = self.v.word(OFF_RESERVE).load(Ordering::Relaxed);
+        if c > r || r - c > self.v.size() || !c.is_multiple_of(CELL as u64) || c < self.cons {
+            return Err(self.fail(Violation::BadIndex));
+        }
+        self.cons = c;
+        Ok(r)
+    }
+
+    /// Reserves room for a record of `len` payload bytes. `Ok(None)`: the
+    /// queue is full for now (come back, or sleep with
+    /// [`Producer::prepare_sleep`]). A record that does not fit before the
+    /// end of the data area is preceded by a padding record to the end,
+    /// published here.
+    pub fn reserve(&mut self, len: usize) -> Result<Option<Reservation>> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
+        if len > self.v.geo.max_record {
+            return Err(Error::TooLarge {
+                len,
+                max: self.v.geo.max_record,
+            });
+        }
+        let size = self.v.size();
+        let need = Geometry::record_bytes(len) as u64;
+        let v = self.v;
+        let word = v.word(OFF_RESERVE);
+        let mut r = word.load(Ordering::Relaxed);
+        let mut reloaded = false;
+        for _ in 0..CAS_TRIES {
+            if !r.is_multiple_of(CELL as u64) {
+                return Err(self.fail(Violation::BadIndex));
+            }
+            let off = r % size;
+            let pad = if off + need > size { size - off } else { 0 };
+            let Some(end) = r.checked_add(pad + need) else {
+                return Err(self.fail(Violation::BadIndex));
+            };
+            if end > self.cons + size {
+                if reloaded {
+                    return Ok(None);
+                }
+                if self.v.word(OFF_CLOSED).load(Ordering::Acquire) != 0 {
+                    return Err(Error::Closed);
+                }
+                r = self.reload_cons()?;
+                reloaded = true;
+                continue;
+            }
+            match word.compare_exchange_weak(r, end, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    if pad != 0 {
+                        // Padding to the end, published at once: nothing to
+                        // fill. `pad` is at least one cell (`off` < size).
+                        let h = record::encode((pad - 8) as u32, kind::PAD, 0)
+                            | (self.slot as u64) << 48;
+                        self.v.cell(off).store(h, Ordering::Release);
+                    }
+                    let at = (r + pad) % size;
+                    return Ok(Some(Reservation {
+                        off: at,
+                        len,
+                        // SAFETY: `at + need` <= size: the record fits before
+                        // the end of the data area (padding otherwise).
+                        payload: unsafe { self.v.payload(at) },
+                    }));
+                }
+                Err(now) => {
+                    r = now;
+                    reloaded = false;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Publishes a reserved record: its header word, with release ordering
+    /// (the payload written before it is visible to a consumer that reads
+    /// the header). Returns whether the consumer announced that it sleeps:
+    /// if so the caller rings the consumer's doorbell once.
+    pub fn commit(&mut self, res: Reservation, kind: u8, tag: u8) -> bool {
+        debug_assert!(kind::valid(kind));
+        let h = record::encode(res.len as u32, kind, tag) | (self.slot as u64) << 48;
+        self.v.cell(res.off).store(h, Ordering::Release);
+        AtomicU64::fence();
+        let w = self.v.word(OFF_CONS_WAITING);
+        w.load(Ordering::Relaxed) != 0 && w.swap(0, Ordering::Relaxed) != 0
+    }
+
+    /// Reserves, copies `parts` in one after the other and commits: a
+    /// record of their total length. `Ok(None)`: full for now; otherwise
+    /// whether the caller must ring the consumer.
+    pub fn push(&mut self, kind: u8, tag: u8, parts: &[&[u8]]) -> Result<Option<bool>> {
+        let len = parts.iter().map(|p| p.len()).sum();
+        let Some(res) = self.reserve(len)? else {
+            return Ok(None);
+        };
+        let mut at = res.payload();
+        for p in parts {
+            // SAFETY: the reservation holds `len` bytes, the sum of the parts.
+            unsafe {
+                ptr::copy_nonoverlapping(p.as_ptr(), at, p.len());
+                at = at.add(p.len());
+            }
+        }
+        Ok(Some(self.commit(res, kind, tag)))
+    }
+
+    /// Announces that this producer sleeps until the consumer index moves
+    /// (its waiting bit; the consumer clears the bits when it releases and
+    /// rings those producers). `true`: sleep (the consumer will ring);
+    /// `false`: room came meanwhile, do not sleep.
+    pub fn prepare_sleep(&mut self) -> bool {
+        let (w, bit) = self.wait_bit();
+        w.fetch_or(bit, Ordering::Relaxed);
+        AtomicU64::fence();
+        if self.v.word(OFF_CONS).load(Ordering::Acquire) == self.cons
+            && self.v.word(OFF_CLOSED).load(Ordering::Acquire) == 0
+        {
+            true
+        } else {
+            w.fetch_and(!bit, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Withdraws the sleep announcement after waking.
+    pub fn finish_sleep(&mut self) {
+        let (w, bit) = self.wait_bit();
+        w.fetch_and(!bit, Ordering::Relaxed);
+    }
+
+    fn wait_bit(&self) -> (&AtomicU64, u64) {
+        let s = self.slot as usize;
+        (
+            self.v.word(OFF_PROD_WAITING + 8 * (s / 64)),
+            1u64 << (s % 64),
+        )
+    }
+
+    /// The host backend's doorbell word of the queue (wakes the consumer).
+    pub fn bell(&self) -> *const AtomicU32 {
+        self.v.bell()
+    }
+}
+
+/// A record the consumer found: the producer slot that wrote it, its kind
+/// and tag, and its payload in the shared pages (which the producers may
+/// still write: copy before parsing).
+#[derive(Debug, Clone, Copy)]
+pub struct Record {
+    /// Producer slot named by the header (checked below the slot count).
+    pub slot: usize,
+    /// Record kind ([`kind::MSG`], [`kind::FIRST`], [`kind::MORE`],
+    /// [`kind::CTRL`]).
+    pub kind: u8,
+    /// Tag of the layer above.
+    pub tag: u8,
+    /// Payload in the shared pages.
+    pub ptr: *const u8,
+    /// Payload length (at most the geometry's largest record).
+    pub len: usize,
+    bytes: u64,
+}
+
+/// The consumer of a queue: the process that created and granted it.
+pub struct Consumer {
+    v: View,
+    /// Own index: free-running byte count of the next record.
+    idx: u64,
+    /// Bytes of the record handed out by `peek` and not yet released.
+    held: u64,
+    broken: Option<Violation>,
+}
+
+// SAFETY: as for the producer.
+unsafe impl Send for Consumer {}
+
+impl Consumer {
+    /// The consumer of a queue whose control page [`init`] wrote.
+    ///
+    /// # Safety
+    /// `base` points to a mapping of at least `geo.region_bytes()` bytes,
+    /// 8-aligned, that stays mapped while the consumer is used.
+    pub unsafe fn new(base: *mut u8, geo: Geometry) -> Result<Consumer> {
+        let v = View { base, geo };
+        v.check()?;
+        Ok(Consumer {
+            v,
+            idx: 0,
+            held: 0,
+            broken: None,
+        })
+    }
+
+    /// Breaks the queue for good with `v`.
+    pub fn poison(&mut self, v: Violation) -> Error {
+        self.broken = Some(v);
+        Error::Broken(v)
+    }
+
+    /// The next record, if one is published: `Ok(None)` while the cell at
+    /// the consumer's index reads zero. Padding is passed here. The record
+    /// stays the consumer's until [`Consumer::release`]; peeking again
+    /// before that returns it again.
+    pub fn peek(&mut self) -> Result<Option<Record>> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
+        let size = self.v.size();
+        loop {
+            let off = self.idx % size;
+            let h = self.v.cell(off).load(Ordering::Acquire);
+            if h == 0 {
+                return Ok(None);
+            }
+            let (len, k, tag, slot) = record::decode(h);
+            if slot as usize >= self.v.geo.slots {
+                return Err(self.poison(Violation::BadSender));
+            }
+            if k == kind::PAD {
+                // Padding runs exactly to the end, and never from offset 0
+                // (it would lead the consumer around a whole lap).
+                if off == 0 || len as u64 != size - off - 8 {
+                    return Err(self.poison(Violation::BadPadding));
+                }
+                self.clear(off, size - off);
+                self.idx += size - off;
+                continue;
+            }
+            if !kind::valid(k) {
+                return Err(self.poison(Violation::BadType));
+            }
+            let bytes = Geometry::record_bytes(len) as u64;
+            if len > self.v.geo.max_record || off + bytes > size {
+                return Err(self.poison(Violation::BadLength));
+            }
+            self.held = bytes;
+            return Ok(Some(Record {
+                slot: slot as usize,
+                kind: k,
+                tag,
+                // SAFETY: `off + bytes` <= size: the record lies in the data
+                // area.
+                ptr: unsafe { self.v.payload(off) },
+                len,
+                bytes,
+            }));
+        }
+    }
+
+    /// Clears the first word of every cell of `[off, off + bytes)`.
+    fn clear(&self, off: u64, bytes: u64) {
+        let mut at = off;
+        while at < off + bytes {
+            self.v.cell(at).store(0, Ordering::Relaxed);
+            at += CELL as u64;
+        }
+    }
+
+    /// Releases the record `peek` returned: clears its cells, publishes the
+    /// consumer index, and returns the producers that announced they sleep
+    /// for room (their waiting bits, cleared: ring each once), as a bit set
+    /// of slots in `MAX_SLOTS / 64` words.
+    pub fn release(&mut self, rec: &Record) -> [u64; WAIT_WORDS] {
+        debug_assert_eq!(rec.bytes, self.held);
+        let off = self.idx % self.v.size();
+        self.clear(off, rec.bytes);
+        self.idx += rec.bytes;
+        self.held = 0;
+        self.publish()
+    }
+
+    /// Publishes the consumer index (release: after the cleared cells) and
+    /// collects the waiting producers.
+    fn publish(&mut self) -> [u64; WAIT_WORDS] {
+        self.v.word(OFF_CONS).store(self.idx, Ordering::Release);
+        AtomicU64::fence();
+        let mut out = [0u64; WAIT_WORDS];
+        for (i, o) in out.iter_mut().enumerate() {
+            let w = self.v.word(OFF_PROD_WAITING + 8 * i);
+            if w.load(Ordering::Relaxed) != 0 {
+                *o = w.swap(0, Ordering::Relaxed);
+            }
+        }
+        out
+    }
+
+    /// Whether a producer reserved space at the consumer's index and has
+    /// not published its record yet (the reservation word, a hint that the
+    /// producers write, is past the index while the cell reads zero). A
+    /// queue blocked for long, or blocked when a producer of its domain is
+    /// known to be gone, is broken by the layer above.
+    pub fn blocked(&self) -> bool {
+        let r = self.v.word(OFF_RESERVE).load(Ordering::Relaxed);
+        r > self.idx
+            && self
+                .v
+                .cell(self.idx % self.v.size())
+                .load(Ordering::Relaxed)
+                == 0
+    }
+
+    /// Announces that the consumer sleeps until a record is published at its
+    /// index. `true`: sleep (the producer that publishes will ring);
+    /// `false`: a record came meanwhile.
+    pub fn prepare_sleep(&mut self) -> bool {
+        let w = self.v.word(OFF_CONS_WAITING);
+        w.store(1, Ordering::Relaxed);
+        AtomicU64::fence();
+        if self
+            .v
+            .cell(self.idx % self.v.size())
+            .load(Ordering::Acquire)
+            == 0
+        {
+            true
+        } else {
+            protocol::finish_sleep(w);
+            false
+        }
+    }
+
+    /// Withdraws the sleep announcement after waking.
+    pub fn finish_sleep(&mut self) {
+        protocol::finish_sleep(self.v.word(OFF_CONS_WAITING));
+    }
+
+    /// Closes the queue: producers that find it full, or that would sleep,
+    /// learn it ([`Error::Closed`]); returns the producers to ring.
+    pub fn close(&mut self) -> [u64; WAIT_WORDS] {
+        self.v.word(OFF_CLOSED).store(1, Ordering::Release);
+        self.publish()
+    }
+
+    /// The consumer's index (free-running bytes).
+    pub fn index(&self) -> u64 {
+        self.idx
+    }
+
+    /// The host backend's doorbell word of the queue.
+    pub fn bell(&self) -> *const AtomicU32 {
+        self.v.bell()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{alloc_zeroed, dealloc, Layout};
+
+    /// Zeroed, page-aligned memory standing in for a granted region.
+    struct Region {
+        p: *mut u8,
+        l: Layout,
+    }
+
+    impl Region {
+        fn new(geo: Geometry) -> Region {
+            let l = Layout::from_size_align(geo.region_bytes(), 4096).unwrap();
+            // SAFETY: non-zero size.
+            let p = unsafe { alloc_zeroed(l) };
+            assert!(!p.is_null());
+            // SAFETY: fresh zeroed allocation of the region's size.
+            unsafe { init(p, geo, 7) };
+            Region { p, l }
+        }
+    }
+
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: allocated with this layout.
+            unsafe { dealloc(self.p, self.l) }
+        }
+    }
+
+    fn take(c: &mut Consumer) -> Option<(usize, u8, Vec<u8>)> {
+        let r = c.peek().unwrap()?;
+        // SAFETY: the record's payload lies in the region.
+        let v = unsafe { std::slice::from_raw_parts(r.ptr, r.len) }.to_vec();
+        c.release(&r);
+        Some((r.slot, r.tag, v))
+    }
+
+    #[test]
+    fn geometry_bounds() {
+        assert!(Geometry::new(4096, 2048 - 8, 1).is_ok());
+        assert!(Geometry::new(4096, 2048, 1).is_err());
+        assert!(Geometry::new(6000, 100, 1).is_err());
+        assert!(Geometry::new(4096, 100, 0).is_err());
+        assert!(Geometry::new(4096, 100, MAX_SLOTS + 1).is_err());
+        assert_eq!(Geometry::record_bytes(0), 64);
+        assert_eq!(Geometry::record_bytes(56), 64);
+        assert_eq!(Geometry::record_bytes(57), 128);
+    }
+
+    #[test]
+    fn records_of_several_slots_arrive_in_reservation_order_across_laps() {
+        let geo = Geometry::new(4096, 1000, 3).unwrap();
+        let reg = Region::new(geo);
+        // SAFETY: the region outlives producers and consumer.
+        let mut ps: Vec<Producer> = (0..3)
+            .map(|s| unsafe { Producer::attach(reg.p, geo, s) }.unwrap())
+            .collect();
+        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
+        let mut n = 0u32;
+        for round in 0..200u32 {
+            let len = (round as usize * 37) % 1000;
+            let s = (round % 3) as usize;
+            let body: Vec<u8> = (0..len).map(|i| (i as u32 ^ round) as u8).collect();
+            assert!(ps[s].push(kind::MSG, s as u8, &[&body]).unwrap().is_some());
+            let (slot, tag, got) = take(&mut c).unwrap();
+            assert_eq!((slot, tag as usize), (s, s));
+            assert_eq!(got, body);
+            n += 1;
+        }
+        assert_eq!(n, 200);
+        assert!(take(&mut c).is_none());
+        assert!(c.index() > 4 * 4096, "went round several laps");
+    }
+
+    #[test]
+    fn a_full_queue_refuses_then_takes_again_after_release() {
+        let geo = Geometry::new(4096, 1000, 2).unwrap();
+        let reg = Region::new(geo);
+        let mut a = unsafe { Producer::attach(reg.p, geo, 0) }.unwrap();
+        let mut b = unsafe { Producer::attach(reg.p, geo, 1) }.unwrap();
+        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
+        let body = [5u8; 1000];
+        let mut sent = 0;
+        while a.push(kind::MSG, 0, &[&body]).unwrap().is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, 4096 / 1024);
+        assert!(b.push(kind::MSG, 0, &[&[1]]).unwrap().is_none());
+        assert!(b.prepare_sleep(), "nothing released: the producer sleeps");
+        let r = c.peek().unwrap().unwrap();
+        let woken = c.release(&r);
+        assert_eq!(woken[0], 0b10, "the sleeping producer is rung");
+        b.finish_sleep();
+        assert!(b.push(kind::MSG, 0, &[&[1]]).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_consumer_that_sleeps_is_rung_by_the_next_commit() {
+        let geo = Geometry::new(4096, 100, 1).unwrap();
+        let reg = Region::new(geo);
+        let mut p = unsafe { Producer::attach(reg.p, geo, 0) }.unwrap();
+        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
+        assert!(c.prepare_sleep());
+        assert_eq!(p.push(kind::MSG, 1, &[b"hi"]).unwrap(), Some(true));
+        assert_eq!(p.push(kind::MSG, 1, &[b"hi"]).unwrap(), Some(false));
+        c.finish_sleep();
+        assert!(!c.prepare_sleep(), "records are there");
+    }
+
+    #[test]
+    fn a_reservation_never_published_blocks_the_consumer_and_says_so() {
+        let geo = Geometry::new(4096, 100, 2).unwrap();
+        let reg = Region::new(geo);
+        let mut a = unsafe { Producer::attach(reg.p, geo, 0) }.unwrap();
+        let mut b = unsafe { Producer::attach(reg.p, geo, 1) }.unwrap();
+        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
+        let dead = a.reserve(10).unwrap().unwrap();
+        b.push(kind::MSG, 0, &[b"after"]).unwrap().unwrap();
+        assert!(c.peek().unwrap().is_none());
+        assert!(c.blocked());
+        a.commit(dead, kind::MSG, 0);
+        assert!(!c.blocked());
+        assert_eq!(take(&mut c).unwrap().0, 0);
+        assert_eq!(take(&mut c).unwrap().2, b"after");
+    }
+}

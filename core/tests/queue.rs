@@ -1,0 +1,475 @@
+//! Receive queues (`ivcom_core::queue`) between real processes: producers
+//! in forked children that map the region at their own addresses, the
+//! consumer in the test process, real futex doorbells both ways; and the
+//! consumer and producers against forged words.
+//!
+//! Every byte a producer writes is a function of (slot, sequence number,
+//! offset), and the consumer checks every byte it takes, each slot's
+//! sequence, and a running checksum per slot against the one the producer
+//! left in the shared page when it finished.
+
+use ivcom_core::queue::{self, Consumer, Geometry, Producer, CTRL_BYTES, OFF_CONS, OFF_RESERVE};
+use ivcom_core::record::{self, kind};
+use ivcom_core::{Error, Violation};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// A shared mapping of a memfd: the region plus one page of the test's own
+/// (futex words a producer sleeps on, checksums the producers leave).
+struct Shm {
+    fd: i32,
+    len: usize,
+    base: *mut u8,
+}
+
+const SIDE: usize = 4096;
+
+impl Shm {
+    fn new(geo: Geometry) -> Shm {
+        let len = geo.region_bytes() + SIDE;
+        // SAFETY: plain syscalls, results checked.
+        unsafe {
+            let fd = libc::memfd_create(c"ivcom-queue-test".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0);
+            assert_eq!(libc::ftruncate(fd, len as i64), 0);
+            let s = Shm {
+                fd,
+                len,
+                base: map(fd, len),
+            };
+            queue::init(s.base, geo, 1);
+            s
+        }
+    }
+
+    /// The test's own page after the region: word `i`.
+    fn side(&self, geo: Geometry, i: usize) -> &AtomicU64 {
+        // SAFETY: inside the mapping, 8-aligned.
+        unsafe { &*(self.base.add(geo.region_bytes() + 8 * i) as *const AtomicU64) }
+    }
+
+    fn word(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: inside the control page, 8-aligned.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    fn cell(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: inside the data area, 8-aligned.
+        unsafe { &*(self.base.add(CTRL_BYTES + off) as *const AtomicU64) }
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        // SAFETY: our mapping and descriptor.
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// # Safety
+/// `fd` is a memfd of at least `len` bytes.
+unsafe fn map(fd: i32, len: usize) -> *mut u8 {
+    // SAFETY: forwarded.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p.cast()
+}
+
+fn futex_wait(w: *const AtomicU32, val: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: timeout.subsec_nanos() as i64,
+    };
+    // SAFETY: a futex word in shared memory (no FUTEX_PRIVATE_FLAG).
+    unsafe {
+        libc::syscall(libc::SYS_futex, w, libc::FUTEX_WAIT, val, &ts as *const _);
+    }
+}
+
+fn futex_wake(w: *const AtomicU32) {
+    // SAFETY: as above.
+    unsafe {
+        (*w).fetch_add(1, Ordering::Release);
+        libc::syscall(libc::SYS_futex, w, libc::FUTEX_WAKE, i32::MAX);
+    }
+}
+
+/// Byte `i` of message `seq` of `slot`.
+fn byte(slot: usize, seq: u64, i: usize) -> u8 {
+    (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as u8 ^ (i as u8).wrapping_mul(31) ^ slot as u8
+}
+
+/// Length of message `seq` of `slot`: mostly small, some up to the largest
+/// record, so that records of every cell count and padding occur.
+fn length(slot: usize, seq: u64, max: usize) -> usize {
+    let x = (seq ^ (slot as u64) << 20).wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 33;
+    match x % 8 {
+        0..=4 => (x >> 3) as usize % 64,
+        5 | 6 => (x >> 3) as usize % 1024,
+        _ => (x >> 3) as usize % (max + 1),
+    }
+}
+
+fn fnv(h: u64, b: u8) -> u64 {
+    (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+}
+
+const SLOTS: usize = 4;
+const PER_SLOT: u64 = 25_000;
+
+/// A producer child: maps the memfd again (its own address), sends its
+/// messages, sleeping on its futex word while the queue is full, and
+/// leaves its checksum in the test's page. Allocates nothing (it is a
+/// fork of a threaded process). Exit code: 0, or where it failed.
+fn producer_child(fd: i32, len: usize, geo: Geometry, slot: usize, die_after: Option<u64>) -> ! {
+    // SAFETY: the memfd is `len` bytes; the child never unmaps it.
+    let base = unsafe { map(fd, len) };
+    // SAFETY: the region is mapped for the child's lifetime.
+    let Ok(mut p) = (unsafe { Producer::attach(base, geo, slot) }) else {
+        unsafe { libc::_exit(10) }
+    };
+    // SAFETY: the test's page after the region.
+    let side = |i: usize| unsafe { &*(base.add(geo.region_bytes() + 8 * i) as *const AtomicU64) };
+    let my_bell = side(8 + slot) as *const AtomicU64 as *const AtomicU32;
+    let mut sum = 0xcbf2_9ce4_8422_2325u64;
+    for seq in 0..PER_SLOT {
+        let n = length(slot, seq, geo.max_record).max(8);
+        let res = loop {
+            match p.reserve(n) {
+                Ok(Some(r)) => break r,
+                Ok(None) => {
+                    // SAFETY: a futex word of the test's page.
+                    let seen = unsafe { (*my_bell).load(Ordering::Acquire) };
+                    if p.prepare_sleep() {
+                        let t = Instant::now();
+                        futex_wait(my_bell, seen, Duration::from_secs(2));
+                        p.finish_sleep();
+                        if t.elapsed() >= Duration::from_secs(2) {
+                            // Slept out the time-out: nobody rang.
+                            side(16 + slot).fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                Err(_) => unsafe { libc::_exit(11) },
+            }
+        };
+        if die_after == Some(seq) {
+            // Reserved, never published: the rank dies in between.
+            unsafe { libc::_exit(0) }
+        }
+        let at = res.payload();
+        // SAFETY: the reservation holds `n` bytes.
+        unsafe {
+            at.cast::<u64>().write_unaligned(seq);
+            for i in 8..n {
+                let b = byte(slot, seq, i);
+                at.add(i).write(b);
+                sum = fnv(sum, b);
+            }
+        }
+        if p.commit(res, kind::MSG, slot as u8) {
+            futex_wake(p.bell());
+        }
+    }
+    side(slot).store(sum, Ordering::Release);
+    unsafe { libc::_exit(0) }
+}
+
+fn fork_producer(s: &Shm, geo: Geometry, slot: usize, die_after: Option<u64>) -> i32 {
+    // SAFETY: the child runs only `producer_child`, which allocates nothing
+    // and ends in `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // A child outlives no failed test: it dies with the thread that
+        // forked it.
+        // SAFETY: plain syscall.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        producer_child(s.fd, s.len, geo, slot, die_after);
+    }
+    pid
+}
+
+fn reap(pid: i32) -> i32 {
+    let mut st = 0;
+    // SAFETY: our child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut st, 0) }, pid);
+    assert!(libc::WIFEXITED(st), "producer {pid} killed: {st:#x}");
+    libc::WEXITSTATUS(st)
+}
+
+#[test]
+fn four_producer_processes_move_100k_messages_every_byte_checked_in_order_per_slot() {
+    // A small queue (16 KiB) for 100,000 records: 1,000+ laps, producers
+    // that run out of room and sleep, a consumer that sleeps when empty.
+    let geo = Geometry::new(16 << 10, 2000, SLOTS).unwrap();
+    let s = Shm::new(geo);
+    // SAFETY: `s` outlives the consumer.
+    let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    let pids: Vec<i32> = (0..SLOTS)
+        .map(|k| fork_producer(&s, geo, k, None))
+        .collect();
+    let mut next = [0u64; SLOTS];
+    let mut sums = [0xcbf2_9ce4_8422_2325u64; SLOTS];
+    let (mut taken, mut bytes, mut sleeps, mut late) = (0u64, 0u64, 0u64, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while taken < SLOTS as u64 * PER_SLOT {
+        assert!(Instant::now() < deadline, "stuck after {taken} records");
+        let Some(r) = c.peek().unwrap() else {
+            let bell = c.bell();
+            // SAFETY: the queue's doorbell word.
+            let seen = unsafe { (*bell).load(Ordering::Acquire) };
+            if c.prepare_sleep() {
+                sleeps += 1;
+                let t = Instant::now();
+                futex_wait(bell, seen, Duration::from_secs(2));
+                c.finish_sleep();
+                if t.elapsed() >= Duration::from_secs(2) && c.peek().unwrap().is_some() {
+                    late += 1;
+                }
+            }
+            continue;
+        };
+        assert_eq!((r.kind, r.tag as usize), (kind::MSG, r.slot));
+        // SAFETY: the record lies in the region; copied before checking.
+        let body = unsafe { std::slice::from_raw_parts(r.ptr, r.len) }.to_vec();
+        let seq = u64::from_le_bytes(body[..8].try_into().unwrap());
+        assert_eq!(seq, next[r.slot], "slot {} out of order", r.slot);
+        assert_eq!(body.len(), length(r.slot, seq, geo.max_record).max(8));
+        for (i, &b) in body.iter().enumerate().skip(8) {
+            assert_eq!(
+                b,
+                byte(r.slot, seq, i),
+                "slot {} seq {seq} byte {i}",
+                r.slot
+            );
+            sums[r.slot] = fnv(sums[r.slot], b);
+        }
+        next[r.slot] += 1;
+        taken += 1;
+        bytes += r.len as u64;
+        let wake = c.release(&r);
+        for slot in 0..SLOTS {
+            if wake[slot / 64] >> (slot % 64) & 1 != 0 {
+                futex_wake(s.side(geo, 8 + slot) as *const AtomicU64 as *const AtomicU32);
+            }
+        }
+    }
+    for pid in pids {
+        assert_eq!(reap(pid), 0);
+    }
+    for slot in 0..SLOTS {
+        assert_eq!(next[slot], PER_SLOT);
+        assert_eq!(
+            s.side(geo, slot).load(Ordering::Acquire),
+            sums[slot],
+            "slot {slot} checksum"
+        );
+    }
+    assert!(c.peek().unwrap().is_none());
+    assert_eq!(late, 0, "a consumer that slept was not rung");
+    for slot in 0..SLOTS {
+        let n = s.side(geo, 16 + slot).load(Ordering::Relaxed);
+        assert_eq!(n, 0, "producer {slot} slept out its time-out {n} times");
+    }
+    assert!(
+        c.index() > 100 * geo.data_size as u64,
+        "laps: {}",
+        c.index()
+    );
+    eprintln!("{taken} records, {bytes} bytes, consumer slept {sleeps} times");
+}
+
+#[test]
+fn a_producer_that_dies_holding_a_reservation_blocks_the_queue_and_nothing_passes_it() {
+    let geo = Geometry::new(16 << 10, 2000, 2).unwrap();
+    let s = Shm::new(geo);
+    // SAFETY: `s` outlives the consumer.
+    let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    let dead = fork_producer(&s, geo, 0, Some(3));
+    assert_eq!(reap(dead), 0);
+    // A live producer of the same domain writes behind the dead one's hole.
+    // SAFETY: as above.
+    let mut p = unsafe { Producer::attach(s.base, geo, 1) }.unwrap();
+    assert!(p
+        .push(kind::MSG, 1, &[b"behind the hole"])
+        .unwrap()
+        .is_some());
+    for seq in 0..3u64 {
+        let r = c.peek().unwrap().unwrap();
+        assert_eq!(r.slot, 0);
+        // SAFETY: in the region.
+        let got = unsafe { r.ptr.cast::<u64>().read_unaligned() };
+        assert_eq!(got, seq);
+        c.release(&r);
+    }
+    assert!(
+        c.peek().unwrap().is_none(),
+        "the record behind the hole is not handed up"
+    );
+    assert!(
+        c.blocked(),
+        "the consumer knows a reservation is outstanding"
+    );
+    // The layer above breaks the queue once it learns the producer died.
+    c.poison(Violation::BadIndex);
+    assert!(matches!(c.peek(), Err(Error::Broken(Violation::BadIndex))));
+}
+
+fn forged(geo: Geometry, at: usize, word: u64) -> Error {
+    let s = Shm::new(geo);
+    // SAFETY: `s` outlives the consumer.
+    let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    let mut p = unsafe { Producer::attach(s.base, geo, 0) }.unwrap();
+    // Honest records of one cell each bring the consumer to `at`.
+    for _ in 0..at / 64 {
+        p.push(kind::MSG, 0, &[&[1u8; 8]]).unwrap().unwrap();
+        let r = c.peek().unwrap().unwrap();
+        c.release(&r);
+    }
+    assert_eq!(c.index(), at as u64);
+    s.cell(at).store(word, Ordering::Release);
+    let e = c.peek().unwrap_err();
+    // Broken for good.
+    assert!(c.peek().is_err());
+    e
+}
+
+#[test]
+fn a_consumer_breaks_on_forged_records_with_a_named_violation() {
+    let geo = Geometry::new(4096, 1000, 2).unwrap();
+    let slot = |s: u64| s << 48;
+    let cases: [(usize, u64, Violation); 7] = [
+        (
+            64,
+            record::encode(8, kind::MSG, 0) | slot(2),
+            Violation::BadSender,
+        ),
+        (
+            64,
+            record::encode(8, kind::MSG, 0) | slot(0xffff),
+            Violation::BadSender,
+        ),
+        (64, record::encode(8, 9, 0), Violation::BadType),
+        (64, record::encode(1001, kind::MSG, 0), Violation::BadLength),
+        // A record of allowed length that would run past the end.
+        (
+            4096 - 128,
+            record::encode(1000, kind::MSG, 0),
+            Violation::BadLength,
+        ),
+        (64, record::encode(100, kind::PAD, 0), Violation::BadPadding),
+        (
+            0,
+            record::encode(4096 - 8, kind::PAD, 0),
+            Violation::BadPadding,
+        ),
+    ];
+    for (at, w, want) in cases {
+        match forged(geo, at, w) {
+            Error::Broken(v) => assert_eq!(v, want, "word {w:#x} at {at}"),
+            e => panic!("word {w:#x} at {at}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn a_producer_breaks_on_a_consumer_index_it_cannot_have() {
+    let geo = Geometry::new(4096, 1000, 1).unwrap();
+    let fill = |p: &mut Producer| while p.push(kind::MSG, 0, &[&[0u8; 500]]).unwrap().is_some() {};
+    // Ahead of every reservation, behind by more than the data area,
+    // misaligned, and backwards after a first read.
+    for bad in [1u64 << 40, 64 + 3] {
+        let s = Shm::new(geo);
+        // SAFETY: `s` outlives the producer.
+        let mut p = unsafe { Producer::attach(s.base, geo, 0) }.unwrap();
+        fill(&mut p);
+        s.word(OFF_CONS).store(bad, Ordering::Release);
+        let e = p.push(kind::MSG, 0, &[&[0u8; 500]]).unwrap_err();
+        assert!(
+            matches!(e, Error::Broken(Violation::BadIndex)),
+            "{bad:#x}: {e}"
+        );
+    }
+    let s = Shm::new(geo);
+    // SAFETY: as above.
+    let mut p = unsafe { Producer::attach(s.base, geo, 0) }.unwrap();
+    s.word(OFF_RESERVE).store(1 << 40, Ordering::Release);
+    let e = p.push(kind::MSG, 0, &[&[0u8; 500]]).unwrap_err();
+    assert!(matches!(e, Error::Broken(Violation::BadIndex)), "{e}");
+    // Backwards: the consumer took 8 records, then says it took fewer.
+    let s = Shm::new(geo);
+    // SAFETY: as above.
+    let mut p = unsafe { Producer::attach(s.base, geo, 0) }.unwrap();
+    let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    fill(&mut p);
+    while let Some(r) = c.peek().unwrap() {
+        c.release(&r);
+    }
+    fill(&mut p);
+    s.word(OFF_CONS).store(512, Ordering::Release);
+    let e = p.push(kind::MSG, 0, &[&[0u8; 500]]).unwrap_err();
+    assert!(matches!(e, Error::Broken(Violation::BadIndex)), "{e}");
+}
+
+#[test]
+fn producers_learn_that_the_consumer_closed_the_queue() {
+    let geo = Geometry::new(4096, 1000, 1).unwrap();
+    let s = Shm::new(geo);
+    // SAFETY: `s` outlives both.
+    let mut p = unsafe { Producer::attach(s.base, geo, 0) }.unwrap();
+    let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    while p.push(kind::MSG, 0, &[&[0u8; 900]]).unwrap().is_some() {}
+    assert!(p.prepare_sleep());
+    let wake = c.close();
+    assert_eq!(wake[0], 1, "the sleeping producer is rung at the close");
+    p.finish_sleep();
+    assert!(matches!(
+        p.push(kind::MSG, 0, &[&[0u8; 900]]),
+        Err(Error::Closed)
+    ));
+    assert!(!p.prepare_sleep(), "a closed queue is not slept on");
+}
+
+#[test]
+fn a_region_of_another_shape_or_version_is_refused() {
+    let geo = Geometry::new(4096, 1000, 2).unwrap();
+    let s = Shm::new(geo);
+    for other in [
+        Geometry::new(8192, 1000, 2).unwrap(),
+        Geometry::new(4096, 900, 2).unwrap(),
+        Geometry::new(4096, 1000, 3).unwrap(),
+    ] {
+        // SAFETY: the mapping is large enough for the smaller shapes; the
+        // larger one is refused before any data is touched.
+        let e = unsafe { Producer::attach(s.base, other, 0) }.err().unwrap();
+        assert!(
+            matches!(
+                e,
+                Error::Broken(Violation::BadGeometry | Violation::BadVersion)
+            ),
+            "{e}"
+        );
+    }
+    s.word(0).store(0x1234, Ordering::Relaxed);
+    // SAFETY: as above.
+    let e = unsafe { Consumer::new(s.base, geo) }.err().unwrap();
+    assert!(matches!(e, Error::Broken(Violation::BadMagic)), "{e}");
+    // SAFETY: as above.
+    assert!(
+        unsafe { Producer::attach(s.base, geo, 2) }.is_err(),
+        "slot out of range"
+    );
+}
