@@ -14,6 +14,11 @@
 //!   sends the same buffer again and again) or that the sender rewrites
 //!   before each message.
 //!
+//! - a receive queue (many producers, one consumer; one producer here)
+//!   beside a ring in the same run: 8-byte round trips, and streams of
+//!   records of the eager size (8 KiB + 128 B) through a 64 KiB data area
+//!   (what a queue per peer domain has on Xen's default grant pool).
+//!
 //! The parent is pinned to CPU 0, a forked child to CPU 1; the rings live in
 //! a shared anonymous mapping (`ring::init` + `Producer`/`Consumer`, as the
 //! channel sets them up in a region from the hypervisor backend). A summary
@@ -21,6 +26,7 @@
 //! `cargo bench -p ivcom-core` (about a minute).
 
 use criterion::{black_box, Criterion, Throughput};
+use ivcom_core::queue;
 use ivcom_core::ring::{self, kind, Consumer, Geometry, Producer, Record};
 use std::cell::RefCell;
 use std::ptr;
@@ -521,6 +527,207 @@ fn memcpy_baseline(c: &mut Criterion, out: &Samples) {
     g.finish();
 }
 
+// ---------------------------------------------------------------------------
+// (f) a receive queue beside a ring: 8-byte round trips, eager-size streams,
+// in alternating rounds (the host moves the two virtual CPUs between near
+// and far placements from one moment to the next: one round of each,
+// side by side, is the comparison)
+
+/// The eager message of the Open MPI component: 8 KiB and ob1's header.
+const EAGER: usize = (8 << 10) + 128;
+/// The data area of both in the eager-size streams: what a queue per peer
+/// domain has on Xen's default grant pool.
+const SMALL_AREA: usize = 64 << 10;
+
+/// One end of a ring or of a queue, sending or receiving.
+enum Tx {
+    Ring(Box<Producer>),
+    Queue(queue::Producer),
+}
+
+enum Rx {
+    Ring(Consumer),
+    Queue(queue::Consumer),
+}
+
+impl Tx {
+    /// # Safety
+    /// `base` is a region that `init` set up for `through_queue`'s kind.
+    unsafe fn new(base: *mut u8, through_queue: bool, max: usize) -> Tx {
+        // SAFETY: forwarded.
+        unsafe {
+            if through_queue {
+                Tx::Queue(queue::Producer::attach(base, qgeo(max), 3).unwrap())
+            } else {
+                Tx::Ring(Box::new(Producer::new(base, rgeo(max)).unwrap()))
+            }
+        }
+    }
+
+    /// Sends `len` bytes: `fill` writes them, spinning while full.
+    fn send(&mut self, len: usize, k: u8, fill: impl FnOnce(*mut u8)) {
+        match self {
+            Tx::Ring(tx) => {
+                fill(reserve_spin(tx, len));
+                tx.commit(len, k, 0);
+            }
+            Tx::Queue(q) => loop {
+                if let Some(r) = q.reserve(len).unwrap() {
+                    fill(r.payload());
+                    q.commit(r, k, 0);
+                    break;
+                }
+                std::hint::spin_loop();
+            },
+        }
+    }
+}
+
+impl Rx {
+    /// # Safety
+    /// As for [`Tx::new`].
+    unsafe fn new(base: *mut u8, through_queue: bool, max: usize) -> Rx {
+        // SAFETY: forwarded.
+        unsafe {
+            if through_queue {
+                Rx::Queue(queue::Consumer::new(base, qgeo(max)).unwrap())
+            } else {
+                Rx::Ring(Consumer::new(base, rgeo(max)).unwrap())
+            }
+        }
+    }
+
+    /// Takes the next record (spinning): `take` sees its kind and bytes.
+    fn recv<T>(&mut self, take: impl FnOnce(u8, *const u8, usize) -> T) -> T {
+        match self {
+            Rx::Ring(rx) => {
+                let r = next_record(rx);
+                let t = take(r.kind, r.ptr, r.len);
+                rx.release_flush();
+                t
+            }
+            Rx::Queue(q) => loop {
+                if let Some(r) = q.peek().unwrap() {
+                    let t = take(r.kind, r.ptr, r.len);
+                    q.release(&r);
+                    break t;
+                }
+                std::hint::spin_loop();
+            },
+        }
+    }
+}
+
+fn rgeo(max: usize) -> Geometry {
+    Geometry::with_max_record(SMALL_AREA, max).unwrap()
+}
+
+fn qgeo(max: usize) -> queue::Geometry {
+    queue::Geometry::new(SMALL_AREA, max, 8).unwrap()
+}
+
+/// A mapping of two regions of either kind, initialised.
+fn two_regions(through_queue: bool, max: usize) -> (Shm, *mut u8, *mut u8) {
+    let n = rgeo(max).ring_bytes().max(qgeo(max).region_bytes());
+    let shm = Shm::new(4096 + 2 * n);
+    let (a, b) = (shm.ptr.wrapping_add(4096), shm.ptr.wrapping_add(4096 + n));
+    // SAFETY: fresh mapping, page aligned, two regions of `n` bytes.
+    unsafe {
+        if through_queue {
+            queue::init(a, qgeo(max), 1);
+            queue::init(b, qgeo(max), 2);
+        } else {
+            ring::init(a, rgeo(max), 1);
+            ring::init(b, rgeo(max), 2);
+        }
+    }
+    (shm, a, b)
+}
+
+/// One round of 8-byte round trips: the 10th percentile of 64-trip
+/// batches, as a half round trip in ns.
+fn round_trips(through_queue: bool, iters: u64) -> f64 {
+    let (_shm, a, b) = two_regions(through_queue, EAGER);
+    let child = Child::spawn(|| {
+        // SAFETY: the child consumes A and produces into B.
+        let (mut rx, mut tx) = unsafe {
+            (
+                Rx::new(a, through_queue, EAGER),
+                Tx::new(b, through_queue, EAGER),
+            )
+        };
+        loop {
+            // SAFETY: an 8-byte record.
+            let (k, v) = rx.recv(|k, p, _| (k, unsafe { ptr::read_unaligned(p as *const u64) }));
+            if k == kind::CTRL {
+                break;
+            }
+            // SAFETY: 8 reserved bytes.
+            tx.send(8, kind::MSG, |p| unsafe {
+                ptr::write_unaligned(p as *mut u64, v)
+            });
+        }
+    });
+    // SAFETY: the parent produces into A and consumes B.
+    let (mut tx, mut rx) = unsafe {
+        (
+            Tx::new(a, through_queue, EAGER),
+            Rx::new(b, through_queue, EAGER),
+        )
+    };
+    let samples = Samples::new(64);
+    let mut seq = 0u64;
+    samples.run(iters, || {
+        seq += 1;
+        // SAFETY: 8 reserved bytes.
+        tx.send(8, kind::MSG, |p| unsafe {
+            ptr::write_unaligned(p as *mut u64, seq)
+        });
+        // SAFETY: an 8-byte record.
+        let v = rx.recv(|_, p, _| unsafe { ptr::read_unaligned(p as *const u64) });
+        assert_eq!(v, seq);
+    });
+    tx.send(8, kind::CTRL, |_| {});
+    child.wait();
+    samples.quantile_ns(0.1) / 2.0
+}
+
+/// One round of a stream of `EAGER`-byte records through a 64 KiB data
+/// area; the consumer copies every record out and checks its sequence
+/// number. GB/s, median of 8-record batches.
+fn eager_stream(through_queue: bool, iters: u64) -> f64 {
+    let (_shm, a, _) = two_regions(through_queue, EAGER);
+    let child = Child::spawn(|| {
+        let src: Vec<u8> = (0..EAGER).map(|i| (i * 7) as u8).collect();
+        // SAFETY: the child is the only producer of A.
+        let mut tx = unsafe { Tx::new(a, through_queue, EAGER) };
+        for made in 0..iters {
+            // SAFETY: EAGER reserved bytes; src is EAGER bytes.
+            tx.send(EAGER, kind::MSG, |p| unsafe {
+                ptr::copy_nonoverlapping(src.as_ptr(), p, EAGER);
+                ptr::write_unaligned(p as *mut u64, made);
+            });
+        }
+    });
+    // SAFETY: the parent is the only consumer of A.
+    let mut rx = unsafe { Rx::new(a, through_queue, EAGER) };
+    let mut dst = vec![0u8; EAGER];
+    let mut got = 0u64;
+    let samples = Samples::new(8);
+    samples.run(iters, || {
+        rx.recv(|_, p, len| {
+            assert_eq!(len, EAGER);
+            // SAFETY: the record covers EAGER bytes until release.
+            unsafe { ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), EAGER) };
+        });
+        assert_eq!(u64::from_ne_bytes(dst[..8].try_into().unwrap()), got);
+        got += 1;
+        black_box(&mut dst);
+    });
+    child.wait();
+    EAGER as f64 / samples.quantile_ns(0.5)
+}
+
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -563,6 +770,10 @@ fn main() {
     let load_after = load();
     if !bench {
         // `cargo test --benches`: each routine ran once; no numbers.
+        for through_queue in [false, true] {
+            round_trips(through_queue, 1000);
+            eager_stream(through_queue, 1000);
+        }
         return;
     }
     println!();
@@ -595,6 +806,28 @@ fn main() {
             p / f
         );
     }
+    println!("receive queue beside a ring, alternating rounds:");
+    let (mut rt, mut st) = (Vec::new(), Vec::new());
+    for round in 0..6 {
+        let (r, q) = (round_trips(false, 200_000), round_trips(true, 200_000));
+        let (rs, qs) = (eager_stream(false, 200_000), eager_stream(true, 200_000));
+        println!(
+            "  round {round}: 8-byte half round trip queue {q:.0} ns, ring {r:.0} ns ({:.2}); 8 KiB + 128 B stream through 64 KiB queue {qs:.2} GB/s, ring {rs:.2} GB/s ({:.2})",
+            q / r,
+            qs / rs
+        );
+        rt.push(q / r);
+        st.push(qs / rs);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        (v[2] + v[3]) / 2.0
+    };
+    println!(
+        "  median ratio, queue to ring: round trip {:.2}, stream {:.2}",
+        med(&mut rt),
+        med(&mut st)
+    );
     println!(
         "load average before {load_before}, after {load_after} (2 CPUs; parent on CPU {PARENT_CPU}, child on CPU {CHILD_CPU})"
     );

@@ -1750,10 +1750,14 @@ fn readers_at(
             ring::CTRL_BYTES + pos,
             ivcom_core::record::encode(len as u32, kind::MSG, 1),
         );
+        // Both read the record before either releases it: a consumer
+        // claims the lines of a record it releases (`ring::CLAIM_MIN`),
+        // which clears its header.
         for rx in [&mut short, &mut full] {
             assert_eq!(rx.peek().unwrap().map(|r| r.len), Some(len));
-            rx.release();
         }
+        short.release();
+        full.release();
         pos += RECORD_HEADER + len.div_ceil(8) * 8;
     }
     assert_eq!(pos, target);
@@ -2036,4 +2040,105 @@ fn padding_at_offset_zero_is_refused() {
         rx.peek(),
         Err(Error::Broken(Violation::BadPadding))
     ));
+}
+
+/// A consumer claims the cache lines of what it releases (records or runs
+/// of records of `ring::CLAIM_MIN` bytes and more): it writes a zero word
+/// at the start of each line they occupy, and nothing else. Not the bytes
+/// of a smaller record, not the header of the record that follows, not a
+/// byte outside the data area when a run of records continues at offset 0
+/// after one that ends exactly at the end (a guard page after the ring
+/// must read as it was written).
+#[test]
+fn a_consumer_claims_the_lines_of_what_it_releases_and_nothing_else() {
+    const D: usize = 4096;
+    let geo = Geometry::with_max_record(D, 2040).unwrap();
+    let layout = Layout::from_size_align(geo.ring_bytes() + 4096, 4096).unwrap();
+    // SAFETY: non-zero size; freed at the end.
+    let base = unsafe { alloc_zeroed(layout) };
+    assert!(!base.is_null());
+    let data = |off: usize| ring::CTRL_BYTES + off;
+    let read = |off: usize| {
+        // SAFETY: inside the allocation.
+        unsafe { std::ptr::read_volatile(base.add(off)) }
+    };
+    // SAFETY: fresh zeroed memory; then the data area and the guard page
+    // filled with marks that the claim must not leave except where it may.
+    unsafe {
+        ring::init(base, geo, 7);
+        std::ptr::write_bytes(base.add(data(0)), 0xEE, D);
+        std::ptr::write_bytes(base.add(geo.ring_bytes()), 0xAA, 4096);
+    }
+    let set = |off: usize, w: u64| {
+        // SAFETY: an 8-aligned word inside the allocation.
+        unsafe { std::ptr::write_volatile(base.add(off) as *mut u64, w) }
+    };
+    let msg = |len: u32| ivcom_core::record::encode(len, kind::MSG, 1);
+    // SAFETY: the allocation outlives the consumer; one consumer.
+    let mut rx = unsafe { Consumer::new(base, geo).unwrap() };
+    // A small record (64 B in all) at 0, then one of 2,040 (2,048 in all)
+    // at 64, then one of 1,976 that ends exactly at the end of the area.
+    set(data(0), msg(56));
+    set(data(64), msg(2040));
+    set(data(2112), msg(1976));
+    let r = rx.peek().unwrap().unwrap();
+    assert_eq!(r.len, 56);
+    rx.release();
+    rx.flush();
+    assert_eq!(read(data(0)), 56, "a small record's header was cleared");
+    for off in 8..64 {
+        assert_eq!(
+            read(data(off)),
+            0xEE,
+            "a small record's byte {off} was written"
+        );
+    }
+    let r = rx.peek().unwrap().unwrap();
+    assert_eq!(r.len, 2040);
+    rx.release();
+    rx.flush();
+    for off in 64..2112 {
+        let want = if off % 64 < 8 { 0 } else { 0xEE };
+        assert_eq!(read(data(off)), want, "byte {off} of a released record");
+    }
+    assert_eq!(
+        ivcom_core::record::decode(u64::from_le_bytes(std::array::from_fn(|i| read(
+            data(2112) + i
+        ))))
+        .0,
+        1976,
+        "the next record's header is left alone"
+    );
+    // The next lap's first record (as its producer would write it: the
+    // whole record, payload and header), then one batch takes the record
+    // that ends at the end and this one at offset 0.
+    // SAFETY: inside the data area.
+    unsafe { std::ptr::write_bytes(base.add(data(0)), 0x55, 1024) };
+    set(data(0), msg(1016));
+    let mut out = ring::Batch::new();
+    let (n, _) = rx.peek_msgs(256, &mut out, 8);
+    assert_eq!(n, 2, "the run continues at offset 0");
+    rx.release();
+    rx.flush();
+    for off in 2112..D {
+        let want = if off % 64 < 8 { 0 } else { 0xEE };
+        assert_eq!(read(data(off)), want, "byte {off} before the end");
+    }
+    for off in 0..1024 {
+        let want = if off % 64 < 8 { 0 } else { 0x55 };
+        assert_eq!(read(data(off)), want, "byte {off} after the wrap");
+    }
+    for off in 1024..2112 {
+        assert_eq!(
+            read(data(off)),
+            if off % 64 < 8 && off >= 64 { 0 } else { 0xEE },
+            "byte {off} past the run"
+        );
+    }
+    for off in geo.ring_bytes()..geo.ring_bytes() + 4096 {
+        assert_eq!(read(off), 0xAA, "byte {off} past the data area");
+    }
+    // SAFETY: allocated above with this layout; the consumer is not used
+    // again.
+    unsafe { dealloc(base, layout) };
 }
