@@ -2142,3 +2142,46 @@ fn a_consumer_claims_the_lines_of_what_it_releases_and_nothing_else() {
     // again.
     unsafe { dealloc(base, layout) };
 }
+
+/// ... and only while the ring's laps are at most `ring::CLAIM_LAP`: after
+/// a lap that ran to 3 MiB of a 4 MiB ring the next record is not
+/// claimed; after one of 1 MiB it is.
+#[test]
+fn a_consumer_claims_nothing_after_a_lap_longer_than_the_claim_lap() {
+    const D: usize = 4 << 20;
+    const BIG: usize = (3 << 19) - 8; // 1.5 MiB records, header included
+    for (lap, claimed) in [(3usize << 20, false), (1 << 20, true)] {
+        let geo = Geometry::with_max_record(D, BIG).unwrap();
+        let mem = Mem::new(geo);
+        let msg = |len: usize| ivcom_core::record::encode(len as u32, kind::MSG, 1);
+        let (_tx, mut rx) = mem.ends(geo);
+        // Records to `lap`, then padding to the end.
+        let mut pos = 0;
+        while pos < lap {
+            let len = BIG.min(lap - pos - RECORD_HEADER);
+            mem.set_word(ring::CTRL_BYTES + pos, msg(len));
+            assert_eq!(rx.peek().unwrap().map(|r| r.len), Some(len));
+            rx.release();
+            rx.flush();
+            pos += RECORD_HEADER + len.div_ceil(8) * 8;
+        }
+        mem.set_word(
+            ring::CTRL_BYTES + lap,
+            ivcom_core::record::encode((D - lap - RECORD_HEADER) as u32, kind::PAD, 0),
+        );
+        // The next lap's first record, at offset 0.
+        mem.set_word(ring::CTRL_BYTES, msg(2040));
+        mem.set_word(ring::CTRL_BYTES + 64, 0xEEEE);
+        assert_eq!(rx.peek().unwrap().map(|r| r.len), Some(2040));
+        rx.release();
+        rx.flush();
+        assert_eq!(
+            (
+                mem.word(ring::CTRL_BYTES) == 0,
+                mem.word(ring::CTRL_BYTES + 64) == 0
+            ),
+            (claimed, claimed),
+            "after a lap of {lap}"
+        );
+    }
+}
