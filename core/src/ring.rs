@@ -69,7 +69,7 @@ pub const CLAIM_MIN: u64 = 1024;
 /// where the build before read 28-31 in five of eight); laps of large
 /// messages one at a time (past [`LONG_LAP`] and a record) gained the
 /// most (osu_latency from 16 KiB to 1 MiB with the two CPUs far apart:
-/// 2.3-5.9 times vader's time before, 1.1-1.4 with the claim).
+/// 1.7-5.9 times vader's time before, 1.1-1.4 with the claim).
 pub const CLAIM_LAP: u64 = 2 * LONG_LAP;
 /// Smallest data area.
 pub const MIN_DATA: usize = 4096;
