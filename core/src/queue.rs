@@ -389,10 +389,8 @@ impl Producer {
     pub fn commit(&mut self, res: Reservation, kind: u8, tag: u8) -> bool {
         debug_assert!(kind::valid(kind));
         let h = record::encode(res.len as u32, kind, tag) | (self.slot as u64) << 48;
-        self.v.cell(res.off).store(h, Ordering::Release);
-        AtomicU64::fence();
-        let w = self.v.word(OFF_CONS_WAITING);
-        w.load(Ordering::Relaxed) != 0 && w.swap(0, Ordering::Relaxed) != 0
+        // The rings' publish: the header is the word this side stores.
+        protocol::publish(self.v.cell(res.off), h, self.v.word(OFF_CONS_WAITING))
     }
 
     /// Reserves, copies `parts` in one after the other and commits: a
@@ -613,20 +611,13 @@ impl Consumer {
     /// index. `true`: sleep (the producer that publishes will ring);
     /// `false`: a record came meanwhile.
     pub fn prepare_sleep(&mut self) -> bool {
-        let w = self.v.word(OFF_CONS_WAITING);
-        w.store(1, Ordering::Relaxed);
-        AtomicU64::fence();
-        if self
-            .v
-            .cell(self.idx % self.v.size())
-            .load(Ordering::Acquire)
-            == 0
-        {
-            true
-        } else {
-            protocol::finish_sleep(w);
-            false
-        }
+        // The rings' announcement, over the header word at the index, whose
+        // value seen is zero (nothing published).
+        protocol::prepare_sleep(
+            self.v.word(OFF_CONS_WAITING),
+            self.v.cell(self.idx % self.v.size()),
+            0,
+        )
     }
 
     /// Withdraws the sleep announcement after waking.
