@@ -29,6 +29,8 @@ pub trait Word {
     fn load(&self, order: Ordering) -> u64;
     fn store(&self, value: u64, order: Ordering);
     fn swap(&self, value: u64, order: Ordering) -> u64;
+    fn fetch_or(&self, value: u64, order: Ordering) -> u64;
+    fn fetch_and(&self, value: u64, order: Ordering) -> u64;
     /// A sequentially consistent fence of the same memory model as the word.
     fn fence();
 }
@@ -45,6 +47,14 @@ impl Word for std::sync::atomic::AtomicU64 {
     #[inline(always)]
     fn swap(&self, value: u64, order: Ordering) -> u64 {
         std::sync::atomic::AtomicU64::swap(self, value, order)
+    }
+    #[inline(always)]
+    fn fetch_or(&self, value: u64, order: Ordering) -> u64 {
+        std::sync::atomic::AtomicU64::fetch_or(self, value, order)
+    }
+    #[inline(always)]
+    fn fetch_and(&self, value: u64, order: Ordering) -> u64 {
+        std::sync::atomic::AtomicU64::fetch_and(self, value, order)
     }
     #[inline(always)]
     fn fence() {
@@ -140,4 +150,61 @@ pub fn close<W: Word>(closed: &W, own_index: &W, index: u64, peer_waiting: &W) -
 #[inline(always)]
 pub fn finish_sleep<W: Word>(own_waiting: &W) {
     own_waiting.store(0, Ordering::Relaxed);
+}
+
+/// The receive queue's side with many waiters (docs/queue-format.md): the
+/// consumer publishes its index, then collects every producer that
+/// announced it sleeps for room, clearing their bits (`bits`: words of one
+/// bit per producer slot). Returns the bits it cleared: ring each of those
+/// producers once. The pattern of [`publish`], one flag per waiter: each
+/// producer announces with its own bit ([`prepare_sleep_bit`]), and either
+/// it sees this index or this fence's loads see its bit.
+#[doc(hidden)]
+#[inline(always)]
+pub fn publish_collect<W: Word, const N: usize>(
+    own_index: &W,
+    index: u64,
+    bits: [&W; N],
+) -> [u64; N] {
+    own_index.store(index, Ordering::Release);
+    W::fence();
+    let mut out = [0u64; N];
+    for (o, w) in out.iter_mut().zip(bits) {
+        if w.load(Ordering::Relaxed) != 0 {
+            *o = w.swap(0, Ordering::Relaxed);
+        }
+    }
+    out
+}
+
+/// A queue producer that found no room announces that it sleeps until the
+/// consumer index moves past `seen`: raises its `bit` in `bits`, fences,
+/// and re-reads the index and the queue's closed flag. `true`: sleep (the
+/// consumer will ring, [`publish_collect`]); `false`: the index moved or the
+/// queue is closed (the bit is lowered again; do not sleep).
+#[doc(hidden)]
+#[inline(always)]
+pub fn prepare_sleep_bit<W: Word>(
+    bits: &W,
+    bit: u64,
+    peer_index: &W,
+    seen: u64,
+    closed: &W,
+) -> bool {
+    bits.fetch_or(bit, Ordering::Relaxed);
+    W::fence();
+    if peer_index.load(Ordering::Acquire) == seen && closed.load(Ordering::Acquire) == 0 {
+        true
+    } else {
+        bits.fetch_and(!bit, Ordering::Relaxed);
+        false
+    }
+}
+
+/// Lowers a queue producer's waiting bit after it woke (doorbell or
+/// time-out).
+#[doc(hidden)]
+#[inline(always)]
+pub fn finish_sleep_bit<W: Word>(bits: &W, bit: u64) {
+    bits.fetch_and(!bit, Ordering::Relaxed);
 }

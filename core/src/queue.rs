@@ -12,7 +12,7 @@
 //! The wire format is in `docs/queue-format.md`. In short: a 4 KiB control
 //! page (header; the reservation word the producers share; the consumer
 //! index; the doorbell and the sleep flags; one waiting bit per producer),
-//! then a power-of-two data area of records that start on 64-byte cells:
+//! then a power-of-two data area of records that start on 16-byte cells:
 //! the ring's 8-byte header word, whose reserved high 16 bits name the
 //! producer's slot, then the payload. A producer reserves a record's cells
 //! with one compare-and-swap of the reservation word, writes the payload
@@ -21,13 +21,16 @@
 //! reserved space) and the consumer takes records in the order of their
 //! reservations: a slot's records arrive in the order it sent them.
 //!
-//! A stale word can never pass for a header: the consumer clears the first
-//! word of every cell of a record it releases before it publishes its index,
-//! and a producer writes into released space only after it read that index
+//! A stale word can never pass for a header: the consumer zeroes the space
+//! it releases before it publishes the index that hands it back, and a
+//! producer writes into released space only after it read that index
 //! (acquire). So every cell a record may start on reads zero until a
 //! producer publishes a header there. (A ring clears the next header slot
 //! from the producer instead; with several producers the next slot may be
-//! another producer's header, already published.)
+//! another producer's header, already published.) The consumer hands space
+//! back in batches ([`Consumer::release_quiet`], [`Consumer::flush`]), so
+//! that the zeroing, whose stores each wait for a line the producer wrote,
+//! does not sit in front of what the consumer sends next.
 //!
 //! Trust. The consumer's domain and the producers' domain do not trust each
 //! other: every word either side reads from the region is read once into a
@@ -43,7 +46,7 @@
 //! the queue when it learns that a producer of that domain is gone.
 
 use crate::error::{Error, Result, Violation};
-use crate::protocol::{self, Word};
+use crate::protocol;
 use crate::record::{self, kind};
 use std::ptr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -51,11 +54,16 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// `"IVCQ"` little-endian.
 pub const MAGIC: u32 = 0x5143_5649;
 /// Wire-format version of receive queues.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Size of the control page that precedes the data area.
 pub const CTRL_BYTES: usize = 4096;
-/// Records start on cells of this many bytes (a cache line).
-pub const CELL: usize = 64;
+/// Records start on cells of this many bytes: a small message's record
+/// (8-byte header, up to 8 bytes of payload) takes one, four share a cache
+/// line. (Cells of a whole line cost a small message a line transfer of its
+/// own: 1.5x a ring's round trip and a third of its stream of 8-byte
+/// records, against 1.1x and about 0.6 with 16-byte cells; docs/
+/// PERFORMANCE.md.)
+pub const CELL: usize = 16;
 /// Smallest data area.
 pub const MIN_DATA: usize = 4096;
 /// Largest data area.
@@ -82,9 +90,21 @@ pub const OFF_CLOSED: usize = 0x140;
 /// Producers-waiting bits: `MAX_SLOTS / 64` words (a producer sets its own
 /// bit; the consumer clears them all and rings those producers).
 pub const OFF_PROD_WAITING: usize = 0x180;
+/// Consumer-polls flag: non-zero, the consumer never sleeps on its doorbell
+/// (it polls), so a commit needs no fence and no look at its waiting flag.
+pub const OFF_CONS_POLLS: usize = 0x1C0;
+/// Producers-poll bits, `MAX_SLOTS / 64` words: a producer sets its own bit
+/// once, before its first record, when it never sleeps for room; the
+/// consumer publishes its index without a fence while every producer it
+/// admitted has its bit set.
+pub const OFF_PROD_POLLS: usize = 0x200;
 
 /// Words of producers-waiting bits.
 const WAIT_WORDS: usize = MAX_SLOTS / 64;
+/// Released bytes after which a consumer that takes records with
+/// [`Consumer::release_quiet`] hands them back ([`Consumer::flush`]) even
+/// while records keep coming (it also does when it finds nothing to take).
+pub const BATCH_BYTES: u64 = 4096;
 /// Compare-and-swap attempts a reservation makes before it reports the
 /// queue full for now (the other producers, or a consumer that scribbles
 /// on the word, took them all); the caller comes back as it does for a
@@ -197,6 +217,18 @@ impl View {
         unsafe { self.base.add(CTRL_BYTES + off as usize + record::HEADER) }
     }
 
+    /// Zeroes `n` bytes of the data area from offset `off`.
+    ///
+    /// # Safety
+    /// `[off, off + n)` lies inside the data area and is released space:
+    /// no honest producer reads or writes it until the consumer publishes
+    /// an index past it.
+    #[inline(always)]
+    unsafe fn zero(&self, off: u64, n: u64) {
+        // SAFETY: forwarded contract (inside the mapping, nobody else's).
+        unsafe { ptr::write_bytes(self.base.add(CTRL_BYTES + off as usize), 0, n as usize) }
+    }
+
     fn bell(&self) -> *const AtomicU32 {
         // SAFETY: in bounds of the control page, 4-aligned.
         unsafe { self.base.add(OFF_BELL) as *const AtomicU32 }
@@ -241,6 +273,8 @@ pub struct Producer {
     slot: u16,
     /// Consumer index last read (acquire), checked.
     cons: u64,
+    /// The consumer declared that it polls ([`Producer::learn_peer`]).
+    peer_polls: bool,
     broken: Option<Violation>,
 }
 
@@ -284,8 +318,26 @@ impl Producer {
             v,
             slot: slot as u16,
             cons: 0,
+            peer_polls: false,
             broken: None,
         })
+    }
+
+    /// Declares that this producer never sleeps waiting for room (it polls
+    /// or naps): its bit of the producers-poll words. Call before the first
+    /// record, before the consumer admits this slot.
+    pub fn declare_polling(&self) {
+        let (w, bit) = self.bit(OFF_PROD_POLLS);
+        w.fetch_or(bit, Ordering::Release);
+    }
+
+    /// Reads, once, whether the consumer declared that it never sleeps
+    /// (after the consumer set up the queue, before the first commit): then
+    /// a commit is the header's release store alone. A consumer that
+    /// declares it and sleeps all the same only delays itself (its sleeps
+    /// are time-limited).
+    pub fn learn_peer(&mut self) {
+        self.peer_polls = self.v.word(OFF_CONS_POLLS).load(Ordering::Acquire) != 0;
     }
 
     /// The slot this producer writes in.
@@ -389,8 +441,14 @@ impl Producer {
     pub fn commit(&mut self, res: Reservation, kind: u8, tag: u8) -> bool {
         debug_assert!(kind::valid(kind));
         let h = record::encode(res.len as u32, kind, tag) | (self.slot as u64) << 48;
+        let header = self.v.cell(res.off);
+        if self.peer_polls {
+            // Nobody to ring: the header's release store publishes it.
+            header.store(h, Ordering::Release);
+            return false;
+        }
         // The rings' publish: the header is the word this side stores.
-        protocol::publish(self.v.cell(res.off), h, self.v.word(OFF_CONS_WAITING))
+        protocol::publish(header, h, self.v.word(OFF_CONS_WAITING))
     }
 
     /// Reserves, copies `parts` in one after the other and commits: a
@@ -417,31 +475,26 @@ impl Producer {
     /// rings those producers). `true`: sleep (the consumer will ring);
     /// `false`: room came meanwhile, do not sleep.
     pub fn prepare_sleep(&mut self) -> bool {
-        let (w, bit) = self.wait_bit();
-        w.fetch_or(bit, Ordering::Relaxed);
-        AtomicU64::fence();
-        if self.v.word(OFF_CONS).load(Ordering::Acquire) == self.cons
-            && self.v.word(OFF_CLOSED).load(Ordering::Acquire) == 0
-        {
-            true
-        } else {
-            w.fetch_and(!bit, Ordering::Relaxed);
-            false
-        }
+        let (w, bit) = self.bit(OFF_PROD_WAITING);
+        protocol::prepare_sleep_bit(
+            w,
+            bit,
+            self.v.word(OFF_CONS),
+            self.cons,
+            self.v.word(OFF_CLOSED),
+        )
     }
 
     /// Withdraws the sleep announcement after waking.
     pub fn finish_sleep(&mut self) {
-        let (w, bit) = self.wait_bit();
-        w.fetch_and(!bit, Ordering::Relaxed);
+        let (w, bit) = self.bit(OFF_PROD_WAITING);
+        protocol::finish_sleep_bit(w, bit);
     }
 
-    fn wait_bit(&self) -> (&AtomicU64, u64) {
+    /// This slot's word and bit in the bit set at `off` (waiting or polls).
+    fn bit(&self, off: usize) -> (&AtomicU64, u64) {
         let s = self.slot as usize;
-        (
-            self.v.word(OFF_PROD_WAITING + 8 * (s / 64)),
-            1u64 << (s % 64),
-        )
+        (self.v.word(off + 8 * (s / 64)), 1u64 << (s % 64))
     }
 
     /// The host backend's doorbell word of the queue (wakes the consumer).
@@ -476,6 +529,11 @@ pub struct Consumer {
     idx: u64,
     /// Bytes of the record handed out by `peek` and not yet released.
     held: u64,
+    /// The index last published.
+    published: u64,
+    /// Some admitted producer may sleep for room ([`Consumer::learn_peers`]):
+    /// publishing the index then fences and collects the waiting bits.
+    sleepers: bool,
     broken: Option<Violation>,
 }
 
@@ -495,8 +553,37 @@ impl Consumer {
             v,
             idx: 0,
             held: 0,
+            published: 0,
+            sleepers: true,
             broken: None,
         })
+    }
+
+    /// Declares that this consumer never sleeps waiting for records (it
+    /// polls). Call before the producers attach ([`Producer::learn_peer`]).
+    pub fn declare_polling(&self) {
+        self.v.word(OFF_CONS_POLLS).store(1, Ordering::Release);
+    }
+
+    /// Learns which producers may sleep for room, from the slots admitted
+    /// so far (each declared, or not, before it was admitted: call after
+    /// every admission with all of them). While none may, publishing the
+    /// index is one release store; a producer that declared polling and
+    /// sleeps all the same only delays itself. Until the first call every
+    /// producer counts as one that may sleep.
+    pub fn learn_peers(&mut self, admitted: impl IntoIterator<Item = usize>) {
+        let mut sleepers = false;
+        for s in admitted {
+            if s >= self.v.geo.slots {
+                continue;
+            }
+            let bits = self
+                .v
+                .word(OFF_PROD_POLLS + 8 * (s / 64))
+                .load(Ordering::Acquire);
+            sleepers |= bits & 1u64 << (s % 64) == 0;
+        }
+        self.sleepers = sleepers;
     }
 
     /// Breaks the queue for good with `v`.
@@ -506,15 +593,26 @@ impl Consumer {
     }
 
     /// The next record, if one is published: `Ok(None)` while the cell at
-    /// the consumer's index reads zero. Padding is passed here. The record
-    /// stays the consumer's until [`Consumer::release`]; peeking again
-    /// before that returns it again.
+    /// the consumer's index reads zero, and while the consumer has taken a
+    /// whole data area since it last handed space back (nothing can follow
+    /// until it does: [`Consumer::flush`]). Padding is passed here. The
+    /// record stays the consumer's until [`Consumer::release`]; peeking
+    /// again before that returns it again.
+    ///
+    /// No honest record or padding ends past the last published index plus
+    /// the data area (producers reserve against that index): one that does
+    /// breaks the queue, so the consumer never reads space it took and has
+    /// not zeroed yet.
     pub fn peek(&mut self) -> Result<Option<Record>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
         }
         let size = self.v.size();
+        let limit = self.published + size;
         loop {
+            if self.idx >= limit {
+                return Ok(None);
+            }
             let off = self.idx % size;
             let h = self.v.cell(off).load(Ordering::Acquire);
             if h == 0 {
@@ -527,10 +625,9 @@ impl Consumer {
             if k == kind::PAD {
                 // Padding runs exactly to the end, and never from offset 0
                 // (it would lead the consumer around a whole lap).
-                if off == 0 || len as u64 != size - off - 8 {
+                if off == 0 || len as u64 != size - off - 8 || self.idx + (size - off) > limit {
                     return Err(self.poison(Violation::BadPadding));
                 }
-                self.clear(off, size - off);
                 self.idx += size - off;
                 continue;
             }
@@ -538,7 +635,7 @@ impl Consumer {
                 return Err(self.poison(Violation::BadType));
             }
             let bytes = Geometry::record_bytes(len) as u64;
-            if len > self.v.geo.max_record || off + bytes > size {
+            if len > self.v.geo.max_record || off + bytes > size || self.idx + bytes > limit {
                 return Err(self.poison(Violation::BadLength));
             }
             self.held = bytes;
@@ -555,41 +652,83 @@ impl Consumer {
         }
     }
 
-    /// Clears the first word of every cell of `[off, off + bytes)`.
-    fn clear(&self, off: u64, bytes: u64) {
-        let mut at = off;
-        while at < off + bytes {
-            self.v.cell(at).store(0, Ordering::Relaxed);
-            at += CELL as u64;
+    /// Zeroes what was released since the last publication (records and
+    /// padding passed), `[published, idx)` of the free-running index, before
+    /// the index that hands it back is published: at least the first word
+    /// of every cell must read zero, and zeroing whole bytes (wide stores)
+    /// is cheaper than a store per cell. At most the whole data area (the
+    /// consumer never passes a producer's reservation), in at most two
+    /// pieces (the end of the area, then its start).
+    fn clear_released(&self) {
+        let size = self.v.size();
+        let mut at = self.published;
+        while at < self.idx {
+            let off = at & (size - 1);
+            let n = (self.idx - at).min(size - off);
+            // SAFETY: `off + n` <= size; the bytes were taken by this
+            // consumer (records `peek` bounded, padding to the end) and are
+            // not handed back yet.
+            unsafe { self.v.zero(off, n) };
+            at += n;
         }
     }
 
-    /// Releases the record `peek` returned: clears its cells, publishes the
-    /// consumer index, and returns the producers that announced they sleep
+    /// Releases the record `peek` returned and hands back everything
+    /// released so far: zeroes it, publishes the consumer index, and returns the producers that announced they sleep
     /// for room (their waiting bits, cleared: ring each once), as a bit set
     /// of slots in `MAX_SLOTS / 64` words.
     pub fn release(&mut self, rec: &Record) -> [u64; WAIT_WORDS] {
+        self.release_quiet(rec);
+        self.flush()
+    }
+
+    /// Releases the record `peek` returned without handing its space back:
+    /// that (clearing its cells, then publishing the index) waits for the
+    /// next [`Consumer::flush`], one for a batch of records, and off the
+    /// path of the record just taken (the clearing stores would otherwise
+    /// queue, on a machine that makes stores visible in order, in front of
+    /// whatever the consumer sends next, each waiting for its line).
+    pub fn release_quiet(&mut self, rec: &Record) {
         debug_assert_eq!(rec.bytes, self.held);
-        let off = self.idx % self.v.size();
-        self.clear(off, rec.bytes);
         self.idx += rec.bytes;
         self.held = 0;
+    }
+
+    /// Bytes released and not yet published.
+    pub fn unpublished(&self) -> u64 {
+        self.idx - self.published
+    }
+
+    /// Hands back what was released since the last publication (zeroes it,
+    /// publishes the index) and returns the producers to ring (as
+    /// [`Consumer::release`]). A consumer that releases with
+    /// [`Consumer::release_quiet`] calls it once [`Consumer::unpublished`]
+    /// reaches [`BATCH_BYTES`], whenever [`Consumer::peek`] finds nothing,
+    /// and before it sleeps: producers waiting for room wait for it.
+    pub fn flush(&mut self) -> [u64; WAIT_WORDS] {
+        if self.published == self.idx {
+            return [0; WAIT_WORDS];
+        }
+        if !self.sleepers {
+            self.clear_released();
+            self.published = self.idx;
+            self.v.word(OFF_CONS).store(self.idx, Ordering::Release);
+            return [0; WAIT_WORDS];
+        }
         self.publish()
     }
 
-    /// Publishes the consumer index (release: after the cleared cells) and
-    /// collects the waiting producers.
+    /// Clears what was released, publishes the consumer index (release:
+    /// after the cleared cells) and collects the waiting producers.
     fn publish(&mut self) -> [u64; WAIT_WORDS] {
-        self.v.word(OFF_CONS).store(self.idx, Ordering::Release);
-        AtomicU64::fence();
-        let mut out = [0u64; WAIT_WORDS];
-        for (i, o) in out.iter_mut().enumerate() {
-            let w = self.v.word(OFF_PROD_WAITING + 8 * i);
-            if w.load(Ordering::Relaxed) != 0 {
-                *o = w.swap(0, Ordering::Relaxed);
-            }
-        }
-        out
+        self.clear_released();
+        self.published = self.idx;
+        let v = self.v;
+        protocol::publish_collect(
+            v.word(OFF_CONS),
+            self.idx,
+            std::array::from_fn::<_, WAIT_WORDS, _>(|i| v.word(OFF_PROD_WAITING + 8 * i)),
+        )
     }
 
     /// Whether a producer reserved space at the consumer's index and has
@@ -609,8 +748,11 @@ impl Consumer {
 
     /// Announces that the consumer sleeps until a record is published at its
     /// index. `true`: sleep (the producer that publishes will ring);
-    /// `false`: a record came meanwhile.
+    /// `false`: a record came meanwhile. Hand back what was released first
+    /// ([`Consumer::flush`]): a producer waiting for that room would wait
+    /// for this sleep to end.
     pub fn prepare_sleep(&mut self) -> bool {
+        debug_assert_eq!(self.published, self.idx, "flush before sleeping");
         // The rings' announcement, over the header word at the index, whose
         // value seen is zero (nothing published).
         protocol::prepare_sleep(
@@ -688,9 +830,10 @@ mod tests {
         assert!(Geometry::new(6000, 100, 1).is_err());
         assert!(Geometry::new(4096, 100, 0).is_err());
         assert!(Geometry::new(4096, 100, MAX_SLOTS + 1).is_err());
-        assert_eq!(Geometry::record_bytes(0), 64);
-        assert_eq!(Geometry::record_bytes(56), 64);
-        assert_eq!(Geometry::record_bytes(57), 128);
+        assert_eq!(Geometry::record_bytes(0), 16);
+        assert_eq!(Geometry::record_bytes(8), 16);
+        assert_eq!(Geometry::record_bytes(9), 32);
+        assert_eq!(Geometry::record_bytes(1016), 1024);
     }
 
     #[test]
@@ -720,12 +863,12 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_then_takes_again_after_release() {
-        let geo = Geometry::new(4096, 1000, 2).unwrap();
+        let geo = Geometry::new(4096, 1016, 2).unwrap();
         let reg = Region::new(geo);
         let mut a = unsafe { Producer::attach(reg.p, geo, 0) }.unwrap();
         let mut b = unsafe { Producer::attach(reg.p, geo, 1) }.unwrap();
         let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
-        let body = [5u8; 1000];
+        let body = [5u8; 1016];
         let mut sent = 0;
         while a.push(kind::MSG, 0, &[&body]).unwrap().is_some() {
             sent += 1;
@@ -768,5 +911,134 @@ mod tests {
         assert!(!c.blocked());
         assert_eq!(take(&mut c).unwrap().0, 0);
         assert_eq!(take(&mut c).unwrap().2, b"after");
+    }
+
+    /// Words of the data area that are not zero.
+    fn dirty_words(reg: &Region, geo: Geometry) -> usize {
+        (0..geo.data_size / 8)
+            // SAFETY: inside the region's data area.
+            .filter(|i| unsafe { (reg.p.add(CTRL_BYTES + 8 * i) as *const u64).read() } != 0)
+            .count()
+    }
+
+    #[test]
+    fn space_released_quietly_goes_back_zeroed_at_the_flush_and_not_before() {
+        let geo = Geometry::new(4096, 1016, 2).unwrap();
+        let reg = Region::new(geo);
+        let mut a = unsafe { Producer::attach(reg.p, geo, 0) }.unwrap();
+        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
+        // Payloads whose every word looks like a header of slot 0.
+        let fake = record::encode(8, kind::MSG, 0).to_le_bytes().repeat(127);
+        while a.push(kind::MSG, 0, &[&fake]).unwrap().is_some() {}
+        for _ in 0..4 {
+            let r = c.peek().unwrap().unwrap();
+            assert_eq!(r.len, 1016);
+            c.release_quiet(&r);
+        }
+        assert_eq!(c.unpublished(), 4096);
+        assert!(dirty_words(&reg, geo) > 4 * 127, "nothing zeroed yet");
+        assert!(
+            a.push(kind::MSG, 0, &[b"x"]).unwrap().is_none(),
+            "no room before the flush"
+        );
+        assert_eq!(c.flush(), [0; WAIT_WORDS]);
+        assert_eq!(c.unpublished(), 0);
+        assert_eq!(
+            dirty_words(&reg, geo),
+            0,
+            "all that was released reads zero"
+        );
+        assert_eq!(c.flush(), [0; WAIT_WORDS], "nothing more to hand back");
+        // A small record in the space of the first large one, then the
+        // consumer finds only it: no stale word passes for a record.
+        assert!(a.push(kind::MSG, 0, &[b"x"]).unwrap().is_some());
+        assert_eq!(take(&mut c).unwrap().2, b"x");
+        assert!(c.peek().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_consumer_that_polls_is_never_rung_and_producers_that_poll_are_not_collected() {
+        let geo = Geometry::new(4096, 1016, 2).unwrap();
+        let reg = Region::new(geo);
+        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
+        c.declare_polling();
+        let mut a = unsafe { Producer::attach(reg.p, geo, 0) }.unwrap();
+        let mut b = unsafe { Producer::attach(reg.p, geo, 1) }.unwrap();
+        a.declare_polling();
+        a.learn_peer();
+        b.learn_peer();
+        // A consumer that declared polling and sleeps all the same is not
+        // rung (it only delays itself).
+        assert!(c.prepare_sleep());
+        assert_eq!(a.push(kind::MSG, 0, &[b"one"]).unwrap(), Some(false));
+        c.finish_sleep();
+        assert_eq!(take(&mut c).unwrap().2, b"one");
+        // Slot 1 did not declare polling: once admitted, a flush looks at
+        // the waiting bits; while only slot 0 is, it does not.
+        let body = [1u8; 1016];
+        let fill = |p: &mut Producer| while p.push(kind::MSG, 0, &[&body]).unwrap().is_some() {};
+        c.learn_peers([0]);
+        fill(&mut a);
+        assert!(a.prepare_sleep());
+        let r = c.peek().unwrap().unwrap();
+        assert_eq!(
+            c.release(&r),
+            [0; WAIT_WORDS],
+            "slot 0 polls: its bit is not collected"
+        );
+        a.finish_sleep();
+        c.learn_peers([0, 1]);
+        fill(&mut b);
+        assert!(b.prepare_sleep());
+        let r = c.peek().unwrap().unwrap();
+        assert_eq!(c.release(&r)[0], 0b10, "slot 1 may sleep: it is rung");
+        b.finish_sleep();
+    }
+
+    #[test]
+    fn a_consumer_never_reads_what_it_took_and_has_not_handed_back() {
+        let geo = Geometry::new(4096, 1016, 1).unwrap();
+        let reg = Region::new(geo);
+        let mut p = unsafe { Producer::attach(reg.p, geo, 0) }.unwrap();
+        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
+        let body = [7u8; 1016];
+        let quietly = |c: &mut Consumer, n: usize| {
+            for _ in 0..n {
+                let r = c.peek().unwrap().unwrap();
+                c.release_quiet(&r);
+            }
+        };
+        // A whole data area taken quietly: the next cell is the first
+        // record's, not zeroed yet, and is not read.
+        while p.push(kind::MSG, 0, &[&body]).unwrap().is_some() {}
+        quietly(&mut c, 4);
+        assert!(c.peek().unwrap().is_none(), "its own first record again");
+        c.flush();
+        p.push(kind::MSG, 0, &[b"next"]).unwrap().unwrap();
+        assert_eq!(take(&mut c).unwrap().2, b"next");
+        // Padding that would lead the consumer past what producers may
+        // have reserved (the published index plus the data area) is
+        // forged: 2048 published, records to 4096 + 1024 taken quietly,
+        // a padding header where the next starts (it would lead to 8192,
+        // whose cell holds the record taken at 4096, not zeroed).
+        let reg = Region::new(geo);
+        let mut p = unsafe { Producer::attach(reg.p, geo, 0) }.unwrap();
+        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
+        for _ in 0..2 {
+            p.push(kind::MSG, 0, &[&body]).unwrap().unwrap();
+            take(&mut c).unwrap();
+        }
+        while p.push(kind::MSG, 0, &[&body]).unwrap().is_some() {}
+        quietly(&mut c, 3);
+        assert_eq!(c.index(), 4096 + 1024);
+        let pad = record::encode(4096 - 1024 - 8, kind::PAD, 0);
+        // SAFETY: a cell of the region's data area.
+        unsafe {
+            (*(reg.p.add(CTRL_BYTES + 1024) as *const AtomicU64)).store(pad, Ordering::Release)
+        };
+        assert!(matches!(
+            c.peek(),
+            Err(Error::Broken(Violation::BadPadding))
+        ));
     }
 }

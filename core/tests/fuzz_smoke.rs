@@ -64,6 +64,24 @@ fn queue() {
         }
         targets::queue(&v);
     }
+    // Found by the fuzzer: a consumer that took a whole data area quietly
+    // read its own first record again, not zeroed yet.
+    let found: String = [
+        "0100faf6a8a8f6f6f6f6f6f60501004141f6f6f60b000000000000004141fda9",
+        "a2a9a90101f6f6f6f6f60501004141f6f6f6f6f6f6f6f6f60b0000004141fda9",
+        "a2a9ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        "ffffffffffffffffffffffffffffffffffffffffffffffffff0e1b1ba9a9a9a9",
+        "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        "ffffff5100ffffffffffffffffa90101ca0100faf6a8a8f6f6f6f6f6f6050100",
+        "4141f6f6f60b0080000000000041f60a0080583000fa00a8f6f6f6f6ffff69eb",
+        "3d3da2a93d2ba9a901",
+    ]
+    .concat();
+    let bytes: Vec<u8> = (0..found.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&found[i..i + 2], 16).unwrap())
+        .collect();
+    targets::queue(&bytes);
 }
 
 #[test]

@@ -458,11 +458,14 @@ pub fn queue(data: &[u8]) {
             }
             5 => {
                 i += 1;
+                // A consumer hands back what it released before it sleeps.
+                c.flush();
                 if c.prepare_sleep() {
                     c.finish_sleep();
                 }
             }
             _ => {
+                let quiet = data[i] & 0x80 != 0;
                 i += 1;
                 match c.peek() {
                     Ok(Some(r)) => {
@@ -482,7 +485,13 @@ pub fn queue(data: &[u8]) {
                                 assert_eq!(b, (q as usize).wrapping_mul(7).wrapping_add(k) as u8);
                             }
                         }
-                        c.release(&r);
+                        // Released at once, or quietly and handed back
+                        // with a later batch.
+                        if !quiet {
+                            c.release(&r);
+                        } else {
+                            c.release_quiet(&r);
+                        }
                     }
                     Ok(None) => {
                         if !forged && !broken {
