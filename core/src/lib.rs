@@ -12,6 +12,7 @@ pub mod payload;
 #[doc(hidden)]
 pub mod protocol;
 pub mod queue;
+pub mod queue_path;
 pub mod record;
 pub mod ring;
 pub mod tcp;

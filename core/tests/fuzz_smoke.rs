@@ -85,6 +85,22 @@ fn queue() {
 }
 
 #[test]
+fn queue_messages() {
+    for v in inputs(13, 3000, 400) {
+        targets::queue_messages(&v);
+    }
+    // Honest scripts: sends and polls only.
+    for mut v in inputs(14, 3000, 800) {
+        for (k, b) in v.iter_mut().enumerate() {
+            if k % 4 == 0 && *b % 5 != 0 && *b % 5 != 2 {
+                *b = (*b / 5).min(50) * 5 + 2 * (*b & 1);
+            }
+        }
+        targets::queue_messages(&v);
+    }
+}
+
+#[test]
 fn tcp_stream() {
     for v in inputs(5, 4000, 600) {
         targets::tcp_stream(&v);

@@ -12,6 +12,7 @@ use ivcom_core::queue::{
     self, Consumer, Geometry, Producer, BATCH_BYTES, CELL, CTRL_BYTES, MAX_SLOTS, OFF_CONS,
     OFF_RESERVE,
 };
+use ivcom_core::queue_path::{QueueRx, QueueTx};
 use ivcom_core::record::{self, kind};
 use ivcom_core::{Error, Violation};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -487,4 +488,234 @@ fn a_region_of_another_shape_or_version_is_refused() {
         unsafe { Producer::attach(s.base, geo, 2) }.is_err(),
         "slot out of range"
     );
+}
+
+// ---------------------------------------------------------------------------
+// Messages over a queue (`ivcom_core::queue_path`): fragments of several
+// slots interleaved, reassembled per slot.
+
+/// Messages each producer of the message test sends.
+const MESSAGES: u64 = 400;
+
+/// Length of message `seq` of `slot`: from 0 to three records and a bit,
+/// most of them fragmented.
+fn message_len(slot: usize, seq: u64, max_record: usize) -> usize {
+    let x = (seq ^ (slot as u64) << 20).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+    match x % 4 {
+        0 => (x >> 4) as usize % 64,
+        1 => (x >> 4) as usize % max_record,
+        _ => (x >> 4) as usize % (3 * max_record + 100),
+    }
+}
+
+fn message_child(fd: i32, len: usize, geo: Geometry, slot: usize) -> ! {
+    // SAFETY: the memfd is `len` bytes; the child never unmaps it.
+    let base = unsafe { map(fd, len) };
+    // SAFETY: the region is mapped for the child's lifetime.
+    let Ok(p) = (unsafe { Producer::attach(base, geo, slot) }) else {
+        unsafe { libc::_exit(10) }
+    };
+    let Ok(mut tx) = QueueTx::new(p, geo.max_record) else {
+        unsafe { libc::_exit(12) }
+    };
+    // SAFETY: the test's page after the region.
+    let side = |i: usize| unsafe { &*(base.add(geo.region_bytes() + 8 * i) as *const AtomicU64) };
+    let my_bell = side(8 + slot) as *const AtomicU64 as *const AtomicU32;
+    let mut sum = 0xcbf2_9ce4_8422_2325u64;
+    for seq in 0..MESSAGES {
+        let n = message_len(slot, seq, geo.max_record);
+        let msg: Vec<u8> = (0..n).map(|i| byte(slot, seq, i)).collect();
+        for &b in &msg {
+            sum = fnv(sum, b);
+        }
+        let mut sent = 0;
+        loop {
+            let mut ring = false;
+            let done = match tx.try_send(slot as u8, &msg, &mut sent, &mut ring) {
+                Ok(d) => d,
+                Err(_) => unsafe { libc::_exit(11) },
+            };
+            if ring {
+                futex_wake(tx.producer().bell());
+            }
+            if done {
+                break;
+            }
+            // SAFETY: a futex word of the test's page.
+            let seen = unsafe { (*my_bell).load(Ordering::Acquire) };
+            if tx.producer().prepare_sleep() {
+                let t = Instant::now();
+                futex_wait(my_bell, seen, Duration::from_secs(2));
+                tx.producer().finish_sleep();
+                if t.elapsed() >= Duration::from_secs(2) {
+                    side(16 + slot).fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    side(slot).store(sum, Ordering::Release);
+    unsafe { libc::_exit(0) }
+}
+
+#[test]
+fn four_producer_processes_send_fragmented_messages_reassembled_per_slot_every_byte_checked() {
+    // Records of at most 1,000 bytes in 8 KiB: messages of up to 3,100
+    // bytes travel in up to four records, the four slots' interleaved.
+    let geo = Geometry::new(8 << 10, 1000, SLOTS).unwrap();
+    let s = Shm::new(geo);
+    // SAFETY: `s` outlives the consumer.
+    let c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    let mut rx = QueueRx::new(c, SLOTS);
+    for slot in 0..SLOTS {
+        rx.admit(slot, 1 << 20).unwrap();
+    }
+    let pids: Vec<i32> = (0..SLOTS)
+        .map(|slot| {
+            // SAFETY: the child runs only `message_child`, which ends in
+            // `_exit`.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                message_child(s.fd, s.len, geo, slot);
+            }
+            pid
+        })
+        .collect();
+    let mut next = [0u64; SLOTS];
+    let mut sums = [0xcbf2_9ce4_8422_2325u64; SLOTS];
+    let (mut taken, mut fragmented, mut late) = (0u64, 0u64, 0u64);
+    let mut bad: Option<String> = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while taken < SLOTS as u64 * MESSAGES {
+        assert!(Instant::now() < deadline, "stuck after {taken} messages");
+        let (n, wake) = rx
+            .poll(16, &mut |slot, tag, m| {
+                let body = m.to_vec();
+                let seq = next[slot];
+                if tag as usize != slot || body.len() != message_len(slot, seq, geo.max_record) {
+                    bad.get_or_insert(format!(
+                        "slot {slot} message {seq}: tag {tag}, {} bytes",
+                        body.len()
+                    ));
+                }
+                for (i, &b) in body.iter().enumerate() {
+                    if b != byte(slot, seq, i) {
+                        bad.get_or_insert(format!("slot {slot} message {seq} byte {i}"));
+                    }
+                    sums[slot] = fnv(sums[slot], b);
+                }
+                fragmented += (body.len() > geo.max_record) as u64;
+                next[slot] += 1;
+            })
+            .unwrap();
+        assert!(bad.is_none(), "{}", bad.take().unwrap());
+        for slot in 0..SLOTS {
+            assert!(
+                !rx.slot_broken(slot),
+                "slot {slot}: {:?}",
+                rx.take_slot_error(slot)
+            );
+        }
+        taken += n as u64;
+        for slot in 0..SLOTS {
+            if wake[slot / 64] >> (slot % 64) & 1 != 0 {
+                futex_wake(s.side(geo, 8 + slot) as *const AtomicU64 as *const AtomicU32);
+            }
+        }
+        if n == 0 {
+            let c = rx.consumer();
+            let bell = c.bell();
+            // SAFETY: the queue's doorbell word.
+            let seen = unsafe { (*bell).load(Ordering::Acquire) };
+            if c.prepare_sleep() {
+                let t = Instant::now();
+                futex_wait(bell, seen, Duration::from_secs(2));
+                c.finish_sleep();
+                if t.elapsed() >= Duration::from_secs(2) && c.peek().unwrap().is_some() {
+                    late += 1;
+                }
+            }
+        }
+    }
+    for pid in pids {
+        assert_eq!(reap(pid), 0);
+    }
+    for slot in 0..SLOTS {
+        assert_eq!(next[slot], MESSAGES);
+        assert!(!rx.slot_broken(slot));
+        assert_eq!(
+            s.side(geo, slot).load(Ordering::Acquire),
+            sums[slot],
+            "slot {slot} checksum"
+        );
+        assert_eq!(
+            s.side(geo, 16 + slot).load(Ordering::Relaxed),
+            0,
+            "producer {slot} slept out its time-out"
+        );
+    }
+    assert_eq!(late, 0, "a consumer that slept was not rung");
+    assert!(
+        fragmented > SLOTS as u64 * MESSAGES / 4,
+        "fragmented: {fragmented}"
+    );
+    eprintln!("{taken} messages, {fragmented} of them fragmented");
+}
+
+#[test]
+fn a_slot_that_breaks_the_framing_breaks_alone_and_an_unadmitted_slot_breaks_the_queue() {
+    let geo = Geometry::new(4096, 200, 4).unwrap();
+    let s = Shm::new(geo);
+    // SAFETY: `s` outlives producers and consumer.
+    let c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    let mut rx = QueueRx::new(c, 4);
+    for slot in 0..3 {
+        rx.admit(slot, 1000).unwrap();
+    }
+    let mut txs: Vec<QueueTx> = (0..4)
+        .map(|slot| {
+            QueueTx::new(unsafe { Producer::attach(s.base, geo, slot) }.unwrap(), 200).unwrap()
+        })
+        .collect();
+    let send = |tx: &mut QueueTx, tag: u8, msg: &[u8]| {
+        let (mut sent, mut ring) = (0, false);
+        assert!(tx.try_send(tag, msg, &mut sent, &mut ring).unwrap());
+    };
+    let big: Vec<u8> = (0..500u32).map(|i| i as u8).collect();
+    send(&mut txs[0], 0, &big);
+    // Slot 1 sends a fragment with no first record, then a message.
+    txs[1]
+        .producer()
+        .push(kind::MORE, 1, &[b"stray"])
+        .unwrap()
+        .unwrap();
+    send(&mut txs[1], 1, b"after");
+    send(&mut txs[2], 2, b"two");
+    let mut got = Vec::new();
+    let (n, _) = rx
+        .poll(16, &mut |slot, tag, m| got.push((slot, tag, m.to_vec())))
+        .unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(got, vec![(0, 0, big.clone()), (2, 2, b"two".to_vec())]);
+    assert!(rx.slot_broken(1));
+    assert!(matches!(
+        rx.take_slot_error(1),
+        Some(Error::Broken(Violation::BadSequence))
+    ));
+    assert!(rx.take_slot_error(1).is_none() && rx.take_slot_error(0).is_none());
+    // The others go on; slot 1's records are passed over.
+    send(&mut txs[1], 1, b"ignored");
+    send(&mut txs[0], 0, b"zero");
+    got.clear();
+    rx.poll(16, &mut |slot, tag, m| got.push((slot, tag, m.to_vec())))
+        .unwrap();
+    assert_eq!(got, vec![(0, 0, b"zero".to_vec())]);
+    // Slot 3 was never admitted: its record breaks the queue.
+    send(&mut txs[3], 3, b"outsider");
+    assert!(matches!(
+        rx.poll(16, &mut |_, _, _| panic!("delivered")),
+        Err(Error::Broken(Violation::BadSender))
+    ));
+    assert!(rx.poll(16, &mut |_, _, _| {}).is_err(), "broken for good");
 }

@@ -514,3 +514,141 @@ pub fn queue(data: &[u8]) {
     // SAFETY: allocated above with this layout; nothing uses it any more.
     unsafe { std::alloc::dealloc(base, layout) };
 }
+
+/// Messages over a receive queue (`ivcom_core::queue_path`) driven by a
+/// script: three admitted slots send messages of up to five records each
+/// (fragments of the three interleaved), raw records of any kind from an
+/// admitted slot (a hostile rank of the domain), a record from a slot that
+/// was never admitted, words forged anywhere in the region, and polls.
+/// Checks: no panic, no out-of-bounds access; each slot that sent only
+/// honest messages gets exactly them, in order, whatever the others did
+/// (until the queue itself breaks); a broken slot delivers nothing more; a
+/// broken queue stays broken; nothing larger than the limit is delivered.
+pub fn queue_messages(data: &[u8]) {
+    use ivcom_core::queue::{self, Consumer, Geometry, Producer};
+    use ivcom_core::queue_path::{QueueRx, QueueTx};
+    use std::collections::VecDeque;
+
+    const SLOTS: usize = 4;
+    const LIMIT: usize = 4000;
+    let geo = Geometry::new(4096, 500, SLOTS).unwrap();
+    let layout = std::alloc::Layout::from_size_align(geo.region_bytes(), 4096).unwrap();
+    // SAFETY: non-zero size; freed at the end.
+    let base = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!base.is_null());
+    // SAFETY: a fresh zeroed region of the right size, alive until the end.
+    unsafe { queue::init(base, geo, 3) };
+    let mut rx = QueueRx::new(unsafe { Consumer::new(base, geo) }.unwrap(), SLOTS);
+    for s in 0..3 {
+        rx.admit(s, LIMIT).unwrap();
+    }
+    let mut txs: Vec<QueueTx> = (0..SLOTS)
+        .map(|s| QueueTx::new(unsafe { Producer::attach(base, geo, s) }.unwrap(), 500).unwrap())
+        .collect();
+    // Per slot: the message being sent and how much of it went; complete
+    // messages not yet delivered; whether the slot ever sent a raw record.
+    let mut pending: Vec<Option<(Vec<u8>, usize)>> = vec![None; SLOTS];
+    let mut model: Vec<VecDeque<Vec<u8>>> = vec![VecDeque::new(); SLOTS];
+    let mut hostile = [false; SLOTS];
+    let mut forged = false;
+    let mut queue_broken = false;
+    let mut seq = 0u32;
+    let mut i = 0;
+    while i < data.len() {
+        let op = data[i] % 5;
+        let arg = |k: usize| data.get(i + k).copied().unwrap_or(0) as usize;
+        let (a1, a2, a3) = (arg(1), arg(2), arg(3));
+        i += 4;
+        match op {
+            0 => {
+                let s = a1 % 3;
+                let (msg, mut sent) = pending[s].take().unwrap_or_else(|| {
+                    seq += 1;
+                    let len = (a2 * 256 + a3) % 2400;
+                    ((0..len).map(|k| (k as u32 ^ seq) as u8).collect(), 0)
+                });
+                let mut ring = false;
+                match txs[s].try_send(s as u8, &msg, &mut sent, &mut ring) {
+                    Ok(true) => model[s].push_back(msg),
+                    Ok(false) => pending[s] = Some((msg, sent)),
+                    Err(e) => assert!(forged, "an honest send failed: {e}"),
+                }
+            }
+            1 => {
+                let s = a1 % 3;
+                let k = [kind::MSG, kind::FIRST, kind::MORE, kind::CTRL, 0x55][a2 % 5];
+                let body = vec![a3 as u8; a3 * 3];
+                if k == 0x55 {
+                    // Not a kind a producer may write: write the header
+                    // word by hand at the reservation.
+                    if let Ok(Some(r)) = txs[s].producer().reserve(8) {
+                        // SAFETY: the header precedes the reserved payload.
+                        unsafe {
+                            (*(r.payload().sub(8) as *const std::sync::atomic::AtomicU64)).store(
+                                record::encode(8, 0x55, 0) | (s as u64) << 48,
+                                std::sync::atomic::Ordering::Release,
+                            )
+                        };
+                        hostile[s] = true;
+                        // The queue breaks at this record (bad type).
+                        forged = true;
+                    }
+                } else if let Ok(Some(_)) = txs[s].producer().push(k, a3 as u8, &[&body]) {
+                    hostile[s] = true;
+                }
+            }
+            2 => {
+                let max = a1 % 8 + 1;
+                let mut got: Vec<(usize, u8, Vec<u8>)> = Vec::new();
+                let before: Vec<bool> = (0..SLOTS).map(|s| rx.slot_broken(s)).collect();
+                match rx.poll(max, &mut |s, t, m| got.push((s, t, m.to_vec()))) {
+                    Ok((n, _)) => {
+                        assert!(!queue_broken, "a broken queue delivered");
+                        assert_eq!(n, got.len());
+                        assert!(n <= max);
+                        for (s, t, m) in got {
+                            assert!(s < 3, "a message of slot {s}, never admitted");
+                            assert!(!before[s], "a broken slot delivered");
+                            assert!(m.len() <= LIMIT);
+                            if !hostile[s] && !forged {
+                                let want = model[s].pop_front().expect("a message nobody sent");
+                                assert_eq!((t as usize, m), (s, want), "slot {s}");
+                            }
+                        }
+                        for (s, &h) in hostile.iter().enumerate().take(3) {
+                            if !h && !forged {
+                                assert!(!rx.slot_broken(s), "an honest slot broke");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        assert!(matches!(e, Error::Broken(_)), "{e}");
+                        assert!(forged, "an honest queue broke: {e}");
+                        queue_broken = true;
+                    }
+                }
+            }
+            3 => {
+                // The slot no handshake admitted.
+                if let Ok(Some(_)) = txs[3].producer().push(kind::MSG, 3, &[b"out"]) {
+                    forged = true;
+                }
+            }
+            _ => {
+                let off = (a1 * 256 + a2) * 8 % geo.region_bytes();
+                // SAFETY: an 8-aligned word inside the region.
+                unsafe {
+                    (*(base.add(off) as *const std::sync::atomic::AtomicU64)).store(
+                        (a3 as u64) << 40 | a3 as u64,
+                        std::sync::atomic::Ordering::Release,
+                    )
+                };
+                forged = true;
+            }
+        }
+    }
+    drop(txs);
+    drop(rx);
+    // SAFETY: allocated above with this layout; nothing uses it any more.
+    unsafe { std::alloc::dealloc(base, layout) };
+}

@@ -1,0 +1,202 @@
+//! Messages over a receive queue: the sending end of one producer slot
+//! ([`QueueTx`]) and the receiving end of a whole queue ([`QueueRx`]),
+//! which reassembles each slot's messages apart.
+//!
+//! A queue (`crate::queue`) carries records; a message larger than a record
+//! travels as a `FIRST` record and `MORE` records of one slot, as on a ring
+//! ([`crate::frame::fragment`]), and records of other slots may come
+//! between them. The receiving end keeps one [`Reassembly`] per admitted
+//! slot and hands each complete message up with the slot it came from.
+//!
+//! Trust. A slot is one peer rank (a pair's link); a slot whose records
+//! break the framing (a `MORE` with no `FIRST`, a total above the limit, a
+//! fragment longer than announced) breaks that slot alone, with the named
+//! error, and its later records are passed over: the other ranks of its
+//! domain keep their traffic. A record that breaks the queue's own rules
+//! (a header naming no slot of the queue, a bad type or length, padding
+//! that does not run to the end) breaks the whole queue, as on a ring:
+//! nothing read after it could be trusted to lie where it says. A record
+//! of a slot that is not admitted (no handshake gave it to a rank) breaks
+//! the queue as well (`BadSender`): only the job's ranks write there.
+//!
+//! Status: built and tested in the core; the component does not use it
+//! yet (docs/design.md, "Memory follows the traffic").
+
+use crate::error::{Error, Result, Violation};
+use crate::frame::{fragment, Delivery, Reassembly};
+use crate::payload::Payload;
+use crate::queue::{Consumer, Producer, BATCH_BYTES, MAX_SLOTS};
+use crate::record::kind;
+
+/// Producers to ring after a publication: one bit per slot
+/// (`crate::queue::Consumer::flush`).
+pub type Wake = [u64; MAX_SLOTS / 64];
+
+/// One slot's receiving state.
+struct Slot {
+    re: Reassembly,
+    /// Why the slot broke, until the layer above takes it.
+    error: Option<Error>,
+    broken: bool,
+}
+
+/// The receiving end of a queue: every admitted slot's messages.
+pub struct QueueRx {
+    c: Consumer,
+    slots: Vec<Option<Slot>>,
+}
+
+impl QueueRx {
+    /// The receiving end over a queue's consumer; no slot admitted yet.
+    pub fn new(c: Consumer, slots: usize) -> QueueRx {
+        QueueRx {
+            c,
+            slots: (0..slots.min(MAX_SLOTS)).map(|_| None).collect(),
+        }
+    }
+
+    /// Admits `slot` (a rank the handshake gave it to), with messages of
+    /// at most `max_message` bytes, and learns again which admitted
+    /// producers may sleep ([`Consumer::learn_peers`]).
+    pub fn admit(&mut self, slot: usize, max_message: usize) -> Result<()> {
+        let Some(s) = self.slots.get_mut(slot) else {
+            return Err(Error::Invalid(format!("no slot {slot} in this queue")));
+        };
+        *s = Some(Slot {
+            re: Reassembly::new(max_message),
+            error: None,
+            broken: false,
+        });
+        let admitted: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].is_some())
+            .collect();
+        self.c.learn_peers(admitted);
+        Ok(())
+    }
+
+    /// The error that broke `slot`, once (`None` while it is well).
+    pub fn take_slot_error(&mut self, slot: usize) -> Option<Error> {
+        self.slots.get_mut(slot)?.as_mut()?.error.take()
+    }
+
+    /// Whether `slot` is admitted and broken.
+    pub fn slot_broken(&self, slot: usize) -> bool {
+        matches!(self.slots.get(slot), Some(Some(s)) if s.broken)
+    }
+
+    /// The queue's consumer (its doorbell, its sleep, `blocked`).
+    pub fn consumer(&mut self) -> &mut Consumer {
+        &mut self.c
+    }
+
+    /// Delivers up to `max` complete messages to `f(slot, tag, bytes)`
+    /// without blocking (each view valid during its call), in the order the
+    /// queue holds them, and hands the space back in batches: after
+    /// [`BATCH_BYTES`] and whenever the queue has nothing more. Returns the
+    /// messages delivered and the producers to ring (those that sleep for
+    /// room). `Err`: the queue is broken for good.
+    pub fn poll(
+        &mut self,
+        max: usize,
+        f: &mut dyn FnMut(usize, u8, Payload<'_>),
+    ) -> Result<(usize, Wake)> {
+        let mut wake = [0u64; MAX_SLOTS / 64];
+        let mut or = |w: Wake| {
+            for (a, b) in wake.iter_mut().zip(w) {
+                *a |= b;
+            }
+        };
+        let mut n = 0;
+        let mut flushed = false;
+        while n < max {
+            let Some(r) = self.c.peek()? else {
+                // Nothing now: hand back what was taken, which may also be
+                // what kept the consumer from reading on (a whole data area
+                // taken quietly), then look once more.
+                if flushed || self.c.unpublished() == 0 {
+                    break;
+                }
+                or(self.c.flush());
+                flushed = true;
+                continue;
+            };
+            let Some(Some(slot)) = self.slots.get_mut(r.slot) else {
+                return Err(self.c.poison(Violation::BadSender));
+            };
+            if !slot.broken {
+                // SAFETY: the record's payload lies in the queue's data
+                // area until it is released below; the view ends with the
+                // call (`feed` copies fragments out, `f` whole messages).
+                let data = unsafe { Payload::shared(r.ptr, r.len) };
+                match slot.re.feed(r.kind, r.tag, data) {
+                    Ok(Delivery::Message(tag, m)) => {
+                        f(r.slot, tag, m);
+                        n += 1;
+                    }
+                    Ok(Delivery::Partial) => {}
+                    Err(e) => {
+                        slot.error = Some(e);
+                        slot.broken = true;
+                    }
+                }
+            }
+            self.c.release_quiet(&r);
+            if self.c.unpublished() >= BATCH_BYTES {
+                or(self.c.flush());
+            }
+        }
+        if n < max {
+            or(self.c.flush());
+        }
+        Ok((n, wake))
+    }
+}
+
+/// The sending end of one slot of a peer's queue.
+pub struct QueueTx {
+    p: Producer,
+    max_record: usize,
+}
+
+impl QueueTx {
+    /// The sending end over a producer whose queue takes records of at
+    /// most `max_record` payload bytes (more than 8).
+    pub fn new(p: Producer, max_record: usize) -> Result<QueueTx> {
+        if max_record <= 8 {
+            return Err(Error::Invalid(format!(
+                "queue records of {max_record} bytes cannot carry fragments"
+            )));
+        }
+        Ok(QueueTx { p, max_record })
+    }
+
+    /// The producer (its doorbell, its sleep).
+    pub fn producer(&mut self) -> &mut Producer {
+        &mut self.p
+    }
+
+    /// Sends `msg` as one record or in fragments, without blocking:
+    /// `sent` counts the bytes already sent (start at 0; come back with
+    /// the same counter after `Ok(false)`, the queue full for now). Returns
+    /// `Ok(true)` once all of it is in the queue, and sets `*ring` when
+    /// the consumer sleeps and must be rung.
+    pub fn try_send(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        sent: &mut usize,
+        ring: &mut bool,
+    ) -> Result<bool> {
+        let p = &mut self.p;
+        fragment(tag, msg, self.max_record, sent, |k, t, parts| {
+            debug_assert!(k != kind::PAD);
+            match p.push(k, t, parts)? {
+                Some(r) => {
+                    *ring |= r;
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        })
+    }
+}
