@@ -68,9 +68,7 @@ impl Word for std::sync::atomic::AtomicU64 {
 #[doc(hidden)]
 #[inline(always)]
 pub fn publish<W: Word>(own_index: &W, index: u64, peer_waiting: &W) -> bool {
-    own_index.store(index, Ordering::Release);
-    W::fence();
-    peer_waiting.load(Ordering::Relaxed) != 0 && peer_waiting.swap(0, Ordering::Relaxed) != 0
+    publish_collect(own_index, index, [peer_waiting])[0] != 0
 }
 
 /// Announces that this side is about to sleep until the other side's index
@@ -85,21 +83,38 @@ pub fn publish<W: Word>(own_index: &W, index: u64, peer_waiting: &W) -> bool {
 #[doc(hidden)]
 #[inline(always)]
 pub fn prepare_sleep<W: Word>(own_waiting: &W, peer_index: &W, seen: u64) -> bool {
-    announce(own_waiting, || peer_index.load(Ordering::Acquire) == seen)
+    announce::<W>(
+        || own_waiting.store(1, Ordering::Relaxed),
+        || finish_sleep(own_waiting),
+        || peer_index.load(Ordering::Acquire) == seen,
+    )
 }
 
-/// Raises the waiting flag, fences, and keeps it raised only while
-/// `still_idle` (read after the fence) says there is nothing to wake for.
+/// Raises the waiting flag (`raise`), fences, and keeps it raised only
+/// while `still_idle` (read after the fence) says there is nothing to wake
+/// for; `lower` takes it down otherwise.
 #[inline(always)]
-fn announce<W: Word>(own_waiting: &W, still_idle: impl FnOnce() -> bool) -> bool {
-    own_waiting.store(1, Ordering::Relaxed);
+fn announce<W: Word>(
+    raise: impl FnOnce(),
+    lower: impl FnOnce(),
+    still_idle: impl FnOnce() -> bool,
+) -> bool {
+    raise();
     W::fence();
     if still_idle() {
         true
     } else {
-        own_waiting.store(0, Ordering::Relaxed);
+        lower();
         false
     }
+}
+
+/// What a sleeper that also wakes for a close reads after its fence: the
+/// index still at `seen` and the closed flag still down (acquire, so that
+/// what was published before the close is seen by the next index load).
+#[inline(always)]
+fn unmoved_and_open<W: Word>(peer_index: &W, seen: u64, closed: &W) -> bool {
+    peer_index.load(Ordering::Acquire) == seen && closed.load(Ordering::Acquire) == 0
 }
 
 /// [`prepare_sleep`] for a consumer, which also wakes for the close of its
@@ -129,9 +144,11 @@ pub fn prepare_sleep_unless_closed<W: Word>(
     if closed.load(Ordering::Acquire) != 0 {
         return false;
     }
-    announce(own_waiting, || {
-        peer_index.load(Ordering::Acquire) == seen && closed.load(Ordering::Acquire) == 0
-    })
+    announce::<W>(
+        || own_waiting.store(1, Ordering::Relaxed),
+        || finish_sleep(own_waiting),
+        || unmoved_and_open(peer_index, seen, closed),
+    )
 }
 
 /// Closes a ring (producer): stores the closed flag, then publishes `index`
@@ -152,13 +169,13 @@ pub fn finish_sleep<W: Word>(own_waiting: &W) {
     own_waiting.store(0, Ordering::Relaxed);
 }
 
-/// The receive queue's side with many waiters (docs/queue-format.md): the
-/// consumer publishes its index, then collects every producer that
-/// announced it sleeps for room, clearing their bits (`bits`: words of one
-/// bit per producer slot). Returns the bits it cleared: ring each of those
-/// producers once. The pattern of [`publish`], one flag per waiter: each
-/// producer announces with its own bit ([`prepare_sleep_bit`]), and either
-/// it sees this index or this fence's loads see its bit.
+/// [`publish`] with many waiters, the receive queue's consumer
+/// (docs/queue-format.md): publishes the index, then collects every waiter
+/// that announced it sleeps, clearing their flags or bits (`bits`: words of
+/// one bit per producer slot; a ring's one flag for [`publish`]). Returns
+/// what it cleared: ring each of those waiters once. Each queue producer
+/// announces with its own bit ([`prepare_sleep_bit`]), and either it sees
+/// this index or this fence's loads see its bit.
 #[doc(hidden)]
 #[inline(always)]
 pub fn publish_collect<W: Word, const N: usize>(
@@ -191,14 +208,13 @@ pub fn prepare_sleep_bit<W: Word>(
     seen: u64,
     closed: &W,
 ) -> bool {
-    bits.fetch_or(bit, Ordering::Relaxed);
-    W::fence();
-    if peer_index.load(Ordering::Acquire) == seen && closed.load(Ordering::Acquire) == 0 {
-        true
-    } else {
-        bits.fetch_and(!bit, Ordering::Relaxed);
-        false
-    }
+    announce::<W>(
+        || {
+            bits.fetch_or(bit, Ordering::Relaxed);
+        },
+        || finish_sleep_bit(bits, bit),
+        || unmoved_and_open(peer_index, seen, closed),
+    )
 }
 
 /// Lowers a queue producer's waiting bit after it woke (doorbell or
