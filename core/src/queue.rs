@@ -101,6 +101,9 @@ pub const OFF_PROD_POLLS: usize = 0x200;
 
 /// Words of producers-waiting bits.
 const WAIT_WORDS: usize = MAX_SLOTS / 64;
+/// Producers to ring after a publication of the consumer index: bit
+/// `s % 64` of word `s / 64` for slot `s` (the waiting bits it cleared).
+pub type Wake = [u64; WAIT_WORDS];
 /// Released bytes after which a consumer that takes records with
 /// [`Consumer::release_quiet`] hands them back ([`Consumer::flush`]) even
 /// while records keep coming (it also does when it finds nothing to take).
@@ -227,6 +230,13 @@ impl View {
     unsafe fn zero(&self, off: u64, n: u64) {
         // SAFETY: forwarded contract (inside the mapping, nobody else's).
         unsafe { ptr::write_bytes(self.base.add(CTRL_BYTES + off as usize), 0, n as usize) }
+    }
+
+    /// Slot `s`'s word and bit in the bit set at `off` (producers
+    /// waiting, producers that poll).
+    #[inline(always)]
+    fn slot_bit(&self, off: usize, s: usize) -> (&AtomicU64, u64) {
+        (self.word(off + 8 * (s / 64)), 1u64 << (s % 64))
     }
 
     fn bell(&self) -> *const AtomicU32 {
@@ -493,8 +503,7 @@ impl Producer {
 
     /// This slot's word and bit in the bit set at `off` (waiting or polls).
     fn bit(&self, off: usize) -> (&AtomicU64, u64) {
-        let s = self.slot as usize;
-        (self.v.word(off + 8 * (s / 64)), 1u64 << (s % 64))
+        self.v.slot_bit(off, self.slot as usize)
     }
 
     /// The host backend's doorbell word of the queue (wakes the consumer).
@@ -577,11 +586,8 @@ impl Consumer {
             if s >= self.v.geo.slots {
                 continue;
             }
-            let bits = self
-                .v
-                .word(OFF_PROD_POLLS + 8 * (s / 64))
-                .load(Ordering::Acquire);
-            sleepers |= bits & 1u64 << (s % 64) == 0;
+            let (w, bit) = self.v.slot_bit(OFF_PROD_POLLS, s);
+            sleepers |= w.load(Ordering::Acquire) & bit == 0;
         }
         self.sleepers = sleepers;
     }
@@ -677,7 +683,7 @@ impl Consumer {
     /// released so far: zeroes it, publishes the consumer index, and returns the producers that announced they sleep
     /// for room (their waiting bits, cleared: ring each once), as a bit set
     /// of slots in `MAX_SLOTS / 64` words.
-    pub fn release(&mut self, rec: &Record) -> [u64; WAIT_WORDS] {
+    pub fn release(&mut self, rec: &Record) -> Wake {
         self.release_quiet(rec);
         self.flush()
     }
@@ -705,25 +711,25 @@ impl Consumer {
     /// [`Consumer::release_quiet`] calls it once [`Consumer::unpublished`]
     /// reaches [`BATCH_BYTES`], whenever [`Consumer::peek`] finds nothing,
     /// and before it sleeps: producers waiting for room wait for it.
-    pub fn flush(&mut self) -> [u64; WAIT_WORDS] {
+    pub fn flush(&mut self) -> Wake {
         if self.published == self.idx {
             return [0; WAIT_WORDS];
         }
-        if !self.sleepers {
-            self.clear_released();
-            self.published = self.idx;
-            self.v.word(OFF_CONS).store(self.idx, Ordering::Release);
-            return [0; WAIT_WORDS];
-        }
-        self.publish()
+        self.publish(self.sleepers)
     }
 
-    /// Clears what was released, publishes the consumer index (release:
-    /// after the cleared cells) and collects the waiting producers.
-    fn publish(&mut self) -> [u64; WAIT_WORDS] {
+    /// Clears what was released and publishes the consumer index (release:
+    /// after the cleared cells); with `collect`, as the sleep protocol
+    /// needs when a producer may sleep, fences and collects the waiting
+    /// producers, else that store alone.
+    fn publish(&mut self, collect: bool) -> Wake {
         self.clear_released();
         self.published = self.idx;
         let v = self.v;
+        if !collect {
+            v.word(OFF_CONS).store(self.idx, Ordering::Release);
+            return [0; WAIT_WORDS];
+        }
         protocol::publish_collect(
             v.word(OFF_CONS),
             self.idx,
@@ -769,9 +775,9 @@ impl Consumer {
 
     /// Closes the queue: producers that find it full, or that would sleep,
     /// learn it ([`Error::Closed`]); returns the producers to ring.
-    pub fn close(&mut self) -> [u64; WAIT_WORDS] {
+    pub fn close(&mut self) -> Wake {
         self.v.word(OFF_CLOSED).store(1, Ordering::Release);
-        self.publish()
+        self.publish(true)
     }
 
     /// The consumer's index (free-running bytes).

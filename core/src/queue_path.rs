@@ -25,12 +25,8 @@
 use crate::error::{Error, Result, Violation};
 use crate::frame::{fragment, Delivery, Reassembly};
 use crate::payload::Payload;
-use crate::queue::{Consumer, Producer, BATCH_BYTES, MAX_SLOTS};
+use crate::queue::{Consumer, Producer, Wake, BATCH_BYTES};
 use crate::record::kind;
-
-/// Producers to ring after a publication: one bit per slot
-/// (`crate::queue::Consumer::flush`).
-pub type Wake = [u64; MAX_SLOTS / 64];
 
 /// One slot's receiving state.
 struct Slot {
@@ -51,7 +47,9 @@ impl QueueRx {
     pub fn new(c: Consumer, slots: usize) -> QueueRx {
         QueueRx {
             c,
-            slots: (0..slots.min(MAX_SLOTS)).map(|_| None).collect(),
+            slots: (0..slots.min(crate::queue::MAX_SLOTS))
+                .map(|_| None)
+                .collect(),
         }
     }
 
@@ -100,7 +98,7 @@ impl QueueRx {
         max: usize,
         f: &mut dyn FnMut(usize, u8, Payload<'_>),
     ) -> Result<(usize, Wake)> {
-        let mut wake = [0u64; MAX_SLOTS / 64];
+        let mut wake: Wake = Default::default();
         let mut or = |w: Wake| {
             for (a, b) in wake.iter_mut().zip(w) {
                 *a |= b;

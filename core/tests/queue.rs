@@ -9,8 +9,7 @@
 //! left in the shared page when it finished.
 
 use ivcom_core::queue::{
-    self, Consumer, Geometry, Producer, BATCH_BYTES, CELL, CTRL_BYTES, MAX_SLOTS, OFF_CONS,
-    OFF_RESERVE,
+    self, Consumer, Geometry, Producer, Wake, BATCH_BYTES, CELL, CTRL_BYTES, OFF_CONS, OFF_RESERVE,
 };
 use ivcom_core::queue_path::{QueueRx, QueueTx};
 use ivcom_core::record::{self, kind};
@@ -206,6 +205,16 @@ fn fork_producer(s: &Shm, geo: Geometry, slot: usize, die_after: Option<u64>) ->
     pid
 }
 
+/// Rings the producers whose waiting bits a publication collected (each
+/// sleeps on its futex word of the test's page).
+fn ring_woken(s: &Shm, geo: Geometry, wake: Wake) {
+    for slot in 0..SLOTS {
+        if wake[slot / 64] >> (slot % 64) & 1 != 0 {
+            futex_wake(s.side(geo, 8 + slot) as *const AtomicU64 as *const AtomicU32);
+        }
+    }
+}
+
 fn reap(pid: i32) -> i32 {
     let mut st = 0;
     // SAFETY: our child.
@@ -229,14 +238,7 @@ fn four_producer_processes_move_100k_messages_every_byte_checked_in_order_per_sl
     let mut sums = [0xcbf2_9ce4_8422_2325u64; SLOTS];
     let (mut taken, mut bytes, mut sleeps, mut late) = (0u64, 0u64, 0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(120);
-    // Rings the producers whose waiting bits a publication collected.
-    let ring = |wake: [u64; MAX_SLOTS / 64]| {
-        for slot in 0..SLOTS {
-            if wake[slot / 64] >> (slot % 64) & 1 != 0 {
-                futex_wake(s.side(geo, 8 + slot) as *const AtomicU64 as *const AtomicU32);
-            }
-        }
-    };
+    let ring = |wake: Wake| ring_woken(&s, geo, wake);
     while taken < SLOTS as u64 * PER_SLOT {
         assert!(Instant::now() < deadline, "stuck after {taken} records");
         let Some(r) = c.peek().unwrap() else {
@@ -618,11 +620,7 @@ fn four_producer_processes_send_fragmented_messages_reassembled_per_slot_every_b
             );
         }
         taken += n as u64;
-        for slot in 0..SLOTS {
-            if wake[slot / 64] >> (slot % 64) & 1 != 0 {
-                futex_wake(s.side(geo, 8 + slot) as *const AtomicU64 as *const AtomicU32);
-            }
-        }
+        ring_woken(&s, geo, wake);
         if n == 0 {
             let c = rx.consumer();
             let bell = c.bell();

@@ -367,17 +367,14 @@ pub fn tcp_header(data: &[u8]) {
 /// model (reservation order, contents) says; a broken consumer stays
 /// broken; no error other than `Broken`, `Closed` or `TooLarge`.
 pub fn queue(data: &[u8]) {
-    use ivcom_core::queue::{self, Consumer, Geometry, Producer, Reservation, CTRL_BYTES};
+    use ivcom_core::queue::{Consumer, Geometry, Producer, Reservation, CTRL_BYTES};
     use std::collections::VecDeque;
 
     const SLOTS: usize = 3;
     let geo = Geometry::new(4096, 1000, SLOTS).unwrap();
-    let layout = std::alloc::Layout::from_size_align(geo.region_bytes(), 4096).unwrap();
-    // SAFETY: non-zero size; freed at the end.
-    let base = unsafe { std::alloc::alloc_zeroed(layout) };
-    assert!(!base.is_null());
-    // SAFETY: a fresh zeroed region of the right size, alive until the end.
-    unsafe { queue::init(base, geo, 9) };
+    // Declared first: freed after the producers and consumer that use it.
+    let region = QueueRegion::new(geo, 9);
+    let base = region.base;
     let mut c = unsafe { Consumer::new(base, geo) }.unwrap();
     let mut ps: Vec<Producer> = (0..SLOTS)
         .map(|s| unsafe { Producer::attach(base, geo, s) }.unwrap())
@@ -510,9 +507,33 @@ pub fn queue(data: &[u8]) {
             }
         }
     }
-    drop(ps);
-    // SAFETY: allocated above with this layout; nothing uses it any more.
-    unsafe { std::alloc::dealloc(base, layout) };
+}
+
+/// A receive queue's region in zeroed heap memory, initialised; freed when
+/// dropped (after the producers and consumers that use it: declare it
+/// first).
+struct QueueRegion {
+    base: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl QueueRegion {
+    fn new(geo: ivcom_core::queue::Geometry, nonce: u64) -> QueueRegion {
+        let layout = std::alloc::Layout::from_size_align(geo.region_bytes(), 4096).unwrap();
+        // SAFETY: non-zero size; freed in drop.
+        let base = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!base.is_null());
+        // SAFETY: a fresh zeroed region of the right size.
+        unsafe { ivcom_core::queue::init(base, geo, nonce) };
+        QueueRegion { base, layout }
+    }
+}
+
+impl Drop for QueueRegion {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new with this layout; its users are gone.
+        unsafe { std::alloc::dealloc(self.base, self.layout) }
+    }
 }
 
 /// Messages over a receive queue (`ivcom_core::queue_path`) driven by a
@@ -525,19 +546,16 @@ pub fn queue(data: &[u8]) {
 /// (until the queue itself breaks); a broken slot delivers nothing more; a
 /// broken queue stays broken; nothing larger than the limit is delivered.
 pub fn queue_messages(data: &[u8]) {
-    use ivcom_core::queue::{self, Consumer, Geometry, Producer};
+    use ivcom_core::queue::{Consumer, Geometry, Producer};
     use ivcom_core::queue_path::{QueueRx, QueueTx};
     use std::collections::VecDeque;
 
     const SLOTS: usize = 4;
     const LIMIT: usize = 4000;
     let geo = Geometry::new(4096, 500, SLOTS).unwrap();
-    let layout = std::alloc::Layout::from_size_align(geo.region_bytes(), 4096).unwrap();
-    // SAFETY: non-zero size; freed at the end.
-    let base = unsafe { std::alloc::alloc_zeroed(layout) };
-    assert!(!base.is_null());
-    // SAFETY: a fresh zeroed region of the right size, alive until the end.
-    unsafe { queue::init(base, geo, 3) };
+    // Declared first: freed after the ends that use it.
+    let region = QueueRegion::new(geo, 3);
+    let base = region.base;
     let mut rx = QueueRx::new(unsafe { Consumer::new(base, geo) }.unwrap(), SLOTS);
     for s in 0..3 {
         rx.admit(s, LIMIT).unwrap();
@@ -647,8 +665,4 @@ pub fn queue_messages(data: &[u8]) {
             }
         }
     }
-    drop(txs);
-    drop(rx);
-    // SAFETY: allocated above with this layout; nothing uses it any more.
-    unsafe { std::alloc::dealloc(base, layout) };
 }
