@@ -112,6 +112,7 @@ typedef struct mca_btl_ivcom_component_t {
     unsigned long min_record;
     unsigned long shm_limit;
     unsigned long ring_budget;
+    unsigned long queue_size;
     unsigned long piece_size;
     char *if_include;
     char *if_exclude;

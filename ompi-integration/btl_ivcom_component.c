@@ -193,6 +193,15 @@ static int ivcom_register(void)
               "peer uses its ring whole once it sends records of btl_ivcom_max_send_size (a "
               "stream of large messages)",
               &c->ring_budget, 7UL << 18);
+    reg_ulong("queue_size",
+              "Data bytes of each receive queue; 0 (the default): no queue path, each pair "
+              "of co-resident ranks gets rings of its own. Otherwise a power of two from "
+              "4 KiB to 1 GiB: each process keeps one receive queue per peer domain (Xen "
+              "domU; with the host backend, per peer process), written by all of that "
+              "domain's ranks, and co-resident pairs talk through those queues instead of "
+              "rings, so shared memory grows with the domains, not with the pairs. Only "
+              "the host backend offers queues so far; with xen, pairs keep their rings",
+              &c->queue_size, 0);
     reg_ulong("piece_size",
               "Bytes of the pieces a large message is cut into while the receiver keeps up "
               "(less than btl_ivcom_max_send_size of this pair's sent data not yet taken): "
@@ -335,6 +344,7 @@ static bool check_params(ivcom_config *cfg)
         {"btl_ivcom_ring_size", c->ring_size},     {"btl_ivcom_max_record", c->max_record},
         {"btl_ivcom_shm_limit", c->shm_limit},     {"btl_ivcom_ring_budget", c->ring_budget},
         {"btl_ivcom_piece_size", c->piece_size},   {"btl_ivcom_min_record", c->min_record},
+        {"btl_ivcom_queue_size", c->queue_size},
     };
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
         if (sizes[i].value > (unsigned long) LONG_MAX) {
@@ -473,6 +483,7 @@ static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_th
     cfg.max_message = mca_btl_ivcom_module.super.btl_max_send_size;
     cfg.share_limit = c->shm_limit;
     cfg.ring_budget = c->ring_budget;
+    cfg.queue_size = c->queue_size;
 
     rc = ivcom_node_new(&cfg, &c->node);
     if (IVCOM_OK != rc) {

@@ -76,6 +76,19 @@ static const char *peer_host(mca_btl_base_endpoint_t *ep)
     return host ? host : "unknown";
 }
 
+/* The path of a link, as the verbose lines name it. */
+static const char *path_name(const ivcom_link *link)
+{
+    switch (ivcom_link_path(link)) {
+    case IVCOM_PATH_RING:
+        return "ring";
+    case IVCOM_PATH_QUEUE:
+        return "queue";
+    default:
+        return "tcp";
+    }
+}
+
 static void print_stats(mca_btl_base_endpoint_t *ep)
 {
     ivcom_stats s;
@@ -87,8 +100,7 @@ static void print_stats(mca_btl_base_endpoint_t *ep)
                 "[ivcom] stats rank=%u peer=%u path=%s tx_msgs=%" PRIu64 " tx_bytes=%" PRIu64
                 " tx_doorbells=%" PRIu64 " rx_msgs=%" PRIu64 " rx_bytes=%" PRIu64
                 " rx_doorbells=%" PRIu64 " tx_reach=%" PRIu64 " kept_core=%" PRIu64,
-                my_rank(), peer_rank(ep),
-                ep->ring ? "ring" : "tcp", s.tx_msgs,
+                my_rank(), peer_rank(ep), path_name(ep->link), s.tx_msgs,
                 s.tx_bytes, s.tx_doorbells, s.rx_msgs, s.rx_bytes, s.rx_doorbells, s.tx_reach,
                 ep->kept_core);
 }
@@ -102,7 +114,9 @@ void mca_btl_ivcom_endpoint_attach(mca_btl_base_endpoint_t *ep, ivcom_link *link
     /* (published last: a poller that sees it sees the link) */
     __atomic_store_n(&ep->rx, ep->ring ? ivcom_link_rx(link) : NULL, __ATOMIC_RELEASE);
     ep->max_send = MODULE->btl_max_send_size;
-    if (ep->ring && ivcom_link_max_inline(link) < ep->max_send) {
+    /* A ring's or a queue's records bound what goes in one (a TCP frame
+     * takes any message this component sends). */
+    if (IVCOM_PATH_TCP != ivcom_link_path(link) && ivcom_link_max_inline(link) < ep->max_send) {
         ep->max_send = ivcom_link_max_inline(link);
     }
     OPAL_THREAD_ADD_FETCH32(&C->neps_linked, 1);
@@ -111,8 +125,7 @@ void mca_btl_ivcom_endpoint_attach(mca_btl_base_endpoint_t *ep, ivcom_link *link
     }
     ivcom_link_reason(link, reason, sizeof(reason));
     IVCOM_VERBOSE(1, "[ivcom] path rank=%u peer=%u path=%s reason=\"%s\"", my_rank(),
-                  peer_rank(ep), ep->ring ? "ring" : "tcp",
-                  reason);
+                  peer_rank(ep), path_name(link), reason);
     if (ivcom_link_degraded(link) && !C->warned_degraded) {
         C->warned_degraded = true;
         mca_btl_ivcom_help("degraded", "on %s: co-resident peer %s on TCP: %s",
@@ -291,7 +304,7 @@ int mca_btl_ivcom_endpoint_add(opal_proc_t *proc, uint8_t *card, size_t card_len
                 char reason[512];
                 ivcom_link_reason(ep->link, reason, sizeof(reason));
                 IVCOM_VERBOSE(1, "[ivcom] path rank=%u peer=%u path=%s reason=\"%s\"",
-                              my_rank(), peer_rank(ep), ep->ring ? "ring" : "tcp", reason);
+                              my_rank(), peer_rank(ep), path_name(ep->link), reason);
             }
         }
         OPAL_THREAD_UNLOCK(&ep->lock);

@@ -97,6 +97,12 @@
 #define IVCOM_PATH_TCP 2
 
 /**
+ * Path of a link: receive queues shared with the peer's domain (the
+ * queue path, `queue_size`).
+ */
+#define IVCOM_PATH_QUEUE 3
+
+/**
  * `ivcom_rx_poll`: something waits that only the link's own poll
  * handles (`ivcom_link_poll`: a fragment, a control record, a broken or
  * closed ring). Not an error.
@@ -260,6 +266,14 @@ typedef struct {
    * at least two of its largest records.
    */
   size_t ring_budget;
+  /**
+   * Data bytes of each receive queue (0: no queue path, co-resident
+   * pairs use rings of their own). Otherwise a power of two from 4 KiB
+   * to 1 GiB: each process keeps one queue per peer domain, shared by
+   * all that domain's processes, and co-resident pairs talk through
+   * those queues instead of a pair of rings each.
+   */
+  size_t queue_size;
 } ivcom_config;
 
 /**
@@ -513,7 +527,7 @@ uint64_t ivcom_link_peer_id(const ivcom_link *link);
 uint64_t ivcom_link_peer_name(const ivcom_link *link);
 
 /**
- * `IVCOM_PATH_RING` or `IVCOM_PATH_TCP`.
+ * `IVCOM_PATH_RING`, `IVCOM_PATH_TCP` or `IVCOM_PATH_QUEUE`.
  *
  * # Safety
  * `link` valid.

@@ -61,6 +61,9 @@ pub const IVCOM_BACKEND_NONE: c_int = 3;
 pub const IVCOM_PATH_RING: c_int = 1;
 /// Path of a link: TCP.
 pub const IVCOM_PATH_TCP: c_int = 2;
+/// Path of a link: receive queues shared with the peer's domain (the
+/// queue path, `queue_size`).
+pub const IVCOM_PATH_QUEUE: c_int = 3;
 
 /// Opaque node handle.
 pub struct ivcom_node {
@@ -177,6 +180,12 @@ pub struct ivcom_config {
     /// whole): with many peers, each ring's records stay within its share,
     /// at least two of its largest records.
     pub ring_budget: usize,
+    /// Data bytes of each receive queue (0: no queue path, co-resident
+    /// pairs use rings of their own). Otherwise a power of two from 4 KiB
+    /// to 1 GiB: each process keeps one queue per peer domain, shared by
+    /// all that domain's processes, and co-resident pairs talk through
+    /// those queues instead of a pair of rings each.
+    pub queue_size: usize,
 }
 
 /// Counters of a link.
@@ -324,6 +333,7 @@ pub unsafe extern "C" fn ivcom_config_default(cfg: *mut ivcom_config) {
             share_limit: 0,
             peer_timeout_ms: 0,
             ring_budget: 0,
+            queue_size: 0,
         })
     };
 }
@@ -423,6 +433,9 @@ unsafe fn to_config(c: &ivcom_config) -> Result<Config, Error> {
     }
     if c.ring_budget != 0 {
         cfg.ring_budget = Some(c.ring_budget);
+    }
+    if c.queue_size != 0 {
+        cfg.queue_size = Some(c.queue_size);
     }
     match c.peer_timeout_ms {
         0 => {}
@@ -845,7 +858,7 @@ pub unsafe extern "C" fn ivcom_link_peer_name(link: *const ivcom_link) -> u64 {
     unsafe { &*link }.link.peer().name
 }
 
-/// `IVCOM_PATH_RING` or `IVCOM_PATH_TCP`.
+/// `IVCOM_PATH_RING`, `IVCOM_PATH_TCP` or `IVCOM_PATH_QUEUE`.
 ///
 /// # Safety
 /// `link` valid.
@@ -855,6 +868,7 @@ pub unsafe extern "C" fn ivcom_link_path(link: *const ivcom_link) -> c_int {
     match unsafe { &*link }.link.path() {
         PathKind::Ring => IVCOM_PATH_RING,
         PathKind::Tcp => IVCOM_PATH_TCP,
+        PathKind::Queue => IVCOM_PATH_QUEUE,
     }
 }
 

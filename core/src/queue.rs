@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// `"IVCQ"` little-endian.
 pub const MAGIC: u32 = 0x5143_5649;
 /// Wire-format version of receive queues.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Size of the control page that precedes the data area.
 pub const CTRL_BYTES: usize = 4096;
 /// Records start on cells of this many bytes: a small message's record
@@ -98,6 +98,10 @@ pub const OFF_CONS_POLLS: usize = 0x1C0;
 /// consumer publishes its index without a fence while every producer it
 /// admitted has its bit set.
 pub const OFF_PROD_POLLS: usize = 0x200;
+/// Doorbell words of the host backend, one per producer slot: the 32-bit
+/// word of slot `s` at `OFF_SLOT_BELLS + 4 * s` (futex; the consumer bumps
+/// it to wake that producer, which sleeps on it for room).
+pub const OFF_SLOT_BELLS: usize = 0x400;
 
 /// Words of producers-waiting bits.
 const WAIT_WORDS: usize = MAX_SLOTS / 64;
@@ -244,6 +248,14 @@ impl View {
         unsafe { self.base.add(OFF_BELL) as *const AtomicU32 }
     }
 
+    /// Slot `s`'s doorbell word (host backend).
+    fn slot_bell(&self, s: usize) -> *const AtomicU32 {
+        debug_assert!(s < MAX_SLOTS);
+        // SAFETY: `OFF_SLOT_BELLS + 4 * s` lies inside the control page
+        // for every slot below MAX_SLOTS, 4-aligned.
+        unsafe { self.base.add(OFF_SLOT_BELLS + 4 * s) as *const AtomicU32 }
+    }
+
     fn check(&self) -> Result<()> {
         let h = self.word(OFF_MAGIC).load(Ordering::Relaxed);
         let g = self.word(OFF_GEOMETRY).load(Ordering::Relaxed);
@@ -362,14 +374,26 @@ impl Producer {
 
     /// Reads the consumer index (acquire: the consumer cleared the cells it
     /// released before it stored the index), then the reservation word,
-    /// which is therefore at least that index, and checks the two: the
-    /// consumer is never ahead of what was reserved, nor more than the data
-    /// area behind, nor back from where it was. Returns the fresh
-    /// reservation word.
+    /// which is therefore at least that index, then the consumer index
+    /// again, and checks them: the consumer is never ahead of what was
+    /// reserved, nor back from where it was, and nothing was reserved more
+    /// than the data area past the second reading. (Against the first
+    /// reading that last bound does not hold: between the two loads the
+    /// consumer may release and another producer reserve what it released.
+    /// Each reservation ends at most the data area past an index its
+    /// producer read before its compare-and-swap, whose release this
+    /// acquire load sees, so the second reading is at least that index.)
+    /// Returns the fresh reservation word.
     fn reload_cons(&mut self) -> Result<u64> {
         let c = self.v.word(OFF_CONS).load(Ordering::Acquire);
-        let r = self.v.word(OFF_RESERVE).load(Ordering::Relaxed);
-        if c > r || r - c > self.v.size() || !c.is_multiple_of(CELL as u64) || c < self.cons {
+        let r = self.v.word(OFF_RESERVE).load(Ordering::Acquire);
+        let c2 = self.v.word(OFF_CONS).load(Ordering::Relaxed);
+        if c > r
+            || c2 < c
+            || r > c2.saturating_add(self.v.size())
+            || !c.is_multiple_of(CELL as u64)
+            || c < self.cons
+        {
             return Err(self.fail(Violation::BadIndex));
         }
         self.cons = c;
@@ -417,7 +441,10 @@ impl Producer {
                 reloaded = true;
                 continue;
             }
-            match word.compare_exchange_weak(r, end, Ordering::Relaxed, Ordering::Relaxed) {
+            // Release: a producer that reads this word (`reload_cons`)
+            // then reads the consumer index at least as far as this one
+            // had when it reserved.
+            match word.compare_exchange_weak(r, end, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => {
                     if pad != 0 {
                         // Padding to the end, published at once: nothing to
@@ -509,6 +536,12 @@ impl Producer {
     /// The host backend's doorbell word of the queue (wakes the consumer).
     pub fn bell(&self) -> *const AtomicU32 {
         self.v.bell()
+    }
+
+    /// The host backend's doorbell word of this producer's slot (it sleeps
+    /// on it for room; the consumer rings it).
+    pub fn slot_bell(&self) -> *const AtomicU32 {
+        self.v.slot_bell(self.slot as usize)
     }
 }
 
@@ -788,6 +821,17 @@ impl Consumer {
     /// The host backend's doorbell word of the queue.
     pub fn bell(&self) -> *const AtomicU32 {
         self.v.bell()
+    }
+
+    /// The host backend's doorbell word of producer slot `s` (below the
+    /// queue's slot count).
+    pub fn slot_bell(&self, s: usize) -> *const AtomicU32 {
+        assert!(
+            s < self.v.geo.slots,
+            "slot {s} of a queue of {}",
+            self.v.geo.slots
+        );
+        self.v.slot_bell(s)
     }
 }
 

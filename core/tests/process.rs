@@ -145,27 +145,28 @@ fn check_stream(a: &str, b: &str, min_msgs: u64) {
 /// 100,000 messages of random sizes up to 4 MiB (plus 1,000 echoes) between
 /// two processes on the given backend; both sides' digests must agree.
 fn stream_100k(tag: &str, backend: &str, path: &str, seed: &str) {
+    stream_100k_with(tag, backend, path, seed, &[]);
+}
+
+fn stream_100k_with(tag: &str, backend: &str, path: &str, seed: &str, extra: &[&str]) {
     let t = TempDir::new(tag);
     let d = t.path().to_str().unwrap();
-    let (a, b) = pair(
-        tag,
-        d,
-        d,
-        &[
-            "--backend",
-            backend,
-            "--count",
-            "100000",
-            "--max-size",
-            "4194304",
-            "--echo",
-            "1000",
-            "--expect-path",
-            path,
-            "--seed",
-            seed,
-        ],
-    );
+    let mut args = vec![
+        "--backend",
+        backend,
+        "--count",
+        "100000",
+        "--max-size",
+        "4194304",
+        "--echo",
+        "1000",
+        "--expect-path",
+        path,
+        "--seed",
+        seed,
+    ];
+    args.extend_from_slice(extra);
+    let (a, b) = pair(tag, d, d, &args);
     check_stream(&a, &b, 100_000);
     let want = format!("PATH {path}");
     assert!(a.contains(&want) && b.contains(&want), "{a}\n{b}");
@@ -175,6 +176,17 @@ fn stream_100k(tag: &str, backend: &str, path: &str, seed: &str) {
 #[test]
 fn ring_100k_random_messages_up_to_4mib() {
     stream_100k("ring100k", "host", "ring", "7");
+}
+
+#[test]
+fn queue_100k_random_messages_up_to_4mib() {
+    stream_100k_with(
+        "queue100k",
+        "host",
+        "queue",
+        "9",
+        &["--queue-size", "65536"],
+    );
 }
 
 #[test]
@@ -226,10 +238,14 @@ fn no_space_for_the_ring_falls_back_to_tcp() {
 /// Starts an endless stream, SIGKILLs one side, and checks that the other
 /// side's next call fails within 5 s and that nothing is left behind.
 fn kill_mid_stream(kill_listener: bool, backend: &str) {
-    let t = TempDir::new(&format!("kill-{kill_listener}-{backend}"));
+    kill_mid_stream_with(kill_listener, backend, &[]);
+}
+
+fn kill_mid_stream_with(kill_listener: bool, backend: &str, extra: &[&str]) {
+    let t = TempDir::new(&format!("kill-{kill_listener}-{backend}-{}", extra.len()));
     let d = t.sub("hv");
     let card = t.sub("card");
-    let mut b = spawn(&[
+    let mut la = vec![
         "listen",
         "--card-file",
         &card,
@@ -237,8 +253,10 @@ fn kill_mid_stream(kill_listener: bool, backend: &str) {
         &d,
         "--backend",
         backend,
-    ]);
-    let mut a = spawn(&[
+    ];
+    la.extend_from_slice(extra);
+    let mut b = spawn(&la);
+    let mut ca = vec![
         "connect",
         "--card-file",
         &card,
@@ -252,7 +270,9 @@ fn kill_mid_stream(kill_listener: bool, backend: &str) {
         "10",
         "--max-size",
         "65536",
-    ]);
+    ];
+    ca.extend_from_slice(extra);
+    let mut a = spawn(&ca);
     // Wait until the stream runs (the connector prints its path first).
     let mut out = BufReader::new(a.stdout.take().unwrap());
     let mut line = String::new();
@@ -296,6 +316,16 @@ fn sigkill_listener_ring() {
 #[test]
 fn sigkill_connector_ring() {
     kill_mid_stream(false, "host");
+}
+
+#[test]
+fn sigkill_listener_queue() {
+    kill_mid_stream_with(true, "host", &["--queue-size", "65536"]);
+}
+
+#[test]
+fn sigkill_connector_queue() {
+    kill_mid_stream_with(false, "host", &["--queue-size", "65536"]);
 }
 
 #[test]

@@ -77,6 +77,70 @@ fn integrity_4_ranks_on_the_ring() {
     assert_passed_on(&r, 4, "ring");
 }
 
+/// The queue path: each rank keeps one receive queue for its domain (all
+/// four ranks are in this machine's network namespace, one domain), and
+/// the three others write in it, each in its own slot.
+#[test]
+fn integrity_4_ranks_on_receive_queues() {
+    let r = integrity(4, &["--mca", "btl_ivcom_queue_size", "65536"]);
+    assert_passed_on(&r, 4, "queue");
+    let lines = path_lines(&r.stderr);
+    for rank in 0..4 {
+        // three peers, three distinct slots of this rank's one queue
+        let mut slots: Vec<&str> = lines
+            .iter()
+            .filter(|l| l.rank == rank)
+            .map(|l| {
+                let s = l
+                    .reason
+                    .split("; slot ")
+                    .nth(1)
+                    .expect("a slot in the reason");
+                s.split(' ').next().unwrap()
+            })
+            .collect();
+        slots.sort();
+        slots.dedup();
+        assert_eq!(slots.len(), 3, "rank {rank}: {lines:?}");
+        assert!(
+            lines.iter().all(|l| l.reason.contains("queues of 64 KiB")),
+            "{lines:?}"
+        );
+    }
+}
+
+/// Queues of 32 KiB: records of 16 KiB, below ob1's sends of up to
+/// 64 KiB, which go in fragments of one slot between other slots'
+/// records; the queue fills constantly (senders wait for room).
+#[test]
+fn integrity_on_small_receive_queues_with_fragments() {
+    let r = integrity(
+        3,
+        &[
+            "--mca",
+            "btl_ivcom_queue_size",
+            "32768",
+            "--mca",
+            "btl_ivcom_max_send_size",
+            "65536",
+        ],
+    );
+    assert_passed_on(&r, 3, "queue");
+}
+
+/// A queue too small for the eager records this component sends is
+/// refused with what is wrong, by name.
+#[test]
+fn a_queue_smaller_than_the_eager_records_is_refused_by_name() {
+    let r = integrity(2, &["--mca", "btl_ivcom_queue_size", "16384"]);
+    assert!(
+        r.stderr
+            .contains("queues of 16384 bytes carry records of at most 8176 bytes"),
+        "{}",
+        r.text()
+    );
+}
+
 /// Ranks that outnumber the cores, with Open MPI giving the core away
 /// after every progress call that found nothing: where a host runs at
 /// most two ranks per CPU (4 on this machine's 2), a sender whose peer is
@@ -361,6 +425,7 @@ fn ompi_info_lists_the_component_and_its_parameters() {
         "btl_ivcom_ring_budget",
         "btl_ivcom_piece_size",
         "btl_ivcom_min_record",
+        "btl_ivcom_queue_size",
     ] {
         assert!(r.stdout.contains(p), "{p} missing:\n{}", r.stdout);
     }
@@ -455,10 +520,23 @@ impl Drop for HostDir {
 
 #[test]
 fn killed_rank_aborts_the_job_quickly_and_leaves_nothing() {
+    killed_rank_aborts_the_job(&[]);
+}
+
+/// The same on the queue path: the dead rank's peers learn it from its
+/// control connection (its slot in their queues goes quiet), not by a
+/// hang.
+#[test]
+fn killed_rank_on_receive_queues_aborts_the_job_quickly_and_leaves_nothing() {
+    killed_rank_aborts_the_job(&["--mca", "btl_ivcom_queue_size", "65536"]);
+}
+
+fn killed_rank_aborts_the_job(extra: &[&str]) {
     require_component();
     let dir = HostDir::new("kill");
     let mut c = mpirun(4, "ivcom,self");
     c.args(["--mca", "btl_ivcom_host_dir", dir.path()])
+        .args(extra)
         .arg(bin("ivcom-integrity"))
         .arg("--forever");
     // Kill one rank (the newest ivcom-integrity process) once the job runs.

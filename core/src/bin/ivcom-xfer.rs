@@ -105,6 +105,7 @@ fn parse() -> Opts {
             }
             "--host-dir" => o.cfg.host_dir = Some(v().into()),
             "--ring-size" => o.cfg.ring_size = num(v()) as usize,
+            "--queue-size" => o.cfg.queue_size = Some(num(v()) as usize),
             "--port" => o.cfg.port = num(v()) as u16,
             "--listen-ip" => o.cfg.listen = Some(v().parse().unwrap_or_else(|_| die("bad ip"))),
             "--timeout" => o.timeout = Duration::from_secs(num(v())),
@@ -122,6 +123,7 @@ fn parse() -> Opts {
                 o.expect = Some(match v().as_str() {
                     "ring" => PathKind::Ring,
                     "tcp" => PathKind::Tcp,
+                    "queue" => PathKind::Queue,
                     x => die(&format!("bad path {x}")),
                 })
             }

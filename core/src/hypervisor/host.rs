@@ -73,8 +73,18 @@ pub struct HostBackend {
     dir: PathBuf,
     dirfd: OwnedFd,
     host_id: [u8; 16],
+    domain: u32,
     limit: usize,
     used: Arc<AtomicUsize>,
+}
+
+/// This process's domain for the host backend: its network namespace (an
+/// emulated VM, a container), whose processes share receive queues, told
+/// by the namespace's inode; the process id where `/proc` does not tell.
+fn namespace_domain() -> u32 {
+    std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino() as u32)
+        .unwrap_or_else(|_| std::process::id())
 }
 
 /// FNV-1a, enough to fold identity facts into 16 bytes.
@@ -192,6 +202,7 @@ impl HostBackend {
             dir: dir.to_path_buf(),
             dirfd,
             host_id,
+            domain: namespace_domain(),
             limit: usize::MAX,
             used: Arc::new(AtomicUsize::new(0)),
         })
@@ -309,6 +320,35 @@ pub struct HostRegion {
     handover: Mutex<Option<Handover>>,
     /// The sharer's budget, given back on drop.
     budget: Option<Arc<AtomicUsize>>,
+    /// A region shared with every process of a domain (a receive queue):
+    /// what [`Region::offer_again`] needs to hand it over once more.
+    again: Option<Again>,
+}
+
+/// What a region shared with a whole domain keeps to be offered again: its
+/// memfd and the directory its hand-over sockets go in.
+struct Again {
+    memfd: OwnedFd,
+    dir: PathBuf,
+    dirfd: OwnedFd,
+}
+
+/// A new hand-over of `memfd`: a socket of a random name in `dir`, and the
+/// descriptor (`<socket>:<token>`) a mapper connects with.
+fn new_handover(dir: &Path, dirfd: &OwnedFd, memfd: OwnedFd) -> Result<(Handover, Vec<u8>)> {
+    let sock = format!("{PREFIX}{}{SUFFIX}", hex(&super::random_bytes::<16>()));
+    let listener = UnixListener::bind(dir.join(&sock))
+        .map_err(|err| Error::Backend(format!("hand-over socket in {}: {err}", dir.display())))?;
+    let token = super::random_bytes::<16>();
+    let desc = format!("{sock}:{}", hex(&token)).into_bytes();
+    let h = Handover {
+        listener,
+        name: sock,
+        token,
+        memfd,
+        dirfd: dirfd.try_clone()?,
+    };
+    Ok((h, desc))
 }
 
 // SAFETY: the mapping is process-wide and valid until drop; the mutex guards
@@ -460,6 +500,26 @@ impl Region for HostRegion {
         true
     }
 
+    /// A new socket and token for the same memfd (a region shared with a
+    /// domain), replacing a hand-over nobody fetched.
+    fn offer_again(&self) -> Result<Vec<u8>> {
+        let Some(a) = &self.again else {
+            return Err(Error::Backend(
+                "a region shared with one peer cannot be offered again".into(),
+            ));
+        };
+        let (h, desc) = new_handover(&a.dir, &a.dirfd, a.memfd.try_clone()?)?;
+        let old = self
+            .handover
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(h);
+        if let Some(old) = old {
+            old.remove();
+        }
+        Ok(desc)
+    }
+
     /// Hands the region to the one connection that presents the token,
     /// until `deadline` or until `abort` (the handshake connection) turns
     /// readable: the peer answered without fetching it.
@@ -576,7 +636,7 @@ impl Hypervisor for HostBackend {
     }
 
     fn domain_id(&self) -> u32 {
-        std::process::id()
+        self.domain
     }
 
     fn host_id(&self) -> [u8; 16] {
@@ -584,15 +644,15 @@ impl Hypervisor for HostBackend {
     }
 
     fn share(&self, _peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
-        take_budget(&self.used, len, self.limit)?;
-        let give_back = || {
-            self.used.fetch_sub(len, Ordering::AcqRel);
-        };
-        let r = self.share_sealed(len);
-        if r.is_err() {
-            give_back();
-        }
-        r
+        self.share_budgeted(len, false)
+    }
+
+    fn shares_domains(&self) -> bool {
+        true
+    }
+
+    fn share_domain(&self, _peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
+        self.share_budgeted(len, true)
     }
 
     fn map(&self, _peer: u32, desc: &[u8], len: usize) -> Result<Box<dyn Region>> {
@@ -626,6 +686,7 @@ impl Hypervisor for HostBackend {
             len,
             handover: Mutex::new(None),
             budget: None,
+            again: None,
         }))
     }
 
@@ -671,8 +732,19 @@ fn check_region(fd: RawFd, len: usize) -> Option<String> {
 }
 
 impl HostBackend {
-    /// A sealed memfd of `len` bytes, mapped, with its hand-over socket.
-    fn share_sealed(&self, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
+    /// [`HostBackend::share_sealed`] within the share limit.
+    fn share_budgeted(&self, len: usize, again: bool) -> Result<(Box<dyn Region>, Vec<u8>)> {
+        take_budget(&self.used, len, self.limit)?;
+        let r = self.share_sealed(len, again);
+        if r.is_err() {
+            self.used.fetch_sub(len, Ordering::AcqRel);
+        }
+        r
+    }
+
+    /// A sealed memfd of `len` bytes, mapped, with its hand-over socket;
+    /// `again`: keep what offering it again takes (a region for a domain).
+    fn share_sealed(&self, len: usize, again: bool) -> Result<(Box<dyn Region>, Vec<u8>)> {
         self.sweep();
         let e = |what: &str| Error::Backend(format!("{what}: {}", std::io::Error::last_os_error()));
         let name = CString::new("ivcom-ring").expect("no NUL");
@@ -694,41 +766,32 @@ impl HostBackend {
                 return Err(e("seal the region"));
             }
         }
+        let kept = || -> Result<Option<Again>> {
+            Ok(match again {
+                false => None,
+                true => Some(Again {
+                    memfd: memfd.try_clone()?,
+                    dir: self.dir.clone(),
+                    dirfd: self.dirfd.try_clone()?,
+                }),
+            })
+        };
+        let again = kept()?;
         let ptr = map_fd(memfd.as_raw_fd(), len)?;
-        // SAFETY: ptr/len is the mapping just made (unmapped on error).
-        let unmap = || unsafe { libc::munmap(ptr.cast(), len) };
-        let sock = format!("{PREFIX}{}{SUFFIX}", hex(&super::random_bytes::<16>()));
-        let listener = match UnixListener::bind(self.at(&sock)) {
-            Ok(l) => l,
+        let (handover, desc) = match new_handover(&self.dir, &self.dirfd, memfd) {
+            Ok(x) => x,
             Err(err) => {
-                unmap();
-                return Err(Error::Backend(format!(
-                    "hand-over socket in {}: {err}",
-                    self.dir.display()
-                )));
+                // SAFETY: ptr/len is the mapping just made, unused.
+                unsafe { libc::munmap(ptr.cast(), len) };
+                return Err(err);
             }
         };
-        let token = super::random_bytes::<16>();
-        let dirfd = match self.dirfd.try_clone() {
-            Ok(d) => d,
-            Err(err) => {
-                self.unlink(&sock);
-                unmap();
-                return Err(err.into());
-            }
-        };
-        let desc = format!("{sock}:{}", hex(&token)).into_bytes();
         let region = HostRegion {
             ptr,
             len,
-            handover: Mutex::new(Some(Handover {
-                listener,
-                name: sock,
-                token,
-                memfd,
-                dirfd,
-            })),
+            handover: Mutex::new(Some(handover)),
             budget: Some(Arc::clone(&self.used)),
+            again,
         };
         Ok((Box::new(region), desc))
     }

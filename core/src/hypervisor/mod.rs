@@ -120,6 +120,15 @@ pub trait Region: Send + Sync {
         let _ = (deadline, abort);
         Ok(())
     }
+    /// Offers a region made by [`Hypervisor::share_domain`] to one more
+    /// process of that domain: the descriptor it maps the region by
+    /// ([`Region::serve`] then hands it over, as for the first). One offer
+    /// at a time: a new one replaces an offer nobody took.
+    fn offer_again(&self) -> Result<Vec<u8>> {
+        Err(Error::Backend(
+            "this backend cannot offer a region to a second process".into(),
+        ))
+    }
 }
 
 /// The two 32-bit words of a channel that a memory-based doorbell may use:
@@ -156,7 +165,9 @@ pub trait Doorbell: Send + Sync {
 pub trait Hypervisor: Send + Sync {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
-    /// This domain's id (Xen domid; for the host backend the process id).
+    /// This domain's id (Xen domid; for the host backend the network
+    /// namespace, an emulated VM or container, whose processes share
+    /// receive queues).
     fn domain_id(&self) -> u32;
     /// Identifies the physical host as far as the backend can tell; two
     /// domains with the same kind and host id are ring candidates.
@@ -164,6 +175,21 @@ pub trait Hypervisor: Send + Sync {
     /// Shares `len` bytes (a multiple of the page size) with domain `peer`.
     /// Returns the local mapping and the descriptor the peer maps it by.
     fn share(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)>;
+    /// Shares `len` bytes with every process of domain `peer` (a receive
+    /// queue): like [`Hypervisor::share`], and [`Region::offer_again`]
+    /// offers the region to each further process. Backends that cannot:
+    /// an error.
+    fn share_domain(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
+        let _ = (peer, len);
+        Err(Error::Backend(format!(
+            "the {} backend cannot share a region with a whole domain",
+            self.kind()
+        )))
+    }
+    /// Whether [`Hypervisor::share_domain`] works on this backend.
+    fn shares_domains(&self) -> bool {
+        false
+    }
     /// Maps `len` bytes that domain `peer` shared under `desc`.
     fn map(&self, peer: u32, desc: &[u8], len: usize) -> Result<Box<dyn Region>>;
     /// Creates the offering side's doorbell; returns it and its descriptor.

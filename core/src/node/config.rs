@@ -50,6 +50,13 @@ pub struct Config {
     /// touches few pages of each ring however much is in flight
     /// ([`crate::ring::Budget`]).
     pub ring_budget: Option<usize>,
+    /// The queue path (docs/design.md, "The queue path"): `Some(n)`, a
+    /// co-resident pair talks through receive queues, one per process and
+    /// peer domain of `n` data bytes (a power of two, 4 KiB to 1 GiB),
+    /// shared by all that domain's processes, instead of a pair of rings
+    /// of its own; `None` (the default), through rings. Where the backend
+    /// cannot share a region with a whole domain (Xen, so far), rings.
+    pub queue_size: Option<usize>,
     /// Interfaces or subnets to publish an address from.
     pub if_include: Vec<IfSpec>,
     /// Interfaces or subnets never to publish.
@@ -110,6 +117,7 @@ impl Default for Config {
             min_record: None,
             share_limit: None,
             ring_budget: None,
+            queue_size: None,
             if_include: Vec::new(),
             if_exclude: Vec::new(),
             listen: None,
@@ -140,6 +148,7 @@ impl std::fmt::Debug for Config {
             .field("ring_size", &self.ring_size)
             .field("max_record", &self.max_record)
             .field("min_record", &self.min_record)
+            .field("queue_size", &self.queue_size)
             .field("listen", &self.listen)
             .field("name", &self.name)
             .field("psk", &self.psk.as_ref().map(|_| "(set)"))
@@ -169,6 +178,7 @@ impl Config {
     /// Checks everything a node needs before it starts.
     pub fn check(&self) -> Result<()> {
         self.geometry()?;
+        self.queue_geometry()?;
         if self.tcp_frame < 64 || self.tcp_frame > u32::MAX as usize {
             return Err(Error::Invalid(format!(
                 "TCP frame of {} bytes (64 to 4 GiB)",
@@ -192,6 +202,24 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The geometry of this node's receive queues (`None`: no queue path):
+    /// records as large as the rings' up to half the data area.
+    pub fn queue_geometry(&self) -> Result<Option<crate::queue::Geometry>> {
+        let Some(size) = self.queue_size else {
+            return Ok(None);
+        };
+        let half = (size / 2).saturating_sub(crate::record::HEADER) & !(crate::queue::CELL - 1);
+        let max_record = (self.geometry()?.max_record as usize).min(half);
+        let geo = crate::queue::Geometry::new(size, max_record, crate::queue::MAX_SLOTS)
+            .map_err(|e| Error::Invalid(format!("queue size {size}: {e}")))?;
+        if let Some(m) = self.min_record.filter(|&m| m > max_record) {
+            return Err(Error::Invalid(format!(
+                "queues of {size} bytes carry records of at most {max_record} bytes, below the smallest record {m}"
+            )));
+        }
+        Ok(Some(geo))
     }
 
     /// The smallest largest-record rings may shrink to.

@@ -15,6 +15,8 @@
 //!                    connected to each other at once and this connection
 //!                    loses)
 //! then the path: OFFER/TCPONLY, MAPPED/REFUSED, SWITCH/ABORT
+//! or, on the queue path: QOFFER, QMAPPED/REFUSED, MAPPED/REFUSED/ABORT,
+//! SWITCH/ABORT
 //! ```
 //!
 //! `transcript` is both public cards and both nonces. Each side proves that
@@ -59,6 +61,8 @@ pub mod ty {
     pub const REFUSED: u8 = 10;
     pub const SWITCH: u8 = 11;
     pub const ABORT: u8 = 12;
+    pub const QOFFER: u8 = 13;
+    pub const QMAPPED: u8 = 14;
 }
 
 /// Largest payload of a message of type `t` (`None`: unknown type).
@@ -69,10 +73,53 @@ pub fn max_payload(t: u8) -> Option<usize> {
         ty::AUTH | ty::ACK | ty::REJECT => PROOF,
         ty::REFUSE | ty::TCPONLY | ty::REFUSED | ty::ABORT => MAX_REASON,
         ty::OFFER => 16 + 2 * MAX_DESC,
+        ty::QOFFER => QOFFER_FIXED + 2 * MAX_DESC,
+        ty::QMAPPED => 8 + QOFFER_FIXED + 2 * MAX_DESC,
         ty::MAPPED => 8,
         ty::SWITCH => 0,
         _ => return None,
     })
+}
+
+/// Bytes of a queue offer besides its two descriptors: data size, record
+/// size, slots, slot and the descriptors' two lengths.
+const QOFFER_FIXED: usize = 4 + 4 + 2 + 2 + 4 + 4;
+
+/// A process's offer of a slot in its receive queue for the peer's domain
+/// (the queue path): the queue's geometry, the slot, and the descriptors
+/// to map the queue and reach its doorbell by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueOffer {
+    pub data_size: u32,
+    pub max_record: u32,
+    pub slots: u16,
+    pub slot: u16,
+    pub grant: Vec<u8>,
+    pub bell: Vec<u8>,
+}
+
+impl QueueOffer {
+    fn encode(&self, p: &mut Vec<u8>) {
+        p.extend_from_slice(&self.data_size.to_le_bytes());
+        p.extend_from_slice(&self.max_record.to_le_bytes());
+        p.extend_from_slice(&self.slots.to_le_bytes());
+        p.extend_from_slice(&self.slot.to_le_bytes());
+        for b in [&self.grant, &self.bell] {
+            p.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            p.extend_from_slice(b);
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<QueueOffer> {
+        Ok(QueueOffer {
+            data_size: r.u32()?,
+            max_record: r.u32()?,
+            slots: r.u16()?,
+            slot: r.u16()?,
+            grant: r.blob(MAX_DESC)?.to_vec(),
+            bell: r.blob(MAX_DESC)?.to_vec(),
+        })
+    }
 }
 
 /// The longest message before authentication (what an unauthenticated
@@ -106,6 +153,14 @@ pub enum Msg {
     Refused(String),
     Switch,
     Abort(String),
+    /// The initiator's queue for the acceptor's domain.
+    QueueOffer(QueueOffer),
+    /// The acceptor mapped the initiator's queue (the nonce it read there)
+    /// and offers its own for the initiator's domain.
+    QueueMapped {
+        nonce: u64,
+        offer: QueueOffer,
+    },
 }
 
 fn bad(what: impl std::fmt::Display) -> Error {
@@ -193,6 +248,8 @@ impl Msg {
             Msg::Refused(_) => ty::REFUSED,
             Msg::Switch => ty::SWITCH,
             Msg::Abort(_) => ty::ABORT,
+            Msg::QueueOffer(_) => ty::QOFFER,
+            Msg::QueueMapped { .. } => ty::QMAPPED,
         }
     }
 
@@ -233,6 +290,11 @@ impl Msg {
             }
             Msg::Mapped(n) => p.extend_from_slice(&n.to_le_bytes()),
             Msg::Switch => {}
+            Msg::QueueOffer(o) => o.encode(&mut p),
+            Msg::QueueMapped { nonce, offer } => {
+                p.extend_from_slice(&nonce.to_le_bytes());
+                offer.encode(&mut p);
+            }
         }
         let mut v = record::encode_bytes(p.len(), kind::CTRL, self.ty()).to_vec();
         v.extend_from_slice(&p);
@@ -299,6 +361,11 @@ impl Msg {
             }
             ty::MAPPED => Msg::Mapped(r.u64()?),
             ty::SWITCH => Msg::Switch,
+            ty::QOFFER => Msg::QueueOffer(QueueOffer::decode(&mut r)?),
+            ty::QMAPPED => Msg::QueueMapped {
+                nonce: r.u64()?,
+                offer: QueueOffer::decode(&mut r)?,
+            },
             _ => return Err(bad(format_args!("unknown message {t}"))),
         };
         if matches!(
@@ -309,6 +376,8 @@ impl Msg {
                 | Msg::Offer { .. }
                 | Msg::Mapped(_)
                 | Msg::Switch
+                | Msg::QueueOffer(_)
+                | Msg::QueueMapped { .. }
         ) {
             r.end()?;
         }
@@ -330,6 +399,8 @@ impl Msg {
             ty::REFUSED => "REFUSED",
             ty::SWITCH => "SWITCH",
             ty::ABORT => "ABORT",
+            ty::QOFFER => "QOFFER",
+            ty::QMAPPED => "QMAPPED",
             _ => "unknown",
         }
     }
@@ -807,9 +878,44 @@ mod tests {
             Msg::Refused("x".into()),
             Msg::Switch,
             Msg::Abort("y".into()),
+            Msg::QueueOffer(QueueOffer {
+                data_size: 65536,
+                max_record: 8320,
+                slots: 256,
+                slot: 7,
+                grant: vec![9; 40],
+                bell: vec![1],
+            }),
+            Msg::QueueMapped {
+                nonce: u64::MAX - 3,
+                offer: QueueOffer {
+                    data_size: 4096,
+                    max_record: 1024,
+                    slots: 1,
+                    slot: 0,
+                    grant: vec![],
+                    bell: vec![2, 3],
+                },
+            },
         ] {
             assert_eq!(wire(&m), m);
         }
+        // a queue offer cut short, or with bytes after it
+        let q = Msg::QueueOffer(QueueOffer {
+            data_size: 4096,
+            max_record: 1024,
+            slots: 2,
+            slot: 1,
+            grant: vec![5; 3],
+            bell: vec![],
+        })
+        .encode();
+        let body = &q[record::HEADER..];
+        assert!(Msg::decode(ty::QOFFER, &body[..body.len() - 1]).is_err());
+        let mut longer = body.to_vec();
+        longer.push(0);
+        assert!(Msg::decode(ty::QOFFER, &longer).is_err());
+        assert!(Msg::decode(ty::QMAPPED, body).is_err());
         // a key on the wire
         let with_key = node(6);
         let mut p = vec![2, 0, 0, 0];

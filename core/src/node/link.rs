@@ -1,6 +1,8 @@
 //! A link to one peer, on the ring or on TCP. Every fatal error it reports
 //! names the peer.
 
+use super::queues::QueueLink;
+use super::queues::CLOSE_BYTE;
 use crate::card::Card;
 use crate::channel::{Alive, Channel, RxHalf, WaitPolicy};
 use crate::error::{Error, Result};
@@ -19,6 +21,9 @@ pub enum PathKind {
     Ring,
     /// TCP.
     Tcp,
+    /// Receive queues shared with the peer's domain (docs/design.md, "The
+    /// queue path").
+    Queue,
 }
 
 impl std::fmt::Display for PathKind {
@@ -26,6 +31,7 @@ impl std::fmt::Display for PathKind {
         f.write_str(match self {
             PathKind::Ring => "ring",
             PathKind::Tcp => "tcp",
+            PathKind::Queue => "queue",
         })
     }
 }
@@ -33,6 +39,7 @@ impl std::fmt::Display for PathKind {
 pub(super) enum Imp {
     Ring(Box<Channel>),
     Tcp(Box<TcpLink>),
+    Queue(Box<QueueLink>),
 }
 
 /// A link to one peer, on whichever path was chosen.
@@ -76,6 +83,7 @@ fn peer_alive(
 enum Blocking<'a> {
     Ring(&'a mut Channel, Alive<'a>),
     Tcp(&'a mut TcpLink, Option<Duration>),
+    Queue(&'a mut QueueLink, &'a TcpStream, Alive<'a>),
 }
 
 /// Empty polls between two looks at the clock for a liveness check (the
@@ -121,6 +129,7 @@ impl Link {
                 ..c.stats()
             },
             Imp::Tcp(t) => t.stats,
+            Imp::Queue(q) => q.stats(),
         }
     }
 
@@ -130,6 +139,7 @@ impl Link {
         match &self.imp {
             Imp::Ring(c) => c.max_record(),
             Imp::Tcp(t) => t.max_frame(),
+            Imp::Queue(q) => q.max_record(),
         }
     }
 
@@ -140,13 +150,14 @@ impl Link {
         match &self.imp {
             Imp::Ring(c) => c.piece(),
             Imp::Tcp(t) => t.max_frame(),
+            Imp::Queue(q) => q.max_record(),
         }
     }
 
     /// File descriptor to poll for input on the TCP path.
     pub fn tcp_fd(&self) -> Option<i32> {
         match &self.imp {
-            Imp::Ring(_) => None,
+            Imp::Ring(_) | Imp::Queue(_) => None,
             Imp::Tcp(t) => Some(t.fd()),
         }
     }
@@ -157,7 +168,9 @@ impl Link {
         match (&self.ctl, &self.imp) {
             (Some(s), _) => s,
             (None, Imp::Tcp(t)) => t.sock(),
-            (None, Imp::Ring(_)) => unreachable!("a ring link keeps its control connection"),
+            (None, Imp::Ring(_) | Imp::Queue(_)) => {
+                unreachable!("a ring or queue link keeps its control connection")
+            }
         }
     }
 
@@ -169,13 +182,16 @@ impl Link {
             return Ok(());
         }
         self.last_check = now;
-        peer_alive(
+        let r = peer_alive(
             self.hv.as_ref(),
             self.peer.domain,
             self.watched(),
             self.timeout,
-        )
-        .map_err(|e| self.ctx(e))
+        );
+        if let (Err(Error::PeerGone(_)), Imp::Queue(q)) = (&r, &self.imp) {
+            q.peer_died();
+        }
+        r.map_err(|e| self.ctx(e))
     }
 
     /// Counts an empty poll; every [`ALIVE_EVERY`] of them, checks the peer.
@@ -206,16 +222,31 @@ impl Link {
         let finished = match &mut self.imp {
             Imp::Ring(c) => c.rx_finished(),
             Imp::Tcp(_) => Ok(false),
+            Imp::Queue(q) => Ok(q.peer_closed()),
         };
         if finished.map_err(|e| self.ctx(e))? {
             return Err(self.ctx(Error::Closed));
         }
+        if matches!(self.imp, Imp::Queue(_)) && self.peer_said_close() {
+            // Reported at the next idle check: a poll comes first, and takes
+            // what the peer sent before it closed.
+            return Ok(());
+        }
         self.check_alive()?;
         let r = match &mut self.imp {
             Imp::Ring(c) => c.idle_look(),
-            Imp::Tcp(_) => Ok(()),
+            Imp::Tcp(_) | Imp::Queue(_) => Ok(()),
         };
         r.map_err(|e| self.ctx(e))
+    }
+
+    /// Queue path: whether the peer wrote its close byte on the control
+    /// connection (it sent everything before), noted once seen.
+    fn peer_said_close(&mut self) -> bool {
+        match (&mut self.imp, &self.ctl) {
+            (Imp::Queue(q), Some(ctl)) => q.saw_close_byte(ctl),
+            _ => false,
+        }
     }
 
     /// Whether the peer is taking what this side sent lately (ring links:
@@ -225,7 +256,7 @@ impl Link {
     pub fn consumer_draining(&mut self) -> Result<bool> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.consumer_draining(),
-            Imp::Tcp(_) => Ok(false),
+            Imp::Tcp(_) | Imp::Queue(_) => Ok(false),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -236,7 +267,7 @@ impl Link {
     pub fn rx_half(&self) -> Option<RxHalf> {
         match &self.imp {
             Imp::Ring(c) => c.rx_half(),
-            Imp::Tcp(_) => None,
+            Imp::Tcp(_) | Imp::Queue(_) => None,
         }
     }
 
@@ -251,6 +282,7 @@ impl Link {
         self.blocking(|p| match p {
             Blocking::Ring(c, alive) => c.send(tag, msg, deadline, alive),
             Blocking::Tcp(t, timeout) => t.send(tag, msg, deadline, timeout),
+            Blocking::Queue(q, _, alive) => q.send(tag, msg, deadline, alive),
         })
     }
 
@@ -268,6 +300,20 @@ impl Link {
                 f(Blocking::Ring(c, &mut || peer_alive(hv, dom, ctl, timeout)))
             }
             Imp::Tcp(t) => f(Blocking::Tcp(t, timeout)),
+            Imp::Queue(q) => {
+                let ctl = self
+                    .ctl
+                    .as_ref()
+                    .expect("a queue link keeps its control connection");
+                let (hv, dom) = (self.hv.as_ref(), self.peer.domain);
+                let r = f(Blocking::Queue(q, ctl, &mut || {
+                    peer_alive(hv, dom, ctl, timeout)
+                }));
+                if let Err(Error::PeerGone(_)) = &r {
+                    q.peer_died();
+                }
+                r
+            }
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -280,6 +326,7 @@ impl Link {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.try_send_parts(tag, parts),
             Imp::Tcp(t) => t.try_send(tag, parts),
+            Imp::Queue(q) => q.try_send(tag, parts),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -291,6 +338,7 @@ impl Link {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.try_send2(tag, head, body),
             Imp::Tcp(t) => t.try_send(tag, &[head, body]),
+            Imp::Queue(q) => q.try_send(tag, &[head, body]),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -310,7 +358,7 @@ impl Link {
         );
         match &mut self.imp {
             Imp::Ring(c) => c.try_send2_fast::<SMALL>(tag, head, body),
-            Imp::Tcp(_) => false,
+            Imp::Tcp(_) | Imp::Queue(_) => false,
         }
     }
 
@@ -329,6 +377,7 @@ impl Link {
                     *sent = msg.len();
                 }
             }),
+            Imp::Queue(q) => q.try_send_more(tag, msg, sent),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -339,6 +388,9 @@ impl Link {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.fits(len),
             Imp::Tcp(t) => t.has_room(len),
+            // Other processes of the peer's domain take room in its queue
+            // between a look and a send: no promise can be made.
+            Imp::Queue(_) => Ok(false),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -349,7 +401,7 @@ impl Link {
     pub fn backlog(&mut self) -> Result<Option<u64>> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.backlog().map(Some),
-            Imp::Tcp(_) => Ok(None),
+            Imp::Tcp(_) | Imp::Queue(_) => Ok(None),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -361,7 +413,7 @@ impl Link {
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.reserve(len),
-            Imp::Tcp(_) => Ok(None),
+            Imp::Tcp(_) | Imp::Queue(_) => Ok(None),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -371,7 +423,7 @@ impl Link {
     pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.commit(len, tag),
-            Imp::Tcp(_) => Err(Error::Invalid("commit without reservation".into())),
+            Imp::Tcp(_) | Imp::Queue(_) => Err(Error::Invalid("commit without reservation".into())),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -391,6 +443,7 @@ impl Link {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.poll(max, f),
             Imp::Tcp(t) => t.poll(max, f),
+            Imp::Queue(q) => q.poll(max, f),
         };
         let n = r.map_err(|e| self.ctx(e))?;
         if n == 0 {
@@ -426,6 +479,7 @@ impl Link {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.peek_msg(),
             Imp::Tcp(t) => t.peek_msg(),
+            Imp::Queue(q) => q.peek_msg(),
         };
         let r = r.map_err(|e| self.ctx(e))?;
         if r.is_none() {
@@ -444,7 +498,7 @@ impl Link {
     pub fn peek_msgs(&mut self, out: &mut crate::ring::Batch, max: usize) -> usize {
         match &mut self.imp {
             Imp::Ring(c) => c.peek_msgs(out, max),
-            Imp::Tcp(_) => 0,
+            Imp::Tcp(_) | Imp::Queue(_) => 0,
         }
     }
 
@@ -455,7 +509,7 @@ impl Link {
     pub fn looks_idle(&self) -> bool {
         match &self.imp {
             Imp::Ring(c) => c.looks_idle(),
-            Imp::Tcp(_) => false,
+            Imp::Tcp(_) | Imp::Queue(_) => false,
         }
     }
 
@@ -470,6 +524,10 @@ impl Link {
                 t.release_msg();
                 Ok(())
             }
+            Imp::Queue(q) => {
+                q.release_msg();
+                Ok(())
+            }
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -478,7 +536,7 @@ impl Link {
     pub fn flush_rx(&mut self) -> Result<()> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.flush_rx(),
-            Imp::Tcp(_) => Ok(()),
+            Imp::Tcp(_) | Imp::Queue(_) => Ok(()),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -489,6 +547,7 @@ impl Link {
         self.blocking(|p| match p {
             Blocking::Ring(c, alive) => c.recv(out, deadline, alive),
             Blocking::Tcp(t, timeout) => t.recv(out, deadline, timeout),
+            Blocking::Queue(q, ctl, alive) => q.recv(out, deadline, ctl, alive),
         })
     }
 
@@ -496,7 +555,7 @@ impl Link {
     /// queued.
     pub fn flush(&mut self) -> Result<usize> {
         let r = match &mut self.imp {
-            Imp::Ring(_) => Ok(0),
+            Imp::Ring(_) | Imp::Queue(_) => Ok(0),
             Imp::Tcp(t) => t.flush().map(|_| t.queued()),
         };
         r.map_err(|e| self.ctx(e))
@@ -505,7 +564,7 @@ impl Link {
     /// Bytes queued on the TCP path and not yet written to the socket.
     pub fn queued(&self) -> usize {
         match &self.imp {
-            Imp::Ring(_) => 0,
+            Imp::Ring(_) | Imp::Queue(_) => 0,
             Imp::Tcp(t) => t.queued(),
         }
     }
@@ -516,6 +575,15 @@ impl Link {
         match &mut self.imp {
             Imp::Ring(c) => c.close(),
             Imp::Tcp(t) => t.close(),
+            Imp::Queue(_) => {
+                // Everything sent is in the peer's queue: say so on the
+                // control connection (its end of file alone would read as
+                // a crash).
+                if let Some(ctl) = &self.ctl {
+                    let _ = std::io::Write::write(&mut &*ctl, &[CLOSE_BYTE]);
+                    let _ = ctl.shutdown(std::net::Shutdown::Write);
+                }
+            }
         }
     }
 
@@ -525,7 +593,19 @@ impl Link {
     pub fn raw_tx_ring(&self) -> Option<(*mut u8, crate::ring::Geometry)> {
         match &self.imp {
             Imp::Ring(c) => Some(c.raw_tx_ring()),
-            Imp::Tcp(_) => None,
+            Imp::Tcp(_) | Imp::Queue(_) => None,
+        }
+    }
+
+    /// Reserves `len` bytes in the peer's receive queue and never
+    /// publishes them, as a process that dies mid-write does; `Ok(false)`
+    /// when there was no room, an error off the queue path. For tests
+    /// that play a dying peer; not for anything else.
+    #[doc(hidden)]
+    pub fn leave_a_hole_in_the_queue(&mut self, len: usize) -> Result<bool> {
+        match &mut self.imp {
+            Imp::Queue(q) => q.leave_a_hole(len),
+            _ => Err(Error::Invalid("not a queue link".into())),
         }
     }
 

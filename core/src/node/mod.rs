@@ -32,6 +32,7 @@ mod fit;
 pub mod handshake;
 mod link;
 mod peers;
+mod queues;
 mod session;
 
 pub use config::{Config, LogFn, Resolver};
@@ -79,6 +80,14 @@ struct Inner {
     workers: AtomicUsize,
     /// Ring space this node's producers share (`Config::ring_budget`).
     budget: Option<Arc<crate::ring::Budget>>,
+    /// The queue path: this process's receive queue for each peer domain.
+    hubs: Mutex<std::collections::HashMap<u32, Arc<queues::Hub>>>,
+}
+
+/// The shared-memory path a handshake set up.
+enum Made {
+    Ring(Box<Channel>),
+    Queue(Box<queues::QueueLink>),
 }
 
 /// One process's end of ivcom.
@@ -152,6 +161,7 @@ impl Node {
             ready: AtomicUsize::new(0),
             workers: AtomicUsize::new(0),
             budget: cfg_budget,
+            hubs: Mutex::new(Default::default()),
         });
         if !inner.no_ring.is_empty() {
             inner.log(&inner.no_ring.clone());
@@ -412,22 +422,49 @@ impl Inner {
         }
     }
 
+    /// This process's receive queue for `domain` (created and shared on
+    /// first use).
+    fn hub(
+        &self,
+        hv: &dyn Hypervisor,
+        domain: u32,
+        geo: crate::queue::Geometry,
+    ) -> Result<Arc<queues::Hub>> {
+        let mut hubs = self.hubs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = hubs.get(&domain) {
+            return Ok(h.clone());
+        }
+        let h = Arc::new(queues::Hub::new(
+            hv,
+            domain,
+            geo.data_size,
+            geo.max_record,
+            !self.cfg.wait.sleep,
+        )?);
+        hubs.insert(domain, h.clone());
+        Ok(h)
+    }
+
     fn make_link(
         &self,
         peer: Card,
         path: PathKind,
         reason: String,
         sock: TcpStream,
-        ch: Option<Channel>,
+        made: Option<Made>,
     ) -> Result<Link> {
         sock.set_read_timeout(None)?;
         if let Some(t) = self.cfg.peer_timeout {
-            // The ring's control connection carries nothing more: the kernel
-            // may give up on it by itself.
-            tcp::watch(&sock, t, ch.is_some())?;
+            // The control connection of a ring or queue carries nothing
+            // more: the kernel may give up on it by itself.
+            tcp::watch(&sock, t, made.is_some())?;
         }
-        let (imp, ctl) = match ch {
-            Some(mut c) => {
+        let (imp, ctl) = match made {
+            Some(Made::Queue(q)) => {
+                sock.set_nonblocking(true)?;
+                (Imp::Queue(q), Some(sock))
+            }
+            Some(Made::Ring(mut c)) => {
                 c.policy = self.cfg.wait;
                 c.set_max_message(self.cfg.max_message);
                 c.set_tag_limit(self.cfg.tag_limit);
@@ -435,7 +472,7 @@ impl Inner {
                     c.set_budget(b.clone());
                 }
                 sock.set_nonblocking(true)?;
-                (Imp::Ring(Box::new(c)), Some(sock))
+                (Imp::Ring(c), Some(sock))
             }
             None => {
                 let mut t = TcpLink::new(sock, self.cfg.tcp_frame)?;
@@ -449,7 +486,7 @@ impl Inner {
         let degraded =
             path == PathKind::Tcp && self.hv.is_some() && self.card.ring_candidate(&peer);
         let hv = match &imp {
-            Imp::Ring(_) => self.backend_for(&peer),
+            Imp::Ring(_) | Imp::Queue(_) => self.backend_for(&peer),
             Imp::Tcp(_) => None,
         };
         Ok(Link {
@@ -515,7 +552,9 @@ mod tests {
     fn by_page(link: &Link) -> bool {
         match &link.imp {
             link::Imp::Ring(c) => c.prepares_a_page_a_call(),
-            link::Imp::Tcp(_) => panic!("a TCP link: {}", link.reason()),
+            link::Imp::Tcp(_) | link::Imp::Queue(_) => {
+                panic!("not a ring link: {}", link.reason())
+            }
         }
     }
 

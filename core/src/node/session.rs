@@ -11,14 +11,18 @@
 //! (further peers are told "busy" and retry).
 
 use super::fit::{fair_geometry, offer_fitted};
-use super::handshake::{ty, Acceptor, Decoder, Initiator, Msg, Target, Verdict, MAX_PREAUTH};
+use super::handshake::{
+    ty, Acceptor, Decoder, Initiator, Msg, QueueOffer, Target, Verdict, MAX_PREAUTH,
+};
 use super::link::PathKind;
 use super::peers::State;
+use super::queues::{self, QueueLink, SlotOffer};
 use super::Inner;
+use super::Made;
 use crate::card::Card;
 use crate::channel::Channel;
 use crate::error::{Error, Result};
-use crate::hypervisor;
+use crate::hypervisor::{self, Hypervisor};
 use crate::record;
 use crate::ring::Geometry;
 use std::collections::VecDeque;
@@ -225,7 +229,7 @@ impl Inner {
 
     /// The initiator's side of the path: offer a ring when the cards say
     /// the two may share a host and the backend can, TCP otherwise.
-    fn negotiate(&self, w: &mut Wire, peer: Card) -> Result<(PathKind, String, Option<Channel>)> {
+    fn negotiate(&self, w: &mut Wire, peer: Card) -> Result<(PathKind, String, Option<Made>)> {
         let hv = match (self.backend_for(&peer), self.card.ring_candidate(&peer)) {
             (Some(hv), true) => hv,
             (None, _) => {
@@ -245,6 +249,11 @@ impl Inner {
                 return Ok((PathKind::Tcp, why, None));
             }
         };
+        // The queue path where asked for and the backend can share a queue
+        // with a whole domain; rings otherwise.
+        if let (Some(qgeo), true) = (self.cfg.queue_geometry()?, hv.shares_domains()) {
+            return self.negotiate_queue(w, &peer, &*hv, qgeo);
+        }
         let nonce = hypervisor::random_u64();
         let geo = self.cfg.geometry()?;
         let floor = self.cfg.record_floor(geo);
@@ -312,9 +321,193 @@ impl Inner {
                         geo.max_record / 1024
                     ),
                 };
-                (PathKind::Ring, why, Some(offer.channel))
+                (
+                    PathKind::Ring,
+                    why,
+                    Some(Made::Ring(Box::new(offer.channel))),
+                )
             }
         })
+    }
+
+    /// The initiator's side of the queue path: offer a slot in this
+    /// process's queue for the peer's domain, map the peer's queue for
+    /// ours, prove both mappings (docs/design.md, "The queue path").
+    fn negotiate_queue(
+        &self,
+        w: &mut Wire,
+        peer: &Card,
+        hv: &dyn Hypervisor,
+        qgeo: crate::queue::Geometry,
+    ) -> Result<(PathKind, String, Option<Made>)> {
+        let ours = self
+            .hub(hv, peer.domain, qgeo)
+            .and_then(|hub| hub.offer(hv).map(|o| (hub, o)));
+        let (hub, mut offer) = match ours {
+            Ok(x) => x,
+            Err(e) => {
+                let why = format!("tcp: could not share a receive queue: {e}");
+                w.send(&Msg::TcpOnly(why.clone()))?;
+                return Ok((PathKind::Tcp, why, None));
+            }
+        };
+        w.send(&queue_offer(&hub, &mut offer, None))?;
+        // Hand the region over while the peer maps it (host backend).
+        if let Err(e) = hub.serve(&mut offer, w.deadline, w.fd()) {
+            let why = format!("tcp: could not hand the queue over: {e}");
+            let _ = w.expect(&[ty::QMAPPED, ty::REFUSED]);
+            w.send(&Msg::Abort(why.clone()))?;
+            return Ok((PathKind::Tcp, why, None));
+        }
+        let (nonce, theirs) = match w.expect(&[ty::QMAPPED, ty::REFUSED])? {
+            Msg::Refused(why) => {
+                return Ok((
+                    PathKind::Tcp,
+                    format!("tcp: peer could not map the queue: {why}"),
+                    None,
+                ))
+            }
+            Msg::QueueMapped { nonce, offer } => (nonce, offer),
+            _ => unreachable!("expect() checked the type"),
+        };
+        if nonce != hub.nonce() {
+            let why = "tcp: nonce read by the peer differs (not the same memory)".to_string();
+            w.send(&Msg::Abort(why.clone()))?;
+            return Ok((PathKind::Tcp, why, None));
+        }
+        let (q, their_nonce) = match self.map_queue(hv, peer, &theirs, &hub, offer.slot) {
+            Ok(x) => x,
+            Err(e) => {
+                w.send(&Msg::Refused(e.to_string()))?;
+                return Ok((
+                    PathKind::Tcp,
+                    format!("tcp: could not map the peer's queue: {e}"),
+                    None,
+                ));
+            }
+        };
+        // Admitted before the peer may send (it does after SWITCH); a
+        // handshake that ends on TCP drops the link, which leaves the slot.
+        let slot = hub.admit(offer, self.cfg.max_message)?;
+        w.send(&Msg::Mapped(their_nonce))?;
+        Ok(match w.expect(&[ty::SWITCH, ty::ABORT])? {
+            Msg::Abort(why) => (PathKind::Tcp, why, None),
+            _ => (
+                PathKind::Queue,
+                queue_reason(hv, &hub, slot, &theirs),
+                Some(Made::Queue(Box::new(q))),
+            ),
+        })
+    }
+
+    /// Maps the queue a peer offered (checked first) and attaches to it as
+    /// the producer of the slot it gave; the link receives slot `slot` of
+    /// `hub`. Returns the link and the nonce read in the peer's queue.
+    fn map_queue(
+        &self,
+        hv: &dyn Hypervisor,
+        peer: &Card,
+        o: &QueueOffer,
+        hub: &Arc<queues::Hub>,
+        slot: usize,
+    ) -> Result<(QueueLink, u64)> {
+        let max_size = self.cfg.queue_size.unwrap_or(0).max(self.cfg.ring_size) * 16;
+        let theirs = queues::check_offer(
+            o.data_size as usize,
+            o.max_record as usize,
+            o.slots as usize,
+            o.slot as usize,
+            max_size,
+            self.cfg.min_record,
+        )?;
+        let (region, nonce) = queues::map_peer_queue(hv, peer, &o.grant, theirs)?;
+        let words = QueueLink::producer_words(&*region, theirs, o.slot as usize)?;
+        let bell = hv.bell_accept(peer.domain, &o.bell, words)?;
+        let q = QueueLink::new(
+            region,
+            theirs,
+            o.slot as usize,
+            bell,
+            hub.clone(),
+            slot,
+            !self.cfg.wait.sleep,
+        )?;
+        Ok((q, nonce))
+    }
+
+    /// The acceptor's side of the queue path, after the initiator's offer
+    /// `o`: map its queue, offer a slot in ours, check its proof.
+    fn serve_queue(
+        &self,
+        w: &mut Wire,
+        peer: &Card,
+        o: QueueOffer,
+    ) -> Result<(PathKind, String, Option<Made>)> {
+        let set_up = (|| {
+            let hv = self
+                .backend_for(peer)
+                .ok_or_else(|| Error::Backend(self.no_ring.clone()))?;
+            if !self.card.ring_candidate(peer) {
+                return Err(Error::Invalid(
+                    "queue offer from a peer on another host".into(),
+                ));
+            }
+            // Our queue like the offered one when this side has no queue
+            // size of its own (a job's ranks normally agree).
+            let qgeo = match self.cfg.queue_geometry()? {
+                Some(g) => g,
+                None => queues::check_offer(
+                    o.data_size as usize,
+                    o.max_record as usize,
+                    crate::queue::MAX_SLOTS,
+                    0,
+                    self.cfg.ring_size * 16,
+                    self.cfg.min_record,
+                )?,
+            };
+            let hub = self.hub(&*hv, peer.domain, qgeo)?;
+            let offer = hub.offer(&*hv)?;
+            let (q, nonce) = self.map_queue(&*hv, peer, &o, &hub, offer.slot)?;
+            Ok((hv, hub, offer, q, nonce))
+        })();
+        let (hv, hub, mut offer, q, nonce) = match set_up {
+            Ok(x) => x,
+            Err(e) => {
+                w.send(&Msg::Refused(e.to_string()))?;
+                return Ok((
+                    PathKind::Tcp,
+                    format!("tcp: could not map the offered queue: {e}"),
+                    None,
+                ));
+            }
+        };
+        w.send(&queue_offer(&hub, &mut offer, Some(nonce)))?;
+        let served = hub.serve(&mut offer, w.deadline, w.fd());
+        let why = match (w.expect(&[ty::MAPPED, ty::REFUSED])?, served) {
+            (Msg::Refused(why), _) => {
+                return Ok((
+                    PathKind::Tcp,
+                    format!("tcp: peer could not map the queue: {why}"),
+                    None,
+                ))
+            }
+            (_, Err(e)) => format!("tcp: could not hand the queue over: {e}"),
+            (Msg::Mapped(n), _) if n != hub.nonce() => {
+                "tcp: nonce read by the peer differs (not the same memory)".to_string()
+            }
+            _ => {
+                // Admitted before SWITCH, after which the peer sends.
+                let slot = hub.admit(offer, self.cfg.max_message)?;
+                w.send(&Msg::Switch)?;
+                return Ok((
+                    PathKind::Queue,
+                    queue_reason(&*hv, &hub, slot, &o),
+                    Some(Made::Queue(Box::new(q))),
+                ));
+            }
+        };
+        w.send(&Msg::Abort(why.clone()))?;
+        Ok((PathKind::Tcp, why, None))
     }
 
     /// The full card of an initiator that proved it knows this node's key
@@ -419,17 +612,19 @@ impl Inner {
     }
 
     /// The acceptor's side of the path: map an offered ring, prove it.
-    fn serve_path(&self, w: &mut Wire, peer: &Card) -> Result<(PathKind, String, Option<Channel>)> {
-        let (data_size, max_record, grant, bell) = match w.expect(&[ty::OFFER, ty::TCPONLY])? {
-            Msg::TcpOnly(why) => return Ok((PathKind::Tcp, why, None)),
-            Msg::Offer {
-                data_size,
-                max_record,
-                grant,
-                bell,
-            } => (data_size as usize, max_record as usize, grant, bell),
-            _ => unreachable!("expect() checked the type"),
-        };
+    fn serve_path(&self, w: &mut Wire, peer: &Card) -> Result<(PathKind, String, Option<Made>)> {
+        let (data_size, max_record, grant, bell) =
+            match w.expect(&[ty::OFFER, ty::TCPONLY, ty::QOFFER])? {
+                Msg::TcpOnly(why) => return Ok((PathKind::Tcp, why, None)),
+                Msg::QueueOffer(o) => return self.serve_queue(w, peer, o),
+                Msg::Offer {
+                    data_size,
+                    max_record,
+                    grant,
+                    bell,
+                } => (data_size as usize, max_record as usize, grant, bell),
+                _ => unreachable!("expect() checked the type"),
+            };
         let mapped = (|| {
             let hv = self
                 .backend_for(peer)
@@ -486,10 +681,45 @@ impl Inner {
                 } else {
                     format!("ring: co-resident, mapping proved ({hv})")
                 };
-                Ok((PathKind::Ring, why, Some(ch)))
+                Ok((PathKind::Ring, why, Some(Made::Ring(Box::new(ch)))))
             }
         }
     }
+}
+
+/// The message offering `offer`'s slot of `hub`: QOFFER, or QMAPPED with
+/// the `nonce` read in the peer's queue.
+fn queue_offer(hub: &queues::Hub, offer: &mut SlotOffer, nonce: Option<u64>) -> Msg {
+    let geo = hub.geometry();
+    let o = QueueOffer {
+        data_size: geo.data_size as u32,
+        max_record: geo.max_record as u32,
+        slots: geo.slots as u16,
+        slot: offer.slot as u16,
+        grant: std::mem::take(&mut offer.grant),
+        bell: std::mem::take(&mut offer.bell_desc),
+    };
+    match nonce {
+        None => Msg::QueueOffer(o),
+        Some(nonce) => Msg::QueueMapped { nonce, offer: o },
+    }
+}
+
+/// Why a link took the queue path, for the log and the verbose path line.
+fn queue_reason(
+    hv: &dyn Hypervisor,
+    hub: &queues::Hub,
+    slot: usize,
+    theirs: &QueueOffer,
+) -> String {
+    format!(
+        "queue: co-resident, mapping proved ({}; queues of {} KiB, records of {} KiB; slot {} of ours, {} of theirs)",
+        hv.describe(),
+        hub.geometry().data_size / 1024,
+        theirs.max_record / 1024,
+        slot,
+        theirs.slot
+    )
 }
 
 /// A connection that has not authenticated yet.

@@ -1,0 +1,713 @@
+//! The queue path: a pair of processes that talk through receive queues
+//! instead of a pair of rings (docs/design.md, "The queue path").
+//!
+//! Each process keeps one receive queue per peer domain ([`Hub`]), created
+//! when the first process of that domain becomes a peer and shared with
+//! every further one, each writing in a slot of its own. A link on the
+//! queue path ([`QueueLink`]) sends as a producer in the slot the peer
+//! gave it in the peer's queue for this domain, and receives its peer's
+//! slot of this process's queue for the peer's domain.
+//!
+//! Receiving. A queue holds the records of all its slots in the order they
+//! were reserved; a link's poll takes them in that order, hands up its own
+//! slot's messages and sets the others' aside (copied: the peer could
+//! rewrite them in place) for their own links' polls, up to
+//! [`STASH_LIMIT`] bytes. Past that a poll takes nothing more from the
+//! queue until those links take what waits for them: a link that is never
+//! polled holds its domain's queue back, as a full ring holds back its one
+//! sender, and never makes the process buffer without bound.
+//!
+//! Trust. A slot that breaks the framing breaks its own link only; a
+//! record that breaks the queue's rules, or names a slot no handshake gave
+//! out, breaks the queue and every link of that domain
+//! ([`crate::queue_path`]). A link that goes away leaves its slot: records
+//! still in the queue for it are passed over.
+
+use crate::card::Card;
+use crate::error::{Error, Result, Violation};
+use crate::frame::Stats;
+use crate::hypervisor::{self, BellWords, Doorbell, Hypervisor, Region};
+use crate::payload::Payload;
+use crate::queue::{self, Consumer, Geometry, Producer, Wake};
+use crate::queue_path::{QueueRx, QueueTx};
+use crate::record::kind;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Bytes of other links' messages that polls may set aside before they
+/// stop taking records from a queue.
+pub const STASH_LIMIT: usize = 4 << 20;
+/// How long a queue may stay blocked at one record, after a process of
+/// its domain was seen to die, before it is broken: a live producer
+/// publishes a record it reserved within a copy's time, a dead one never.
+pub const STUCK: Duration = Duration::from_secs(1);
+/// Longest sleep of a blocking call on the queue path between two looks
+/// at the peer (a doorbell normally ends it first).
+const NAP: Duration = Duration::from_millis(20);
+
+/// Turns an error kept for later polls into one to return again.
+fn again(e: &Error) -> Error {
+    match e {
+        Error::Broken(v) => Error::Broken(*v),
+        e => Error::Protocol(e.to_string()),
+    }
+}
+
+/// What the polls of one queue share.
+struct Rx {
+    rx: QueueRx,
+    /// Messages of each slot taken by another slot's poll, in order.
+    stash: Vec<VecDeque<(u8, Box<[u8]>)>>,
+    stashed: usize,
+    /// Per slot: the doorbell that wakes its producer.
+    bells: Vec<Option<Box<dyn Doorbell>>>,
+    /// Slots whose link went away: their records are passed over.
+    gone: Vec<bool>,
+    /// Why the queue broke, for good.
+    broken: Option<Error>,
+    /// A process of the domain was seen to die (its link's connection):
+    /// it may have left a reserved record that will never be published.
+    death: bool,
+    /// The consumer index at which the queue was first seen blocked after
+    /// a death, and when.
+    stuck: Option<(u64, Instant)>,
+}
+
+impl Rx {
+    fn ring(&self, wake: Wake) {
+        for (w, bits) in wake.iter().enumerate() {
+            let mut b = *bits;
+            while b != 0 {
+                let s = w * 64 + b.trailing_zeros() as usize;
+                b &= b - 1;
+                if let Some(Some(bell)) = self.bells.get(s) {
+                    let _ = bell.notify();
+                }
+            }
+        }
+    }
+}
+
+/// This process's receive queue for one peer domain.
+pub(super) struct Hub {
+    domain: u32,
+    geo: Geometry,
+    nonce: u64,
+    /// Offers are made one at a time (the host backend hands the region
+    /// over once per offer): whether one is under way, and the next slot
+    /// to give out.
+    offers: Mutex<(bool, usize)>,
+    offers_cv: std::sync::Condvar,
+    rx: Mutex<Rx>,
+    /// The shared pages; dropped after everything that points into them.
+    region: Box<dyn Region>,
+}
+
+/// An offer of a slot in a [`Hub`], from [`Hub::offer`] until the
+/// handshake ends. Until [`Hub::serve`] handed the region over, the
+/// queue's other offers wait (the host backend hands a region over once
+/// per offer); nothing in that wait needs a lock of the peer's, so two
+/// processes that offer to each other at once do not wait for each other.
+pub(super) struct SlotOffer {
+    hub: Arc<Hub>,
+    /// Whether this offer still holds the queue's turn.
+    turn: bool,
+    pub slot: usize,
+    pub grant: Vec<u8>,
+    pub bell_desc: Vec<u8>,
+    bell: Option<Box<dyn Doorbell>>,
+}
+
+impl SlotOffer {
+    fn end_turn(&mut self) {
+        if std::mem::take(&mut self.turn) {
+            let mut o = self.hub.offers.lock().unwrap_or_else(|e| e.into_inner());
+            o.0 = false;
+            self.hub.offers_cv.notify_one();
+        }
+    }
+}
+
+impl Drop for SlotOffer {
+    fn drop(&mut self) {
+        self.end_turn();
+    }
+}
+
+impl Hub {
+    /// Creates and shares the queue for `domain`: `data_size` bytes of
+    /// records of at most `max_record`.
+    pub fn new(
+        hv: &dyn Hypervisor,
+        domain: u32,
+        data_size: usize,
+        max_record: usize,
+        polls: bool,
+    ) -> Result<Hub> {
+        let geo = Geometry::new(data_size, max_record, queue::MAX_SLOTS)?;
+        let (region, _first) = hv.share_domain(domain, geo.region_bytes())?;
+        let nonce = hypervisor::random_u64();
+        // SAFETY: a fresh, zeroed, page-aligned region of region_bytes that
+        // nobody maps yet.
+        unsafe { queue::init(region.as_ptr(), geo, nonce) };
+        // SAFETY: the region stays mapped as long as the hub (dropped last).
+        let c = unsafe { Consumer::new(region.as_ptr(), geo) }?;
+        if polls {
+            c.declare_polling();
+        }
+        Ok(Hub {
+            domain,
+            geo,
+            nonce,
+            offers: Mutex::new((false, 0)),
+            offers_cv: std::sync::Condvar::new(),
+            rx: Mutex::new(Rx {
+                rx: QueueRx::new(c, geo.slots),
+                stash: (0..geo.slots).map(|_| VecDeque::new()).collect(),
+                stashed: 0,
+                bells: (0..geo.slots).map(|_| None).collect(),
+                gone: vec![false; geo.slots],
+                broken: None,
+                death: false,
+                stuck: None,
+            }),
+            region,
+        })
+    }
+
+    /// The queue's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The nonce a mapper must read back.
+    pub fn nonce(&self) -> u64 {
+        self.nonce
+    }
+
+    fn rx(&self) -> MutexGuard<'_, Rx> {
+        self.rx.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gives the next slot to a process of the domain: its descriptor and
+    /// doorbell. Holds the queue's offers until dropped.
+    pub fn offer(self: &Arc<Self>, hv: &dyn Hypervisor) -> Result<SlotOffer> {
+        let mut o = self.offers.lock().unwrap_or_else(|e| e.into_inner());
+        while o.0 {
+            // Bounded by the other handshake's deadline.
+            o = self.offers_cv.wait(o).unwrap_or_else(|e| e.into_inner());
+        }
+        let slot = o.1;
+        if slot >= self.geo.slots {
+            return Err(Error::Backend(format!(
+                "the receive queue for domain {} has given out all its {} slots",
+                self.domain, self.geo.slots
+            )));
+        }
+        // A slot offered is never offered again, taken or not: no record
+        // of an earlier taker can be read as a later one's.
+        o.1 += 1;
+        o.0 = true;
+        drop(o);
+        let mut offer = SlotOffer {
+            hub: self.clone(),
+            turn: true,
+            slot,
+            grant: Vec::new(),
+            bell_desc: Vec::new(),
+            bell: None,
+        };
+        offer.grant = self.region.offer_again()?;
+        let words = {
+            let mut g = self.rx();
+            let c = g.rx.consumer();
+            BellWords {
+                wait: c.bell(),
+                ring: c.slot_bell(slot),
+            }
+        };
+        let (bell, bell_desc) = hv.bell_offer(self.domain, words)?;
+        offer.bell = Some(bell);
+        offer.bell_desc = bell_desc;
+        Ok(offer)
+    }
+
+    /// Hands the region over to the process `offer` is for (host
+    /// backend), until it fetched it, `deadline` passes or `abort` turns
+    /// readable; then lets the queue's next offer go.
+    pub fn serve(
+        &self,
+        offer: &mut SlotOffer,
+        deadline: Instant,
+        abort: std::os::fd::RawFd,
+    ) -> Result<()> {
+        let r = self.region.serve(deadline, abort);
+        offer.end_turn();
+        r
+    }
+
+    /// Admits the slot of an offer the peer proved it mapped.
+    pub fn admit(&self, mut offer: SlotOffer, max_message: usize) -> Result<usize> {
+        offer.end_turn();
+        let mut g = self.rx();
+        g.rx.admit(offer.slot, max_message)?;
+        g.bells[offer.slot] = offer.bell.take();
+        Ok(offer.slot)
+    }
+
+    /// The link of `slot` went away: its records are passed over from now.
+    fn leave(&self, slot: usize) {
+        let mut g = self.rx();
+        g.gone[slot] = true;
+        let freed: usize = g.stash[slot].drain(..).map(|(_, m)| m.len()).sum();
+        g.stashed -= freed;
+        g.bells[slot] = None;
+    }
+
+    /// A process of the domain died (a link's control connection said so).
+    pub fn peer_died(&self) {
+        self.rx().death = true;
+    }
+
+    /// Delivers up to `max` of `slot`'s messages to `f`: those set aside
+    /// first, then from the queue (setting the other slots' aside). `Ok(0)`
+    /// as well when another thread polls the queue (it sets ours aside).
+    fn poll(
+        &self,
+        slot: usize,
+        max: usize,
+        f: &mut dyn FnMut(u8, Payload<'_>),
+        stats: &mut Stats,
+    ) -> Result<usize> {
+        let mut g = match self.rx.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+        };
+        if let Some(e) = &g.broken {
+            return Err(again(e));
+        }
+        if let Some(e) = g.rx.take_slot_error(slot) {
+            return Err(e);
+        }
+        if g.rx.slot_broken(slot) {
+            return Err(Error::Protocol(
+                "this link's records broke its framing earlier".into(),
+            ));
+        }
+        let mut n = 0;
+        while n < max {
+            let Some((tag, m)) = g.stash[slot].pop_front() else {
+                break;
+            };
+            g.stashed -= m.len();
+            stats.rx_msgs += 1;
+            stats.rx_bytes += m.len() as u64;
+            f(tag, Payload::private(&m));
+            n += 1;
+        }
+        if n == max || g.stashed > STASH_LIMIT {
+            return Ok(n);
+        }
+        let Rx {
+            rx,
+            stash,
+            stashed,
+            gone,
+            ..
+        } = &mut *g;
+        let r = rx.poll(max - n, &mut |s, tag, p| {
+            if s == slot {
+                stats.rx_msgs += 1;
+                stats.rx_bytes += p.len() as u64;
+                f(tag, p);
+                n += 1;
+            } else if !gone[s] {
+                let mut m = vec![0u8; p.len()].into_boxed_slice();
+                p.read_at(0, &mut m);
+                *stashed += m.len();
+                stash[s].push_back((tag, m));
+            }
+        });
+        let r = match r {
+            Ok((0, wake)) if g.death => {
+                g.ring(wake);
+                self.check_stuck(&mut g)
+            }
+            r => r.map(|(_, wake)| g.ring(wake)),
+        };
+        match r {
+            Ok(()) => Ok(n),
+            Err(e) => {
+                g.broken = Some(again(&e));
+                // Producers that sleep for room learn it from the closed
+                // flag.
+                let wake = g.rx.consumer().close();
+                g.ring(wake);
+                Err(e)
+            }
+        }
+    }
+
+    /// After a death, with nothing to take: a queue blocked at the same
+    /// record for [`STUCK`] is broken (the dead process had reserved it).
+    fn check_stuck(&self, g: &mut Rx) -> Result<()> {
+        let c = g.rx.consumer();
+        if !c.blocked() {
+            g.stuck = None;
+            return Ok(());
+        }
+        let idx = c.index();
+        match g.stuck {
+            Some((at, since)) if at == idx => {
+                if since.elapsed() >= STUCK {
+                    return Err(Error::PeerGone(format!(
+                        "receive queue for domain {}: a process of that domain died while \
+                         writing a record, which the queue waited for {} ms",
+                        self.domain,
+                        since.elapsed().as_millis()
+                    )));
+                }
+            }
+            _ => g.stuck = Some((idx, Instant::now())),
+        }
+        Ok(())
+    }
+
+    /// Sleeps until a producer rings the queue or `timeout` passes (at
+    /// once when records wait).
+    fn wait(&self, slot: usize, timeout: Duration) {
+        let mut g = self.rx();
+        let wake = g.rx.consumer().flush();
+        g.ring(wake);
+        let Some(bell) = g.bells[slot].as_ref() else {
+            return;
+        };
+        let token = bell.prepare();
+        if !g.rx.consumer().prepare_sleep() {
+            g.rx.consumer().finish_sleep();
+            return;
+        }
+        drop(g);
+        // A doorbell that fails leaves the time-limited sleep.
+        let _ = self.rx().bells[slot]
+            .as_ref()
+            .map(|b| b.wait(token, timeout));
+        self.rx().rx.consumer().finish_sleep();
+    }
+}
+
+/// A link's two ends on the queue path.
+pub(super) struct QueueLink {
+    tx: QueueTx,
+    /// Rings the peer's queue; this slot sleeps on it for room.
+    tx_bell: Box<dyn Doorbell>,
+    /// The peer's queue, mapped (after `tx`, which points into it).
+    _tx_region: Box<dyn Region>,
+    max_record: usize,
+    /// Whether the producer declared that it never sleeps for room.
+    polls: bool,
+    hub: Arc<Hub>,
+    /// The peer's slot in `hub`.
+    slot: usize,
+    /// A message taken by `peek_msg`, until `release_msg`.
+    held: Option<(u8, Vec<u8>)>,
+    stats: Stats,
+    /// The peer said on the control connection that it closed.
+    peer_closed: bool,
+}
+
+/// The byte a closing link writes on its control connection: everything
+/// it sent is in the queue before it.
+pub(super) const CLOSE_BYTE: u8 = b'C';
+
+impl QueueLink {
+    /// Attaches to the peer's queue (mapped as `region`, geometry `geo`)
+    /// as the producer of `my_slot`, ringing it through `bell`; receives
+    /// slot `slot` of `hub`.
+    pub fn new(
+        region: Box<dyn Region>,
+        geo: Geometry,
+        my_slot: usize,
+        bell: Box<dyn Doorbell>,
+        hub: Arc<Hub>,
+        slot: usize,
+        polls: bool,
+    ) -> Result<QueueLink> {
+        if region.len() < geo.region_bytes() {
+            return Err(Error::Invalid(
+                "queue mapping shorter than its geometry".into(),
+            ));
+        }
+        // SAFETY: the mapping holds region_bytes and lives as long as the
+        // link, dropped after the producer.
+        let mut p = unsafe { Producer::attach(region.as_ptr(), geo, my_slot) }?;
+        if polls {
+            p.declare_polling();
+        }
+        p.learn_peer();
+        Ok(QueueLink {
+            tx: QueueTx::new(p, geo.max_record)?,
+            tx_bell: bell,
+            _tx_region: region,
+            max_record: geo.max_record,
+            polls,
+            hub,
+            slot,
+            held: None,
+            stats: Stats::default(),
+            peer_closed: false,
+        })
+    }
+
+    /// The doorbell words a producer of a mapped queue uses.
+    pub fn producer_words(region: &dyn Region, geo: Geometry, slot: usize) -> Result<BellWords> {
+        // SAFETY: as in `new`: a checked attach to read the words' places.
+        let p = unsafe { Producer::attach(region.as_ptr(), geo, slot) }?;
+        Ok(BellWords {
+            wait: p.slot_bell(),
+            ring: p.bell(),
+        })
+    }
+
+    pub fn max_record(&self) -> usize {
+        self.max_record
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Whether the peer wrote its close byte on the control connection
+    /// `ctl` (everything it sent is in the queue before it), noted the
+    /// first time: `true` only then.
+    pub fn saw_close_byte(&mut self, ctl: &std::net::TcpStream) -> bool {
+        if self.peer_closed {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        // SAFETY: recv into a 1-byte buffer, peeking, without blocking.
+        let r = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(ctl),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        self.peer_closed = r == 1 && b[0] == CLOSE_BYTE;
+        self.peer_closed
+    }
+
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    fn sent(&mut self, ring: bool, len: usize) -> Result<()> {
+        self.stats.tx_msgs += 1;
+        self.stats.tx_bytes += len as u64;
+        if ring {
+            self.stats.tx_doorbells += 1;
+            self.tx_bell.notify()?;
+        }
+        Ok(())
+    }
+
+    /// A message of at most a record, gathered from `parts`.
+    pub fn try_send(&mut self, tag: u8, parts: &[&[u8]]) -> Result<bool> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > self.max_record {
+            return Err(Error::TooLarge {
+                len,
+                max: self.max_record,
+            });
+        }
+        match self.tx.producer().push(kind::MSG, tag, parts)? {
+            Some(ring) => self.sent(ring, len).map(|_| true),
+            None => Ok(false),
+        }
+    }
+
+    /// What is left of `msg` past `*sent`, in records.
+    pub fn try_send_more(&mut self, tag: u8, msg: &[u8], sent: &mut usize) -> Result<bool> {
+        let mut ring = false;
+        let done = self.tx.try_send(tag, msg, sent, &mut ring)?;
+        if ring {
+            self.stats.tx_doorbells += 1;
+            self.tx_bell.notify()?;
+        }
+        if done {
+            self.stats.tx_msgs += 1;
+            self.stats.tx_bytes += msg.len() as u64;
+        }
+        Ok(done)
+    }
+
+    /// Sends `msg` whole, waiting for room until `deadline`; `alive` checks
+    /// the peer between waits.
+    pub fn send(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        deadline: Option<Instant>,
+        alive: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        let mut sent = 0;
+        loop {
+            if self.try_send_more(tag, msg, &mut sent)? {
+                return Ok(());
+            }
+            let nap = nap_until(deadline)?;
+            if self.polls {
+                std::thread::sleep(nap.min(Duration::from_micros(100)));
+            } else {
+                let token = self.tx_bell.prepare();
+                let p = self.tx.producer();
+                if p.prepare_sleep() {
+                    self.tx_bell.wait(token, nap)?;
+                }
+                self.tx.producer().finish_sleep();
+            }
+            alive()?;
+        }
+    }
+
+    /// Up to `max` of the peer's messages, without blocking.
+    pub fn poll(&mut self, max: usize, f: &mut dyn FnMut(u8, Payload<'_>)) -> Result<usize> {
+        self.hub.poll(self.slot, max, f, &mut self.stats)
+    }
+
+    /// One message into `out`, waiting until `deadline`.
+    pub fn recv(
+        &mut self,
+        out: &mut Vec<u8>,
+        deadline: Option<Instant>,
+        ctl: &std::net::TcpStream,
+        alive: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<u8> {
+        loop {
+            let mut tag = None;
+            self.poll(1, &mut |t, p| {
+                out.clear();
+                out.resize(p.len(), 0);
+                p.read_at(0, out);
+                tag = Some(t);
+            })?;
+            if let Some(t) = tag {
+                return Ok(t);
+            }
+            if self.peer_closed {
+                return Err(Error::Closed);
+            }
+            if self.saw_close_byte(ctl) {
+                // One more poll takes what came before the byte.
+                continue;
+            }
+            alive()?;
+            self.hub.wait(self.slot, nap_until(deadline)?);
+        }
+    }
+
+    /// The next message, copied out, until [`QueueLink::release_msg`].
+    pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        if self.held.is_none() {
+            let mut got = None;
+            self.poll(1, &mut |t, p| {
+                let mut m = vec![0u8; p.len()];
+                p.read_at(0, &mut m);
+                got = Some((t, m));
+            })?;
+            self.held = got;
+        }
+        Ok(self.held.as_ref().map(|(t, m)| (*t, m.as_ptr(), m.len())))
+    }
+
+    pub fn release_msg(&mut self) {
+        self.held = None;
+    }
+
+    /// The peer was found dead: its queue slot may hold a record it will
+    /// never publish.
+    pub fn peer_died(&self) {
+        self.hub.peer_died();
+    }
+
+    /// Reserves a record in the peer's queue and never publishes it, as a
+    /// process that dies mid-write does. For tests only.
+    pub fn leave_a_hole(&mut self, len: usize) -> Result<bool> {
+        Ok(self.tx.producer().reserve(len)?.is_some())
+    }
+}
+
+impl Drop for QueueLink {
+    fn drop(&mut self) {
+        self.hub.leave(self.slot);
+    }
+}
+
+/// How long a blocking call may sleep now: [`NAP`] or what is left before
+/// `deadline`; `Err(Timeout)` once it passed.
+fn nap_until(deadline: Option<Instant>) -> Result<Duration> {
+    match deadline {
+        None => Ok(NAP),
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                Err(Error::Timeout)
+            } else {
+                Ok(left.min(NAP))
+            }
+        }
+    }
+}
+
+/// Checks an offered queue before mapping it: a geometry this side can
+/// use, a slot inside it, records not below `min_record`, a size not above
+/// `max_size`.
+pub(super) fn check_offer(
+    data_size: usize,
+    max_record: usize,
+    slots: usize,
+    slot: usize,
+    max_size: usize,
+    min_record: Option<usize>,
+) -> Result<Geometry> {
+    if data_size > max_size {
+        return Err(Error::Invalid(format!(
+            "offered queue of {data_size} bytes is too large (at most {max_size})"
+        )));
+    }
+    let geo = Geometry::new(data_size, max_record, slots)?;
+    if slot >= slots {
+        return Err(Error::Invalid(format!(
+            "offered slot {slot} of a queue of {slots}"
+        )));
+    }
+    if let Some(min) = min_record.filter(|&m| max_record < m) {
+        return Err(Error::Invalid(format!(
+            "offered records of {max_record} bytes are smaller than the {min} this side sends"
+        )));
+    }
+    Ok(geo)
+}
+
+/// Maps a peer's queue for this domain and reads its nonce.
+pub(super) fn map_peer_queue(
+    hv: &dyn Hypervisor,
+    peer: &Card,
+    grant: &[u8],
+    geo: Geometry,
+) -> Result<(Box<dyn Region>, u64)> {
+    let region = hv.map(peer.domain, grant, geo.region_bytes())?;
+    if region.len() < geo.region_bytes() {
+        return Err(Error::Broken(Violation::BadGeometry));
+    }
+    // SAFETY: the control page lies at the start of the mapping; the word
+    // is read once, atomically (the peer may write it).
+    let nonce = unsafe {
+        (*(region.as_ptr().add(queue::OFF_NONCE) as *const std::sync::atomic::AtomicU64))
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    Ok((region, nonce))
+}
