@@ -452,13 +452,22 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
         UNLOCK(ep);
         return report(ep, failed, out);
     }
-    /* TCP, a payload to pack: gather into a scratch frag; the link queues
-     * what the socket does not take, up to its bound: asked first, so that
-     * data is packed only when it will be sent. */
+    /* TCP or a queue, a payload to pack: gather into a scratch frag; the
+     * link takes it if it has room now: asked first, so that data is
+     * packed only when it will be sent. Without room, ob1 gets a
+     * descriptor to pack into and send (queued here until there is room):
+     * without one it would only try sendi again, and a queue whose other
+     * producers keep it busy could refuse every try. */
     rc = ivcom_link_can_send(ep->link, total);
     if (1 != rc) {
         UNLOCK(ep);
-        return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
+        if (rc < 0) {
+            return report(ep, rc, OPAL_ERROR);
+        }
+        if (NULL != descriptor) {
+            *descriptor = mca_btl_ivcom_alloc(btl, ep, order, total, flags);
+        }
+        return OPAL_ERR_RESOURCE_BUSY;
     }
     mca_btl_ivcom_frag_t *f = mca_btl_ivcom_frag_get(ep);
     if (NULL == f || !mca_btl_ivcom_frag_heap(f, total)) {
@@ -472,8 +481,21 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
         return OPAL_ERROR;
     }
     ivcom_iov v = {.base = f->heap, .len = total};
-    /* Room was checked above, under the same lock. */
     rc = ivcom_link_try_send(ep->link, tag, &v, 1);
+    if (0 == rc) {
+        /* Room was checked above, under the same lock, but a queue's other
+         * producers (ranks of the peer's domain) may have taken it since:
+         * the frag waits at the end of the pending list, this BTL's to
+         * send and free (no callback: the send is complete for ob1). */
+        f->tag = tag;
+        f->sent = 0;
+        f->segment.seg_len = total;
+        f->base.des_flags = MCA_BTL_DES_FLAGS_BTL_OWNERSHIP;
+        opal_list_append(&ep->pending, &f->base.super.super);
+        mca_btl_ivcom_pending_changed(ep);
+        UNLOCK(ep);
+        return OPAL_SUCCESS;
+    }
     UNLOCK(ep);
     mca_btl_ivcom_frag_return(f);
     return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_SUCCESS;

@@ -616,7 +616,9 @@ int ivcom_link_try_send_more(ivcom_link *link, uint8_t tag, const uint8_t *msg, 
  * 1 when `ivcom_link_try_send` of `len` bytes (at most
  * `ivcom_link_max_inline`) would be accepted now, 0 when the ring is full
  * or the TCP send queue is over its bound, negative on error. Lets a
- * caller keep data it would have to pack first where it is.
+ * caller keep data it would have to pack first where it is. On the queue
+ * path 1 is a hint: other processes of the peer's domain may take the
+ * room first, and the send may then still report the queue full.
  *
  * # Safety
  * `link` valid.

@@ -471,6 +471,24 @@ impl Producer {
         Ok(None)
     }
 
+    /// Whether a record of `len` payload bytes finds room now (a hint:
+    /// other producers may take the room before this one reserves it).
+    /// Reads the consumer index.
+    pub fn fits(&mut self, len: usize) -> Result<bool> {
+        if let Some(v) = self.broken {
+            return Err(Error::Broken(v));
+        }
+        if len > self.v.geo.max_record {
+            return Ok(false);
+        }
+        let size = self.v.size();
+        let need = Geometry::record_bytes(len) as u64;
+        let r = self.reload_cons()?;
+        let off = r % size;
+        let pad = if off + need > size { size - off } else { 0 };
+        Ok(r.saturating_add(pad + need) <= self.cons + size)
+    }
+
     /// Publishes a reserved record: its header word, with release ordering
     /// (the payload written before it is visible to a consumer that reads
     /// the header). Returns whether the consumer announced that it sleeps:

@@ -19,8 +19,8 @@
 //! of a slot that is not admitted (no handshake gave it to a rank) breaks
 //! the queue as well (`BadSender`): only the job's ranks write there.
 //!
-//! Status: built and tested in the core; the component does not use it
-//! yet (docs/design.md, "Memory follows the traffic").
+//! Used by the queue path (`crate::node`, docs/design.md, "The queue
+//! path").
 
 use crate::error::{Error, Result, Violation};
 use crate::frame::{fragment, Delivery, Reassembly};

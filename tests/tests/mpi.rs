@@ -109,6 +109,18 @@ fn integrity_4_ranks_on_receive_queues() {
     }
 }
 
+/// Sixteen ranks, each writing in fifteen slots of the others' queues at
+/// once, through ob1's collectives with derived datatypes (Bruck's
+/// algorithms): their small sends go through sendi with a payload to pack,
+/// which a queue kept busy by its other producers may refuse; sendi then
+/// hands ob1 a descriptor to send instead (without one ob1 only tried
+/// sendi again, and the job hung).
+#[test]
+fn integrity_16_ranks_on_receive_queues() {
+    let r = integrity(16, &["--mca", "btl_ivcom_queue_size", "65536"]);
+    assert_passed_on(&r, 16, "queue");
+}
+
 /// Queues of 32 KiB: records of 16 KiB, below ob1's sends of up to
 /// 64 KiB, which go in fragments of one slot between other slots'
 /// records; the queue fills constantly (senders wait for room).

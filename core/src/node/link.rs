@@ -383,14 +383,16 @@ impl Link {
     }
 
     /// True when a [`Link::try_send`] of `len` bytes (at most
-    /// [`Link::max_inline`]) would be accepted now.
+    /// [`Link::max_inline`]) would be accepted now (on the queue path a
+    /// hint: the peer domain's other processes may take the room first,
+    /// and the send then reports the queue full).
     pub fn can_send(&mut self, len: usize) -> Result<bool> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.fits(len),
             Imp::Tcp(t) => t.has_room(len),
-            // Other processes of the peer's domain take room in its queue
-            // between a look and a send: no promise can be made.
-            Imp::Queue(_) => Ok(false),
+            // A hint on a queue: other processes of the peer's domain may
+            // take the room before this side's send.
+            Imp::Queue(q) => q.can_send(len),
         };
         r.map_err(|e| self.ctx(e))
     }

@@ -422,19 +422,25 @@ pub(super) struct QueueLink {
 /// it sent is in the queue before it.
 pub(super) const CLOSE_BYTE: u8 = b'C';
 
+/// A peer's queue for this domain, mapped, with this process's slot in it
+/// and the doorbell it rings the queue by.
+pub(super) struct PeerQueue {
+    pub region: Box<dyn Region>,
+    pub geo: Geometry,
+    pub slot: usize,
+    pub bell: Box<dyn Doorbell>,
+}
+
 impl QueueLink {
-    /// Attaches to the peer's queue (mapped as `region`, geometry `geo`)
-    /// as the producer of `my_slot`, ringing it through `bell`; receives
-    /// slot `slot` of `hub`.
-    pub fn new(
-        region: Box<dyn Region>,
-        geo: Geometry,
-        my_slot: usize,
-        bell: Box<dyn Doorbell>,
-        hub: Arc<Hub>,
-        slot: usize,
-        polls: bool,
-    ) -> Result<QueueLink> {
+    /// Attaches to the peer's queue `pq` as the producer of its slot;
+    /// receives slot `slot` of `hub`.
+    pub fn new(pq: PeerQueue, hub: Arc<Hub>, slot: usize, polls: bool) -> Result<QueueLink> {
+        let PeerQueue {
+            region,
+            geo,
+            slot: my_slot,
+            bell,
+        } = pq;
         if region.len() < geo.region_bytes() {
             return Err(Error::Invalid(
                 "queue mapping shorter than its geometry".into(),
@@ -527,6 +533,12 @@ impl QueueLink {
             Some(ring) => self.sent(ring, len).map(|_| true),
             None => Ok(false),
         }
+    }
+
+    /// Whether a message of `len` bytes (at most a record) finds room now;
+    /// other processes of the peer's domain may take it first.
+    pub fn can_send(&mut self, len: usize) -> Result<bool> {
+        self.tx.producer().fits(len)
     }
 
     /// What is left of `msg` past `*sent`, in records.

@@ -375,7 +375,11 @@ impl Inner {
             w.send(&Msg::Abort(why.clone()))?;
             return Ok((PathKind::Tcp, why, None));
         }
-        let (q, their_nonce) = match self.map_queue(hv, peer, &theirs, &hub, offer.slot) {
+        let mapped = self.map_queue(hv, peer, &theirs).and_then(|(pq, nonce)| {
+            let q = QueueLink::new(pq, hub.clone(), offer.slot, !self.cfg.wait.sleep)?;
+            Ok((q, nonce))
+        });
+        let (q, their_nonce) = match mapped {
             Ok(x) => x,
             Err(e) => {
                 w.send(&Msg::Refused(e.to_string()))?;
@@ -400,19 +404,17 @@ impl Inner {
         })
     }
 
-    /// Maps the queue a peer offered (checked first) and attaches to it as
-    /// the producer of the slot it gave; the link receives slot `slot` of
-    /// `hub`. Returns the link and the nonce read in the peer's queue.
+    /// Maps the queue a peer offered (checked first) and connects to its
+    /// doorbell. Returns it and the nonce read in it. Takes no lock of the
+    /// node's: a peer that waits for this map holds its queue's turn.
     fn map_queue(
         &self,
         hv: &dyn Hypervisor,
         peer: &Card,
         o: &QueueOffer,
-        hub: &Arc<queues::Hub>,
-        slot: usize,
-    ) -> Result<(QueueLink, u64)> {
+    ) -> Result<(queues::PeerQueue, u64)> {
         let max_size = self.cfg.queue_size.unwrap_or(0).max(self.cfg.ring_size) * 16;
-        let theirs = queues::check_offer(
+        let geo = queues::check_offer(
             o.data_size as usize,
             o.max_record as usize,
             o.slots as usize,
@@ -420,19 +422,17 @@ impl Inner {
             max_size,
             self.cfg.min_record,
         )?;
-        let (region, nonce) = queues::map_peer_queue(hv, peer, &o.grant, theirs)?;
-        let words = QueueLink::producer_words(&*region, theirs, o.slot as usize)?;
+        let slot = o.slot as usize;
+        let (region, nonce) = queues::map_peer_queue(hv, peer, &o.grant, geo)?;
+        let words = QueueLink::producer_words(&*region, geo, slot)?;
         let bell = hv.bell_accept(peer.domain, &o.bell, words)?;
-        let q = QueueLink::new(
+        let pq = queues::PeerQueue {
             region,
-            theirs,
-            o.slot as usize,
-            bell,
-            hub.clone(),
+            geo,
             slot,
-            !self.cfg.wait.sleep,
-        )?;
-        Ok((q, nonce))
+            bell,
+        };
+        Ok((pq, nonce))
     }
 
     /// The acceptor's side of the queue path, after the initiator's offer
@@ -465,9 +465,12 @@ impl Inner {
                     self.cfg.min_record,
                 )?,
             };
+            // Mapped first: the initiator holds its queue's turn until we
+            // fetched it, and our own turn may wait for another offer.
+            let (pq, nonce) = self.map_queue(&*hv, peer, &o)?;
             let hub = self.hub(&*hv, peer.domain, qgeo)?;
             let offer = hub.offer(&*hv)?;
-            let (q, nonce) = self.map_queue(&*hv, peer, &o, &hub, offer.slot)?;
+            let q = QueueLink::new(pq, hub.clone(), offer.slot, !self.cfg.wait.sleep)?;
             Ok((hv, hub, offer, q, nonce))
         })();
         let (hv, hub, mut offer, q, nonce) = match set_up {
