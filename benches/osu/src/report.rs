@@ -192,7 +192,7 @@ fn order(cfg: &str) -> usize {
     match cfg {
         "ivcom" => 0,
         "ivcom-mt" => 1,
-        "ivcom-base" => 2,
+        "ivcom-base" | "ivcom-queue" => 2,
         "tcp" => 3,
         "vader" | "sm" => 4,
         "vader-mt" | "sm-mt" => 5,
@@ -203,14 +203,19 @@ fn order(cfg: &str) -> usize {
 /// The ratios printed beside the figures, when both configurations ran:
 /// ivcom against Open MPI's TCP and shared memory (vader in 4.1, sm in
 /// 5.0) and against ivcom as built at an earlier revision
-/// (`IVCOM_COMPARE_BASELINE`); and what `MPI_THREAD_MULTIPLE` costs with
-/// one thread communicating (`-mt`: the benchmark ran with `-T`), for
-/// ivcom and for the shared-memory BTL under the same ob1.
-pub const RATIOS: [(&str, &str); 7] = [
+/// (`IVCOM_COMPARE_BASELINE`); ivcom's queue path (`ivcom-queue`:
+/// `btl_ivcom_queue_size`) against the shared memory and against ivcom's
+/// rings; and what `MPI_THREAD_MULTIPLE` costs with one thread
+/// communicating (`-mt`: the benchmark ran with `-T`), for ivcom and for
+/// the shared-memory BTL under the same ob1.
+pub const RATIOS: [(&str, &str); 10] = [
     ("ivcom", "tcp"),
     ("ivcom", "vader"),
     ("ivcom", "sm"),
     ("ivcom", "ivcom-base"),
+    ("ivcom-queue", "vader"),
+    ("ivcom-queue", "sm"),
+    ("ivcom-queue", "ivcom"),
     ("ivcom-mt", "ivcom"),
     ("vader-mt", "vader"),
     ("sm-mt", "sm"),
