@@ -87,6 +87,34 @@ fn two_hosts_two_vms_each_ring_inside_tcp_across() {
     }
 }
 
+/// The queue path across emulated VMs: each VM is a network namespace, so
+/// a domain of its own; the co-resident pairs (vm1-vm2, vm3-vm4) talk
+/// through each other's receive queue for their VM, the pairs across the
+/// hosts over TCP, and every message arrives checked.
+#[test]
+fn queues_between_the_vms_of_a_host_tcp_across() {
+    require_component();
+    if !is_root() {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    }
+    let c = Cluster::up(TWO_HOSTS);
+    let r = integrity_on_two_hosts(
+        &c,
+        "ivcom,self",
+        &["--mca", "btl_ivcom_queue_size", "65536"],
+    );
+    assert_pair_paths(&r, |same_host| Some(if same_host { "queue" } else { "tcp" }));
+    for l in path_lines(&r.stderr).iter().filter(|l| l.path == "queue") {
+        // one peer in each domain: slot 0 of each queue
+        assert!(l.reason.contains("slot 0 of ours, 0 of theirs"), "{l:?}");
+    }
+    assert_eq!(
+        stats_sum(&r.stderr, "tx_bytes"),
+        stats_sum(&r.stderr, "rx_bytes")
+    );
+}
+
 /// With `btl_ivcom_tcp 0` ivcom takes only the peers it may share memory
 /// with and leaves the others to Open MPI's btl/tcp: across the two hosts
 /// ivcom opens no link at all, inside each host the pairs are on rings,
