@@ -104,7 +104,9 @@ fn queues_between_the_vms_of_a_host_tcp_across() {
         "ivcom,self",
         &["--mca", "btl_ivcom_queue_size", "65536"],
     );
-    assert_pair_paths(&r, |same_host| Some(if same_host { "queue" } else { "tcp" }));
+    assert_pair_paths(&r, |same_host| {
+        Some(if same_host { "queue" } else { "tcp" })
+    });
     for l in path_lines(&r.stderr).iter().filter(|l| l.path == "queue") {
         // one peer in each domain: slot 0 of each queue
         assert!(l.reason.contains("slot 0 of ours, 0 of theirs"), "{l:?}");

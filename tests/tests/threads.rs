@@ -74,6 +74,27 @@ fn threads_over_ivcom_tcp() {
     }
 }
 
+/// `MPI_THREAD_MULTIPLE` on the queue path: threads of a rank poll the
+/// links that share its one receive queue; one that finds another thread
+/// at the queue returns, and the other sets its messages aside for it.
+#[test]
+fn threads_on_receive_queues() {
+    for (np, threads) in [(2, 4), (4, 4), (4, 8)] {
+        let mut c = mpirun(np, "ivcom,self");
+        c.args(["--mca", "btl_ivcom_queue_size", "65536"])
+            .args(["--mca", "btl_ivcom_verbose", "1"])
+            .arg(bin("ivcom-threads"))
+            .args(["--threads", &threads.to_string()]);
+        let r = run(&mut c, LIMIT);
+        assert_pass(&r, np, threads);
+        assert!(
+            path_lines(&r.stderr).iter().all(|l| l.path == "queue"),
+            "{}",
+            r.text()
+        );
+    }
+}
+
 #[test]
 fn threads_over_ivcom_alone_without_self() {
     // `--mca btl ivcom`: messages of a rank to itself (collectives) go

@@ -290,22 +290,18 @@ impl Link {
     /// the peer by between its waits (see [`Blocking`]).
     fn blocking<R>(&mut self, f: impl FnOnce(Blocking<'_>) -> Result<R>) -> Result<R> {
         let timeout = self.timeout;
+        // The control connection of a ring or a queue, and the backend
+        // that may know the peer's domain is gone.
+        let (ctl, hv, dom) = (self.ctl.as_ref(), self.hv.as_ref(), self.peer.domain);
+        let ctl = || ctl.expect("a ring or queue link keeps its control connection");
         let r = match &mut self.imp {
             Imp::Ring(c) => {
-                let ctl = self
-                    .ctl
-                    .as_ref()
-                    .expect("a ring link keeps its control connection");
-                let (hv, dom) = (self.hv.as_ref(), self.peer.domain);
+                let ctl = ctl();
                 f(Blocking::Ring(c, &mut || peer_alive(hv, dom, ctl, timeout)))
             }
             Imp::Tcp(t) => f(Blocking::Tcp(t, timeout)),
             Imp::Queue(q) => {
-                let ctl = self
-                    .ctl
-                    .as_ref()
-                    .expect("a queue link keeps its control connection");
-                let (hv, dom) = (self.hv.as_ref(), self.peer.domain);
+                let ctl = ctl();
                 let r = f(Blocking::Queue(q, ctl, &mut || {
                     peer_alive(hv, dom, ctl, timeout)
                 }));

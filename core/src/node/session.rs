@@ -229,7 +229,7 @@ impl Inner {
 
     /// The initiator's side of the path: offer a ring when the cards say
     /// the two may share a host and the backend can, TCP otherwise.
-    fn negotiate(&self, w: &mut Wire, peer: Card) -> Result<(PathKind, String, Option<Made>)> {
+    fn negotiate(&self, w: &mut Wire, peer: Card) -> Result<Path> {
         let hv = match (self.backend_for(&peer), self.card.ring_candidate(&peer)) {
             (Some(hv), true) => hv,
             (None, _) => {
@@ -298,11 +298,7 @@ impl Inner {
             return Ok((PathKind::Tcp, why, None));
         }
         Ok(match w.expect(&[ty::MAPPED, ty::REFUSED])? {
-            Msg::Refused(why) => (
-                PathKind::Tcp,
-                format!("tcp: peer could not map the ring: {why}"),
-                None,
-            ),
+            Msg::Refused(why) => peer_refused(&why, "the ring"),
             Msg::Mapped(n) if n != nonce => {
                 let why = "tcp: nonce read by the peer differs (not the same memory)".to_string();
                 w.send(&Msg::Abort(why.clone()))?;
@@ -339,7 +335,7 @@ impl Inner {
         peer: &Card,
         hv: &dyn Hypervisor,
         qgeo: crate::queue::Geometry,
-    ) -> Result<(PathKind, String, Option<Made>)> {
+    ) -> Result<Path> {
         let ours = self
             .hub(hv, peer.domain, qgeo)
             .and_then(|hub| hub.offer(hv).map(|o| (hub, o)));
@@ -360,13 +356,7 @@ impl Inner {
             return Ok((PathKind::Tcp, why, None));
         }
         let (nonce, theirs) = match w.expect(&[ty::QMAPPED, ty::REFUSED])? {
-            Msg::Refused(why) => {
-                return Ok((
-                    PathKind::Tcp,
-                    format!("tcp: peer could not map the queue: {why}"),
-                    None,
-                ))
-            }
+            Msg::Refused(why) => return Ok(peer_refused(&why, "the queue")),
             Msg::QueueMapped { nonce, offer } => (nonce, offer),
             _ => unreachable!("expect() checked the type"),
         };
@@ -381,14 +371,7 @@ impl Inner {
         });
         let (q, their_nonce) = match mapped {
             Ok(x) => x,
-            Err(e) => {
-                w.send(&Msg::Refused(e.to_string()))?;
-                return Ok((
-                    PathKind::Tcp,
-                    format!("tcp: could not map the peer's queue: {e}"),
-                    None,
-                ));
-            }
+            Err(e) => return refuse_map(w, &e, "the peer's queue"),
         };
         // Admitted before the peer may send (it does after SWITCH); a
         // handshake that ends on TCP drops the link, which leaves the slot.
@@ -437,12 +420,7 @@ impl Inner {
 
     /// The acceptor's side of the queue path, after the initiator's offer
     /// `o`: map its queue, offer a slot in ours, check its proof.
-    fn serve_queue(
-        &self,
-        w: &mut Wire,
-        peer: &Card,
-        o: QueueOffer,
-    ) -> Result<(PathKind, String, Option<Made>)> {
+    fn serve_queue(&self, w: &mut Wire, peer: &Card, o: QueueOffer) -> Result<Path> {
         let set_up = (|| {
             let hv = self
                 .backend_for(peer)
@@ -475,25 +453,12 @@ impl Inner {
         })();
         let (hv, hub, mut offer, q, nonce) = match set_up {
             Ok(x) => x,
-            Err(e) => {
-                w.send(&Msg::Refused(e.to_string()))?;
-                return Ok((
-                    PathKind::Tcp,
-                    format!("tcp: could not map the offered queue: {e}"),
-                    None,
-                ));
-            }
+            Err(e) => return refuse_map(w, &e, "the offered queue"),
         };
         w.send(&queue_offer(&hub, &mut offer, Some(nonce)))?;
         let served = hub.serve(&mut offer, w.deadline, w.fd());
         let why = match (w.expect(&[ty::MAPPED, ty::REFUSED])?, served) {
-            (Msg::Refused(why), _) => {
-                return Ok((
-                    PathKind::Tcp,
-                    format!("tcp: peer could not map the queue: {why}"),
-                    None,
-                ))
-            }
+            (Msg::Refused(why), _) => return Ok(peer_refused(&why, "the queue")),
             (_, Err(e)) => format!("tcp: could not hand the queue over: {e}"),
             (Msg::Mapped(n), _) if n != hub.nonce() => {
                 "tcp: nonce read by the peer differs (not the same memory)".to_string()
@@ -615,7 +580,7 @@ impl Inner {
     }
 
     /// The acceptor's side of the path: map an offered ring, prove it.
-    fn serve_path(&self, w: &mut Wire, peer: &Card) -> Result<(PathKind, String, Option<Made>)> {
+    fn serve_path(&self, w: &mut Wire, peer: &Card) -> Result<Path> {
         let (data_size, max_record, grant, bell) =
             match w.expect(&[ty::OFFER, ty::TCPONLY, ty::QOFFER])? {
                 Msg::TcpOnly(why) => return Ok((PathKind::Tcp, why, None)),
@@ -657,14 +622,7 @@ impl Inner {
             Ok((ch, nonce))
         })();
         let (ch, nonce) = match mapped {
-            Err(e) => {
-                w.send(&Msg::Refused(e.to_string()))?;
-                return Ok((
-                    PathKind::Tcp,
-                    format!("tcp: could not map the offered ring: {e}"),
-                    None,
-                ));
-            }
+            Err(e) => return refuse_map(w, &e, "the offered ring"),
             Ok(x) => x,
         };
         w.send(&Msg::Mapped(nonce))?;
@@ -688,6 +646,29 @@ impl Inner {
             }
         }
     }
+}
+
+/// The path a handshake agreed on: its kind, why, and what it set up.
+type Path = (PathKind, String, Option<Made>);
+
+/// The peer could not map `what` this side offered (it said `why`): TCP.
+fn peer_refused(why: &str, what: &str) -> Path {
+    (
+        PathKind::Tcp,
+        format!("tcp: peer could not map {what}: {why}"),
+        None,
+    )
+}
+
+/// This side could not map `what` the peer offered: tells it why (REFUSED)
+/// and stays on TCP.
+fn refuse_map(w: &mut Wire, e: &Error, what: &str) -> Result<Path> {
+    w.send(&Msg::Refused(e.to_string()))?;
+    Ok((
+        PathKind::Tcp,
+        format!("tcp: could not map {what}: {e}"),
+        None,
+    ))
 }
 
 /// The message offering `offer`'s slot of `hub`: QOFFER, or QMAPPED with
