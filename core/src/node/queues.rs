@@ -76,6 +76,9 @@ struct Rx {
 
 impl Rx {
     fn ring(&self, wake: Wake) {
+        if wake == Wake::default() {
+            return;
+        }
         for (w, bits) in wake.iter().enumerate() {
             let mut b = *bits;
             while b != 0 {
@@ -411,8 +414,11 @@ pub(super) struct QueueLink {
     hub: Arc<Hub>,
     /// The peer's slot in `hub`.
     slot: usize,
-    /// A message taken by `peek_msg`, until `release_msg`.
-    held: Option<(u8, Vec<u8>)>,
+    /// The tag of the message `peek_msg` took, until `release_msg`; its
+    /// bytes are in `held_buf` (kept from one message to the next: no
+    /// allocation a message).
+    held: Option<u8>,
+    held_buf: Vec<u8>,
     stats: Stats,
     /// The peer said on the control connection that it closed.
     peer_closed: bool,
@@ -462,6 +468,7 @@ impl QueueLink {
             hub,
             slot,
             held: None,
+            held_buf: Vec::new(),
             stats: Stats::default(),
             peer_closed: false,
         })
@@ -624,19 +631,31 @@ impl QueueLink {
     /// The next message, copied out, until [`QueueLink::release_msg`].
     pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
         if self.held.is_none() {
-            let mut got = None;
-            self.poll(1, &mut |t, p| {
-                let mut m = vec![0u8; p.len()];
-                p.read_at(0, &mut m);
-                got = Some((t, m));
-            })?;
+            let (mut got, buf) = (None, &mut self.held_buf);
+            self.hub.poll(
+                self.slot,
+                1,
+                &mut |t, p| {
+                    buf.clear();
+                    buf.resize(p.len(), 0);
+                    p.read_at(0, buf);
+                    got = Some(t);
+                },
+                &mut self.stats,
+            )?;
             self.held = got;
         }
-        Ok(self.held.as_ref().map(|(t, m)| (*t, m.as_ptr(), m.len())))
+        Ok(self
+            .held
+            .map(|t| (t, self.held_buf.as_ptr(), self.held_buf.len())))
     }
 
     pub fn release_msg(&mut self) {
         self.held = None;
+        // A large message's buffer is not kept.
+        if self.held_buf.capacity() > 256 << 10 {
+            self.held_buf = Vec::new();
+        }
     }
 
     /// The peer was found dead: its queue slot may hold a record it will
