@@ -194,7 +194,8 @@ impl Hub {
     }
 
     /// Gives the next slot to a process of the domain: its descriptor and
-    /// doorbell. Holds the queue's offers until dropped.
+    /// doorbell. The offer holds the queue's turn (other offers wait)
+    /// until it is served ([`Hub::serve`]), admitted or dropped.
     pub fn offer(self: &Arc<Self>, hv: &dyn Hypervisor) -> Result<SlotOffer> {
         let mut o = self.offers.lock().unwrap_or_else(|e| e.into_inner());
         while o.0 {
