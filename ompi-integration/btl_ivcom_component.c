@@ -196,11 +196,13 @@ static int ivcom_register(void)
     reg_ulong("queue_size",
               "Data bytes of each receive queue; 0 (the default): no queue path, each pair "
               "of co-resident ranks gets rings of its own. Otherwise a power of two from "
-              "4 KiB to 1 GiB: each process keeps one receive queue per peer domain (Xen "
-              "domU; with the host backend, per peer process), written by all of that "
+              "4 KiB to 1 GiB: each process keeps one receive queue per peer domain (with "
+              "the host backend a network namespace: an emulated VM, a container; all "
+              "ranks of one machine's mpirun are one domain), written by all of that "
               "domain's ranks, and co-resident pairs talk through those queues instead of "
               "rings, so shared memory grows with the domains, not with the pairs. Only "
-              "the host backend offers queues so far; with xen, pairs keep their rings",
+              "the host backend offers queues so far: under xen, pairs across domUs keep "
+              "their rings",
               &c->queue_size, 0);
     reg_ulong("piece_size",
               "Bytes of the pieces a large message is cut into while the receiver keeps up "

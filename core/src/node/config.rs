@@ -55,7 +55,9 @@ pub struct Config {
     /// peer domain of `n` data bytes (a power of two, 4 KiB to 1 GiB),
     /// shared by all that domain's processes, instead of a pair of rings
     /// of its own; `None` (the default), through rings. Where the backend
-    /// cannot share a region with a whole domain (Xen, so far), rings.
+    /// cannot share a region with a whole domain (Xen, so far: there only
+    /// the ranks of one domU, which use the host backend among themselves,
+    /// take queues), rings.
     pub queue_size: Option<usize>,
     /// Interfaces or subnets to publish an address from.
     pub if_include: Vec<IfSpec>,
