@@ -386,6 +386,20 @@ static int sendi_self(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv
     return OPAL_SUCCESS;
 }
 
+/* A sendi that cannot send now and hands ob1 a descriptor to send
+ * instead (a private buffer, sent as a run of records when larger than
+ * them, queued on the pending list while there is no room): without one
+ * ob1 only tries sendi again. Called without the endpoint's lock. */
+static int busy_with_descriptor(struct mca_btl_base_module_t *btl,
+                                struct mca_btl_base_endpoint_t *ep, uint8_t order, size_t total,
+                                uint32_t flags, mca_btl_base_descriptor_t **descriptor)
+{
+    if (NULL != descriptor) {
+        *descriptor = mca_btl_ivcom_alloc(btl, ep, order, total, flags);
+    }
+    return OPAL_ERR_RESOURCE_BUSY;
+}
+
 /* sendi in general: any endpoint, link and payload, with or without
  * threads (mca_btl_ivcom_sendi takes the commonest case first). */
 static __attribute__((noinline)) int
@@ -411,14 +425,9 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
     }
     if (OPAL_UNLIKELY(total > ep->max_send)) {
         /* Larger than this pair's records (a ring shrunk below the eager
-         * limit): ob1 sends the descriptor a failed sendi returns, and
-         * without one it would only try sendi again. A private buffer,
-         * which goes as a run of records. */
+         * limit, a queue's records). */
         UNLOCK(ep);
-        if (NULL != descriptor) {
-            *descriptor = mca_btl_ivcom_alloc(btl, ep, order, total, flags);
-        }
-        return OPAL_ERR_RESOURCE_BUSY;
+        return busy_with_descriptor(btl, ep, order, total, flags, descriptor);
     }
     if (NULL != ep->reserved || !opal_list_is_empty(&ep->pending)) {
         UNLOCK(ep);
@@ -454,20 +463,14 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
     }
     /* TCP or a queue, a payload to pack: gather into a scratch frag; the
      * link takes it if it has room now: asked first, so that data is
-     * packed only when it will be sent. Without room, ob1 gets a
-     * descriptor to pack into and send (queued here until there is room):
-     * without one it would only try sendi again, and a queue whose other
-     * producers keep it busy could refuse every try. */
+     * packed only when it will be sent. Without room, a descriptor for
+     * ob1 (a queue whose other producers keep it busy could refuse every
+     * try of sendi). */
     rc = ivcom_link_can_send(ep->link, total);
     if (1 != rc) {
         UNLOCK(ep);
-        if (rc < 0) {
-            return report(ep, rc, OPAL_ERROR);
-        }
-        if (NULL != descriptor) {
-            *descriptor = mca_btl_ivcom_alloc(btl, ep, order, total, flags);
-        }
-        return OPAL_ERR_RESOURCE_BUSY;
+        return rc < 0 ? report(ep, rc, OPAL_ERROR)
+                      : busy_with_descriptor(btl, ep, order, total, flags, descriptor);
     }
     mca_btl_ivcom_frag_t *f = mca_btl_ivcom_frag_get(ep);
     if (NULL == f || !mca_btl_ivcom_frag_heap(f, total)) {

@@ -236,6 +236,19 @@ impl View {
         unsafe { ptr::write_bytes(self.base.add(CTRL_BYTES + off as usize), 0, n as usize) }
     }
 
+    /// The padding a record of `need` bytes reserved at the free-running
+    /// index `r` takes first: the rest of the data area when the record
+    /// would not fit before its end, else none.
+    #[inline(always)]
+    fn padding(&self, r: u64, need: u64) -> u64 {
+        let off = r % self.size();
+        if off + need > self.size() {
+            self.size() - off
+        } else {
+            0
+        }
+    }
+
     /// Slot `s`'s word and bit in the bit set at `off` (producers
     /// waiting, producers that poll).
     #[inline(always)]
@@ -367,6 +380,12 @@ impl Producer {
         self.slot as usize
     }
 
+    /// The nonce the consumer wrote when it created the queue (read once;
+    /// a mapper echoes it to prove it maps the same memory).
+    pub fn nonce(&self) -> u64 {
+        self.v.word(OFF_NONCE).load(Ordering::Acquire)
+    }
+
     fn fail(&mut self, v: Violation) -> Error {
         self.broken = Some(v);
         Error::Broken(v)
@@ -426,7 +445,7 @@ impl Producer {
                 return Err(self.fail(Violation::BadIndex));
             }
             let off = r % size;
-            let pad = if off + need > size { size - off } else { 0 };
+            let pad = self.v.padding(r, need);
             let Some(end) = r.checked_add(pad + need) else {
                 return Err(self.fail(Violation::BadIndex));
             };
@@ -484,9 +503,7 @@ impl Producer {
         let size = self.v.size();
         let need = Geometry::record_bytes(len) as u64;
         let r = self.reload_cons()?;
-        let off = r % size;
-        let pad = if off + need > size { size - off } else { 0 };
-        Ok(r.saturating_add(pad + need) <= self.cons + size)
+        Ok(r.saturating_add(self.v.padding(r, need) + need) <= self.cons + size)
     }
 
     /// Publishes a reserved record: its header word, with release ordering

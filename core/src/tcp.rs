@@ -602,13 +602,10 @@ pub fn silence_ms(sock: &TcpStream) -> Result<u32> {
     Ok(info.tcpi_last_ack_recv)
 }
 
-/// Checks a connection for a peer that went away, without consuming data:
-/// `Ok(())` while the connection is open and, with a `timeout`, while the
-/// peer's kernel acknowledged something within it (the connection must be
-/// [`watch`]ed, so that an idle one is probed). A peer that is only slow
-/// (its process stopped or busy, its VM paused for less than the timeout)
-/// still answers, or answers again in time.
-pub fn check_alive(sock: &TcpStream, timeout: Option<Duration>) -> Result<()> {
+/// The next byte waiting on `sock`, left there (`MSG_PEEK`), without
+/// blocking: `Ok(None)` at end of file, `Err` (`WouldBlock` when nothing
+/// waits) otherwise.
+pub(crate) fn peek_byte(sock: &TcpStream) -> std::io::Result<Option<u8>> {
     let mut b = [0u8; 1];
     // SAFETY: recv into a 1-byte buffer with MSG_PEEK|MSG_DONTWAIT.
     let r = unsafe {
@@ -619,11 +616,25 @@ pub fn check_alive(sock: &TcpStream, timeout: Option<Duration>) -> Result<()> {
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    if r == 0 {
+    match r {
+        0 => Ok(None),
+        r if r < 0 => Err(std::io::Error::last_os_error()),
+        _ => Ok(Some(b[0])),
+    }
+}
+
+/// Checks a connection for a peer that went away, without consuming data:
+/// `Ok(())` while the connection is open and, with a `timeout`, while the
+/// peer's kernel acknowledged something within it (the connection must be
+/// [`watch`]ed, so that an idle one is probed). A peer that is only slow
+/// (its process stopped or busy, its VM paused for less than the timeout)
+/// still answers, or answers again in time.
+pub fn check_alive(sock: &TcpStream, timeout: Option<Duration>) -> Result<()> {
+    let r = peek_byte(sock);
+    if let Ok(None) = r {
         return Err(Error::PeerGone("connection closed".into()));
     }
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
+    if let Err(e) = r {
         if e.raw_os_error() == Some(libc::ETIMEDOUT) {
             // The kernel gave up first (TCP_USER_TIMEOUT or keepalive on a
             // watched connection): the same silence, told the same way.

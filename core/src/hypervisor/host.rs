@@ -321,7 +321,7 @@ pub struct HostRegion {
     /// The sharer's budget, given back on drop.
     budget: Option<Arc<AtomicUsize>>,
     /// A region shared with every process of a domain (a receive queue):
-    /// what [`Region::offer_again`] needs to hand it over once more.
+    /// what [`Region::offer`] needs to hand it over to each process.
     again: Option<Again>,
 }
 
@@ -500,12 +500,12 @@ impl Region for HostRegion {
         true
     }
 
-    /// A new socket and token for the same memfd (a region shared with a
-    /// domain), replacing a hand-over nobody fetched.
-    fn offer_again(&self) -> Result<Vec<u8>> {
+    /// A new socket and token for the memfd of a region shared with a
+    /// domain, replacing a hand-over nobody fetched.
+    fn offer(&self) -> Result<Vec<u8>> {
         let Some(a) = &self.again else {
             return Err(Error::Backend(
-                "a region shared with one peer cannot be offered again".into(),
+                "this region was shared with one peer, not with a domain".into(),
             ));
         };
         let (h, desc) = new_handover(&a.dir, &a.dirfd, a.memfd.try_clone()?)?;
@@ -644,15 +644,19 @@ impl Hypervisor for HostBackend {
     }
 
     fn share(&self, _peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
-        self.share_budgeted(len, false)
+        let (region, desc) = self.share_budgeted(len, false)?;
+        Ok((
+            region,
+            desc.expect("a region for one peer has its hand-over"),
+        ))
     }
 
     fn shares_domains(&self) -> bool {
         true
     }
 
-    fn share_domain(&self, _peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
-        self.share_budgeted(len, true)
+    fn share_domain(&self, _peer: u32, len: usize) -> Result<Box<dyn Region>> {
+        Ok(self.share_budgeted(len, true)?.0)
     }
 
     fn map(&self, _peer: u32, desc: &[u8], len: usize) -> Result<Box<dyn Region>> {
@@ -731,9 +735,13 @@ fn check_region(fd: RawFd, len: usize) -> Option<String> {
     None
 }
 
+/// A region shared, and the descriptor of its hand-over (`None` for a
+/// region shared with a domain: each [`Region::offer`] makes one).
+type Shared = (Box<dyn Region>, Option<Vec<u8>>);
+
 impl HostBackend {
     /// [`HostBackend::share_sealed`] within the share limit.
-    fn share_budgeted(&self, len: usize, again: bool) -> Result<(Box<dyn Region>, Vec<u8>)> {
+    fn share_budgeted(&self, len: usize, again: bool) -> Result<Shared> {
         take_budget(&self.used, len, self.limit)?;
         let r = self.share_sealed(len, again);
         if r.is_err() {
@@ -742,9 +750,10 @@ impl HostBackend {
         r
     }
 
-    /// A sealed memfd of `len` bytes, mapped, with its hand-over socket;
-    /// `again`: keep what offering it again takes (a region for a domain).
-    fn share_sealed(&self, len: usize, again: bool) -> Result<(Box<dyn Region>, Vec<u8>)> {
+    /// A sealed memfd of `len` bytes, mapped, with its hand-over socket
+    /// and descriptor; `again`: a region for a domain, which keeps what
+    /// each of its offers takes instead ([`Region::offer`]).
+    fn share_sealed(&self, len: usize, again: bool) -> Result<Shared> {
         self.sweep();
         let e = |what: &str| Error::Backend(format!("{what}: {}", std::io::Error::last_os_error()));
         let name = CString::new("ivcom-ring").expect("no NUL");
@@ -778,18 +787,21 @@ impl HostBackend {
         };
         let again = kept()?;
         let ptr = map_fd(memfd.as_raw_fd(), len)?;
-        let (handover, desc) = match new_handover(&self.dir, &self.dirfd, memfd) {
-            Ok(x) => x,
-            Err(err) => {
-                // SAFETY: ptr/len is the mapping just made, unused.
-                unsafe { libc::munmap(ptr.cast(), len) };
-                return Err(err);
-            }
+        let (handover, desc) = match again {
+            Some(_) => (None, None),
+            None => match new_handover(&self.dir, &self.dirfd, memfd) {
+                Ok((h, d)) => (Some(h), Some(d)),
+                Err(err) => {
+                    // SAFETY: ptr/len is the mapping just made, unused.
+                    unsafe { libc::munmap(ptr.cast(), len) };
+                    return Err(err);
+                }
+            },
         };
         let region = HostRegion {
             ptr,
             len,
-            handover: Mutex::new(Some(handover)),
+            handover: Mutex::new(handover),
             budget: Some(Arc::clone(&self.used)),
             again,
         };

@@ -120,13 +120,13 @@ pub trait Region: Send + Sync {
         let _ = (deadline, abort);
         Ok(())
     }
-    /// Offers a region made by [`Hypervisor::share_domain`] to one more
-    /// process of that domain: the descriptor it maps the region by
-    /// ([`Region::serve`] then hands it over, as for the first). One offer
-    /// at a time: a new one replaces an offer nobody took.
-    fn offer_again(&self) -> Result<Vec<u8>> {
+    /// Offers a region made by [`Hypervisor::share_domain`] to one process
+    /// of that domain: the descriptor it maps the region by
+    /// ([`Region::serve`] then hands it over). One offer at a time: a new
+    /// one replaces an offer nobody took.
+    fn offer(&self) -> Result<Vec<u8>> {
         Err(Error::Backend(
-            "this backend cannot offer a region to a second process".into(),
+            "this region was shared with one peer, not with a domain".into(),
         ))
     }
 }
@@ -176,10 +176,9 @@ pub trait Hypervisor: Send + Sync {
     /// Returns the local mapping and the descriptor the peer maps it by.
     fn share(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)>;
     /// Shares `len` bytes with every process of domain `peer` (a receive
-    /// queue): like [`Hypervisor::share`], and [`Region::offer_again`]
-    /// offers the region to each further process. Backends that cannot:
-    /// an error.
-    fn share_domain(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
+    /// queue): the local mapping, which [`Region::offer`] offers to each
+    /// process of that domain. Backends that cannot: an error.
+    fn share_domain(&self, peer: u32, len: usize) -> Result<Box<dyn Region>> {
         let _ = (peer, len);
         Err(Error::Backend(format!(
             "the {} backend cannot share a region with a whole domain",

@@ -1,8 +1,7 @@
 //! A link to one peer, on the ring or on TCP. Every fatal error it reports
 //! names the peer.
 
-use super::queues::QueueLink;
-use super::queues::CLOSE_BYTE;
+use super::queues::{QueueLink, CLOSE_BYTE};
 use crate::card::Card;
 use crate::channel::{Alive, Channel, RxHalf, WaitPolicy};
 use crate::error::{Error, Result};
@@ -188,10 +187,16 @@ impl Link {
             self.watched(),
             self.timeout,
         );
-        if let (Err(Error::PeerGone(_)), Imp::Queue(q)) = (&r, &self.imp) {
+        self.tell_queue_if_gone(&r);
+        r.map_err(|e| self.ctx(e))
+    }
+
+    /// A queue link whose peer is gone tells its queue: the peer may have
+    /// left a record reserved there and never published.
+    fn tell_queue_if_gone<T>(&self, r: &Result<T>) {
+        if let (Err(Error::PeerGone(_)), Imp::Queue(q)) = (r, &self.imp) {
             q.peer_died();
         }
-        r.map_err(|e| self.ctx(e))
     }
 
     /// Counts an empty poll; every [`ALIVE_EVERY`] of them, checks the peer.
@@ -227,7 +232,7 @@ impl Link {
         if finished.map_err(|e| self.ctx(e))? {
             return Err(self.ctx(Error::Closed));
         }
-        if matches!(self.imp, Imp::Queue(_)) && self.peer_said_close() {
+        if self.peer_said_close() {
             // Reported at the next idle check: a poll comes first, and takes
             // what the peer sent before it closed.
             return Ok(());
@@ -302,15 +307,12 @@ impl Link {
             Imp::Tcp(t) => f(Blocking::Tcp(t, timeout)),
             Imp::Queue(q) => {
                 let ctl = ctl();
-                let r = f(Blocking::Queue(q, ctl, &mut || {
+                f(Blocking::Queue(q, ctl, &mut || {
                     peer_alive(hv, dom, ctl, timeout)
-                }));
-                if let Err(Error::PeerGone(_)) = &r {
-                    q.peer_died();
-                }
-                r
+                }))
             }
         };
+        self.tell_queue_if_gone(&r);
         r.map_err(|e| self.ctx(e))
     }
 

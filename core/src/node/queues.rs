@@ -149,7 +149,7 @@ impl Hub {
         polls: bool,
     ) -> Result<Hub> {
         let geo = Geometry::new(data_size, max_record, queue::MAX_SLOTS)?;
-        let (region, _first) = hv.share_domain(domain, geo.region_bytes())?;
+        let region = hv.share_domain(domain, geo.region_bytes())?;
         let nonce = hypervisor::random_u64();
         // SAFETY: a fresh, zeroed, page-aligned region of region_bytes that
         // nobody maps yet.
@@ -222,7 +222,7 @@ impl Hub {
             bell_desc: Vec::new(),
             bell: None,
         };
-        offer.grant = self.region.offer_again()?;
+        offer.grant = self.region.offer()?;
         let words = {
             let mut g = self.rx();
             let c = g.rx.consumer();
@@ -429,13 +429,50 @@ pub(super) struct QueueLink {
 /// it sent is in the queue before it.
 pub(super) const CLOSE_BYTE: u8 = b'C';
 
-/// A peer's queue for this domain, mapped, with this process's slot in it
-/// and the doorbell it rings the queue by.
+/// A peer's queue for this domain, mapped, with this process attached as
+/// the producer of its slot in it, and the doorbell it rings the queue by.
 pub(super) struct PeerQueue {
-    pub region: Box<dyn Region>,
-    pub geo: Geometry,
-    pub slot: usize,
-    pub bell: Box<dyn Doorbell>,
+    /// Attached to `region` (declared first: dropped before it).
+    producer: Producer,
+    max_record: usize,
+    region: Box<dyn Region>,
+    bell: Box<dyn Doorbell>,
+}
+
+impl PeerQueue {
+    /// Maps the queue a peer offered (`grant`, geometry `geo` checked by
+    /// [`check_offer`]) and attaches to it as the producer of `slot`,
+    /// after checking its control page; then connects to its doorbell
+    /// (`bell`). Returns it and the nonce read in it.
+    pub fn map(
+        hv: &dyn Hypervisor,
+        peer: &Card,
+        grant: &[u8],
+        bell: &[u8],
+        geo: Geometry,
+        slot: usize,
+    ) -> Result<(PeerQueue, u64)> {
+        let region = hv.map(peer.domain, grant, geo.region_bytes())?;
+        if region.len() < geo.region_bytes() {
+            return Err(Error::Broken(Violation::BadGeometry));
+        }
+        // SAFETY: the mapping holds region_bytes and lives as long as the
+        // producer (the struct drops the producer first).
+        let producer = unsafe { Producer::attach(region.as_ptr(), geo, slot) }?;
+        let words = BellWords {
+            wait: producer.slot_bell(),
+            ring: producer.bell(),
+        };
+        let bell = hv.bell_accept(peer.domain, bell, words)?;
+        let nonce = producer.nonce();
+        let pq = PeerQueue {
+            producer,
+            max_record: geo.max_record,
+            region,
+            bell,
+        };
+        Ok((pq, nonce))
+    }
 }
 
 impl QueueLink {
@@ -443,28 +480,20 @@ impl QueueLink {
     /// receives slot `slot` of `hub`.
     pub fn new(pq: PeerQueue, hub: Arc<Hub>, slot: usize, polls: bool) -> Result<QueueLink> {
         let PeerQueue {
+            producer: mut p,
+            max_record,
             region,
-            geo,
-            slot: my_slot,
             bell,
         } = pq;
-        if region.len() < geo.region_bytes() {
-            return Err(Error::Invalid(
-                "queue mapping shorter than its geometry".into(),
-            ));
-        }
-        // SAFETY: the mapping holds region_bytes and lives as long as the
-        // link, dropped after the producer.
-        let mut p = unsafe { Producer::attach(region.as_ptr(), geo, my_slot) }?;
         if polls {
             p.declare_polling();
         }
         p.learn_peer();
         Ok(QueueLink {
-            tx: QueueTx::new(p, geo.max_record)?,
+            tx: QueueTx::new(p, max_record)?,
             tx_bell: bell,
             _tx_region: region,
-            max_record: geo.max_record,
+            max_record,
             polls,
             hub,
             slot,
@@ -472,16 +501,6 @@ impl QueueLink {
             held_buf: Vec::new(),
             stats: Stats::default(),
             peer_closed: false,
-        })
-    }
-
-    /// The doorbell words a producer of a mapped queue uses.
-    pub fn producer_words(region: &dyn Region, geo: Geometry, slot: usize) -> Result<BellWords> {
-        // SAFETY: as in `new`: a checked attach to read the words' places.
-        let p = unsafe { Producer::attach(region.as_ptr(), geo, slot) }?;
-        Ok(BellWords {
-            wait: p.slot_bell(),
-            ring: p.bell(),
         })
     }
 
@@ -500,17 +519,7 @@ impl QueueLink {
         if self.peer_closed {
             return false;
         }
-        let mut b = [0u8; 1];
-        // SAFETY: recv into a 1-byte buffer, peeking, without blocking.
-        let r = unsafe {
-            libc::recv(
-                std::os::fd::AsRawFd::as_raw_fd(ctl),
-                b.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        self.peer_closed = r == 1 && b[0] == CLOSE_BYTE;
+        self.peer_closed = matches!(crate::tcp::peek_byte(ctl), Ok(Some(CLOSE_BYTE)));
         self.peer_closed
     }
 
@@ -518,9 +527,13 @@ impl QueueLink {
         self.peer_closed
     }
 
-    fn sent(&mut self, ring: bool, len: usize) -> Result<()> {
-        self.stats.tx_msgs += 1;
-        self.stats.tx_bytes += len as u64;
+    /// Counts a message of `len` bytes that went whole (`done`), and rings
+    /// the peer's queue when its consumer sleeps (`ring`).
+    fn sent(&mut self, done: bool, ring: bool, len: usize) -> Result<()> {
+        if done {
+            self.stats.tx_msgs += 1;
+            self.stats.tx_bytes += len as u64;
+        }
         if ring {
             self.stats.tx_doorbells += 1;
             self.tx_bell.notify()?;
@@ -538,7 +551,7 @@ impl QueueLink {
             });
         }
         match self.tx.producer().push(kind::MSG, tag, parts)? {
-            Some(ring) => self.sent(ring, len).map(|_| true),
+            Some(ring) => self.sent(true, ring, len).map(|_| true),
             None => Ok(false),
         }
     }
@@ -553,14 +566,7 @@ impl QueueLink {
     pub fn try_send_more(&mut self, tag: u8, msg: &[u8], sent: &mut usize) -> Result<bool> {
         let mut ring = false;
         let done = self.tx.try_send(tag, msg, sent, &mut ring)?;
-        if ring {
-            self.stats.tx_doorbells += 1;
-            self.tx_bell.notify()?;
-        }
-        if done {
-            self.stats.tx_msgs += 1;
-            self.stats.tx_bytes += msg.len() as u64;
-        }
+        self.sent(done, ring, msg.len())?;
         Ok(done)
     }
 
@@ -722,24 +728,4 @@ pub(super) fn check_offer(
         )));
     }
     Ok(geo)
-}
-
-/// Maps a peer's queue for this domain and reads its nonce.
-pub(super) fn map_peer_queue(
-    hv: &dyn Hypervisor,
-    peer: &Card,
-    grant: &[u8],
-    geo: Geometry,
-) -> Result<(Box<dyn Region>, u64)> {
-    let region = hv.map(peer.domain, grant, geo.region_bytes())?;
-    if region.len() < geo.region_bytes() {
-        return Err(Error::Broken(Violation::BadGeometry));
-    }
-    // SAFETY: the control page lies at the start of the mapping; the word
-    // is read once, atomically (the peer may write it).
-    let nonce = unsafe {
-        (*(region.as_ptr().add(queue::OFF_NONCE) as *const std::sync::atomic::AtomicU64))
-            .load(std::sync::atomic::Ordering::Acquire)
-    };
-    Ok((region, nonce))
 }

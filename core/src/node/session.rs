@@ -234,8 +234,7 @@ impl Inner {
             (Some(hv), true) => hv,
             (None, _) => {
                 let why = format!("tcp: {}", self.no_ring);
-                w.send(&Msg::TcpOnly(why.clone()))?;
-                return Ok((PathKind::Tcp, why, None));
+                return stay_on_tcp(w, why, Msg::TcpOnly);
             }
             (Some(_), false) => {
                 let why = match (peer.backend, self.card.backend) {
@@ -245,8 +244,7 @@ impl Inner {
                     }
                     _ => "tcp: peer is on another host".to_string(),
                 };
-                w.send(&Msg::TcpOnly(why.clone()))?;
-                return Ok((PathKind::Tcp, why, None));
+                return stay_on_tcp(w, why, Msg::TcpOnly);
             }
         };
         // The queue path where asked for and the backend can share a queue
@@ -271,8 +269,7 @@ impl Inner {
             Ok(o) => o,
             Err(e) => {
                 let why = format!("tcp: could not share a ring: {e}");
-                w.send(&Msg::TcpOnly(why.clone()))?;
-                return Ok((PathKind::Tcp, why, None));
+                return stay_on_tcp(w, why, Msg::TcpOnly);
             }
         };
         if !self.cfg.wait.sleep {
@@ -300,9 +297,7 @@ impl Inner {
         Ok(match w.expect(&[ty::MAPPED, ty::REFUSED])? {
             Msg::Refused(why) => peer_refused(&why, "the ring"),
             Msg::Mapped(n) if n != nonce => {
-                let why = "tcp: nonce read by the peer differs (not the same memory)".to_string();
-                w.send(&Msg::Abort(why.clone()))?;
-                (PathKind::Tcp, why, None)
+                return stay_on_tcp(w, NONCE_DIFFERS.to_string(), Msg::Abort)
             }
             _ => {
                 w.send(&Msg::Switch)?;
@@ -343,8 +338,7 @@ impl Inner {
             Ok(x) => x,
             Err(e) => {
                 let why = format!("tcp: could not share a receive queue: {e}");
-                w.send(&Msg::TcpOnly(why.clone()))?;
-                return Ok((PathKind::Tcp, why, None));
+                return stay_on_tcp(w, why, Msg::TcpOnly);
             }
         };
         w.send(&queue_offer(&hub, &mut offer, None))?;
@@ -352,8 +346,7 @@ impl Inner {
         if let Err(e) = hub.serve(&mut offer, w.deadline, w.fd()) {
             let why = format!("tcp: could not hand the queue over: {e}");
             let _ = w.expect(&[ty::QMAPPED, ty::REFUSED]);
-            w.send(&Msg::Abort(why.clone()))?;
-            return Ok((PathKind::Tcp, why, None));
+            return stay_on_tcp(w, why, Msg::Abort);
         }
         let (nonce, theirs) = match w.expect(&[ty::QMAPPED, ty::REFUSED])? {
             Msg::Refused(why) => return Ok(peer_refused(&why, "the queue")),
@@ -361,9 +354,7 @@ impl Inner {
             _ => unreachable!("expect() checked the type"),
         };
         if nonce != hub.nonce() {
-            let why = "tcp: nonce read by the peer differs (not the same memory)".to_string();
-            w.send(&Msg::Abort(why.clone()))?;
-            return Ok((PathKind::Tcp, why, None));
+            return stay_on_tcp(w, NONCE_DIFFERS.to_string(), Msg::Abort);
         }
         let mapped = self.map_queue(hv, peer, &theirs).and_then(|(pq, nonce)| {
             let q = QueueLink::new(pq, hub.clone(), offer.slot, !self.cfg.wait.sleep)?;
@@ -405,17 +396,7 @@ impl Inner {
             max_size,
             self.cfg.min_record,
         )?;
-        let slot = o.slot as usize;
-        let (region, nonce) = queues::map_peer_queue(hv, peer, &o.grant, geo)?;
-        let words = QueueLink::producer_words(&*region, geo, slot)?;
-        let bell = hv.bell_accept(peer.domain, &o.bell, words)?;
-        let pq = queues::PeerQueue {
-            region,
-            geo,
-            slot,
-            bell,
-        };
-        Ok((pq, nonce))
+        queues::PeerQueue::map(hv, peer, &o.grant, &o.bell, geo, o.slot as usize)
     }
 
     /// The acceptor's side of the queue path, after the initiator's offer
@@ -430,22 +411,20 @@ impl Inner {
                     "queue offer from a peer on another host".into(),
                 ));
             }
-            // Our queue like the offered one when this side has no queue
-            // size of its own (a job's ranks normally agree).
-            let qgeo = match self.cfg.queue_geometry()? {
-                Some(g) => g,
-                None => queues::check_offer(
-                    o.data_size as usize,
-                    o.max_record as usize,
-                    crate::queue::MAX_SLOTS,
-                    0,
-                    self.cfg.ring_size * 16,
-                    self.cfg.min_record,
-                )?,
-            };
             // Mapped first: the initiator holds its queue's turn until we
             // fetched it, and our own turn may wait for another offer.
             let (pq, nonce) = self.map_queue(&*hv, peer, &o)?;
+            // Our queue like the offered one (checked by the map) when this
+            // side has no queue size of its own (a job's ranks normally
+            // agree).
+            let qgeo = match self.cfg.queue_geometry()? {
+                Some(g) => g,
+                None => crate::queue::Geometry::new(
+                    o.data_size as usize,
+                    o.max_record as usize,
+                    crate::queue::MAX_SLOTS,
+                )?,
+            };
             let hub = self.hub(&*hv, peer.domain, qgeo)?;
             let offer = hub.offer(&*hv)?;
             let q = QueueLink::new(pq, hub.clone(), offer.slot, !self.cfg.wait.sleep)?;
@@ -460,9 +439,7 @@ impl Inner {
         let why = match (w.expect(&[ty::MAPPED, ty::REFUSED])?, served) {
             (Msg::Refused(why), _) => return Ok(peer_refused(&why, "the queue")),
             (_, Err(e)) => format!("tcp: could not hand the queue over: {e}"),
-            (Msg::Mapped(n), _) if n != hub.nonce() => {
-                "tcp: nonce read by the peer differs (not the same memory)".to_string()
-            }
+            (Msg::Mapped(n), _) if n != hub.nonce() => NONCE_DIFFERS.to_string(),
             _ => {
                 // Admitted before SWITCH, after which the peer sends.
                 let slot = hub.admit(offer, self.cfg.max_message)?;
@@ -474,8 +451,7 @@ impl Inner {
                 ));
             }
         };
-        w.send(&Msg::Abort(why.clone()))?;
-        Ok((PathKind::Tcp, why, None))
+        stay_on_tcp(w, why, Msg::Abort)
     }
 
     /// The full card of an initiator that proved it knows this node's key
@@ -650,6 +626,17 @@ impl Inner {
 
 /// The path a handshake agreed on: its kind, why, and what it set up.
 type Path = (PathKind, String, Option<Made>);
+
+/// Why a pair stays on TCP when the nonce its peer echoed is not the one
+/// in the region offered.
+const NONCE_DIFFERS: &str = "tcp: nonce read by the peer differs (not the same memory)";
+
+/// Tells the peer why this side stays on TCP (`msg`: TCPONLY or ABORT)
+/// and stays there.
+fn stay_on_tcp(w: &mut Wire, why: String, msg: fn(String) -> Msg) -> Result<Path> {
+    w.send(&msg(why.clone()))?;
+    Ok((PathKind::Tcp, why, None))
+}
 
 /// The peer could not map `what` this side offered (it said `why`): TCP.
 fn peer_refused(why: &str, what: &str) -> Path {
