@@ -60,8 +60,9 @@ struct Rx {
     /// Messages of each slot taken by another slot's poll, in order.
     stash: Vec<VecDeque<(u8, Box<[u8]>)>>,
     stashed: usize,
-    /// Per slot: the doorbell that wakes its producer.
-    bells: Vec<Option<Box<dyn Doorbell>>>,
+    /// Per slot: the doorbell that wakes its producer (shared: a blocking
+    /// receive sleeps on it without holding the lock).
+    bells: Vec<Option<Arc<dyn Doorbell>>>,
     /// Slots whose link went away: their records are passed over.
     gone: Vec<bool>,
     /// Why the queue broke, for good.
@@ -256,7 +257,7 @@ impl Hub {
         offer.end_turn();
         let mut g = self.rx();
         g.rx.admit(offer.slot, max_message)?;
-        g.bells[offer.slot] = offer.bell.take();
+        g.bells[offer.slot] = offer.bell.take().map(Arc::from);
         Ok(offer.slot)
     }
 
@@ -385,7 +386,7 @@ impl Hub {
         let mut g = self.rx();
         let wake = g.rx.consumer().flush();
         g.ring(wake);
-        let Some(bell) = g.bells[slot].as_ref() else {
+        let Some(bell) = g.bells[slot].clone() else {
             return;
         };
         let token = bell.prepare();
@@ -393,11 +394,10 @@ impl Hub {
             g.rx.consumer().finish_sleep();
             return;
         }
+        // Asleep without the lock: the queue's other links poll meanwhile.
         drop(g);
         // A doorbell that fails leaves the time-limited sleep.
-        let _ = self.rx().bells[slot]
-            .as_ref()
-            .map(|b| b.wait(token, timeout));
+        let _ = bell.wait(token, timeout);
         self.rx().rx.consumer().finish_sleep();
     }
 }

@@ -345,6 +345,8 @@ impl Inner {
         // Hand the region over while the peer maps it (host backend).
         if let Err(e) = hub.serve(&mut offer, w.deadline, w.fd()) {
             let why = format!("tcp: could not hand the queue over: {e}");
+            // The peer answers first (QMAPPED: it then takes ABORT; REFUSED:
+            // its TCP link passes the ABORT over, as after a ring's).
             let _ = w.expect(&[ty::QMAPPED, ty::REFUSED]);
             return stay_on_tcp(w, why, Msg::Abort);
         }
@@ -436,8 +438,10 @@ impl Inner {
         };
         w.send(&queue_offer(&hub, &mut offer, Some(nonce)))?;
         let served = hub.serve(&mut offer, w.deadline, w.fd());
-        let why = match (w.expect(&[ty::MAPPED, ty::REFUSED])?, served) {
+        let why = match (w.expect(&[ty::MAPPED, ty::REFUSED, ty::ABORT])?, served) {
             (Msg::Refused(why), _) => return Ok(peer_refused(&why, "the queue")),
+            // The initiator could not hand its own queue over.
+            (Msg::Abort(why), _) => return Ok((PathKind::Tcp, why, None)),
             (_, Err(e)) => format!("tcp: could not hand the queue over: {e}"),
             (Msg::Mapped(n), _) if n != hub.nonce() => NONCE_DIFFERS.to_string(),
             _ => {
