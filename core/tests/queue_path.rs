@@ -220,6 +220,56 @@ fn a_peer_that_closes_is_read_to_its_end_then_closed() {
     drop(t.join().unwrap());
 }
 
+/// A queue whose last link went is given back: the domain's next peer
+/// gets a new queue (slot 0 again), not slot 1 of the old one.
+#[test]
+fn a_queue_whose_links_all_went_is_given_back() {
+    let d = dir("back");
+    let nodes: Vec<Node> = (0..4)
+        .map(|_| Node::new(cfg(&d, 16 << 10)).unwrap())
+        .collect();
+    for a in &nodes {
+        for b in &nodes {
+            if a.card().id != b.card().id {
+                a.admit(b.card()).unwrap();
+            }
+        }
+    }
+    let pair = |i: usize, j: usize| {
+        let (a, b) = (&nodes[i], &nodes[j]);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| b.link(a.card()).unwrap());
+            (a.link(b.card()).unwrap(), t.join().unwrap())
+        })
+    };
+    let slot_of_ours = |l: &Link| {
+        assert_eq!(l.path(), PathKind::Queue, "{}", l.reason());
+        let r = l.reason();
+        let at = r.find("slot ").expect("a slot in the reason") + 5;
+        r[at..].split(' ').next().unwrap().parse::<usize>().unwrap()
+    };
+    let (mut l01, mut l10) = pair(0, 1);
+    assert_eq!(slot_of_ours(&l01), 0);
+    l01.send(7, b"first").unwrap();
+    let mut m = Vec::new();
+    assert_eq!(l10.recv(&mut m, None).unwrap(), 7);
+    assert_eq!(m, b"first");
+    drop((l01, l10));
+    // Node 0's queue for this domain had one link, now none.
+    let (mut l02, mut l20) = pair(0, 2);
+    assert_eq!(slot_of_ours(&l02), 0, "{}", l02.reason());
+    l20.send(9, b"second").unwrap();
+    assert_eq!(l02.recv(&mut m, None).unwrap(), 9);
+    assert_eq!(m, b"second");
+    // While a link holds it, the queue stays: node 1's next peer gets the
+    // next slot of node 1's queue, which its link to node 2 holds.
+    let (l12, _l21) = pair(1, 2);
+    let first = slot_of_ours(&l12);
+    let (l13, _l31) = pair(1, 3);
+    assert_eq!(slot_of_ours(&l13), first + 1, "{}", l13.reason());
+    drop(l12);
+}
+
 #[test]
 fn a_queue_too_small_for_the_smallest_record_is_refused() {
     let d = dir("cfg");

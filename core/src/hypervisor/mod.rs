@@ -161,6 +161,15 @@ pub trait Doorbell: Send + Sync {
     fn notify(&self) -> Result<()>;
 }
 
+/// The doorbells of one receive queue, from [`Hypervisor::bell_group`]:
+/// one per producer, all on one waiting point, so that the consumer,
+/// waiting on any of them, wakes when any producer rings.
+pub trait BellGroup: Send + Sync {
+    /// Offers the doorbell of one more producer (as
+    /// [`Hypervisor::bell_offer`] does for a pair).
+    fn offer(&self, words: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)>;
+}
+
 /// A hypervisor backend.
 pub trait Hypervisor: Send + Sync {
     /// Which backend this is.
@@ -188,6 +197,17 @@ pub trait Hypervisor: Send + Sync {
     /// Whether [`Hypervisor::share_domain`] works on this backend.
     fn shares_domains(&self) -> bool {
         false
+    }
+    /// The doorbells of a receive queue shared with domain `peer`, where a
+    /// doorbell of [`Hypervisor::bell_offer`] would wake its consumer for
+    /// its own producer only (Xen: an event channel per pair, one
+    /// `/dev/xen/evtchn` file for the queue). `None` where each doorbell
+    /// offered with the queue's [`BellWords`] already wakes the consumer
+    /// for all (the host backend's futex words: the consumer sleeps on
+    /// the queue's word).
+    fn bell_group(&self, peer: u32) -> Result<Option<Box<dyn BellGroup>>> {
+        let _ = peer;
+        Ok(None)
     }
     /// Maps `len` bytes that domain `peer` shared under `desc`.
     fn map(&self, peer: u32, desc: &[u8], len: usize) -> Result<Box<dyn Region>>;

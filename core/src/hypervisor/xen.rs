@@ -18,10 +18,17 @@
 //!   a reference it already maps for another link (two links over the same
 //!   pages would let one peer write into the other's ring), and at most
 //!   [`MAX_PEER_PAGES`] pages of one peer domain at once ([`Grants`]).
+//! - [`Hypervisor::share_domain`] grants a receive queue's pages once to
+//!   the peer domain; [`Region::offer`] gives every process there the same
+//!   references (each maps them through its own gntdev, and proves it by
+//!   the queue's nonce).
 //! - Doorbells are interdomain event channels, each on its own
 //!   `/dev/xen/evtchn` file: the offerer allocates an unbound port for the
 //!   peer, the acceptor binds to it; `notify` is `IOCTL_EVTCHN_NOTIFY`; `wait`
 //!   polls the file, reads the fired port and writes it back to unmask it.
+//!   A receive queue's doorbells ([`Hypervisor::bell_group`]) are one port
+//!   per producer on one file: its consumer, waiting on the file, wakes when
+//!   any producer rings, and rings each producer on its own port.
 //!   An event is latched by the kernel until read, so a notification between
 //!   [`Doorbell::prepare`] and [`Doorbell::wait`] is never lost. The
 //!   memory-based [`BellWords`] are not used.
@@ -51,7 +58,7 @@ pub mod alive;
 pub mod desc;
 pub mod xenstore;
 
-use super::{BackendKind, BellWords, Doorbell, Hypervisor, Region};
+use super::{BackendKind, BellGroup, BellWords, Doorbell, Hypervisor, Region};
 use crate::error::{Error, Result};
 use abi::{DomId, EvtchnPort, GrantRef, XEN_PAGE_SIZE};
 use std::collections::{HashMap, HashSet};
@@ -499,6 +506,9 @@ pub struct XenRegion {
     index: u64,
     pages: usize,
     origin: Origin,
+    /// The descriptor of a region shared with a whole domain (a receive
+    /// queue), which [`Region::offer`] gives to each process there.
+    offer: Option<Vec<u8>>,
 }
 
 // SAFETY: the mapping is process-wide and stays valid until drop; the fd is
@@ -521,6 +531,13 @@ impl Region for XenRegion {
     /// whole when the region is mapped (the peer's).
     fn pages_up_front(&self) -> bool {
         true
+    }
+    /// The same references for every process of the domain: the grant
+    /// names the domain, and each process proves its map by the nonce.
+    fn offer(&self) -> Result<Vec<u8>> {
+        self.offer.clone().ok_or_else(|| {
+            Error::Backend("this region was shared with one peer, not with a domain".into())
+        })
     }
 }
 
@@ -553,41 +570,25 @@ impl Hypervisor for XenBackend {
 
     fn share(&self, peer: u32, len: usize) -> Result<(Box<dyn Region>, Vec<u8>)> {
         let peer = domid(peer)?;
-        let pages = desc::pages_for(len)?;
-        let limit = self.root.gntalloc_limit();
-        if pages > limit {
-            return Err(Error::Backend(format!(
-                "{pages} pages exceed gntalloc's limit of {limit} \
-                 (/sys/module/xen_gntalloc/parameters/limit)"
-            )));
-        }
-        // (once: the marker the peer watches; harmless when it fails)
-        let _ = self.domains.publish();
-        let (index, refs) = gntalloc_alloc(&self.gntalloc, peer, pages)?;
-        let ptr = match mmap_dev(
-            &self.gntalloc,
-            len,
-            index,
-            &format!("gntalloc: {pages} pages for domain {peer}"),
-        ) {
-            Ok(p) => p,
-            Err(e) => {
-                gntalloc_dealloc(&self.gntalloc, index, pages);
-                return Err(e);
-            }
-        };
-        let region = XenRegion {
-            ptr,
-            len,
-            fd: Arc::clone(&self.gntalloc),
-            index,
-            pages,
-            origin: Origin::Granted,
-        };
+        let (region, refs) = self.grant(peer, len)?;
         Ok((
             Box::new(region),
             desc::encode_grants(self.domid, peer, &refs),
         ))
+    }
+
+    /// A receive queue's pages are granted once to the peer domain; every
+    /// process there maps the same references (gntdev maps a grant as
+    /// often as it is asked to; each process maps a queue once).
+    fn share_domain(&self, peer: u32, len: usize) -> Result<Box<dyn Region>> {
+        let peer = domid(peer)?;
+        let (mut region, refs) = self.grant(peer, len)?;
+        region.offer = Some(desc::encode_grants(self.domid, peer, &refs));
+        Ok(Box::new(region))
+    }
+
+    fn shares_domains(&self) -> bool {
+        true
     }
 
     fn map(&self, peer: u32, d: &[u8], len: usize) -> Result<Box<dyn Region>> {
@@ -627,46 +628,40 @@ impl Hypervisor for XenBackend {
                 peer,
                 refs,
             },
+            offer: None,
         }))
     }
 
     fn bell_offer(&self, peer: u32, _words: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)> {
         let peer = domid(peer)?;
-        let fd = open_dev(&self.root.path(EVTCHN.path), libc::O_NONBLOCK)?;
-        let mut op = abi::EvtchnBindUnboundPort {
-            remote_domain: libc::c_uint::from(peer),
-        };
-        // SAFETY: the fixed-size argument of IOCTL_EVTCHN_BIND_UNBOUND_PORT.
-        let port = unsafe {
-            ioctl(
-                &fd,
-                abi::IOCTL_EVTCHN_BIND_UNBOUND_PORT,
-                std::ptr::addr_of_mut!(op).cast(),
-                &format!("evtchn: allocate a port for domain {peer}"),
-            )?
-        } as EvtchnPort;
-        let bell = EvtchnBell::new(fd, port);
+        let file = self.evtchn_file()?;
+        let port = file.bind_unbound(peer)?;
+        let bell = EvtchnBell { file, port };
         Ok((Box::new(bell), desc::encode_bell(self.domid, peer, port)))
+    }
+
+    fn bell_group(&self, peer: u32) -> Result<Option<Box<dyn BellGroup>>> {
+        Ok(Some(Box::new(EvtchnGroup {
+            file: self.evtchn_file()?,
+            domid: self.domid,
+            peer: domid(peer)?,
+        })))
     }
 
     fn bell_accept(&self, peer: u32, d: &[u8], _words: BellWords) -> Result<Box<dyn Doorbell>> {
         let peer = domid(peer)?;
         let remote = desc::parse_bell(d, peer, self.domid)?;
-        let fd = open_dev(&self.root.path(EVTCHN.path), libc::O_NONBLOCK)?;
+        let file = self.evtchn_file()?;
         let mut op = abi::EvtchnBindInterdomain {
             remote_domain: libc::c_uint::from(peer),
             remote_port: remote,
         };
-        // SAFETY: the fixed-size argument of IOCTL_EVTCHN_BIND_INTERDOMAIN.
-        let port = unsafe {
-            ioctl(
-                &fd,
-                abi::IOCTL_EVTCHN_BIND_INTERDOMAIN,
-                std::ptr::addr_of_mut!(op).cast(),
-                &format!("evtchn: bind to port {remote} of domain {peer}"),
-            )?
-        } as EvtchnPort;
-        Ok(Box::new(EvtchnBell::new(fd, port)))
+        let port = file.bind(
+            abi::IOCTL_EVTCHN_BIND_INTERDOMAIN,
+            &mut op,
+            &format!("evtchn: bind to port {remote} of domain {peer}"),
+        )?;
+        Ok(Box::new(EvtchnBell { file, port }))
     }
 
     fn describe(&self) -> String {
@@ -688,6 +683,49 @@ impl Hypervisor for XenBackend {
 }
 
 impl XenBackend {
+    /// Grants `len` bytes of new pages to `peer` and maps them here.
+    fn grant(&self, peer: DomId, len: usize) -> Result<(XenRegion, Vec<GrantRef>)> {
+        let pages = desc::pages_for(len)?;
+        let limit = self.root.gntalloc_limit();
+        if pages > limit {
+            return Err(Error::Backend(format!(
+                "{pages} pages exceed gntalloc's limit of {limit} \
+                 (/sys/module/xen_gntalloc/parameters/limit)"
+            )));
+        }
+        // (once: the marker the peer watches; harmless when it fails)
+        let _ = self.domains.publish();
+        let (index, refs) = gntalloc_alloc(&self.gntalloc, peer, pages)?;
+        let ptr = match mmap_dev(
+            &self.gntalloc,
+            len,
+            index,
+            &format!("gntalloc: {pages} pages for domain {peer}"),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                gntalloc_dealloc(&self.gntalloc, index, pages);
+                return Err(e);
+            }
+        };
+        let region = XenRegion {
+            ptr,
+            len,
+            fd: Arc::clone(&self.gntalloc),
+            index,
+            pages,
+            origin: Origin::Granted,
+            offer: None,
+        };
+        Ok((region, refs))
+    }
+
+    /// A `/dev/xen/evtchn` file for new doorbells.
+    fn evtchn_file(&self) -> Result<Arc<EvtchnFile>> {
+        let fd = open_dev(&self.root.path(EVTCHN.path), libc::O_NONBLOCK)?;
+        Ok(Arc::new(EvtchnFile::new(fd)))
+    }
+
     /// Publishes this domain's marker (see [`alive`]; for tools and tests:
     /// rings do it themselves).
     pub fn publish_marker(&self) -> Result<()> {
@@ -708,48 +746,71 @@ impl XenBackend {
     }
 }
 
-/// A doorbell made of one interdomain event channel on its own
-/// `/dev/xen/evtchn` file (opened non-blocking).
-pub struct EvtchnBell {
+/// A `/dev/xen/evtchn` file (opened non-blocking) and the ports bound on
+/// it: one for a pair's doorbell, one per producer for a receive queue's
+/// ([`EvtchnGroup`]). Whoever waits on the file wakes when any of its
+/// ports fires.
+struct EvtchnFile {
     fd: OwnedFd,
-    port: EvtchnPort,
-    /// Events consumed by [`Doorbell::wait`]: the token.
+    /// The ports bound on this file: only they are counted and unmasked.
+    ports: Mutex<Vec<EvtchnPort>>,
+    /// Times events were consumed by a wait: the doorbells' token.
     seen: AtomicU64,
 }
 
-impl EvtchnBell {
-    fn new(fd: OwnedFd, port: EvtchnPort) -> Self {
-        EvtchnBell {
+impl EvtchnFile {
+    fn new(fd: OwnedFd) -> Self {
+        EvtchnFile {
             fd,
-            port,
+            ports: Mutex::new(Vec::new()),
             seen: AtomicU64::new(0),
         }
     }
 
-    /// The local port.
-    pub fn port(&self) -> EvtchnPort {
-        self.port
+    fn ports(&self) -> std::sync::MutexGuard<'_, Vec<EvtchnPort>> {
+        self.ports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Re-enables delivery of our port after it fired.
-    fn unmask(&self) -> Result<()> {
-        let b = self.port.to_ne_bytes();
+    /// Runs a bind ioctl (`req`, argument `op`) on the file: the new port,
+    /// counted from now.
+    fn bind<T>(&self, req: u32, op: &mut T, what: &str) -> Result<EvtchnPort> {
+        // SAFETY: the callers pass the fixed-size argument `req` takes.
+        let port = unsafe { ioctl(&self.fd, req, (op as *mut T).cast(), what)? } as EvtchnPort;
+        self.ports().push(port);
+        Ok(port)
+    }
+
+    /// Allocates a port for `peer` to bind to.
+    fn bind_unbound(&self, peer: DomId) -> Result<EvtchnPort> {
+        let mut op = abi::EvtchnBindUnboundPort {
+            remote_domain: libc::c_uint::from(peer),
+        };
+        self.bind(
+            abi::IOCTL_EVTCHN_BIND_UNBOUND_PORT,
+            &mut op,
+            &format!("evtchn: allocate a port for domain {peer}"),
+        )
+    }
+
+    /// Re-enables delivery of `port` after it fired.
+    fn unmask(&self, port: EvtchnPort) -> Result<()> {
+        let b = port.to_ne_bytes();
         // SAFETY: writes 4 bytes from a local array.
         let r = unsafe { libc::write(self.fd.as_raw_fd(), b.as_ptr().cast(), b.len()) };
         if r != b.len() as isize {
             return Err(Error::Backend(format!(
-                "evtchn: unmask port {}: {}",
-                self.port,
+                "evtchn: unmask port {port}: {}",
                 std::io::Error::last_os_error()
             )));
         }
         Ok(())
     }
 
-    /// Takes the fired ports out of the file; true if ours was among them.
+    /// Takes the fired ports out of the file and unmasks those bound on
+    /// it; true if there was one.
     fn drain(&self) -> Result<bool> {
-        let mut ours = false;
-        loop {
+        let mut fired: Vec<EvtchnPort> = Vec::new();
+        let done = loop {
             let mut ports = [0u32; 16];
             // SAFETY: reads into a local array of the given size.
             let r = unsafe {
@@ -761,16 +822,21 @@ impl EvtchnBell {
             };
             if r > 0 {
                 let n = (r as usize / 4).min(ports.len());
-                ours |= ports[..n].contains(&self.port);
+                let ours = self.ports();
+                for p in &ports[..n] {
+                    if ours.contains(p) && !fired.contains(p) {
+                        fired.push(*p);
+                    }
+                }
                 continue;
             }
             if r == 0 {
-                return Ok(ours);
+                break Ok(());
             }
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
-                Some(libc::EAGAIN) => return Ok(ours),
+                Some(libc::EAGAIN) => break Ok(()),
                 Some(libc::EFBIG) => {
                     // The kernel's pending buffer overflowed: reset it and
                     // treat it as a notification.
@@ -785,15 +851,15 @@ impl EvtchnBell {
                     };
                     return Ok(true);
                 }
-                _ => return Err(Error::Backend(format!("evtchn: read: {e}"))),
+                _ => break Err(Error::Backend(format!("evtchn: read: {e}"))),
             }
+        };
+        // Unmasked even when the read failed after them: a masked port
+        // would never wake the file again.
+        for p in &fired {
+            self.unmask(*p)?;
         }
-    }
-}
-
-impl Doorbell for EvtchnBell {
-    fn prepare(&self) -> u64 {
-        self.seen.load(Ordering::Acquire)
+        done.map(|()| !fired.is_empty())
     }
 
     fn wait(&self, token: u64, timeout: Duration) -> Result<()> {
@@ -827,13 +893,12 @@ impl Doorbell for EvtchnBell {
         }
         if self.drain()? {
             self.seen.fetch_add(1, Ordering::AcqRel);
-            self.unmask()?;
         }
         Ok(())
     }
 
-    fn notify(&self) -> Result<()> {
-        let mut op = abi::EvtchnNotify { port: self.port };
+    fn notify(&self, port: EvtchnPort) -> Result<()> {
+        let mut op = abi::EvtchnNotify { port };
         // SAFETY: the fixed-size argument of IOCTL_EVTCHN_NOTIFY.
         unsafe {
             ioctl(
@@ -845,11 +910,10 @@ impl Doorbell for EvtchnBell {
         };
         Ok(())
     }
-}
 
-impl Drop for EvtchnBell {
-    fn drop(&mut self) {
-        let mut op = abi::EvtchnUnbind { port: self.port };
+    fn unbind(&self, port: EvtchnPort) {
+        self.ports().retain(|p| *p != port);
+        let mut op = abi::EvtchnUnbind { port };
         // SAFETY: the fixed-size argument of IOCTL_EVTCHN_UNBIND; closing the
         // file would unbind too.
         let _ = unsafe {
@@ -860,6 +924,76 @@ impl Drop for EvtchnBell {
                 "evtchn: unbind",
             )
         };
+    }
+}
+
+/// A doorbell made of one interdomain event channel: a port on a
+/// `/dev/xen/evtchn` file of its own, or on the file of a receive queue's
+/// [`EvtchnGroup`], where waiting on one doorbell wakes for any of them.
+pub struct EvtchnBell {
+    file: Arc<EvtchnFile>,
+    port: EvtchnPort,
+}
+
+impl EvtchnBell {
+    /// A doorbell on a file of its own, bound to `port` (the tests' stand-in
+    /// for the device).
+    #[cfg(test)]
+    fn new(fd: OwnedFd, port: EvtchnPort) -> Self {
+        let file = EvtchnFile::new(fd);
+        file.ports().push(port);
+        EvtchnBell {
+            file: Arc::new(file),
+            port,
+        }
+    }
+
+    /// The local port.
+    pub fn port(&self) -> EvtchnPort {
+        self.port
+    }
+}
+
+impl Doorbell for EvtchnBell {
+    fn prepare(&self) -> u64 {
+        self.file.seen.load(Ordering::Acquire)
+    }
+
+    fn wait(&self, token: u64, timeout: Duration) -> Result<()> {
+        self.file.wait(token, timeout)
+    }
+
+    fn notify(&self) -> Result<()> {
+        self.file.notify(self.port)
+    }
+}
+
+impl Drop for EvtchnBell {
+    fn drop(&mut self) {
+        self.file.unbind(self.port);
+    }
+}
+
+/// The doorbells of a receive queue: one unbound port per producer, all on
+/// one `/dev/xen/evtchn` file, so that the consumer waiting on any of them
+/// wakes when any producer rings.
+pub struct EvtchnGroup {
+    file: Arc<EvtchnFile>,
+    domid: DomId,
+    peer: DomId,
+}
+
+impl BellGroup for EvtchnGroup {
+    fn offer(&self, _words: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)> {
+        let port = self.file.bind_unbound(self.peer)?;
+        let bell = EvtchnBell {
+            file: Arc::clone(&self.file),
+            port,
+        };
+        Ok((
+            Box::new(bell),
+            desc::encode_bell(self.domid, self.peer, port),
+        ))
     }
 }
 
@@ -1072,6 +1206,49 @@ mod tests {
         let mut b = [0u8; 4];
         kernel.read_exact(&mut b).unwrap();
         assert_eq!(u32::from_ne_bytes(b), 9);
+    }
+
+    /// A receive queue's doorbells: ports 5 and 7 on one file.
+    #[test]
+    fn a_groups_doorbells_wake_for_any_of_its_ports() {
+        let (a, mut kernel) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let file = Arc::new(EvtchnFile::new(OwnedFd::from(a)));
+        file.ports().extend([5, 7]);
+        let five = EvtchnBell {
+            file: Arc::clone(&file),
+            port: 5,
+        };
+        let seven = EvtchnBell {
+            file: Arc::clone(&file),
+            port: 7,
+        };
+        // Port 7 fires (and a port of no doorbell here): waiting on 5's
+        // doorbell wakes, and only 7 is unmasked.
+        let t = five.prepare();
+        for p in [7u32, 3, 7] {
+            kernel.write_all(&p.to_ne_bytes()).unwrap();
+        }
+        let start = Instant::now();
+        five.wait(t, Duration::from_secs(10)).unwrap();
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_ne!(five.prepare(), t);
+        assert_eq!(seven.prepare(), five.prepare());
+        kernel.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 8];
+        let n = kernel.read(&mut b).unwrap();
+        assert_eq!(n, 4, "one unmask for port 7, none for port 3");
+        assert_eq!(u32::from_ne_bytes(b[..4].try_into().unwrap()), 7);
+        // A doorbell that goes leaves the group: its port is no longer
+        // counted, the other's still is.
+        drop(seven);
+        let t = five.prepare();
+        kernel.write_all(&7u32.to_ne_bytes()).unwrap();
+        five.wait(t, Duration::from_millis(200)).unwrap();
+        assert_eq!(five.prepare(), t);
+        kernel.write_all(&5u32.to_ne_bytes()).unwrap();
+        five.wait(t, Duration::from_secs(10)).unwrap();
+        assert_ne!(five.prepare(), t);
     }
 
     #[test]

@@ -80,9 +80,16 @@ struct Inner {
     workers: AtomicUsize,
     /// Ring space this node's producers share (`Config::ring_budget`).
     budget: Option<Arc<crate::ring::Budget>>,
-    /// The queue path: this process's receive queue for each peer domain.
-    hubs: Mutex<std::collections::HashMap<u32, Arc<queues::Hub>>>,
+    /// The queue path: this process's receive queue for each peer domain,
+    /// by backend (on Xen the ranks of this domU share the host backend's
+    /// queues, the other domUs Xen's). Held by its links: a queue whose
+    /// last link went (the job's end, a domain that died) is given back,
+    /// and the domain's next peer gets a new one.
+    hubs: Mutex<HubMap>,
 }
+
+type HubMap =
+    std::collections::HashMap<(hypervisor::BackendKind, u32), std::sync::Weak<queues::Hub>>;
 
 /// The shared-memory path a handshake set up.
 enum Made {
@@ -430,9 +437,10 @@ impl Inner {
         domain: u32,
         geo: crate::queue::Geometry,
     ) -> Result<Arc<queues::Hub>> {
+        let key = (hv.kind(), domain);
         let mut hubs = self.hubs.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = hubs.get(&domain) {
-            return Ok(h.clone());
+        if let Some(h) = hubs.get(&key).and_then(std::sync::Weak::upgrade) {
+            return Ok(h);
         }
         let h = Arc::new(queues::Hub::new(
             hv,
@@ -441,7 +449,8 @@ impl Inner {
             geo.max_record,
             !self.cfg.wait.sleep,
         )?);
-        hubs.insert(domain, h.clone());
+        hubs.retain(|_, h| h.strong_count() > 0);
+        hubs.insert(key, Arc::downgrade(&h));
         Ok(h)
     }
 

@@ -26,7 +26,7 @@
 use crate::card::Card;
 use crate::error::{Error, Result, Violation};
 use crate::frame::Stats;
-use crate::hypervisor::{self, BellWords, Doorbell, Hypervisor, Region};
+use crate::hypervisor::{self, BellGroup, BellWords, Doorbell, Hypervisor, Region};
 use crate::payload::Payload;
 use crate::queue::{self, Consumer, Geometry, Producer, Wake};
 use crate::queue_path::{QueueRx, QueueTx};
@@ -103,6 +103,9 @@ pub(super) struct Hub {
     /// to give out.
     offers: Mutex<(bool, usize)>,
     offers_cv: std::sync::Condvar,
+    /// The doorbells of the queue's producers, where the backend keeps
+    /// them together (Xen); `None`: each is offered on its own.
+    bell_group: Option<Box<dyn BellGroup>>,
     rx: Mutex<Rx>,
     /// The shared pages; dropped after everything that points into them.
     region: Box<dyn Region>,
@@ -151,6 +154,7 @@ impl Hub {
     ) -> Result<Hub> {
         let geo = Geometry::new(data_size, max_record, queue::MAX_SLOTS)?;
         let region = hv.share_domain(domain, geo.region_bytes())?;
+        let bell_group = hv.bell_group(domain)?;
         let nonce = hypervisor::random_u64();
         // SAFETY: a fresh, zeroed, page-aligned region of region_bytes that
         // nobody maps yet.
@@ -166,6 +170,7 @@ impl Hub {
             nonce,
             offers: Mutex::new((false, 0)),
             offers_cv: std::sync::Condvar::new(),
+            bell_group,
             rx: Mutex::new(Rx {
                 rx: QueueRx::new(c, geo.slots),
                 stash: (0..geo.slots).map(|_| VecDeque::new()).collect(),
@@ -232,7 +237,10 @@ impl Hub {
                 ring: c.slot_bell(slot),
             }
         };
-        let (bell, bell_desc) = hv.bell_offer(self.domain, words)?;
+        let (bell, bell_desc) = match &self.bell_group {
+            Some(g) => g.offer(words)?,
+            None => hv.bell_offer(self.domain, words)?,
+        };
         offer.bell = Some(bell);
         offer.bell_desc = bell_desc;
         Ok(offer)
