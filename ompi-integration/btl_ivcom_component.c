@@ -200,9 +200,10 @@ static int ivcom_register(void)
               "the host backend a network namespace: an emulated VM, a container; all "
               "ranks of one machine's mpirun are one domain), written by all of that "
               "domain's ranks, and co-resident pairs talk through those queues instead of "
-              "rings, so shared memory grows with the domains, not with the pairs. Only "
-              "the host backend offers queues so far: under xen, pairs across domUs keep "
-              "their rings",
+              "rings, so shared memory grows with the domains, not with the pairs. Under "
+              "xen a domain is a domU (its ranks use host queues among themselves); there "
+              "a pair whose fair share of gntalloc's page pool holds no rings takes queues "
+              "that fit the pool even when this is 0",
               &c->queue_size, 0);
     reg_ulong("piece_size",
               "Bytes of the pieces a large message is cut into while the receiver keeps up "

@@ -184,7 +184,9 @@ pub struct ivcom_config {
     /// pairs use rings of their own). Otherwise a power of two from 4 KiB
     /// to 1 GiB: each process keeps one queue per peer domain, shared by
     /// all that domain's processes, and co-resident pairs talk through
-    /// those queues instead of a pair of rings each.
+    /// those queues instead of a pair of rings each. (On Xen, pairs whose
+    /// fair share of gntalloc's pool holds no rings take queues whatever
+    /// this says.)
     pub queue_size: usize,
 }
 

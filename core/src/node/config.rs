@@ -54,10 +54,10 @@ pub struct Config {
     /// co-resident pair talks through receive queues, one per process and
     /// peer domain of `n` data bytes (a power of two, 4 KiB to 1 GiB),
     /// shared by all that domain's processes, instead of a pair of rings
-    /// of its own; `None` (the default), through rings. Where the backend
-    /// cannot share a region with a whole domain (Xen, so far: there only
-    /// the ranks of one domU, which use the host backend among themselves,
-    /// take queues), rings.
+    /// of its own; `None` (the default), through rings, except on Xen where
+    /// a pair's fair share of gntalloc's page pool holds no rings at the
+    /// record floor: such pairs take queues that fit the pool
+    /// (docs/design.md, "A crowded pool").
     pub queue_size: Option<usize>,
     /// Interfaces or subnets to publish an address from.
     pub if_include: Vec<IfSpec>,

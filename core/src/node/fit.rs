@@ -64,6 +64,43 @@ pub(super) fn fair_geometry(
     (geo, why)
 }
 
+/// Where a pool serves a whole domain (Xen's gntalloc) and a pair's fair
+/// share of it holds no rings at the record floor (`share`, the rings'
+/// region at the floor), a receive queue per process and peer domain
+/// instead: `queues` of them (every process of the domain, for every peer
+/// domain) share the pool. Returns the queue geometry of the largest
+/// power-of-two data area up to `largest` whose region fits that share,
+/// with records as large as `record` (the rings') and at least
+/// `min_record`; `None` when rings fit their share, or when no queue does.
+pub(super) fn crowded_queue(
+    pool: usize,
+    ring_share: usize,
+    ring_region: usize,
+    queues: usize,
+    record: usize,
+    min_record: usize,
+    largest: usize,
+) -> Option<crate::queue::Geometry> {
+    use crate::queue::{Geometry as Q, CELL, CTRL_BYTES, MAX_SLOTS, MIN_DATA};
+    if ring_region <= ring_share {
+        return None;
+    }
+    let share = pool / queues.max(1);
+    let mut size = largest.next_power_of_two();
+    while size >= MIN_DATA {
+        if CTRL_BYTES + size <= share {
+            let half = (size / 2).saturating_sub(crate::record::HEADER) & !(CELL - 1);
+            let max_record = record.min(half);
+            if max_record < min_record {
+                return None;
+            }
+            return Q::new(size, max_record, MAX_SLOTS).ok();
+        }
+        size /= 2;
+    }
+    None
+}
+
 /// `geo`, halved ([`Geometry::halved`]: rings, then records, not below
 /// `min_record`) while its region is larger than `limit`, or as far as it
 /// goes.
@@ -154,6 +191,48 @@ mod tests {
         let (g, why) = fair_geometry(geo, 1 << 40, 8, 4096, "x");
         assert_eq!(g, geo);
         assert!(why.is_none());
+    }
+
+    /// 8 domUs of 8 ranks on gntalloc's default pool of 1,024 pages: a
+    /// pair's share holds no rings at the default floor (records of 8 KiB
+    /// + 128 B), and 56 queues of 64 KiB (17 pages each) fit.
+    #[test]
+    fn a_crowded_pool_takes_queues_that_fit() {
+        let pool = 1024 * 4096;
+        let floor = 8192 + 128;
+        let geo = Geometry::new(MIB).unwrap();
+        let pairs = 8 * 56;
+        let (ring, _) = fair_geometry(geo, pool, pairs, floor, "xen:domain 1");
+        let ring_region = region_bytes(ring);
+        assert!(ring_region > pool / pairs, "{ring:?}");
+        let q = crowded_queue(pool, pool / pairs, ring_region, 8 * 7, 32 << 10, floor, MIB)
+            .expect("a queue fits");
+        assert_eq!(q.data_size, 64 << 10);
+        // half the area less a header, in whole cells
+        assert_eq!(q.max_record, 32752);
+        assert!(56 * q.region_bytes() <= pool);
+        // records no larger than the rings': 8 KiB + 128 B
+        let q = crowded_queue(pool, pool / pairs, ring_region, 56, floor, floor, MIB).unwrap();
+        assert_eq!(q.max_record, floor);
+        // never larger than asked
+        let q = crowded_queue(
+            pool,
+            pool / pairs,
+            ring_region,
+            2,
+            32 << 10,
+            floor,
+            128 << 10,
+        )
+        .unwrap();
+        assert_eq!(q.data_size, 128 << 10);
+        // rings that fit their share: no queue
+        let (ring, _) = fair_geometry(geo, pool, 8, floor, "xen:domain 1");
+        assert!(
+            crowded_queue(pool, pool / 8, region_bytes(ring), 8, 32 << 10, floor, MIB).is_none()
+        );
+        // so crowded that no queue holds records of the floor: none
+        assert!(crowded_queue(pool, 4096, ring_region, 512, 32 << 10, floor, MIB).is_none());
     }
 
     fn limited(tag: &str, max_share: usize, room: usize) -> Limited {

@@ -90,6 +90,22 @@ impl Peers {
         local.saturating_mul(across).max(1)
     }
 
+    /// How many receive queues the processes of `me`'s domain may share
+    /// from one pool: one per process of the domain and co-resident peer
+    /// domain. At least 1.
+    pub fn pool_queues(&self, me: &Card) -> usize {
+        let mut local = 1usize;
+        let mut domains = std::collections::HashSet::new();
+        for c in self.admitted.values().filter(|c| me.ring_candidate(c)) {
+            if c.domain == me.domain {
+                local += 1;
+            } else {
+                domains.insert(c.domain);
+            }
+        }
+        local.saturating_mul(domains.len()).max(1)
+    }
+
     pub fn get(&self, id: u64) -> Option<&State> {
         self.states.get(&id)
     }
@@ -245,6 +261,7 @@ mod tests {
             p.admit(&at(id, dom, host)).unwrap();
         }
         assert_eq!(p.pool_pairs(&me), 2 * 4);
+        assert_eq!(p.pool_queues(&me), 2 * 2);
         // a peer with another backend is no ring candidate
         p.admit(&Card {
             backend: Some(BackendKind::Host),
@@ -252,6 +269,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(p.pool_pairs(&me), 2 * 4);
+        assert_eq!(p.pool_queues(&me), 2 * 2);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! links at once and at most `max_unclaimed` links wait for the owner
 //! (further peers are told "busy" and retry).
 
-use super::fit::{fair_geometry, offer_fitted};
+use super::fit::{crowded_queue, fair_geometry, offer_fitted};
 use super::handshake::{
     ty, Acceptor, Decoder, Initiator, Msg, QueueOffer, Target, Verdict, MAX_PREAUTH,
 };
@@ -247,22 +247,51 @@ impl Inner {
                 return stay_on_tcp(w, why, Msg::TcpOnly);
             }
         };
-        // The queue path where asked for and the backend can share a queue
-        // with a whole domain; rings otherwise.
-        if let (Some(qgeo), true) = (self.cfg.queue_geometry()?, hv.shares_domains()) {
-            return self.negotiate_queue(w, &peer, &*hv, qgeo);
-        }
-        let nonce = hypervisor::random_u64();
         let geo = self.cfg.geometry()?;
         let floor = self.cfg.record_floor(geo);
         // Xen: gntalloc's page limit is one pool for every process of this
-        // domain; each pair takes at most its fair share of it.
-        let (geo, fair) = if hv.kind() == hypervisor::BackendKind::Xen {
-            let pairs = self.lock().pool_pairs(&self.card);
-            fair_geometry(geo, hv.max_share(), pairs, floor, &hv.describe())
+        // domain; each pair takes at most its fair share of it, and where
+        // that holds no rings at the record floor, the pairs take receive
+        // queues (one per process and peer domain) that fit theirs.
+        let (geo, fair, crowded) = if hv.kind() == hypervisor::BackendKind::Xen {
+            let (pairs, queues) = {
+                let p = self.lock();
+                (p.pool_pairs(&self.card), p.pool_queues(&self.card))
+            };
+            let pool = hv.max_share();
+            let (fair, why) = fair_geometry(geo, pool, pairs, floor, &hv.describe());
+            let crowded = crowded_queue(
+                pool,
+                pool / pairs.max(1),
+                crate::channel::region_bytes(fair),
+                queues,
+                geo.max_record as usize,
+                floor,
+                self.cfg.ring_size,
+            )
+            .map(|q| {
+                let why = format!(
+                    "{}'s pool of {pool} bytes over {pairs} pairs holds no rings with records of \
+                     {floor} bytes; over {queues} queues it holds these",
+                    hv.describe()
+                );
+                (q, why)
+            });
+            (fair, why, crowded)
         } else {
-            (geo, None)
+            (geo, None, None)
         };
+        // The queue path where asked for (or where the pool is too crowded
+        // for rings) and the backend can share a queue with a whole domain;
+        // rings otherwise.
+        let queue = match self.cfg.queue_geometry()? {
+            Some(q) => Some((q, None)),
+            None => crowded.map(|(q, why)| (q, Some(why))),
+        };
+        if let (Some((qgeo, why)), true) = (queue, hv.shares_domains()) {
+            return self.negotiate_queue(w, &peer, &*hv, qgeo, why);
+        }
+        let nonce = hypervisor::random_u64();
         let (offered, shrunk) = offer_fitted(&*hv, peer.domain, geo, floor, nonce);
         let shrunk = shrunk.or(fair);
         let mut offer = match offered {
@@ -330,6 +359,7 @@ impl Inner {
         peer: &Card,
         hv: &dyn Hypervisor,
         qgeo: crate::queue::Geometry,
+        note: Option<String>,
     ) -> Result<Path> {
         let ours = self
             .hub(hv, peer.domain, qgeo)
@@ -374,7 +404,7 @@ impl Inner {
             Msg::Abort(why) => (PathKind::Tcp, why, None),
             _ => (
                 PathKind::Queue,
-                queue_reason(hv, &hub, slot, &theirs),
+                queue_reason(hv, &hub, slot, &theirs, note.as_deref()),
                 Some(Made::Queue(Box::new(q))),
             ),
         })
@@ -450,7 +480,7 @@ impl Inner {
                 w.send(&Msg::Switch)?;
                 return Ok((
                     PathKind::Queue,
-                    queue_reason(&*hv, &hub, slot, &o),
+                    queue_reason(&*hv, &hub, slot, &o, None),
                     Some(Made::Queue(Box::new(q))),
                 ));
             }
@@ -686,14 +716,17 @@ fn queue_reason(
     hub: &queues::Hub,
     slot: usize,
     theirs: &QueueOffer,
+    note: Option<&str>,
 ) -> String {
     format!(
-        "queue: co-resident, mapping proved ({}; queues of {} KiB, records of {} KiB; slot {} of ours, {} of theirs)",
+        "queue: co-resident, mapping proved ({}; queues of {} KiB, records of {} KiB; slot {} of ours, {} of theirs{}{})",
         hv.describe(),
         hub.geometry().data_size / 1024,
         theirs.max_record / 1024,
         slot,
-        theirs.slot
+        theirs.slot,
+        if note.is_some() { "; " } else { "" },
+        note.unwrap_or("")
     )
 }
 
