@@ -9,7 +9,9 @@
 //!          --count N (messages A->B, 0 = until killed)  --max-size BYTES
 //!          --echo N (round trips first)  --seed S  --backend auto|host|xen|none
 //!          --host-dir DIR  --ring-size BYTES  --listen-ip IP  --port N
-//!          --expect-path ring|tcp  --verbose  --tag-limit N (tags >= N break the link)
+//!          --queue-size BYTES (the queue path)  --min-record BYTES (the
+//!          record floor rings shrink to)
+//!          --expect-path ring|queue|tcp  --verbose  --tag-limit N (tags >= N break the link)
 //!          --timeout SECS (default 600)  --peer-timeout SECS (0: never)
 //!          --duration SECS (A: stream this long, then stop; with --count 0)
 //!          --linger SECS (after a failure: drop the link, report what is
@@ -106,6 +108,7 @@ fn parse() -> Opts {
             "--host-dir" => o.cfg.host_dir = Some(v().into()),
             "--ring-size" => o.cfg.ring_size = num(v()) as usize,
             "--queue-size" => o.cfg.queue_size = Some(num(v()) as usize),
+            "--min-record" => o.cfg.min_record = Some(num(v()) as usize),
             "--port" => o.cfg.port = num(v()) as u16,
             "--listen-ip" => o.cfg.listen = Some(v().parse().unwrap_or_else(|_| die("bad ip"))),
             "--timeout" => o.timeout = Duration::from_secs(num(v())),
