@@ -27,15 +27,21 @@ fn cfg(d: &Dir, queue: usize) -> Config {
     }
 }
 
-/// Links every node to every other one: `links[i][j]` is i's link to j.
-fn mesh(nodes: &[Node]) -> Vec<Vec<Option<Link>>> {
-    for a in nodes {
-        for b in nodes {
+/// `n` nodes with queues of `queue` bytes, each admitting all the others.
+fn nodes(d: &Dir, n: usize, queue: usize) -> Vec<Node> {
+    let nodes: Vec<Node> = (0..n).map(|_| Node::new(cfg(d, queue)).unwrap()).collect();
+    for a in &nodes {
+        for b in &nodes {
             if a.card().id != b.card().id {
                 a.admit(b.card()).unwrap();
             }
         }
     }
+    nodes
+}
+
+/// Links every node to every other one: `links[i][j]` is i's link to j.
+fn mesh(nodes: &[Node]) -> Vec<Vec<Option<Link>>> {
     let cards: Vec<Card> = nodes.iter().map(|n| n.card().clone()).collect();
     std::thread::scope(|s| {
         let hs: Vec<_> = nodes
@@ -83,10 +89,7 @@ fn fnv(acc: u64, b: &[u8]) -> u64 {
 #[test]
 fn two_nodes_talk_over_queues_both_ways() {
     let d = dir("two");
-    let nodes = vec![
-        Node::new(cfg(&d, 64 << 10)).unwrap(),
-        Node::new(cfg(&d, 64 << 10)).unwrap(),
-    ];
+    let nodes = nodes(&d, 2, 64 << 10);
     let mut links = mesh(&nodes);
     let mut l1 = links[1][0].take().unwrap();
     let mut l0 = links[0][1].take().unwrap();
@@ -136,9 +139,7 @@ fn four_senders_share_one_queue_and_each_keeps_its_order() {
     // records aside. Streams, not exchanges: the queue fills and the
     // senders wait for room.
     let d = dir("four");
-    let nodes: Vec<Node> = (0..4)
-        .map(|_| Node::new(cfg(&d, 16 << 10)).unwrap())
-        .collect();
+    let nodes = nodes(&d, 4, 16 << 10);
     let mut links = mesh(&nodes);
     const N: usize = 5_000;
     let senders: Vec<_> = (1..4)
@@ -190,10 +191,7 @@ fn four_senders_share_one_queue_and_each_keeps_its_order() {
 #[test]
 fn a_peer_that_closes_is_read_to_its_end_then_closed() {
     let d = dir("close");
-    let nodes = vec![
-        Node::new(cfg(&d, 16 << 10)).unwrap(),
-        Node::new(cfg(&d, 16 << 10)).unwrap(),
-    ];
+    let nodes = nodes(&d, 2, 16 << 10);
     let mut links = mesh(&nodes);
     let mut l1 = links[1][0].take().unwrap();
     let mut l0 = links[0][1].take().unwrap();
@@ -225,16 +223,7 @@ fn a_peer_that_closes_is_read_to_its_end_then_closed() {
 #[test]
 fn a_queue_whose_links_all_went_is_given_back() {
     let d = dir("back");
-    let nodes: Vec<Node> = (0..4)
-        .map(|_| Node::new(cfg(&d, 16 << 10)).unwrap())
-        .collect();
-    for a in &nodes {
-        for b in &nodes {
-            if a.card().id != b.card().id {
-                a.admit(b.card()).unwrap();
-            }
-        }
-    }
+    let nodes = nodes(&d, 4, 16 << 10);
     let pair = |i: usize, j: usize| {
         let (a, b) = (&nodes[i], &nodes[j]);
         std::thread::scope(|s| {
@@ -291,10 +280,7 @@ fn a_peer_that_dies_mid_record_breaks_its_domains_queue_by_name() {
     // hole. Node 0 learns of the death from its link to 1, and its link to
     // 2 then fails with the named cause instead of waiting for ever.
     let d = dir("hole");
-    let mut nodes: Vec<Option<Node>> = (0..3)
-        .map(|_| Some(Node::new(cfg(&d, 16 << 10)).unwrap()))
-        .collect();
-    let built: Vec<Node> = nodes.iter_mut().map(|n| n.take().unwrap()).collect();
+    let built = nodes(&d, 3, 16 << 10);
     let mut links = mesh(&built);
     let mut built = built.into_iter();
     let n0 = built.next().unwrap();
