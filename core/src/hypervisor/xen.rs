@@ -838,8 +838,10 @@ impl EvtchnFile {
                 Some(libc::EINTR) => continue,
                 Some(libc::EAGAIN) => break Ok(()),
                 Some(libc::EFBIG) => {
-                    // The kernel's pending buffer overflowed: reset it and
-                    // treat it as a notification.
+                    // The kernel's pending buffer overflowed: reset it, treat
+                    // it as a notification, and unmask every port of the
+                    // file (which fired is lost; unmasking one that did
+                    // not is harmless).
                     // SAFETY: IOCTL_EVTCHN_RESET takes no argument.
                     unsafe {
                         ioctl(
@@ -849,7 +851,9 @@ impl EvtchnFile {
                             "evtchn reset",
                         )?
                     };
-                    return Ok(true);
+                    let all = self.ports().clone();
+                    fired = all;
+                    break Ok(());
                 }
                 _ => break Err(Error::Backend(format!("evtchn: read: {e}"))),
             }
