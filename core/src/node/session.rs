@@ -998,3 +998,64 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Config, Node};
+    use std::net::{TcpListener, TcpStream};
+
+    /// An initiator that offered its queue, was answered QMAPPED and then
+    /// could not go on (its own hand-over failed: it says ABORT) leaves the
+    /// pair on TCP: the acceptor takes the ABORT and names why.
+    #[test]
+    fn an_abort_after_qmapped_leaves_the_pair_on_tcp() {
+        let dir = std::env::temp_dir().join(format!("ivcom-abort-{}", std::process::id()));
+        let cfg = || Config {
+            host_dir: Some(dir.clone()),
+            queue_size: Some(16 << 10),
+            listen: Some("127.0.0.1".parse().unwrap()),
+            ..Config::default()
+        };
+        let (a, b) = (Node::new(cfg()).unwrap(), Node::new(cfg()).unwrap());
+        a.admit(b.card()).unwrap();
+        b.admit(a.card()).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sb = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (sa, _) = l.accept().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // B, the initiator, by hand: its queue for A's domain, offered.
+        let hv = b.inner.hv.clone().unwrap();
+        let qgeo = b.inner.cfg.queue_geometry().unwrap().unwrap();
+        let hub = b.inner.hub(&*hv, a.card().domain, qgeo).unwrap();
+        let mut offer = hub.offer(&*hv).unwrap();
+        let mut wb = Wire::new(&sb, deadline);
+        wb.send(&queue_offer(&hub, &mut offer, None)).unwrap();
+        let b_card = b.card().clone();
+        let acceptor = std::thread::spawn(move || {
+            let mut wa = Wire::new(&sa, deadline);
+            let o = match wa.expect(&[ty::QOFFER]).unwrap() {
+                Msg::QueueOffer(o) => o,
+                m => panic!("not an offer: {m:?}"),
+            };
+            let r = a.inner.serve_queue(&mut wa, &b_card, o);
+            (r, a)
+        });
+        hub.serve(&mut offer, deadline, wb.fd()).unwrap();
+        match wb.expect(&[ty::QMAPPED, ty::REFUSED]).unwrap() {
+            Msg::QueueMapped { nonce, .. } => assert_eq!(nonce, hub.nonce()),
+            m => panic!("A did not map B's queue: {m:?}"),
+        }
+        wb.send(&Msg::Abort(
+            "tcp: could not hand the queue over: a test".into(),
+        ))
+        .unwrap();
+        let (r, _a) = acceptor.join().unwrap();
+        let (path, why, made) = r.unwrap();
+        assert_eq!(path, PathKind::Tcp);
+        assert!(why.contains("a test"), "{why}");
+        assert!(made.is_none());
+        drop((hub, offer, b));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
