@@ -768,6 +768,14 @@ impl Consumer {
         self.held = 0;
     }
 
+    /// Releases the record the last [`Consumer::peek`] returned, as
+    /// [`Consumer::release_quiet`] does, for a caller that kept no copy of
+    /// it (the length it was validated with, never read again).
+    pub fn release_last_quiet(&mut self) {
+        self.idx += self.held;
+        self.held = 0;
+    }
+
     /// Bytes released and not yet published.
     pub fn unpublished(&self) -> u64 {
         self.idx - self.published

@@ -87,6 +87,38 @@ impl QueueRx {
         &mut self.c
     }
 
+    /// The next record when it is a whole message of `slot` (admitted, not
+    /// in the middle of a message in fragments): `(tag, payload, len)` in
+    /// the shared pages, to be handed up in place. It stays taken until
+    /// [`QueueRx::release_taken`], and nothing else may read the queue
+    /// meanwhile. `Ok(None)` when the next record is anything else or
+    /// there is none ([`QueueRx::poll`] takes those, and hands space back).
+    pub fn take_own(&mut self, slot: usize) -> Result<Option<(u8, *const u8, usize)>> {
+        let Some(r) = self.c.peek()? else {
+            return Ok(None);
+        };
+        Ok(match self.slots.get(r.slot) {
+            Some(Some(s))
+                if r.slot == slot && r.kind == kind::MSG && !s.broken && !s.re.active() =>
+            {
+                Some((r.tag, r.ptr, r.len))
+            }
+            _ => None,
+        })
+    }
+
+    /// Releases the record [`QueueRx::take_own`] handed out; hands the
+    /// space back once [`BATCH_BYTES`] wait (a poll that finds nothing
+    /// does before). Returns the producers to ring.
+    pub fn release_taken(&mut self) -> Wake {
+        self.c.release_last_quiet();
+        if self.c.unpublished() >= BATCH_BYTES {
+            self.c.flush()
+        } else {
+            Wake::default()
+        }
+    }
+
     /// Delivers up to `max` complete messages to `f(slot, tag, bytes)`
     /// without blocking (each view valid during its call), in the order the
     /// queue holds them, and hands the space back in batches: after

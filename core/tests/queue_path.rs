@@ -259,6 +259,71 @@ fn a_queue_whose_links_all_went_is_given_back() {
     drop(l12);
 }
 
+/// `peek_msg` hands the queue's next record up in place when it is the
+/// link's own whole message: the queue's other links take nothing until
+/// it is released, then everything comes in order.
+#[test]
+fn a_message_taken_in_place_holds_the_queue_until_released() {
+    let d = dir("inplace");
+    let built = nodes(&d, 3, 16 << 10);
+    let mut links = mesh(&built);
+    let mut from1 = links[0][1].take().unwrap();
+    let mut from2 = links[0][2].take().unwrap();
+    let mut l1 = links[1][0].take().unwrap();
+    let mut l2 = links[2][0].take().unwrap();
+    let peek = |l: &mut Link| -> (u8, Vec<u8>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some((t, p, len)) = l.peek_msg().unwrap() {
+                // SAFETY: valid until release_msg.
+                return (t, unsafe { std::slice::from_raw_parts(p, len) }.to_vec());
+            }
+            assert!(Instant::now() < deadline, "no message");
+        }
+    };
+    l1.send(1, b"one").unwrap();
+    l2.send(2, b"two").unwrap();
+    assert_eq!(peek(&mut from1), (1, b"one".to_vec()));
+    // Held in place at the head: node 2's link waits behind it.
+    assert!(from2.peek_msg().unwrap().is_none());
+    from1.release_msg().unwrap();
+    assert_eq!(peek(&mut from2), (2, b"two".to_vec()));
+    from2.release_msg().unwrap();
+    // Streams from both, read through peek_msg in turns, every message
+    // checked in order (the other's records ahead are set aside by a poll
+    // and come from there).
+    const N: usize = 2_000;
+    let t1 = std::thread::spawn(move || {
+        for k in 0..N {
+            let (tag, b) = message(1, k);
+            l1.send(tag, &b).unwrap();
+        }
+        l1
+    });
+    let t2 = std::thread::spawn(move || {
+        for k in 0..N {
+            let (tag, b) = message(2, k);
+            l2.send(tag, &b).unwrap();
+        }
+        l2
+    });
+    let (mut k1, mut k2) = (0, 0);
+    while k1 < N || k2 < N {
+        for (from, k, who) in [(&mut from1, &mut k1, 1), (&mut from2, &mut k2, 2)] {
+            if *k < N {
+                if let Some((t, p, len)) = from.peek_msg().unwrap() {
+                    // SAFETY: valid until release_msg.
+                    let got = unsafe { std::slice::from_raw_parts(p, len) };
+                    assert_eq!((t, got), (message(who, *k).0, &message(who, *k).1[..]));
+                    from.release_msg().unwrap();
+                    *k += 1;
+                }
+            }
+        }
+    }
+    drop((t1.join().unwrap(), t2.join().unwrap()));
+}
+
 #[test]
 fn a_queue_too_small_for_the_smallest_record_is_refused() {
     let d = dir("cfg");

@@ -73,6 +73,10 @@ struct Rx {
     /// The consumer index at which the queue was first seen blocked after
     /// a death, and when.
     stuck: Option<(u64, Instant)>,
+    /// A link holds the queue's next record, handed up in place
+    /// ([`Hub::take_head`]): nothing else reads the queue until it is
+    /// released.
+    taken: bool,
 }
 
 impl Rx {
@@ -180,6 +184,7 @@ impl Hub {
                 broken: None,
                 death: false,
                 stuck: None,
+                taken: false,
             }),
             region,
         })
@@ -298,6 +303,10 @@ impl Hub {
             Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
         };
+        if g.taken {
+            // Another link holds the head; this one's records come after.
+            return Ok(0);
+        }
         if let Some(e) = &g.broken {
             return Err(again(e));
         }
@@ -363,6 +372,32 @@ impl Hub {
         }
     }
 
+    /// The queue's next record when it is a whole message of `slot` and
+    /// nothing of `slot`'s waits aside: `(tag, payload, len)` in the shared
+    /// pages, held (the queue's other links take nothing) until
+    /// [`Hub::release_head`]. `None` in any other case, errors included:
+    /// [`Hub::poll`] deals with those.
+    fn take_head(&self, slot: usize, stats: &mut Stats) -> Option<(u8, *const u8, usize)> {
+        let mut g = self.rx.try_lock().ok()?;
+        if g.taken || g.broken.is_some() || !g.stash[slot].is_empty() {
+            return None;
+        }
+        let (tag, p, len) = g.rx.take_own(slot).ok()??;
+        g.taken = true;
+        stats.rx_msgs += 1;
+        stats.rx_bytes += len as u64;
+        Some((tag, p, len))
+    }
+
+    /// Releases the record [`Hub::take_head`] handed out.
+    fn release_head(&self) {
+        let mut g = self.rx();
+        debug_assert!(g.taken);
+        g.taken = false;
+        let wake = g.rx.release_taken();
+        g.ring(wake);
+    }
+
     /// After a death, with nothing to take: a queue blocked at the same
     /// record for [`STUCK`] is broken (the dead process had reserved it).
     fn check_stuck(&self, g: &mut Rx) -> Result<()> {
@@ -425,9 +460,12 @@ pub(super) struct QueueLink {
     slot: usize,
     /// The tag of the message `peek_msg` took, until `release_msg`; its
     /// bytes are in `held_buf` (kept from one message to the next: no
-    /// allocation a message).
+    /// allocation a message), or in the queue (`in_place`).
     held: Option<u8>,
     held_buf: Vec<u8>,
+    /// The message `peek_msg` handed up in place: its payload's address
+    /// and length in the queue, which holds it taken until `release_msg`.
+    in_place: Option<(usize, usize)>,
     stats: Stats,
     /// The peer said on the control connection that it closed.
     peer_closed: bool,
@@ -507,6 +545,7 @@ impl QueueLink {
             slot,
             held: None,
             held_buf: Vec::new(),
+            in_place: None,
             stats: Stats::default(),
             peer_closed: false,
         })
@@ -643,9 +682,19 @@ impl QueueLink {
         }
     }
 
-    /// The next message, copied out, until [`QueueLink::release_msg`].
+    /// The next message, until [`QueueLink::release_msg`]: in place when it
+    /// is the queue's next record and whole (the queue's other links wait
+    /// until it is released: call that soon), copied out otherwise.
     pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
+        if let (Some(t), Some((p, len))) = (self.held, self.in_place) {
+            return Ok(Some((t, p as *const u8, len)));
+        }
         if self.held.is_none() {
+            if let Some((t, p, len)) = self.hub.take_head(self.slot, &mut self.stats) {
+                self.held = Some(t);
+                self.in_place = Some((p as usize, len));
+                return Ok(Some((t, p, len)));
+            }
             let (mut got, buf) = (None, &mut self.held_buf);
             self.hub.poll(
                 self.slot,
@@ -667,6 +716,9 @@ impl QueueLink {
 
     pub fn release_msg(&mut self) {
         self.held = None;
+        if self.in_place.take().is_some() {
+            self.hub.release_head();
+        }
         // A large message's buffer is not kept.
         if self.held_buf.capacity() > 256 << 10 {
             self.held_buf = Vec::new();
@@ -688,6 +740,8 @@ impl QueueLink {
 
 impl Drop for QueueLink {
     fn drop(&mut self) {
+        // A message held in place would hold the queue's other links back.
+        self.release_msg();
         self.hub.leave(self.slot);
     }
 }
