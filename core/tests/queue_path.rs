@@ -62,6 +62,12 @@ fn mesh(nodes: &[Node]) -> Vec<Vec<Option<Link>>> {
     })
 }
 
+/// Takes both ends of the pair `i`, `j` out of a mesh: i's link to j, and
+/// j's to i.
+fn ends(links: &mut [Vec<Option<Link>>], i: usize, j: usize) -> (Link, Link) {
+    (links[i][j].take().unwrap(), links[j][i].take().unwrap())
+}
+
 /// The `k`-th message from `from`: its length (0 to about 20 KiB, some
 /// above a record) and bytes.
 fn message(from: usize, k: usize) -> (u8, Vec<u8>) {
@@ -91,8 +97,7 @@ fn two_nodes_talk_over_queues_both_ways() {
     let d = dir("two");
     let nodes = nodes(&d, 2, 64 << 10);
     let mut links = mesh(&nodes);
-    let mut l1 = links[1][0].take().unwrap();
-    let mut l0 = links[0][1].take().unwrap();
+    let (mut l0, mut l1) = ends(&mut links, 0, 1);
     for l in [&l0, &l1] {
         assert_eq!(l.path(), PathKind::Queue, "{}", l.reason());
         assert!(
@@ -193,8 +198,7 @@ fn a_peer_that_closes_is_read_to_its_end_then_closed() {
     let d = dir("close");
     let nodes = nodes(&d, 2, 16 << 10);
     let mut links = mesh(&nodes);
-    let mut l1 = links[1][0].take().unwrap();
-    let mut l0 = links[0][1].take().unwrap();
+    let (mut l0, mut l1) = ends(&mut links, 0, 1);
     // More than the queue holds: the sender waits for room meanwhile.
     let t = std::thread::spawn(move || {
         for k in 0..100 {
@@ -267,10 +271,8 @@ fn a_message_taken_in_place_holds_the_queue_until_released() {
     let d = dir("inplace");
     let built = nodes(&d, 3, 16 << 10);
     let mut links = mesh(&built);
-    let mut from1 = links[0][1].take().unwrap();
-    let mut from2 = links[0][2].take().unwrap();
-    let mut l1 = links[1][0].take().unwrap();
-    let mut l2 = links[2][0].take().unwrap();
+    let (mut from1, mut l1) = ends(&mut links, 0, 1);
+    let (mut from2, mut l2) = ends(&mut links, 0, 2);
     let peek = |l: &mut Link| -> (u8, Vec<u8>) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -351,10 +353,8 @@ fn a_peer_that_dies_mid_record_breaks_its_domains_queue_by_name() {
     let n0 = built.next().unwrap();
     let n1 = built.next().unwrap();
     let _n2 = built.next().unwrap();
-    let mut from1 = links[0][1].take().unwrap();
-    let mut from2 = links[0][2].take().unwrap();
-    let mut l1 = links[1][0].take().unwrap();
-    let mut l2 = links[2][0].take().unwrap();
+    let (mut from1, mut l1) = ends(&mut links, 0, 1);
+    let (mut from2, mut l2) = ends(&mut links, 0, 2);
     // a message each first, taken: the queue works
     l1.send(1, b"one").unwrap();
     l2.send(2, b"two").unwrap();
