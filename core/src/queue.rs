@@ -162,6 +162,15 @@ impl Geometry {
         })
     }
 
+    /// The geometry of a queue of `data_size` bytes with [`MAX_SLOTS`]
+    /// slots whose records are as large as `record`, and at most what
+    /// fits twice in the data area (half of it less a header, in whole
+    /// cells).
+    pub fn with_records_up_to(data_size: usize, record: usize) -> Result<Geometry> {
+        let half = (data_size / 2).saturating_sub(record::HEADER) & !(CELL - 1);
+        Geometry::new(data_size, record.min(half), MAX_SLOTS)
+    }
+
     /// Bytes of the whole region: control page and data area.
     pub fn region_bytes(&self) -> usize {
         CTRL_BYTES + self.data_size

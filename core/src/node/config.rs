@@ -212,10 +212,10 @@ impl Config {
         let Some(size) = self.queue_size else {
             return Ok(None);
         };
-        let half = (size / 2).saturating_sub(crate::record::HEADER) & !(crate::queue::CELL - 1);
-        let max_record = (self.geometry()?.max_record as usize).min(half);
-        let geo = crate::queue::Geometry::new(size, max_record, crate::queue::MAX_SLOTS)
-            .map_err(|e| Error::Invalid(format!("queue size {size}: {e}")))?;
+        let geo =
+            crate::queue::Geometry::with_records_up_to(size, self.geometry()?.max_record as usize)
+                .map_err(|e| Error::Invalid(format!("queue size {size}: {e}")))?;
+        let max_record = geo.max_record;
         if let Some(m) = self.min_record.filter(|&m| m > max_record) {
             return Err(Error::Invalid(format!(
                 "queues of {size} bytes carry records of at most {max_record} bytes, below the smallest record {m}"

@@ -81,7 +81,7 @@ pub(super) fn crowded_queue(
     min_record: usize,
     largest: usize,
 ) -> Option<crate::queue::Geometry> {
-    use crate::queue::{Geometry as Q, CELL, CTRL_BYTES, MAX_SLOTS, MIN_DATA};
+    use crate::queue::{Geometry as Q, CTRL_BYTES, MIN_DATA};
     if ring_region <= ring_share {
         return None;
     }
@@ -89,12 +89,9 @@ pub(super) fn crowded_queue(
     let mut size = largest.next_power_of_two();
     while size >= MIN_DATA {
         if CTRL_BYTES + size <= share {
-            let half = (size / 2).saturating_sub(crate::record::HEADER) & !(CELL - 1);
-            let max_record = record.min(half);
-            if max_record < min_record {
-                return None;
-            }
-            return Q::new(size, max_record, MAX_SLOTS).ok();
+            return Q::with_records_up_to(size, record)
+                .ok()
+                .filter(|q| q.max_record >= min_record);
         }
         size /= 2;
     }
