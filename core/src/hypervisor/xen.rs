@@ -632,20 +632,13 @@ impl Hypervisor for XenBackend {
         }))
     }
 
-    fn bell_offer(&self, peer: u32, _words: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)> {
-        let peer = domid(peer)?;
-        let file = self.evtchn_file()?;
-        let port = file.bind_unbound(peer)?;
-        let bell = EvtchnBell { file, port };
-        Ok((Box::new(bell), desc::encode_bell(self.domid, peer, port)))
+    /// A pair's doorbell: the one doorbell of a group on a file of its own.
+    fn bell_offer(&self, peer: u32, words: BellWords) -> Result<(Box<dyn Doorbell>, Vec<u8>)> {
+        self.evtchn_group(peer)?.offer(words)
     }
 
     fn bell_group(&self, peer: u32) -> Result<Option<Box<dyn BellGroup>>> {
-        Ok(Some(Box::new(EvtchnGroup {
-            file: self.evtchn_file()?,
-            domid: self.domid,
-            peer: domid(peer)?,
-        })))
+        Ok(Some(Box::new(self.evtchn_group(peer)?)))
     }
 
     fn bell_accept(&self, peer: u32, d: &[u8], _words: BellWords) -> Result<Box<dyn Doorbell>> {
@@ -724,6 +717,16 @@ impl XenBackend {
     fn evtchn_file(&self) -> Result<Arc<EvtchnFile>> {
         let fd = open_dev(&self.root.path(EVTCHN.path), libc::O_NONBLOCK)?;
         Ok(Arc::new(EvtchnFile::new(fd)))
+    }
+
+    /// Doorbells for domain `peer` to bind to, on a new file.
+    fn evtchn_group(&self, peer: u32) -> Result<EvtchnGroup> {
+        let peer = domid(peer)?;
+        Ok(EvtchnGroup {
+            file: self.evtchn_file()?,
+            domid: self.domid,
+            peer,
+        })
     }
 
     /// Publishes this domain's marker (see [`alive`]; for tools and tests:
@@ -851,8 +854,7 @@ impl EvtchnFile {
                             "evtchn reset",
                         )?
                     };
-                    let all = self.ports().clone();
-                    fired = all;
+                    fired = self.ports().clone();
                     break Ok(());
                 }
                 _ => break Err(Error::Backend(format!("evtchn: read: {e}"))),
