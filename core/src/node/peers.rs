@@ -74,36 +74,27 @@ impl Peers {
             .count()
     }
 
-    /// How many pairs the processes of `me`'s domain may offer rings for
-    /// from one pool (e.g. Xen's gntalloc pages of the domain): every
-    /// process of the domain (`me` and the admitted peers in it) may offer
-    /// to every admitted co-resident peer in another domain. At least 1.
-    pub fn pool_pairs(&self, me: &Card) -> usize {
+    /// Who draws on one pool of `me`'s domain (e.g. Xen's gntalloc pages
+    /// of the domain), each at least 1: the pairs its processes may offer
+    /// rings for (every process of the domain, `me` and the admitted peers
+    /// in it, to every admitted co-resident peer in another domain), and
+    /// the receive queues they may create (one per process of the domain
+    /// and co-resident peer domain).
+    pub fn pool_users(&self, me: &Card) -> (usize, usize) {
         let (mut local, mut across) = (1usize, 0usize);
-        for c in self.admitted.values().filter(|c| me.ring_candidate(c)) {
-            if c.domain == me.domain {
-                local += 1;
-            } else {
-                across += 1;
-            }
-        }
-        local.saturating_mul(across).max(1)
-    }
-
-    /// How many receive queues the processes of `me`'s domain may share
-    /// from one pool: one per process of the domain and co-resident peer
-    /// domain. At least 1.
-    pub fn pool_queues(&self, me: &Card) -> usize {
-        let mut local = 1usize;
         let mut domains = std::collections::HashSet::new();
         for c in self.admitted.values().filter(|c| me.ring_candidate(c)) {
             if c.domain == me.domain {
                 local += 1;
             } else {
+                across += 1;
                 domains.insert(c.domain);
             }
         }
-        local.saturating_mul(domains.len()).max(1)
+        (
+            local.saturating_mul(across).max(1),
+            local.saturating_mul(domains.len()).max(1),
+        )
     }
 
     pub fn get(&self, id: u64) -> Option<&State> {
@@ -238,7 +229,7 @@ mod tests {
     }
 
     #[test]
-    fn pool_pairs_counts_this_domain_times_the_others() {
+    fn pool_users_count_this_domain_times_the_others() {
         use crate::hypervisor::BackendKind;
         let at = |id, domain, host| Card {
             backend: Some(BackendKind::Xen),
@@ -248,7 +239,7 @@ mod tests {
         };
         let me = at(1, 1, 7);
         let mut p = Peers::default();
-        assert_eq!(p.pool_pairs(&me), 1);
+        assert_eq!(p.pool_users(&me), (1, 1));
         // 3 domUs x 2 ranks on host 7, one rank on another host
         for (id, dom, host) in [
             (2, 1, 7),
@@ -260,16 +251,14 @@ mod tests {
         ] {
             p.admit(&at(id, dom, host)).unwrap();
         }
-        assert_eq!(p.pool_pairs(&me), 2 * 4);
-        assert_eq!(p.pool_queues(&me), 2 * 2);
+        assert_eq!(p.pool_users(&me), (2 * 4, 2 * 2));
         // a peer with another backend is no ring candidate
         p.admit(&Card {
             backend: Some(BackendKind::Host),
             ..at(10, 5, 7)
         })
         .unwrap();
-        assert_eq!(p.pool_pairs(&me), 2 * 4);
-        assert_eq!(p.pool_queues(&me), 2 * 2);
+        assert_eq!(p.pool_users(&me), (2 * 4, 2 * 2));
     }
 
     #[test]

@@ -254,10 +254,7 @@ impl Inner {
         // that holds no rings at the record floor, the pairs take receive
         // queues (one per process and peer domain) that fit theirs.
         let (geo, fair, crowded) = if hv.kind() == hypervisor::BackendKind::Xen {
-            let (pairs, queues) = {
-                let p = self.lock();
-                (p.pool_pairs(&self.card), p.pool_queues(&self.card))
-            };
+            let (pairs, queues) = self.lock().pool_users(&self.card);
             let pool = hv.max_share();
             let (fair, why) = fair_geometry(geo, pool, pairs, floor, &hv.describe());
             let crowded = crowded_queue(
