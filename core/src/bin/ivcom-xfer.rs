@@ -7,7 +7,7 @@
 //! options: --psk HEX (the job's shared secret, 64 hex digits; the listener
 //!          makes one up and writes it to the card file when not given)
 //!          --count N (messages A->B, 0 = until killed)  --max-size BYTES
-//!          --echo N (round trips first)  --seed S  --backend auto|host|xen|none
+//!          --echo N (round trips first, of 1 to min(4096, max-size) bytes)  --seed S  --backend auto|host|xen|none
 //!          --host-dir DIR  --ring-size BYTES  --listen-ip IP  --port N
 //!          --queue-size BYTES (the queue path)  --min-record BYTES (the
 //!          record floor rings shrink to)
@@ -431,7 +431,8 @@ fn connect(
     let mut back = Vec::new();
     let t0 = Instant::now();
     for i in 0..o.echo {
-        let n = 1 + (rng.next() % 4096) as usize;
+        // 1 to 4,096 bytes, and never above --max-size
+        let n = 1 + (rng.next() % o.max_size.clamp(1, 4096) as u64) as usize;
         fill(&mut buf[..n], rng.next());
         l.send(TAG_ECHO, &buf[..n])?;
         let t = l.recv(&mut back, deadline)?;
