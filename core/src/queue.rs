@@ -608,6 +608,40 @@ pub struct Record {
     bytes: u64,
 }
 
+impl Record {
+    /// The bytes the record takes in the data area (header and payload in
+    /// whole cells).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// A look at a queue's cells apart from its consumer: whether a record is
+/// published at an index, for a poller that asks without taking the
+/// consumer (a hint: the answer may be stale by the time it is used).
+#[derive(Clone, Copy)]
+pub struct Watch {
+    v: View,
+}
+
+// SAFETY: the view only loads cells atomically; whoever holds the watch
+// keeps the mapping alive (as for the consumer it came from).
+unsafe impl Send for Watch {}
+// SAFETY: as above: atomic loads only.
+unsafe impl Sync for Watch {}
+
+impl Watch {
+    /// Whether the cell at the free-running index `index` (a multiple of
+    /// the cell size) holds a header.
+    #[inline]
+    pub fn published_at(&self, index: u64) -> bool {
+        self.v
+            .cell(index & (self.v.size() - 1))
+            .load(Ordering::Acquire)
+            != 0
+    }
+}
+
 /// The consumer of a queue: the process that created and granted it.
 pub struct Consumer {
     v: View,
@@ -687,16 +721,50 @@ impl Consumer {
     /// breaks the queue, so the consumer never reads space it took and has
     /// not zeroed yet.
     pub fn peek(&mut self) -> Result<Option<Record>> {
+        let mut at = self.idx;
+        let r = self.record_at(&mut at);
+        // Padding passed stays passed (it is released with the record).
+        self.idx = at;
+        let r = r?;
+        if let Some(r) = &r {
+            self.held = r.bytes;
+        }
+        Ok(r)
+    }
+
+    /// The record after those held since the last [`Consumer::peek`], when
+    /// one is published and `accept` takes it: it is held with them (one
+    /// release hands all of them back, [`Consumer::release_last_quiet`]).
+    /// `Ok(None)`, nothing changed, when there is none or `accept` refuses
+    /// it: the next [`Consumer::peek`] after the release returns it. For a
+    /// caller that hands several records up in place at once. Call only
+    /// while `peek` has a record held.
+    pub fn peek_next(&mut self, accept: impl FnOnce(&Record) -> bool) -> Result<Option<Record>> {
+        debug_assert!(self.held > 0, "peek_next without a record held");
+        let mut at = self.idx + self.held;
+        let Some(r) = self.record_at(&mut at)? else {
+            return Ok(None);
+        };
+        if !accept(&r) {
+            return Ok(None);
+        }
+        self.held = at + r.bytes - self.idx;
+        Ok(Some(r))
+    }
+
+    /// The record at the free-running index `*at`, the padding before it
+    /// passed (`*at` moves past it), bounded as [`Consumer::peek`] says.
+    fn record_at(&mut self, at: &mut u64) -> Result<Option<Record>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
         }
         let size = self.v.size();
         let limit = self.published + size;
         loop {
-            if self.idx >= limit {
+            if *at >= limit {
                 return Ok(None);
             }
-            let off = self.idx % size;
+            let off = *at % size;
             let h = self.v.cell(off).load(Ordering::Acquire);
             if h == 0 {
                 return Ok(None);
@@ -708,20 +776,19 @@ impl Consumer {
             if k == kind::PAD {
                 // Padding runs exactly to the end, and never from offset 0
                 // (it would lead the consumer around a whole lap).
-                if off == 0 || len as u64 != size - off - 8 || self.idx + (size - off) > limit {
+                if off == 0 || len as u64 != size - off - 8 || *at + (size - off) > limit {
                     return Err(self.poison(Violation::BadPadding));
                 }
-                self.idx += size - off;
+                *at += size - off;
                 continue;
             }
             if !kind::valid(k) {
                 return Err(self.poison(Violation::BadType));
             }
             let bytes = Geometry::record_bytes(len) as u64;
-            if len > self.v.geo.max_record || off + bytes > size || self.idx + bytes > limit {
+            if len > self.v.geo.max_record || off + bytes > size || *at + bytes > limit {
                 return Err(self.poison(Violation::BadLength));
             }
-            self.held = bytes;
             return Ok(Some(Record {
                 slot: slot as usize,
                 kind: k,
@@ -777,12 +844,24 @@ impl Consumer {
         self.held = 0;
     }
 
-    /// Releases the record the last [`Consumer::peek`] returned, as
+    /// Releases the record the last [`Consumer::peek`] returned (and those
+    /// [`Consumer::peek_next`] held after it), as
     /// [`Consumer::release_quiet`] does, for a caller that kept no copy of
-    /// it (the length it was validated with, never read again).
+    /// them (the lengths they were validated with, never read again).
     pub fn release_last_quiet(&mut self) {
         self.idx += self.held;
         self.held = 0;
+    }
+
+    /// A look at this queue's cells for pollers that do not hold the
+    /// consumer; valid as long as the consumer's mapping.
+    pub fn watch(&self) -> Watch {
+        Watch { v: self.v }
+    }
+
+    /// Whether a record `peek` returned is not released yet.
+    pub fn holds(&self) -> bool {
+        self.held != 0
     }
 
     /// Bytes released and not yet published.

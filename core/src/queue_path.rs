@@ -25,7 +25,7 @@
 use crate::error::{Error, Result, Violation};
 use crate::frame::{fragment, Delivery, Reassembly};
 use crate::payload::Payload;
-use crate::queue::{Consumer, Producer, Wake, BATCH_BYTES};
+use crate::queue::{Consumer, Producer, Record, Wake, BATCH_BYTES};
 use crate::record::kind;
 
 /// One slot's receiving state.
@@ -40,16 +40,24 @@ struct Slot {
 pub struct QueueRx {
     c: Consumer,
     slots: Vec<Option<Slot>>,
+    /// Tags at or above this break the slot that sent them (the layer
+    /// above indexes a table by the tag).
+    tag_limit: u16,
+    /// Slots whose error is not taken yet.
+    unreported: usize,
 }
 
 impl QueueRx {
-    /// The receiving end over a queue's consumer; no slot admitted yet.
-    pub fn new(c: Consumer, slots: usize) -> QueueRx {
+    /// The receiving end over a queue's consumer, for messages with tags
+    /// below `tag_limit` (256: any); no slot admitted yet.
+    pub fn new(c: Consumer, slots: usize, tag_limit: u16) -> QueueRx {
         QueueRx {
             c,
             slots: (0..slots.min(crate::queue::MAX_SLOTS))
                 .map(|_| None)
                 .collect(),
+            tag_limit,
+            unreported: 0,
         }
     }
 
@@ -74,7 +82,23 @@ impl QueueRx {
 
     /// The error that broke `slot`, once (`None` while it is well).
     pub fn take_slot_error(&mut self, slot: usize) -> Option<Error> {
-        self.slots.get_mut(slot)?.as_mut()?.error.take()
+        let e = self.slots.get_mut(slot)?.as_mut()?.error.take()?;
+        self.unreported -= 1;
+        Some(e)
+    }
+
+    /// The consumer's index when the queue is at rest: every record taken
+    /// released (nothing held) and no slot's error waiting to be taken;
+    /// `None` otherwise. Whether a record waits there is for the caller to
+    /// look ([`Consumer::watch`]); whether released space waits to be
+    /// handed back, [`Consumer::unpublished`].
+    pub fn at_rest(&self) -> Option<u64> {
+        (self.unreported == 0 && !self.c.holds()).then(|| self.c.index())
+    }
+
+    /// Bytes released and not handed back yet.
+    pub fn unpublished(&self) -> u64 {
+        self.c.unpublished()
     }
 
     /// Whether `slot` is admitted and broken.
@@ -87,27 +111,54 @@ impl QueueRx {
         &mut self.c
     }
 
-    /// The next record when it is a whole message of `slot` (admitted, not
-    /// in the middle of a message in fragments): `(tag, payload, len)` in
-    /// the shared pages, to be handed up in place. It stays taken until
+    /// The queue's next records while they are whole messages of `slot`
+    /// (admitted, not in the middle of a message in fragments) with a tag
+    /// below the limit: up to `max`, each handed to `put` (its index in
+    /// the run, from 0, and the record: its payload in the shared pages,
+    /// to be handed up in place), and records after the first only while
+    /// the run holds less than [`BATCH_BYTES`]. Returns how many. They stay taken until
     /// [`QueueRx::release_taken`], and nothing else may read the queue
-    /// meanwhile. `Ok(None)` when the next record is anything else or
-    /// there is none ([`QueueRx::poll`] takes those, and hands space back).
-    pub fn take_own(&mut self, slot: usize) -> Result<Option<(u8, *const u8, usize)>> {
-        let Some(r) = self.c.peek()? else {
-            return Ok(None);
-        };
-        Ok(match self.slots.get(r.slot) {
-            Some(Some(s))
-                if r.slot == slot && r.kind == kind::MSG && !s.broken && !s.re.active() =>
-            {
-                Some((r.tag, r.ptr, r.len))
+    /// meanwhile. `Ok(0)` when the next record is anything else or there
+    /// is none ([`QueueRx::poll`] takes those, and hands space back); a
+    /// record past the first that breaks the queue ends the run, and the
+    /// next poll reports it.
+    pub fn take_own(
+        &mut self,
+        slot: usize,
+        max: usize,
+        mut put: impl FnMut(usize, &Record),
+    ) -> Result<usize> {
+        if max == 0 || !matches!(self.slots.get(slot), Some(Some(s)) if !s.broken && !s.re.active())
+        {
+            return Ok(0);
+        }
+        let limit = self.tag_limit;
+        let mine = |r: &Record| r.slot == slot && r.kind == kind::MSG && u16::from(r.tag) < limit;
+        let r_bytes = match self.c.peek()? {
+            Some(r) if mine(&r) => {
+                put(0, &r);
+                r.bytes()
             }
-            _ => None,
-        })
+            _ => return Ok(0),
+        };
+        // Up to BATCH_BYTES of records (the first whatever its size):
+        // their space goes back only with the whole run, and producers
+        // waiting for it would wait for every message of a long one.
+        let (mut n, mut bytes) = (1, r_bytes);
+        while n < max && bytes < BATCH_BYTES {
+            match self.c.peek_next(mine) {
+                Ok(Some(r)) => {
+                    put(n, &r);
+                    bytes += r.bytes();
+                }
+                _ => break,
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
-    /// Releases the record [`QueueRx::take_own`] handed out; hands the
+    /// Releases the records [`QueueRx::take_own`] handed out; hands the
     /// space back once [`BATCH_BYTES`] wait (a poll that finds nothing
     /// does before). Returns the producers to ring.
     pub fn release_taken(&mut self) -> Wake {
@@ -159,14 +210,20 @@ impl QueueRx {
                 // call (`feed` copies fragments out, `f` whole messages).
                 let data = unsafe { Payload::shared(r.ptr, r.len) };
                 match slot.re.feed(r.kind, r.tag, data) {
-                    Ok(Delivery::Message(tag, m)) => {
+                    Ok(Delivery::Message(tag, m)) if u16::from(tag) < self.tag_limit => {
                         f(r.slot, tag, m);
                         n += 1;
+                    }
+                    Ok(Delivery::Message(..)) => {
+                        slot.error = Some(Error::Broken(Violation::BadTag));
+                        slot.broken = true;
+                        self.unreported += 1;
                     }
                     Ok(Delivery::Partial) => {}
                     Err(e) => {
                         slot.error = Some(e);
                         slot.broken = true;
+                        self.unreported += 1;
                     }
                 }
             }
@@ -174,9 +231,6 @@ impl QueueRx {
             if self.c.unpublished() >= BATCH_BYTES {
                 or(self.c.flush());
             }
-        }
-        if n < max {
-            or(self.c.flush());
         }
         Ok((n, wake))
     }

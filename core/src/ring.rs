@@ -1951,6 +1951,16 @@ impl Batch {
         self.n = 0;
     }
 
+    /// Adds a message taken in place elsewhere (a receive queue's); a
+    /// full batch takes no more.
+    #[inline(always)]
+    pub(crate) fn push(&mut self, r: Record) {
+        if let Some(slot) = self.recs.get_mut(self.n) {
+            slot.write(r);
+            self.n += 1;
+        }
+    }
+
     /// The messages taken, in ring order.
     #[inline(always)]
     pub fn records(&self) -> &[Record] {

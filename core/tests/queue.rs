@@ -567,7 +567,7 @@ fn four_producer_processes_send_fragmented_messages_reassembled_per_slot_every_b
     let s = Shm::new(geo);
     // SAFETY: `s` outlives the consumer.
     let c = unsafe { Consumer::new(s.base, geo) }.unwrap();
-    let mut rx = QueueRx::new(c, SLOTS);
+    let mut rx = QueueRx::new(c, SLOTS, 256);
     for slot in 0..SLOTS {
         rx.admit(slot, 1 << 20).unwrap();
     }
@@ -622,7 +622,10 @@ fn four_producer_processes_send_fragmented_messages_reassembled_per_slot_every_b
         taken += n as u64;
         ring_woken(&s, geo, wake);
         if n == 0 {
+            // What was taken goes back before the consumer sleeps (a poll
+            // that finds nothing may leave it for the next one).
             let c = rx.consumer();
+            ring_woken(&s, geo, c.flush());
             let bell = c.bell();
             // SAFETY: the queue's doorbell word.
             let seen = unsafe { (*bell).load(Ordering::Acquire) };
@@ -667,7 +670,7 @@ fn a_slot_that_breaks_the_framing_breaks_alone_and_an_unadmitted_slot_breaks_the
     let s = Shm::new(geo);
     // SAFETY: `s` outlives producers and consumer.
     let c = unsafe { Consumer::new(s.base, geo) }.unwrap();
-    let mut rx = QueueRx::new(c, 4);
+    let mut rx = QueueRx::new(c, 4, 256);
     for slot in 0..3 {
         rx.admit(slot, 1000).unwrap();
     }

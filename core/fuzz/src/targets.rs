@@ -544,7 +544,8 @@ impl Drop for QueueRegion {
 /// Checks: no panic, no out-of-bounds access; each slot that sent only
 /// honest messages gets exactly them, in order, whatever the others did
 /// (until the queue itself breaks); a broken slot delivers nothing more; a
-/// broken queue stays broken; nothing larger than the limit is delivered.
+/// broken queue stays broken; nothing larger than the limit is delivered,
+/// nor any tag at the tag limit (255: a raw record may carry it).
 pub fn queue_messages(data: &[u8]) {
     use ivcom_core::queue::{Consumer, Geometry, Producer};
     use ivcom_core::queue_path::{QueueRx, QueueTx};
@@ -556,7 +557,7 @@ pub fn queue_messages(data: &[u8]) {
     // Declared first: freed after the ends that use it.
     let region = QueueRegion::new(geo, 3);
     let base = region.base;
-    let mut rx = QueueRx::new(unsafe { Consumer::new(base, geo) }.unwrap(), SLOTS);
+    let mut rx = QueueRx::new(unsafe { Consumer::new(base, geo) }.unwrap(), SLOTS, 255);
     for s in 0..3 {
         rx.admit(s, LIMIT).unwrap();
     }
@@ -628,6 +629,7 @@ pub fn queue_messages(data: &[u8]) {
                             assert!(s < 3, "a message of slot {s}, never admitted");
                             assert!(!before[s], "a broken slot delivered");
                             assert!(m.len() <= LIMIT);
+                            assert!(t < 255, "a tag at the limit was delivered");
                             if !hostile[s] && !forged {
                                 let want = model[s].pop_front().expect("a message nobody sent");
                                 assert_eq!((t as usize, m), (s, want), "slot {s}");

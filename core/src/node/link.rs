@@ -453,20 +453,24 @@ impl Link {
     }
 
     /// Cheap test for pollers: `false` when a full poll would certainly find
-    /// nothing (ring path: one load). Every few thousand idle answers it
+    /// nothing (ring path: one load; queue path: two, without the queue's
+    /// lock). Every few thousand idle answers it
     /// returns `true` anyway, so that the full poll checks the peer's close
     /// flag and the control connection.
     #[inline]
     pub fn worth_polling(&mut self) -> bool {
-        match &self.imp {
-            Imp::Ring(c) if c.looks_idle() => {
-                self.idle_polls += 1;
-                // Let the full poll look at the close flag and the control
-                // connection now and then.
-                self.idle_polls >= ALIVE_EVERY
-            }
-            _ => true,
+        let idle = match &self.imp {
+            Imp::Ring(c) => c.looks_idle(),
+            Imp::Queue(q) => q.looks_idle(),
+            Imp::Tcp(_) => false,
+        };
+        if !idle {
+            return true;
         }
+        self.idle_polls += 1;
+        // Let the full poll look at the close flag (the close byte) and
+        // the control connection now and then.
+        self.idle_polls >= ALIVE_EVERY
     }
 
     /// The next complete message without blocking, as `(tag, pointer,
@@ -488,28 +492,31 @@ impl Link {
         Ok(r)
     }
 
-    /// The whole messages waiting in place on the ring, up to `max`, into
-    /// `out` ([`Channel::peek_msgs`]), valid until [`Link::release_msg`], which
-    /// releases them all: a poller's common case in a batch, handed up
-    /// without touching the link between messages. 0 when the next message
-    /// needs [`Link::peek_msg`] (nothing there, anything but a whole
-    /// message, TCP), which also looks after an idle link.
+    /// The whole messages waiting in place on the ring or the receive
+    /// queue, up to `max`, into `out` ([`Channel::peek_msgs`]), valid until
+    /// [`Link::release_msg`], which releases them all: a poller's common
+    /// case in a batch, handed up without touching the link between
+    /// messages. 0 when the next message needs [`Link::peek_msg`] (nothing
+    /// there, anything but a whole message of this link, TCP), which also
+    /// looks after an idle link.
     #[inline]
     pub fn peek_msgs(&mut self, out: &mut crate::ring::Batch, max: usize) -> usize {
         match &mut self.imp {
             Imp::Ring(c) => c.peek_msgs(out, max),
-            Imp::Tcp(_) | Imp::Queue(_) => 0,
+            Imp::Queue(q) => q.peek_msgs(out, max),
+            Imp::Tcp(_) => 0,
         }
     }
 
-    /// True when nothing waits on the ring and nothing is held: a poller
-    /// that just released a batch stops there instead of looking again the
-    /// full way (false on TCP).
+    /// True when nothing waits on the ring or for this link in its receive
+    /// queue, and nothing is held: a poller that just released a batch
+    /// stops there instead of looking again the full way (false on TCP).
     #[inline]
     pub fn looks_idle(&self) -> bool {
         match &self.imp {
             Imp::Ring(c) => c.looks_idle(),
-            Imp::Tcp(_) | Imp::Queue(_) => false,
+            Imp::Queue(q) => q.looks_idle(),
+            Imp::Tcp(_) => false,
         }
     }
 

@@ -448,6 +448,7 @@ impl Inner {
             geo.data_size,
             geo.max_record,
             !self.cfg.wait.sleep,
+            self.cfg.tag_limit,
         )?);
         hubs.retain(|_, h| h.strong_count() > 0);
         hubs.insert(key, Arc::downgrade(&h));

@@ -24,6 +24,7 @@
 //! still in the queue for it are passed over.
 
 use crate::card::Card;
+use crate::channel::{WaitPolicy, POLL_NAP};
 use crate::error::{Error, Result, Violation};
 use crate::frame::Stats;
 use crate::hypervisor::{self, BellGroup, BellWords, Doorbell, Hypervisor, Region};
@@ -31,7 +32,9 @@ use crate::payload::Payload;
 use crate::queue::{self, Consumer, Geometry, Producer, Wake};
 use crate::queue_path::{QueueRx, QueueTx};
 use crate::record::kind;
+use crate::ring::Batch;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -59,7 +62,9 @@ struct Rx {
     rx: QueueRx,
     /// Messages of each slot taken by another slot's poll, in order.
     stash: Vec<VecDeque<(u8, Box<[u8]>)>>,
+    /// Bytes and messages set aside.
     stashed: usize,
+    aside: usize,
     /// Per slot: the doorbell that wakes its producer (shared: a blocking
     /// receive sleeps on it without holding the lock).
     bells: Vec<Option<Arc<dyn Doorbell>>>,
@@ -73,8 +78,8 @@ struct Rx {
     /// The consumer index at which the queue was first seen blocked after
     /// a death, and when.
     stuck: Option<(u64, Instant)>,
-    /// A link holds the queue's next record, handed up in place
-    /// ([`Hub::take_head`]): nothing else reads the queue until it is
+    /// A link holds the queue's next records, handed up in place
+    /// ([`Hub::take_heads`]): nothing else reads the queue until they are
     /// released.
     taken: bool,
 }
@@ -111,9 +116,24 @@ pub(super) struct Hub {
     /// them together (Xen); `None`: each is offered on its own.
     bell_group: Option<Box<dyn BellGroup>>,
     rx: Mutex<Rx>,
+    /// The consumer index while the queue is at rest (nothing taken, held
+    /// or set aside; not broken; no death seen), with [`CLEAR_DUE`] set
+    /// while released space waits to be handed back; else [`BUSY`]: with
+    /// `watch`, a poller learns that nothing waits without the lock
+    /// ([`Hub::looks_idle`]). Written under the lock.
+    rest: AtomicU64,
+    /// A poller has looked since space was left to hand back.
+    looked: AtomicBool,
+    watch: queue::Watch,
     /// The shared pages; dropped after everything that points into them.
     region: Box<dyn Region>,
 }
+
+/// [`Hub::rest`] while the queue is not at rest.
+const BUSY: u64 = u64::MAX;
+/// In [`Hub::rest`] (indices are multiples of 16): released space waits to
+/// be handed back.
+const CLEAR_DUE: u64 = 1;
 
 /// An offer of a slot in a [`Hub`], from [`Hub::offer`] until the
 /// handshake ends. Until [`Hub::serve`] handed the region over, the
@@ -148,13 +168,15 @@ impl Drop for SlotOffer {
 
 impl Hub {
     /// Creates and shares the queue for `domain`: `data_size` bytes of
-    /// records of at most `max_record`.
+    /// records of at most `max_record`, messages with tags below
+    /// `tag_limit`.
     pub fn new(
         hv: &dyn Hypervisor,
         domain: u32,
         data_size: usize,
         max_record: usize,
         polls: bool,
+        tag_limit: u16,
     ) -> Result<Hub> {
         let geo = Geometry::new(data_size, max_record, queue::MAX_SLOTS)?;
         let region = hv.share_domain(domain, geo.region_bytes())?;
@@ -168,6 +190,7 @@ impl Hub {
         if polls {
             c.declare_polling();
         }
+        let watch = c.watch();
         Ok(Hub {
             domain,
             geo,
@@ -176,9 +199,10 @@ impl Hub {
             offers_cv: std::sync::Condvar::new(),
             bell_group,
             rx: Mutex::new(Rx {
-                rx: QueueRx::new(c, geo.slots),
+                rx: QueueRx::new(c, geo.slots, tag_limit),
                 stash: (0..geo.slots).map(|_| VecDeque::new()).collect(),
                 stashed: 0,
+                aside: 0,
                 bells: (0..geo.slots).map(|_| None).collect(),
                 gone: vec![false; geo.slots],
                 broken: None,
@@ -186,6 +210,9 @@ impl Hub {
                 stuck: None,
                 taken: false,
             }),
+            rest: AtomicU64::new(0),
+            looked: AtomicBool::new(false),
+            watch,
             region,
         })
     }
@@ -278,14 +305,52 @@ impl Hub {
     fn leave(&self, slot: usize) {
         let mut g = self.rx();
         g.gone[slot] = true;
-        let freed: usize = g.stash[slot].drain(..).map(|(_, m)| m.len()).sum();
+        let (freed, n) = g.stash[slot]
+            .drain(..)
+            .fold((0, 0), |(b, n), (_, m)| (b + m.len(), n + 1));
         g.stashed -= freed;
+        g.aside -= n;
         g.bells[slot] = None;
+        self.note_rest(&g);
+    }
+
+    /// Notes whether the queue is at rest now ([`Hub::rest`]); under the
+    /// lock, after anything that changes it.
+    fn note_rest(&self, g: &Rx) {
+        let at_rest = !g.taken && g.broken.is_none() && !g.death && g.aside == 0;
+        let at = match g.rx.at_rest() {
+            Some(idx) if at_rest && g.rx.unpublished() > 0 => {
+                self.looked.store(false, Ordering::Relaxed);
+                idx | CLEAR_DUE
+            }
+            Some(idx) if at_rest => idx,
+            _ => BUSY,
+        };
+        self.rest.store(at, Ordering::Release);
+    }
+
+    /// Whether nothing waits for the queue's links now, learnt without the
+    /// lock: the queue is at rest and no record is published at its index.
+    /// While released space waits to be handed back, only the first look
+    /// says so: the next one asks for the full poll that hands it back
+    /// (after what the receiver sent in between: the stores that clear the
+    /// space, each waiting for a line a producer wrote, would otherwise
+    /// queue in front of the receiver's answer to the message it took).
+    /// A hint for pollers (a full poll decides); `false` when unsure.
+    #[inline]
+    pub fn looks_idle(&self) -> bool {
+        let at = self.rest.load(Ordering::Acquire);
+        if at == BUSY || self.watch.published_at(at & !CLEAR_DUE) {
+            return false;
+        }
+        at & CLEAR_DUE == 0 || !self.looked.swap(true, Ordering::Relaxed)
     }
 
     /// A process of the domain died (a link's control connection said so).
     pub fn peer_died(&self) {
-        self.rx().death = true;
+        let mut g = self.rx();
+        g.death = true;
+        self.note_rest(&g);
     }
 
     /// Delivers up to `max` of `slot`'s messages to `f`: those set aside
@@ -303,6 +368,20 @@ impl Hub {
             Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
         };
+        let r = self.poll_locked(&mut g, slot, max, f, stats);
+        self.note_rest(&g);
+        r
+    }
+
+    /// [`Hub::poll`] under the lock.
+    fn poll_locked(
+        &self,
+        g: &mut Rx,
+        slot: usize,
+        max: usize,
+        f: &mut dyn FnMut(u8, Payload<'_>),
+        stats: &mut Stats,
+    ) -> Result<usize> {
         if g.taken {
             // Another link holds the head; this one's records come after.
             return Ok(0);
@@ -324,6 +403,7 @@ impl Hub {
                 break;
             };
             g.stashed -= m.len();
+            g.aside -= 1;
             stats.rx_msgs += 1;
             stats.rx_bytes += m.len() as u64;
             f(tag, Payload::private(&m));
@@ -336,9 +416,10 @@ impl Hub {
             rx,
             stash,
             stashed,
+            aside,
             gone,
             ..
-        } = &mut *g;
+        } = g;
         let r = rx.poll(max - n, &mut |s, tag, p| {
             if s == slot {
                 stats.rx_msgs += 1;
@@ -349,13 +430,14 @@ impl Hub {
                 let mut m = vec![0u8; p.len()].into_boxed_slice();
                 p.read_at(0, &mut m);
                 *stashed += m.len();
+                *aside += 1;
                 stash[s].push_back((tag, m));
             }
         });
         let r = match r {
             Ok((0, wake)) if g.death => {
                 g.ring(wake);
-                self.check_stuck(&mut g)
+                self.check_stuck(g)
             }
             r => r.map(|(_, wake)| g.ring(wake)),
         };
@@ -372,30 +454,49 @@ impl Hub {
         }
     }
 
-    /// The queue's next record when it is a whole message of `slot` and
-    /// nothing of `slot`'s waits aside: `(tag, payload, len)` in the shared
-    /// pages, held (the queue's other links take nothing) until
-    /// [`Hub::release_head`]. `None` in any other case, errors included:
-    /// [`Hub::poll`] deals with those.
-    fn take_head(&self, slot: usize, stats: &mut Stats) -> Option<(u8, *const u8, usize)> {
-        let mut g = self.rx.try_lock().ok()?;
+    /// The queue's next records while they are whole messages of `slot`
+    /// and nothing of `slot`'s waits aside: up to `max` (at most a
+    /// [`Batch`]) into `out`, in place in the shared pages, held (the
+    /// queue's other links take nothing) until [`Hub::release_head`].
+    /// Returns how many; 0 in any other case, errors included: [`Hub::poll`]
+    /// deals with those.
+    fn take_heads(&self, slot: usize, out: &mut Batch, max: usize, stats: &mut Stats) -> usize {
+        let Ok(mut g) = self.rx.try_lock() else {
+            return 0;
+        };
         if g.taken || g.broken.is_some() || !g.stash[slot].is_empty() {
-            return None;
+            return 0;
         }
-        let (tag, p, len) = g.rx.take_own(slot).ok()??;
-        g.taken = true;
-        stats.rx_msgs += 1;
-        stats.rx_bytes += len as u64;
-        Some((tag, p, len))
+        out.clear();
+        let mut bytes = 0;
+        let n =
+            g.rx.take_own(slot, max.min(Batch::CAP), |_, r| {
+                bytes += r.len as u64;
+                out.push(crate::ring::Record {
+                    ptr: r.ptr,
+                    len: r.len,
+                    kind: r.kind,
+                    tag: r.tag,
+                });
+            })
+            .unwrap_or(0);
+        if n > 0 {
+            g.taken = true;
+            self.note_rest(&g);
+            stats.rx_msgs += n as u64;
+            stats.rx_bytes += bytes;
+        }
+        n
     }
 
-    /// Releases the record [`Hub::take_head`] handed out.
+    /// Releases the records [`Hub::take_heads`] handed out.
     fn release_head(&self) {
         let mut g = self.rx();
         debug_assert!(g.taken);
         g.taken = false;
         let wake = g.rx.release_taken();
         g.ring(wake);
+        self.note_rest(&g);
     }
 
     /// After a death, with nothing to take: a queue blocked at the same
@@ -423,12 +524,21 @@ impl Hub {
         Ok(())
     }
 
+    /// Hands back what was taken (producers waiting for room wait for it).
+    fn flush(&self) {
+        let mut g = self.rx();
+        let wake = g.rx.consumer().flush();
+        g.ring(wake);
+        self.note_rest(&g);
+    }
+
     /// Sleeps until a producer rings the queue or `timeout` passes (at
     /// once when records wait).
     fn wait(&self, slot: usize, timeout: Duration) {
         let mut g = self.rx();
         let wake = g.rx.consumer().flush();
         g.ring(wake);
+        self.note_rest(&g);
         let Some(bell) = g.bells[slot].clone() else {
             return;
         };
@@ -453,22 +563,38 @@ pub(super) struct QueueLink {
     /// The peer's queue, mapped (after `tx`, which points into it).
     _tx_region: Box<dyn Region>,
     max_record: usize,
-    /// Whether the producer declared that it never sleeps for room.
-    polls: bool,
+    /// How blocking calls wait; without doorbell sleeps (`sleep` false)
+    /// the producer declared that it never sleeps for room.
+    policy: WaitPolicy,
     hub: Arc<Hub>,
     /// The peer's slot in `hub`.
     slot: usize,
-    /// The tag of the message `peek_msg` took, until `release_msg`; its
-    /// bytes are in `held_buf` (kept from one message to the next: no
-    /// allocation a message), or in the queue (`in_place`).
-    held: Option<u8>,
+    /// What `peek_msg` or `peek_msgs` took, until `release_msg`.
+    held: Held,
+    /// The bytes of a message copied out ([`Held::Copied`]), kept from one
+    /// message to the next: no allocation a message.
     held_buf: Vec<u8>,
-    /// The message `peek_msg` handed up in place: its payload's address
-    /// and length in the queue, which holds it taken until `release_msg`.
-    in_place: Option<(usize, usize)>,
+    /// The last `peek_msgs` found nothing to take in place.
+    heads_tried: bool,
     stats: Stats,
     /// The peer said on the control connection that it closed.
     peer_closed: bool,
+}
+
+/// What a [`QueueLink`] handed up and holds until its `release_msg`.
+#[derive(Clone, Copy)]
+enum Held {
+    /// Nothing.
+    None,
+    /// A message copied out of the queue into `held_buf`: its tag.
+    Copied(u8),
+    /// A message in the queue: its tag, and its payload's address and
+    /// length in the shared pages. The queue stays taken
+    /// ([`Hub::take_heads`]) until it is released.
+    InPlace(u8, usize, usize),
+    /// The messages of a [`Batch`], in the queue, holding it as
+    /// [`Held::InPlace`] does.
+    Batch,
 }
 
 /// The byte a closing link writes on its control connection: everything
@@ -524,13 +650,16 @@ impl PeerQueue {
 impl QueueLink {
     /// Attaches to the peer's queue `pq` as the producer of its slot;
     /// receives slot `slot` of `hub`.
-    pub fn new(pq: PeerQueue, hub: Arc<Hub>, slot: usize, polls: bool) -> Result<QueueLink> {
+    /// Blocking calls wait as `policy` says; without doorbell sleeps
+    /// the producer declares that it polls.
+    pub fn new(pq: PeerQueue, hub: Arc<Hub>, slot: usize, policy: WaitPolicy) -> Result<QueueLink> {
         let PeerQueue {
             producer: mut p,
             max_record,
             region,
             bell,
         } = pq;
+        let polls = !policy.sleep;
         if polls {
             p.declare_polling();
         }
@@ -540,12 +669,12 @@ impl QueueLink {
             tx_bell: bell,
             _tx_region: region,
             max_record,
-            polls,
+            policy,
             hub,
             slot,
-            held: None,
+            held: Held::None,
             held_buf: Vec::new(),
-            in_place: None,
+            heads_tried: false,
             stats: Stats::default(),
             peer_closed: false,
         })
@@ -617,8 +746,10 @@ impl QueueLink {
         Ok(done)
     }
 
-    /// Sends `msg` whole, waiting for room until `deadline`; `alive` checks
-    /// the peer between waits.
+    /// Sends `msg` whole, waiting for room until `deadline` as the wait
+    /// policy says (spin, yield, then sleep until the consumer hands space
+    /// back, or nap when this side does not sleep); `alive` checks the
+    /// peer between sleeps.
     pub fn send(
         &mut self,
         tag: u8,
@@ -627,13 +758,18 @@ impl QueueLink {
         alive: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
         let mut sent = 0;
+        let policy = self.policy;
+        let start = Instant::now();
         loop {
             if self.try_send_more(tag, msg, &mut sent)? {
                 return Ok(());
             }
-            let nap = nap_until(deadline)?;
-            if self.polls {
-                std::thread::sleep(nap.min(Duration::from_micros(100)));
+            if pause(&policy, start) {
+                continue;
+            }
+            let nap = nap_until(deadline)?.min(policy.slice);
+            if !policy.sleep {
+                std::thread::sleep(nap.min(POLL_NAP));
             } else {
                 let token = self.tx_bell.prepare();
                 let p = self.tx.producer();
@@ -651,7 +787,10 @@ impl QueueLink {
         self.hub.poll(self.slot, max, f, &mut self.stats)
     }
 
-    /// One message into `out`, waiting until `deadline`.
+    /// One message into `out`, waiting until `deadline` as the wait policy
+    /// says (spin, yield, then sleep on the queue's doorbell, or nap when
+    /// this side does not sleep); the peer's close byte and `alive` are
+    /// looked at between sleeps.
     pub fn recv(
         &mut self,
         out: &mut Vec<u8>,
@@ -659,26 +798,42 @@ impl QueueLink {
         ctl: &std::net::TcpStream,
         alive: &mut dyn FnMut() -> Result<()>,
     ) -> Result<u8> {
+        let policy = self.policy;
+        let start = Instant::now();
         loop {
-            let mut tag = None;
-            self.poll(1, &mut |t, p| {
-                out.clear();
-                out.resize(p.len(), 0);
-                p.read_at(0, out);
-                tag = Some(t);
-            })?;
-            if let Some(t) = tag {
-                return Ok(t);
+            // (a look without the queue's lock first: a spinning receiver
+            // does not take it from the links that have messages)
+            if !self.hub.looks_idle() {
+                let mut tag = None;
+                self.poll(1, &mut |t, p| {
+                    out.clear();
+                    out.resize(p.len(), 0);
+                    p.read_at(0, out);
+                    tag = Some(t);
+                })?;
+                if let Some(t) = tag {
+                    return Ok(t);
+                }
             }
             if self.peer_closed {
                 return Err(Error::Closed);
+            }
+            if pause(&policy, start) {
+                continue;
             }
             if self.saw_close_byte(ctl) {
                 // One more poll takes what came before the byte.
                 continue;
             }
             alive()?;
-            self.hub.wait(self.slot, nap_until(deadline)?);
+            let nap = nap_until(deadline)?.min(policy.slice);
+            if policy.sleep {
+                self.hub.wait(self.slot, nap);
+            } else {
+                // Producers do not ring a consumer that polls.
+                self.hub.flush();
+                std::thread::sleep(nap.min(POLL_NAP));
+            }
         }
     }
 
@@ -686,37 +841,67 @@ impl QueueLink {
     /// is the queue's next record and whole (the queue's other links wait
     /// until it is released: call that soon), copied out otherwise.
     pub fn peek_msg(&mut self) -> Result<Option<(u8, *const u8, usize)>> {
-        if let (Some(t), Some((p, len))) = (self.held, self.in_place) {
-            return Ok(Some((t, p as *const u8, len)));
+        match self.held {
+            Held::InPlace(t, p, len) => return Ok(Some((t, p as *const u8, len))),
+            Held::Copied(t) => return Ok(Some((t, self.held_buf.as_ptr(), self.held_buf.len()))),
+            Held::Batch => return Ok(None),
+            Held::None => {}
         }
-        if self.held.is_none() {
-            if let Some((t, p, len)) = self.hub.take_head(self.slot, &mut self.stats) {
-                self.held = Some(t);
-                self.in_place = Some((p as usize, len));
-                return Ok(Some((t, p, len)));
-            }
-            let (mut got, buf) = (None, &mut self.held_buf);
-            self.hub.poll(
-                self.slot,
-                1,
-                &mut |t, p| {
-                    buf.clear();
-                    buf.resize(p.len(), 0);
-                    p.read_at(0, buf);
-                    got = Some(t);
-                },
-                &mut self.stats,
-            )?;
-            self.held = got;
+        // (not again right after a `peek_msgs` that took nothing: the poll
+        // below takes whatever came since, copied)
+        let mut one = Batch::new();
+        if !std::mem::take(&mut self.heads_tried)
+            && self.hub.take_heads(self.slot, &mut one, 1, &mut self.stats) == 1
+        {
+            let m = one.records()[0];
+            self.held = Held::InPlace(m.tag, m.ptr as usize, m.len);
+            return Ok(Some((m.tag, m.ptr, m.len)));
         }
-        Ok(self
-            .held
-            .map(|t| (t, self.held_buf.as_ptr(), self.held_buf.len())))
+        let (mut got, buf) = (None, &mut self.held_buf);
+        self.hub.poll(
+            self.slot,
+            1,
+            &mut |t, p| {
+                buf.clear();
+                buf.resize(p.len(), 0);
+                p.read_at(0, buf);
+                got = Some(t);
+            },
+            &mut self.stats,
+        )?;
+        Ok(got.map(|t| {
+            self.held = Held::Copied(t);
+            (t, self.held_buf.as_ptr(), self.held_buf.len())
+        }))
+    }
+
+    /// True when nothing waits for this link and it holds nothing (a hint
+    /// taken without the queue's lock: [`Hub::looks_idle`]).
+    #[inline]
+    pub fn looks_idle(&self) -> bool {
+        matches!(self.held, Held::None) && self.hub.looks_idle()
+    }
+
+    /// The queue's next records while they are whole messages of this
+    /// link, in place, up to `max` (at most a [`Batch`]), into `out`,
+    /// until [`QueueLink::release_msg`], which releases them all (the
+    /// queue's other links wait until then). 0 when the next message needs
+    /// [`QueueLink::peek_msg`] (nothing there, another link's record, a
+    /// message in fragments, an error), or one is held.
+    pub fn peek_msgs(&mut self, out: &mut Batch, max: usize) -> usize {
+        if !matches!(self.held, Held::None) {
+            return 0;
+        }
+        let n = self.hub.take_heads(self.slot, out, max, &mut self.stats);
+        if n > 0 {
+            self.held = Held::Batch;
+        }
+        self.heads_tried = n == 0;
+        n
     }
 
     pub fn release_msg(&mut self) {
-        self.held = None;
-        if self.in_place.take().is_some() {
+        if let Held::InPlace(..) | Held::Batch = std::mem::replace(&mut self.held, Held::None) {
             self.hub.release_head();
         }
         // A large message's buffer is not kept.
@@ -748,6 +933,22 @@ impl Drop for QueueLink {
 
 /// How long a blocking call may sleep now: [`NAP`] or what is left before
 /// `deadline`; `Err(Timeout)` once it passed.
+/// The first phases of a blocking wait that began at `start`: spins
+/// (true, at once) for the policy's spin time, then yields the CPU (true)
+/// for its yield time; false once both are over (time to sleep or nap).
+fn pause(policy: &WaitPolicy, start: Instant) -> bool {
+    let waited = start.elapsed();
+    if waited < policy.spin {
+        std::hint::spin_loop();
+        true
+    } else if waited < policy.spin + policy.yield_for {
+        std::thread::yield_now();
+        true
+    } else {
+        false
+    }
+}
+
 fn nap_until(deadline: Option<Instant>) -> Result<Duration> {
     match deadline {
         None => Ok(NAP),

@@ -386,7 +386,7 @@ impl Inner {
             return stay_on_tcp(w, NONCE_DIFFERS.to_string(), Msg::Abort);
         }
         let mapped = self.map_queue(hv, peer, &theirs).and_then(|(pq, nonce)| {
-            let q = QueueLink::new(pq, hub.clone(), offer.slot, !self.cfg.wait.sleep)?;
+            let q = QueueLink::new(pq, hub.clone(), offer.slot, self.cfg.wait)?;
             Ok((q, nonce))
         });
         let (q, their_nonce) = match mapped {
@@ -456,7 +456,7 @@ impl Inner {
             };
             let hub = self.hub(&*hv, peer.domain, qgeo)?;
             let offer = hub.offer(&*hv)?;
-            let q = QueueLink::new(pq, hub.clone(), offer.slot, !self.cfg.wait.sleep)?;
+            let q = QueueLink::new(pq, hub.clone(), offer.slot, self.cfg.wait)?;
             Ok((hv, hub, offer, q, nonce))
         })();
         let (hv, hub, mut offer, q, nonce) = match set_up {
