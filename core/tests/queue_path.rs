@@ -88,6 +88,18 @@ fn message(from: usize, k: usize) -> (u8, Vec<u8>) {
     ((k % 250) as u8, bytes)
 }
 
+/// Sends node `from`'s first `n` messages on `l` from a thread of its own,
+/// which gives the link back.
+fn stream(mut l: Link, from: usize, n: usize) -> std::thread::JoinHandle<Link> {
+    std::thread::spawn(move || {
+        for k in 0..n {
+            let (tag, b) = message(from, k);
+            l.send(tag, &b).unwrap();
+        }
+        l
+    })
+}
+
 fn fnv(acc: u64, b: &[u8]) -> u64 {
     b.iter()
         .fold(acc, |h, &x| (h ^ x as u64).wrapping_mul(0x100_0000_01b3))
@@ -306,20 +318,7 @@ fn a_message_taken_in_place_holds_the_queue_until_released() {
     // checked in order (the other's records ahead are set aside by a poll
     // and come from there).
     const N: usize = 2_000;
-    let t1 = std::thread::spawn(move || {
-        for k in 0..N {
-            let (tag, b) = message(1, k);
-            l1.send(tag, &b).unwrap();
-        }
-        l1
-    });
-    let t2 = std::thread::spawn(move || {
-        for k in 0..N {
-            let (tag, b) = message(2, k);
-            l2.send(tag, &b).unwrap();
-        }
-        l2
-    });
+    let (t1, t2) = (stream(l1, 1, N), stream(l2, 2, N));
     let (mut k1, mut k2) = (0, 0);
     while k1 < N || k2 < N {
         for (from, k, who) in [(&mut from1, &mut k1, 1), (&mut from2, &mut k2, 2)] {
@@ -398,20 +397,7 @@ fn a_batch_taken_in_place_stops_at_another_links_record_and_holds_the_queue() {
     // leaves: fragments, and records behind the other's), every message
     // checked in order.
     const N: usize = 3_000;
-    let t1 = std::thread::spawn(move || {
-        for k in 0..N {
-            let (tag, b) = message(1, k);
-            l1.send(tag, &b).unwrap();
-        }
-        l1
-    });
-    let t2 = std::thread::spawn(move || {
-        for k in 0..N {
-            let (tag, b) = message(2, k);
-            l2.send(tag, &b).unwrap();
-        }
-        l2
-    });
+    let (t1, t2) = (stream(l1, 1, N), stream(l2, 2, N));
     let (mut k1, mut k2, mut batched) = (0, 0, 0);
     let deadline = Instant::now() + Duration::from_secs(60);
     while k1 < N || k2 < N {
