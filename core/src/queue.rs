@@ -551,6 +551,67 @@ impl Producer {
         Ok(Some(self.commit(res, kind, tag)))
     }
 
+    /// [`Producer::push`] of a record of two pieces in its commonest case,
+    /// with nothing that can fail and no call: the consumer polls (nobody
+    /// to ring), the record fits before the end of the data area (no
+    /// padding) and in the room the last consumer index read leaves, and
+    /// the reservation word's one compare-and-swap succeeds. `true`: the
+    /// record is published; `false`: nothing was done, and
+    /// [`Producer::push`] decides (it reloads and checks what this path
+    /// only compares). `SMALL`: both pieces are at most
+    /// [`crate::ring::SMALL_PIECE`] bytes (the caller checked).
+    #[inline(always)]
+    pub fn push2_fast<const SMALL: bool>(
+        &mut self,
+        kind: u8,
+        tag: u8,
+        head: &[u8],
+        body: &[u8],
+    ) -> bool {
+        let len = head.len() + body.len();
+        if self.broken.is_some() || !self.peer_polls || len > self.v.geo.max_record {
+            return false;
+        }
+        let size = self.v.size();
+        let need = Geometry::record_bytes(len) as u64;
+        let word = self.v.word(OFF_RESERVE);
+        let r = word.load(Ordering::Relaxed);
+        let off = r & (size - 1);
+        // (a word that is no multiple of a cell, or past what the consumer
+        // index allows, is the general path's to report)
+        if !r.is_multiple_of(CELL as u64)
+            || off + need > size
+            || r.wrapping_add(need) > self.cons.wrapping_add(size)
+            || r < self.cons
+        {
+            return false;
+        }
+        // Release: as in `reserve`.
+        if word
+            .compare_exchange_weak(r, r + need, Ordering::Release, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // SAFETY: `off + need` <= size: the record lies in the data area,
+        // reserved by the swap above for this producer alone; the caller's
+        // slices cannot overlap shared pages they do not point into.
+        unsafe {
+            let p = self.v.payload(off);
+            if SMALL {
+                crate::ring::copy_small(head.as_ptr(), p, head.len());
+                crate::ring::copy_small(body.as_ptr(), p.add(head.len()), body.len());
+            } else {
+                crate::ring::copy_short(head.as_ptr(), p, head.len());
+                crate::ring::copy_short(body.as_ptr(), p.add(head.len()), body.len());
+            }
+        }
+        debug_assert!(kind::valid(kind));
+        let h = record::encode(len as u32, kind, tag) | (self.slot as u64) << 48;
+        self.v.cell(off).store(h, Ordering::Release);
+        true
+    }
+
     /// Announces that this producer sleeps until the consumer index moves
     /// (its waiting bit; the consumer clears the bits when it releases and
     /// rings those producers). `true`: sleep (the consumer will ring);

@@ -586,7 +586,7 @@ struct Publication {
 /// # Safety
 /// `src` readable and `dst` writable for `n` bytes, not overlapping.
 #[inline(always)]
-unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
+pub(crate) unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
     use std::ptr::{read_unaligned as rd, write_unaligned as wr};
     // SAFETY (all arms): every access lies within the first `n` bytes of
     // `src` and `dst` (contract).
@@ -618,7 +618,7 @@ unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
 /// `src` readable and `dst` writable for `n` bytes, not overlapping;
 /// `n <= SMALL_PIECE`.
 #[inline(always)]
-unsafe fn copy_small(src: *const u8, dst: *mut u8, n: usize) {
+pub(crate) unsafe fn copy_small(src: *const u8, dst: *mut u8, n: usize) {
     use std::ptr::{read_unaligned as rd, write_unaligned as wr};
     debug_assert!(n <= SMALL_PIECE);
     // SAFETY (all arms): every access lies within the first `n` bytes of

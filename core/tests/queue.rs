@@ -720,3 +720,74 @@ fn a_slot_that_breaks_the_framing_breaks_alone_and_an_unadmitted_slot_breaks_the
     ));
     assert!(rx.poll(16, &mut |_, _, _| {}).is_err(), "broken for good");
 }
+
+#[test]
+fn two_piece_fast_pushes_of_every_short_length_arrive_intact_and_leave_the_rest_to_push() {
+    // Records of every head and body length from 0 to 70 (both variants
+    // of the copy: each piece up to 64 bytes, and longer), through a 4 KiB
+    // queue with another slot's records between them: the fast path takes
+    // what fits before the end and in the room it knows of, and declines
+    // the rest (padding, a full queue), which `push` then sends. Every byte
+    // checked.
+    let geo = Geometry::new(4096, 1000, 2).unwrap();
+    let s = Shm::new(geo);
+    // SAFETY: `s` outlives both ends.
+    let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    let mut p = unsafe { Producer::attach(s.base, geo, 1) }.unwrap();
+    let mut other = unsafe { Producer::attach(s.base, geo, 0) }.unwrap();
+    // A consumer that may sleep must be rung: nothing goes the fast way.
+    p.learn_peer();
+    assert!(!p.push2_fast::<true>(kind::MSG, 1, b"head", b"body"));
+    c.declare_polling();
+    p.learn_peer();
+    let (mut fast, mut slow, mut n) = (0, 0, 0u64);
+    for h in 0..=70usize {
+        for b in 0..=70usize {
+            n += 1;
+            let head: Vec<u8> = (0..h).map(|i| byte(1, n, i)).collect();
+            let body: Vec<u8> = (0..b).map(|i| byte(1, n, h + i)).collect();
+            let tag = (n % 200) as u8;
+            let went = if h <= 64 && b <= 64 {
+                p.push2_fast::<true>(kind::MSG, tag, &head, &body)
+            } else {
+                p.push2_fast::<false>(kind::MSG, tag, &head, &body)
+            };
+            if went {
+                fast += 1;
+            } else {
+                slow += 1;
+                // the general path, after the consumer made room
+                let mut pushed = p.push(kind::MSG, tag, &[&head, &body]).unwrap();
+                while pushed.is_none() {
+                    while let Some(r) = c.peek().unwrap() {
+                        c.release_quiet(&r);
+                    }
+                    c.flush();
+                    pushed = p.push(kind::MSG, tag, &[&head, &body]).unwrap();
+                }
+            }
+            if n % 3 == 0 {
+                other.push(kind::MSG, 7, &[b"between"]).unwrap();
+            }
+            // take everything there: the other slot's, then this record
+            let mut mine = None;
+            while let Some(r) = c.peek().unwrap() {
+                if r.slot == 1 {
+                    // SAFETY: valid until the release below.
+                    let got = unsafe { std::slice::from_raw_parts(r.ptr, r.len) }.to_vec();
+                    mine = Some((r.tag, got));
+                } else {
+                    assert_eq!((r.slot, r.tag, r.len), (0, 7, 7));
+                }
+                c.release_quiet(&r);
+            }
+            let want: Vec<u8> = head.iter().chain(&body).copied().collect();
+            assert_eq!(mine, Some((tag, want)), "head {h}, body {b}");
+            if c.unpublished() >= BATCH_BYTES {
+                c.flush();
+            }
+        }
+    }
+    assert!(fast > slow && slow > 0, "{fast} fast, {slow} declined");
+    eprintln!("{fast} records the fast way, {slow} declined");
+}

@@ -342,9 +342,10 @@ impl Link {
     }
 
     /// [`Link::try_send2`]'s commonest case on a ring
-    /// ([`Channel::try_send2_fast`]): `true` when the message was sent,
-    /// `false` when nothing was done and [`Link::try_send2`] must be
-    /// called (always on TCP). `SMALL`: `head` and `body` are at most
+    /// ([`Channel::try_send2_fast`]) or a queue
+    /// ([`crate::queue::Producer::push2_fast`]): `true` when the message
+    /// was sent, `false` when nothing was done and [`Link::try_send2`]
+    /// must be called (always on TCP). `SMALL`: `head` and `body` are at most
     /// [`crate::ring::SMALL_PIECE`] bytes each (the caller checked), copied
     /// with no call.
     #[inline(always)]
@@ -356,7 +357,8 @@ impl Link {
         );
         match &mut self.imp {
             Imp::Ring(c) => c.try_send2_fast::<SMALL>(tag, head, body),
-            Imp::Tcp(_) | Imp::Queue(_) => false,
+            Imp::Queue(q) => q.try_send2_fast::<SMALL>(tag, head, body),
+            Imp::Tcp(_) => false,
         }
     }
 

@@ -732,6 +732,23 @@ impl QueueLink {
         }
     }
 
+    /// [`QueueLink::try_send`] of two pieces in its commonest case
+    /// ([`Producer::push2_fast`]): `true` when the message went, `false`
+    /// when nothing was done and `try_send` must be called.
+    #[inline(always)]
+    pub fn try_send2_fast<const SMALL: bool>(&mut self, tag: u8, head: &[u8], body: &[u8]) -> bool {
+        if !self
+            .tx
+            .producer()
+            .push2_fast::<SMALL>(kind::MSG, tag, head, body)
+        {
+            return false;
+        }
+        self.stats.tx_msgs += 1;
+        self.stats.tx_bytes += (head.len() + body.len()) as u64;
+        true
+    }
+
     /// Whether a message of `len` bytes (at most a record) finds room now;
     /// other processes of the peer's domain may take it first.
     pub fn can_send(&mut self, len: usize) -> Result<bool> {
