@@ -63,6 +63,7 @@ struct mca_btl_base_endpoint_t {
     ivcom_link *link;       /* NULL until first use */
     bool self;              /* this process: messages are delivered in place */
     bool ring;              /* link is on the shared ring (fixed once attached) */
+    bool queue;             /* link is on the queue path (fixed once attached) */
     size_t max_send;        /* largest descriptor this link takes in one piece:
                              * btl_max_send_size, or less on a ring whose
                              * records were shrunk to fit the backend */

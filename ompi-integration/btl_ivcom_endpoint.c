@@ -36,6 +36,7 @@ static void ep_construct(mca_btl_base_endpoint_t *ep)
     ep->link = NULL;
     ep->self = false;
     ep->ring = false;
+    ep->queue = false;
     ep->max_send = 0;
     ep->failed = false;
     ep->closed = false;
@@ -111,6 +112,7 @@ void mca_btl_ivcom_endpoint_attach(mca_btl_base_endpoint_t *ep, ivcom_link *link
     char reason[512];
     ep->link = link;
     ep->ring = IVCOM_PATH_RING == ivcom_link_path(link);
+    ep->queue = IVCOM_PATH_QUEUE == ivcom_link_path(link);
     /* (published last: a poller that sees it sees the link) */
     __atomic_store_n(&ep->rx, ep->ring ? ivcom_link_rx(link) : NULL, __ATOMIC_RELEASE);
     ep->max_send = MODULE->btl_max_send_size;

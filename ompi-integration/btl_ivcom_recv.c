@@ -196,9 +196,39 @@ static int rx_deliver(mca_btl_base_endpoint_t *ep, const ivcom_rx *rx)
     }
 }
 
+/* A queue link's own whole messages in place (ivcom_link_take), up to 16,
+ * handed up here as rx_deliver does a ring's, released after each batch.
+ * Returns how many, or what the first ivcom_link_take said when it took
+ * nothing (0, or IVCOM_RX_FULL: the link's own poll is due); a link that
+ * broke on release is reported here (and counts what went up). */
+static int link_deliver(mca_btl_base_endpoint_t *ep)
+{
+    ivcom_msg m[IVCOM_RX_BATCH];
+    int n = 0;
+    for (;;) {
+        int rc = ivcom_link_take(ep->link, m, IVCOM_RX_BATCH - n);
+        if (rc <= 0) {
+            return n > 0 ? n : rc;
+        }
+        for (int i = 0; i < rc; i++) {
+            deliver(ep, m[i].tag, m[i].data, m[i].len);
+        }
+        n += rc;
+        rc = ivcom_link_done(ep->link);
+        if (OPAL_UNLIKELY(rc < 0)) {
+            mca_btl_ivcom_endpoint_failed(ep, rc);
+            return n;
+        }
+        if (0 == rc || n >= IVCOM_RX_BATCH) {
+            return n;
+        }
+    }
+}
+
 /* One endpoint without threads: up to 16 messages (on a ring, from its
- * receiving side alone when it can: rx_deliver; else the link delivers
- * them itself, one call across the C ABI). Returns the messages delivered
+ * receiving side alone when it can: rx_deliver; on a queue link, its own
+ * in batches: link_deliver; else the link delivers them itself, one call
+ * across the C ABI). Returns the messages delivered
  * and the waiting sends that went: both are progress (with
  * mpi_yield_when_idle, a call that reports none gives the core away). */
 static int poll_single(mca_btl_base_endpoint_t *ep)
@@ -226,6 +256,14 @@ static int poll_single(mca_btl_base_endpoint_t *ep)
         if (IVCOM_RX_CHECK == rc) {
             idle_check(ep);
             return sent;
+        }
+    }
+    /* A queue link's own messages in batches, the same way; the link's
+     * poll for anything else. */
+    if (ep->queue) {
+        rc = link_deliver(ep);
+        if (rc >= 0) {
+            return rc + sent;
         }
     }
     rc = ivcom_link_poll(ep->link, 16, recv_cb, ep);

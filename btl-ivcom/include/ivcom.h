@@ -748,6 +748,35 @@ int ivcom_rx_take(const ivcom_rx *rx, ivcom_msg *out, size_t max);
 int ivcom_rx_done(const ivcom_rx *rx);
 
 /**
+ * `ivcom_rx_take` for a whole link (on a ring or the queue path): takes
+ * up to `max` (at most `IVCOM_RX_BATCH`) of the link's whole messages
+ * waiting in place into `out`, in order. They stay valid until
+ * `ivcom_link_done`, which must follow before any other receive call on
+ * the link; meanwhile the caller may send on it. Returns how many (more
+ * than 0); 0 when nothing waits (a look without a lock on the queue
+ * path); `IVCOM_RX_FULL` when what waits, or the link's look at its peer
+ * now and then, needs `ivcom_link_poll` (nothing was taken then, and no
+ * `ivcom_link_done` is due).
+ *
+ * # Safety
+ * `link` valid, no other receive call on it meanwhile; `out` has room for
+ * `max` entries.
+ */
+int ivcom_link_take(ivcom_link *link, ivcom_msg *out, size_t max);
+
+/**
+ * Ends what `ivcom_link_take` took: the messages' space goes back to the
+ * peer (their pointers are no longer valid). Returns 1 when more seems to
+ * wait (another `ivcom_link_take` may take it), 0 otherwise, or a
+ * negative error (the link is broken).
+ *
+ * # Safety
+ * `link` valid, after an `ivcom_link_take` that took messages and before
+ * any other receive call on the link.
+ */
+int ivcom_link_done(ivcom_link *link);
+
+/**
  * What the link's own idle polls do now and then: reports a ring the
  * peer closed and that was read to its end (`IVCOM_E_CLOSED`, as
  * `ivcom_link_poll` does), checks that the peer lives (its connection,

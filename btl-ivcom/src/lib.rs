@@ -1460,6 +1460,66 @@ pub unsafe extern "C" fn ivcom_rx_done(rx: *const ivcom_rx) -> c_int {
     c_int::from(!unsafe { h.looks_idle() })
 }
 
+/// `ivcom_rx_take` for a whole link (on a ring or the queue path): takes
+/// up to `max` (at most `IVCOM_RX_BATCH`) of the link's whole messages
+/// waiting in place into `out`, in order. They stay valid until
+/// `ivcom_link_done`, which must follow before any other receive call on
+/// the link; meanwhile the caller may send on it. Returns how many (more
+/// than 0); 0 when nothing waits (a look without a lock on the queue
+/// path); `IVCOM_RX_FULL` when what waits, or the link's look at its peer
+/// now and then, needs `ivcom_link_poll` (nothing was taken then, and no
+/// `ivcom_link_done` is due).
+///
+/// # Safety
+/// `link` valid, no other receive call on it meanwhile; `out` has room for
+/// `max` entries.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_take(
+    link: *mut ivcom_link,
+    out: *mut ivcom_msg,
+    max: usize,
+) -> c_int {
+    // SAFETY: valid handle, no other receive call (contract).
+    let l = &mut unsafe { &mut *link }.link;
+    if max == 0 || !l.worth_polling() {
+        return 0;
+    }
+    let mut batch = Batch::new();
+    let n = l.peek_msgs(&mut batch, max.min(IVCOM_RX_BATCH));
+    if n == 0 {
+        return IVCOM_RX_FULL;
+    }
+    for (i, m) in batch.records().iter().enumerate() {
+        // SAFETY: i < n <= max, and `out` has room for `max` (contract).
+        unsafe {
+            out.add(i).write(ivcom_msg {
+                data: m.ptr,
+                len: m.len,
+                tag: m.tag,
+            })
+        };
+    }
+    n as c_int
+}
+
+/// Ends what `ivcom_link_take` took: the messages' space goes back to the
+/// peer (their pointers are no longer valid). Returns 1 when more seems to
+/// wait (another `ivcom_link_take` may take it), 0 otherwise, or a
+/// negative error (the link is broken).
+///
+/// # Safety
+/// `link` valid, after an `ivcom_link_take` that took messages and before
+/// any other receive call on the link.
+#[no_mangle]
+pub unsafe extern "C" fn ivcom_link_done(link: *mut ivcom_link) -> c_int {
+    // SAFETY: valid handle, no other receive call (contract).
+    let l = &mut unsafe { &mut *link }.link;
+    if let Err(e) = l.release_msg().and_then(|()| l.flush_rx()) {
+        return fail(e);
+    }
+    c_int::from(!l.looks_idle())
+}
+
 /// What the link's own idle polls do now and then: reports a ring the
 /// peer closed and that was read to its end (`IVCOM_E_CLOSED`, as
 /// `ivcom_link_poll` does), checks that the peer lives (its connection,

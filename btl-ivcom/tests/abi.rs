@@ -4,6 +4,7 @@
 //! receiver that checks every byte.
 
 use ivcom::*;
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,20 @@ impl Node {
         Node::with(IVCOM_BACKEND_HOST, Some(dir))
     }
 
+    /// A node of the host backend in `dir` on the queue path, with
+    /// receive queues of `queue` bytes.
+    fn queued(dir: &std::ffi::CString, queue: usize) -> Node {
+        Node::make(IVCOM_BACKEND_HOST, Some(dir), queue)
+    }
+
     /// A polling node of `backend` (`IVCOM_BACKEND_*`), in hypervisor
     /// directory `dir` when given.
     fn with(backend: std::ffi::c_int, dir: Option<&std::ffi::CString>) -> Node {
+        Node::make(backend, dir, 0)
+    }
+
+    /// As `with`, with receive queues of `queue` bytes (0: rings).
+    fn make(backend: std::ffi::c_int, dir: Option<&std::ffi::CString>, queue: usize) -> Node {
         let mut cfg = std::mem::MaybeUninit::<ivcom_config>::uninit();
         // SAFETY: writable config; defaults, then our directory and backend.
         let mut cfg = unsafe {
@@ -29,6 +41,7 @@ impl Node {
             cfg.host_dir = dir.as_ptr();
         }
         cfg.poll_only = 1;
+        cfg.queue_size = queue;
         let mut n = std::ptr::null_mut();
         // SAFETY: valid config and out pointer.
         assert_eq!(
@@ -105,6 +118,21 @@ fn linked_pair(
     *mut ivcom_link,
     *mut ivcom_link,
 ) {
+    linked_pair_with(name, 0)
+}
+
+/// [`linked_pair`] on rings (`queue` 0) or on the queue path with receive
+/// queues of `queue` bytes.
+fn linked_pair_with(
+    name: &str,
+    queue: usize,
+) -> (
+    std::path::PathBuf,
+    Node,
+    Node,
+    *mut ivcom_link,
+    *mut ivcom_link,
+) {
     let dir = std::env::temp_dir().join(format!("ivcom-{name}-{}", std::process::id()));
     // Private, as the host backend demands.
     let _ = std::fs::remove_dir_all(&dir);
@@ -112,7 +140,7 @@ fn linked_pair(
         .create(&dir)
         .unwrap();
     let cdir = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
-    let (a, b) = (Node::new(&cdir), Node::new(&cdir));
+    let (a, b) = (Node::queued(&cdir, queue), Node::queued(&cdir, queue));
     let card_b = b.card();
     // b accepts only peers whose full card it was given.
     let card_a = a.card();
@@ -132,10 +160,15 @@ fn linked_pair(
         assert!(Instant::now() < until, "b never got the link");
         std::thread::sleep(Duration::from_millis(1));
     }
+    let path = if queue == 0 {
+        IVCOM_PATH_RING
+    } else {
+        IVCOM_PATH_QUEUE
+    };
     // SAFETY: valid links.
     unsafe {
-        assert_eq!(ivcom_link_path(la), IVCOM_PATH_RING);
-        assert_eq!(ivcom_link_path(lb), IVCOM_PATH_RING);
+        assert_eq!(ivcom_link_path(la), path);
+        assert_eq!(ivcom_link_path(lb), path);
     }
     (dir, a, b, la, lb)
 }
@@ -752,4 +785,119 @@ fn a_node_tells_which_peers_may_share_its_memory_from_their_cards() {
     for d in dirs {
         let _ = std::fs::remove_dir_all(d);
     }
+}
+
+/// btl/ivcom's receive on the queue path through the C ABI: the link's
+/// own whole messages in batches (`ivcom_link_take`, handed up by the
+/// caller, `ivcom_link_done`), the link's poll for what a batch leaves
+/// (`IVCOM_RX_FULL`: messages larger than a record, in fragments) and for
+/// its look at the peer now and then. Every message arrives once, in
+/// order, checksums over every byte; the batches carried most of them;
+/// then the sender closes and the receiver learns it.
+#[test]
+fn a_queue_link_taken_from_as_btl_ivcom_does_gets_every_message_in_order() {
+    let (dir, a, b, la, lb) = linked_pair_with("abi-queue-take", 64 << 10);
+    // (records of 31 KiB: messages of 40,000 bytes go in fragments)
+    let len_of = |k: usize| match k % 61 {
+        0 => 40_000,
+        9 => 4096 + k % 1000,
+        _ => k % 200,
+    };
+    const N: usize = 20_000;
+    let mut t = Taken::default();
+    let (batched, polled, most) = (Cell::new(0usize), Cell::new(0usize), Cell::new(0usize));
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut m = [ivcom_msg {
+        data: std::ptr::null(),
+        len: 0,
+        tag: 0,
+    }; IVCOM_RX_BATCH];
+    // One poll of b as btl/ivcom's poll_single does it; the result of
+    // the link's poll when the batches left it something, else theirs.
+    let mut poll_b = |t: &mut Taken| -> i32 {
+        let mut n = 0;
+        loop {
+            // SAFETY: valid link, this thread its one receiver; `m` has
+            // room for what is asked.
+            let rc = unsafe { ivcom_link_take(lb, m.as_mut_ptr(), IVCOM_RX_BATCH - n) };
+            if rc == IVCOM_RX_FULL && n == 0 {
+                let ctx = t as *mut Taken as *mut c_void;
+                // SAFETY: valid link; the callback only records.
+                let p = unsafe { ivcom_link_poll(lb, 16, Some(take), ctx) };
+                polled.set(polled.get() + p.max(0) as usize);
+                return p;
+            }
+            if rc <= 0 {
+                return n as i32;
+            }
+            assert!(rc as usize <= IVCOM_RX_BATCH - n, "took {rc}");
+            for x in &m[..rc as usize] {
+                // SAFETY: taken and not done: valid.
+                unsafe { take(t as *mut Taken as *mut c_void, x.tag, x.data, x.len) };
+            }
+            n += rc as usize;
+            batched.set(batched.get() + rc as usize);
+            most.set(most.get().max(n));
+            // SAFETY: after a take that took messages.
+            let more = unsafe { ivcom_link_done(lb) };
+            assert!(more >= 0, "done: {}", last_error());
+            if more == 0 || n >= IVCOM_RX_BATCH {
+                return n as i32;
+            }
+        }
+    };
+    for k in 0..N {
+        let msg = pattern(k, len_of(k));
+        let iov = ivcom_iov {
+            base: msg.as_ptr(),
+            len: msg.len(),
+        };
+        let mut sent = 0usize;
+        // SAFETY: a's link; the message is sent whole before the next.
+        while unsafe { ivcom_link_try_send_more(la, (k % 251) as u8, iov.base, iov.len, &mut sent) }
+            == 0
+        {
+            assert!(Instant::now() < until, "stuck at message {k}");
+            assert!(poll_b(&mut t) >= 0, "poll b: {}", last_error());
+        }
+        if k % 29 == 0 {
+            assert!(poll_b(&mut t) >= 0, "poll b: {}", last_error());
+        }
+    }
+    while t.0.len() < N {
+        assert!(Instant::now() < until, "{} arrived", t.0.len());
+        assert!(poll_b(&mut t) >= 0, "poll b: {}", last_error());
+    }
+    assert_eq!(t.0.len(), N);
+    for (k, got) in t.0.iter().enumerate() {
+        let msg = pattern(k, len_of(k));
+        assert_eq!(
+            *got,
+            ((k % 251) as u8, msg.len(), checksum(&msg)),
+            "message {k}"
+        );
+    }
+    let (batched, polled, most) = (batched.get(), polled.get(), most.get());
+    assert!(
+        batched > N / 2 && polled > 0,
+        "{batched} in batches, {polled} polled"
+    );
+    assert!(most > 5, "at most {most} messages a poll");
+    // a finalizes: b's take leaves the end to the link's poll, which says so.
+    // SAFETY: valid link, not used afterwards.
+    unsafe { ivcom_link_free(la) };
+    let end = loop {
+        assert!(Instant::now() < until, "no end seen");
+        let rc = poll_b(&mut t);
+        if rc < 0 {
+            break rc;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(end, IVCOM_E_CLOSED, "{}", last_error());
+    assert_eq!(t.0.len(), N, "nothing after the last message");
+    // SAFETY: valid link, not used afterwards.
+    unsafe { ivcom_link_free(lb) };
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
 }

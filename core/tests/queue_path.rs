@@ -567,7 +567,7 @@ fn a_peer_that_dies_mid_record_breaks_its_domains_queue_by_name() {
     assert_eq!(from2.recv(&mut m, deadline).unwrap(), 2);
     assert!(l1.leave_a_hole_in_the_queue(100).unwrap());
     l2.send(3, b"behind the hole").unwrap();
-    drop(l1);
+    l1.drop_as_crashed();
     drop(n1);
     // A blocking receive looks at the peer between its waits.
     let t0 = Instant::now();

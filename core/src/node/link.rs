@@ -584,10 +584,13 @@ impl Link {
         match &mut self.imp {
             Imp::Ring(c) => c.close(),
             Imp::Tcp(t) => t.close(),
-            Imp::Queue(_) => {
+            Imp::Queue(q) => {
                 // Everything sent is in the peer's queue: say so on the
                 // control connection (its end of file alone would read as
-                // a crash).
+                // a crash), once.
+                if !q.close_once() {
+                    return;
+                }
                 if let Some(ctl) = &self.ctl {
                     let _ = std::io::Write::write(&mut &*ctl, &[CLOSE_BYTE]);
                     let _ = ctl.shutdown(std::net::Shutdown::Write);
@@ -618,9 +621,33 @@ impl Link {
         }
     }
 
+    /// Drops a queue link without saying on its control connection that
+    /// it closed, as a process that crashes leaves it (its peer then
+    /// reports a lost peer, not `Closed`). For tests that play a dying
+    /// peer; not for anything else.
+    #[doc(hidden)]
+    pub fn drop_as_crashed(mut self) {
+        if let Imp::Queue(q) = &mut self.imp {
+            q.close_once();
+        }
+    }
+
     /// The wait policy of blocking calls.
     pub fn wait_policy(&self) -> WaitPolicy {
         self.policy
+    }
+}
+
+impl Drop for Link {
+    /// A ring's end and a TCP link close as they go (their own drops); a
+    /// queue link says on its control connection that everything it sent
+    /// is in the peer's queue, so that the peer reads the rest and then
+    /// reports `Closed`, not a lost peer (a process that frees its links,
+    /// as an MPI rank at finalize, closes them cleanly).
+    fn drop(&mut self) {
+        if let Imp::Queue(_) = self.imp {
+            self.close();
+        }
     }
 }
 

@@ -579,6 +579,8 @@ pub(super) struct QueueLink {
     stats: Stats,
     /// The peer said on the control connection that it closed.
     peer_closed: bool,
+    /// This side said so.
+    closed: bool,
 }
 
 /// What a [`QueueLink`] handed up and holds until its `release_msg`.
@@ -677,6 +679,7 @@ impl QueueLink {
             heads_tried: false,
             stats: Stats::default(),
             peer_closed: false,
+            closed: false,
         })
     }
 
@@ -701,6 +704,12 @@ impl QueueLink {
 
     pub fn peer_closed(&self) -> bool {
         self.peer_closed
+    }
+
+    /// Marks this side closed: `true` the first time only (the close byte
+    /// is written once).
+    pub fn close_once(&mut self) -> bool {
+        !std::mem::replace(&mut self.closed, true)
     }
 
     /// Counts a message of `len` bytes that went whole (`done`), and rings
