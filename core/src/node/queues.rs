@@ -331,19 +331,39 @@ impl Hub {
 
     /// Whether nothing waits for the queue's links now, learnt without the
     /// lock: the queue is at rest and no record is published at its index.
-    /// While released space waits to be handed back, only the first look
-    /// says so: the next one asks for the full poll that hands it back
-    /// (after what the receiver sent in between: the stores that clear the
-    /// space, each waiting for a line a producer wrote, would otherwise
-    /// queue in front of the receiver's answer to the message it took).
-    /// A hint for pollers (a full poll decides); `false` when unsure.
+    /// While released space waits to be handed back, the first look leaves
+    /// it and the next one hands it back (under the lock, when it is free:
+    /// else it answers `false`, and the full poll does): the stores that
+    /// clear the space each wait for a line a producer wrote, and would
+    /// otherwise queue in front of what the receiver sends in between, its
+    /// answer to the message it took. A hint for pollers (a full poll
+    /// decides); `false` when unsure.
     #[inline]
     pub fn looks_idle(&self) -> bool {
         let at = self.rest.load(Ordering::Acquire);
         if at == BUSY || self.watch.published_at(at & !CLEAR_DUE) {
             return false;
         }
-        at & CLEAR_DUE == 0 || !self.looked.swap(true, Ordering::Relaxed)
+        if at & CLEAR_DUE == 0 || !self.looked.swap(true, Ordering::Relaxed) {
+            return true;
+        }
+        self.clear_due()
+    }
+
+    /// The look that hands released space back ([`Hub::looks_idle`]):
+    /// whether the queue is idle after it; `false` when another thread
+    /// holds the queue.
+    #[inline(never)]
+    fn clear_due(&self) -> bool {
+        let Ok(mut g) = self.rx.try_lock() else {
+            return false;
+        };
+        let wake = g.rx.consumer().flush();
+        g.ring(wake);
+        self.note_rest(&g);
+        drop(g);
+        let at = self.rest.load(Ordering::Acquire);
+        at != BUSY && !self.watch.published_at(at & !CLEAR_DUE)
     }
 
     /// A process of the domain died (a link's control connection said so).
