@@ -530,6 +530,72 @@ fn a_tag_at_the_limit_breaks_its_link_by_name_and_leaves_its_domains_others() {
 }
 
 #[test]
+fn an_idle_queue_hands_its_space_back_at_the_second_look() {
+    // A 4 KiB queue of 1 KiB records: four messages fill it. The receiver
+    // takes them in a batch and releases them; the space is handed back
+    // (cleared, the index published) not at once but at the second look
+    // at the idle queue, after whatever the receiver sent in between.
+    let d = dir("look");
+    let built: Vec<Node> = (0..2)
+        .map(|_| {
+            Node::new(Config {
+                min_record: Some(1000),
+                ..cfg(&d, 4096)
+            })
+            .unwrap()
+        })
+        .collect();
+    built[0].admit(built[1].card()).unwrap();
+    built[1].admit(built[0].card()).unwrap();
+    let mut links = mesh(&built);
+    let (mut from1, mut l1) = ends(&mut links, 0, 1);
+    let msg = [7u8; 1000];
+    let mut sent = 0;
+    while l1.try_send(1, &[&msg]).unwrap() {
+        sent += 1;
+        assert!(sent < 10, "a 4 KiB queue took {sent} records of 1 KiB");
+    }
+    assert_eq!(sent, 4);
+    let mut batch = Batch::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut taken = 0;
+    while taken < sent {
+        assert!(Instant::now() < deadline, "took {taken}");
+        let n = from1.peek_msgs(&mut batch, 16);
+        for r in batch.records() {
+            // SAFETY: valid until release_msg.
+            assert_eq!(
+                unsafe { std::slice::from_raw_parts(r.ptr, r.len) },
+                &msg[..]
+            );
+        }
+        if n > 0 {
+            from1.release_msg().unwrap();
+        }
+        taken += n;
+    }
+    // Released, not handed back yet: no room.
+    assert!(!l1.try_send(1, &[&msg]).unwrap());
+    assert!(
+        !from1.worth_polling(),
+        "the first look finds the queue idle"
+    );
+    assert!(
+        !l1.try_send(1, &[&msg]).unwrap(),
+        "handed back at the first look"
+    );
+    assert!(!from1.worth_polling(), "the second look finds it idle too");
+    assert!(
+        l1.try_send(1, &[&msg]).unwrap(),
+        "not handed back at the second look"
+    );
+    // and the next message arrives
+    let mut m = Vec::new();
+    assert_eq!(from1.recv(&mut m, Some(deadline)).unwrap(), 1);
+    assert_eq!(m, msg);
+}
+
+#[test]
 fn a_queue_too_small_for_the_smallest_record_is_refused() {
     let d = dir("cfg");
     let c = Config {
