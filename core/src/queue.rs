@@ -611,16 +611,7 @@ impl Producer {
         // SAFETY: `off + need` <= size: the record lies in the data area,
         // reserved by the swap above for this producer alone; the caller's
         // slices cannot overlap shared pages they do not point into.
-        unsafe {
-            let p = self.v.payload(off);
-            if SMALL {
-                crate::ring::copy_small(head.as_ptr(), p, head.len());
-                crate::ring::copy_small(body.as_ptr(), p.add(head.len()), body.len());
-            } else {
-                crate::ring::copy_short(head.as_ptr(), p, head.len());
-                crate::ring::copy_short(body.as_ptr(), p.add(head.len()), body.len());
-            }
-        }
+        unsafe { crate::ring::copy_pieces::<SMALL>(head, body, self.v.payload(off)) };
         debug_assert!(kind::valid(kind));
         let h = record::encode(len as u32, kind, tag) | (self.slot as u64) << 48;
         self.v.cell(off).store(h, Ordering::Release);

@@ -586,7 +586,7 @@ struct Publication {
 /// # Safety
 /// `src` readable and `dst` writable for `n` bytes, not overlapping.
 #[inline(always)]
-pub(crate) unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
+unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
     use std::ptr::{read_unaligned as rd, write_unaligned as wr};
     // SAFETY (all arms): every access lies within the first `n` bytes of
     // `src` and `dst` (contract).
@@ -618,7 +618,7 @@ pub(crate) unsafe fn copy_short(src: *const u8, dst: *mut u8, n: usize) {
 /// `src` readable and `dst` writable for `n` bytes, not overlapping;
 /// `n <= SMALL_PIECE`.
 #[inline(always)]
-pub(crate) unsafe fn copy_small(src: *const u8, dst: *mut u8, n: usize) {
+unsafe fn copy_small(src: *const u8, dst: *mut u8, n: usize) {
     use std::ptr::{read_unaligned as rd, write_unaligned as wr};
     debug_assert!(n <= SMALL_PIECE);
     // SAFETY (all arms): every access lies within the first `n` bytes of
@@ -640,6 +640,26 @@ pub(crate) unsafe fn copy_small(src: *const u8, dst: *mut u8, n: usize) {
             wr(dst.add(n - 16).cast::<u128>(), b);
         } else {
             copy_short(src, dst, n);
+        }
+    }
+}
+
+/// Copies `head` then `body` to `dst`, inline: with `copy_small` when
+/// `SMALL` (both at most [`SMALL_PIECE`] bytes), else `copy_short`.
+///
+/// # Safety
+/// `dst` writable for both pieces' lengths, not overlapping them; with
+/// `SMALL`, each piece at most [`SMALL_PIECE`] bytes.
+#[inline(always)]
+pub(crate) unsafe fn copy_pieces<const SMALL: bool>(head: &[u8], body: &[u8], dst: *mut u8) {
+    // SAFETY (all four): forwarded contract; body goes right after head.
+    unsafe {
+        if SMALL {
+            copy_small(head.as_ptr(), dst, head.len());
+            copy_small(body.as_ptr(), dst.add(head.len()), body.len());
+        } else {
+            copy_short(head.as_ptr(), dst, head.len());
+            copy_short(body.as_ptr(), dst.add(head.len()), body.len());
         }
     }
 }
@@ -1680,15 +1700,7 @@ impl Producer {
         // SAFETY: pos + total <= wrap_at <= size: the record's `len` bytes
         // of payload lie in the data area, which the caller's slices cannot
         // overlap.
-        unsafe {
-            if SMALL {
-                copy_small(head.as_ptr(), p.payload, head.len());
-                copy_small(body.as_ptr(), p.payload.add(head.len()), body.len());
-            } else {
-                copy_short(head.as_ptr(), p.payload, head.len());
-                copy_short(body.as_ptr(), p.payload.add(head.len()), body.len());
-            }
-        }
+        unsafe { copy_pieces::<SMALL>(head, body, p.payload) };
         // (the consumer polls: nobody to ring)
         let _ = self.publish_record(p, kind, tag);
         true
