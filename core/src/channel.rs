@@ -72,6 +72,23 @@ impl WaitPolicy {
             ..WaitPolicy::default()
         }
     }
+
+    /// The first phases of a blocking wait that began at `start`: spins
+    /// once (true) within the spin time, then yields the CPU once (true)
+    /// within the yield time; false once both are over (time to sleep on
+    /// the doorbell, or nap).
+    pub fn pause(&self, start: Instant) -> bool {
+        let waited = start.elapsed();
+        if waited < self.spin {
+            std::hint::spin_loop();
+            true
+        } else if waited < self.spin + self.yield_for {
+            std::thread::yield_now();
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// What a blocking wait waits for.
@@ -893,13 +910,7 @@ impl Channel {
             if ready {
                 return Ok(());
             }
-            let waited = start.elapsed();
-            if waited < policy.spin {
-                std::hint::spin_loop();
-                continue;
-            }
-            if waited < policy.spin + policy.yield_for {
-                std::thread::yield_now();
+            if policy.pause(start) {
                 continue;
             }
             let slice = slice_until(policy.slice, deadline)?;

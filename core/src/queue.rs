@@ -534,6 +534,7 @@ impl Producer {
     /// (the payload written before it is visible to a consumer that reads
     /// the header). Returns whether the consumer announced that it sleeps:
     /// if so the caller rings the consumer's doorbell once.
+    #[inline]
     pub fn commit(&mut self, res: Reservation, kind: u8, tag: u8) -> bool {
         debug_assert!(kind::valid(kind));
         let h = record::encode(res.len as u32, kind, tag) | (self.slot as u64) << 48;
@@ -611,10 +612,11 @@ impl Producer {
         // SAFETY: `off + need` <= size: the record lies in the data area,
         // reserved by the swap above for this producer alone; the caller's
         // slices cannot overlap shared pages they do not point into.
-        unsafe { crate::ring::copy_pieces::<SMALL>(head, body, self.v.payload(off)) };
-        debug_assert!(kind::valid(kind));
-        let h = record::encode(len as u32, kind, tag) | (self.slot as u64) << 48;
-        self.v.cell(off).store(h, Ordering::Release);
+        let payload = unsafe { self.v.payload(off) };
+        // SAFETY: as above.
+        unsafe { crate::ring::copy_pieces::<SMALL>(head, body, payload) };
+        // (the consumer polls: the header's release store alone)
+        let _ = self.commit(Reservation { off, len, payload }, kind, tag);
         true
     }
 

@@ -358,9 +358,7 @@ impl Hub {
         let Ok(mut g) = self.rx.try_lock() else {
             return false;
         };
-        let wake = g.rx.consumer().flush();
-        g.ring(wake);
-        self.note_rest(&g);
+        self.hand_back(&mut g);
         drop(g);
         let at = self.rest.load(Ordering::Acquire);
         at != BUSY && !self.watch.published_at(at & !CLEAR_DUE)
@@ -546,19 +544,22 @@ impl Hub {
 
     /// Hands back what was taken (producers waiting for room wait for it).
     fn flush(&self) {
-        let mut g = self.rx();
+        self.hand_back(&mut self.rx());
+    }
+
+    /// [`Hub::flush`] under the lock: clears and publishes what was
+    /// released, rings the producers that wait for it, notes the rest.
+    fn hand_back(&self, g: &mut Rx) {
         let wake = g.rx.consumer().flush();
         g.ring(wake);
-        self.note_rest(&g);
+        self.note_rest(g);
     }
 
     /// Sleeps until a producer rings the queue or `timeout` passes (at
     /// once when records wait).
     fn wait(&self, slot: usize, timeout: Duration) {
         let mut g = self.rx();
-        let wake = g.rx.consumer().flush();
-        g.ring(wake);
-        self.note_rest(&g);
+        self.hand_back(&mut g);
         let Some(bell) = g.bells[slot].clone() else {
             return;
         };
@@ -810,7 +811,7 @@ impl QueueLink {
             if self.try_send_more(tag, msg, &mut sent)? {
                 return Ok(());
             }
-            if pause(&policy, start) {
+            if policy.pause(start) {
                 continue;
             }
             let nap = nap_until(deadline)?.min(policy.slice);
@@ -864,7 +865,7 @@ impl QueueLink {
             if self.peer_closed {
                 return Err(Error::Closed);
             }
-            if pause(&policy, start) {
+            if policy.pause(start) {
                 continue;
             }
             if self.saw_close_byte(ctl) {
@@ -979,22 +980,6 @@ impl Drop for QueueLink {
 
 /// How long a blocking call may sleep now: [`NAP`] or what is left before
 /// `deadline`; `Err(Timeout)` once it passed.
-/// The first phases of a blocking wait that began at `start`: spins
-/// (true, at once) for the policy's spin time, then yields the CPU (true)
-/// for its yield time; false once both are over (time to sleep or nap).
-fn pause(policy: &WaitPolicy, start: Instant) -> bool {
-    let waited = start.elapsed();
-    if waited < policy.spin {
-        std::hint::spin_loop();
-        true
-    } else if waited < policy.spin + policy.yield_for {
-        std::thread::yield_now();
-        true
-    } else {
-        false
-    }
-}
-
 fn nap_until(deadline: Option<Instant>) -> Result<Duration> {
     match deadline {
         None => Ok(NAP),
