@@ -76,6 +76,12 @@ struct mca_btl_base_endpoint_t {
                              * it changes: the lock-free poll's hint */
     uint64_t kept_core;     /* idle progress calls that kept the core while
                              * the peer took our messages (peers_at_work) */
+    uint64_t queued;        /* sends that waited here, in order, for room
+                             * (the pending list) */
+    uint64_t parked;        /* sends handed back to the upper layer to retry
+                             * later, without a descriptor (ob1 then starts
+                             * them after later ones): only when memory runs
+                             * out (btl_ivcom_send.c, "Order") */
     struct mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
     opal_list_t pending;    /* frags waiting for ring space, in order */
     /* What a link's messages go up in (deliver, btl_ivcom_recv.c): the

@@ -12,6 +12,11 @@
  * To this process itself (the self endpoint) a message is delivered in
  * place, at once.
  *
+ * Order: a message that cannot go now is queued here, behind any other,
+ * never handed back to ob1 to retry (sendi answers busy with a descriptor,
+ * alloc never fails for want of room, prepare_src declines only further
+ * pieces of a message): messages leave in the order ob1 numbered them.
+ *
  * Threads: every path holds the endpoint's lock while it touches the link
  * and the endpoint's state, and drops it before anything that may call
  * back into the upper layer (completion callbacks, failure reports,
@@ -78,15 +83,22 @@ static int report(mca_btl_base_endpoint_t *ep, int failed, int rc)
     return rc;
 }
 
-mca_btl_base_descriptor_t *mca_btl_ivcom_alloc(struct mca_btl_base_module_t *btl,
-                                               struct mca_btl_base_endpoint_t *ep, uint8_t order,
-                                               size_t size, uint32_t flags)
+/* Counts a send handed back to the upper layer to retry (the stats line's
+ * `parked`); any thread. */
+static inline void count_parked(mca_btl_base_endpoint_t *ep)
+{
+    __atomic_fetch_add(&ep->parked, 1, __ATOMIC_RELAXED);
+}
+
+/* alloc's work (without counting a failure): a descriptor of `size`
+ * bytes, ring space when it can be, else a private buffer; NULL when
+ * larger than btl_max_send_size or memory ran out. */
+static mca_btl_base_descriptor_t *alloc_frag(mca_btl_base_endpoint_t *ep, size_t size,
+                                             uint32_t flags)
 {
     mca_btl_ivcom_frag_t *f;
     int failed = 0;
     bool ready, placed = false;
-    (void) btl;
-    (void) order;
     /* ob1 allocates at most btl_eager_limit bytes, the smallest record a
      * ring may shrink to; Open MPI 5's active-message RDMA up to
      * btl_max_send_size. */
@@ -115,6 +127,19 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_alloc(struct mca_btl_base_module_t *btl
     f->segment.seg_len = size;
     f->base.des_flags = flags;
     return &f->base;
+}
+
+mca_btl_base_descriptor_t *mca_btl_ivcom_alloc(struct mca_btl_base_module_t *btl,
+                                               struct mca_btl_base_endpoint_t *ep, uint8_t order,
+                                               size_t size, uint32_t flags)
+{
+    mca_btl_base_descriptor_t *d = alloc_frag(ep, size, flags);
+    (void) btl;
+    (void) order;
+    if (OPAL_UNLIKELY(NULL == d && size <= MODULE->btl_max_send_size)) {
+        count_parked(ep);
+    }
+    return d;
 }
 
 int mca_btl_ivcom_free(struct mca_btl_base_module_t *btl, mca_btl_base_descriptor_t *des)
@@ -174,6 +199,7 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
     (void) order;
     f = mca_btl_ivcom_frag_get(ep);
     if (NULL == f) {
+        count_parked(ep);
         return NULL;
     }
     keep = mca_btl_ivcom_caller_keeps(flags);
@@ -220,19 +246,25 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
         return NULL;
     }
     if (!placed) {
-        /* On a ring link with no room now, decline: ob1 keeps the request
-         * pending and retries from its progress, instead of this BTL
-         * packing into a private buffer that waits in a queue (an extra
-         * copy and unbounded memory while a fast sender outruns the
-         * receiver). TCP links, the self endpoint, descriptors the caller
-         * keeps and descriptors larger than the pair's records (bounded
-         * by ob1's pipeline depth) always pack into a private buffer. */
-        if (ring && !keep && !too_big) {
+        /* On a ring link with no room now, decline a further piece of a
+         * message: ob1 keeps the request pending and retries from its
+         * progress, instead of this BTL packing into a private buffer that
+         * waits in a queue (an extra copy and unbounded memory while a
+         * fast sender outruns the receiver). The first piece of a message
+         * (ob1 flags it MCA_BTL_DES_FLAGS_PRIORITY: its rendezvous header
+         * carries the message's sequence number) is never declined: ob1
+         * would start it after messages that came after it
+         * (busy_with_descriptor says why that is avoided). TCP links, the
+         * self endpoint, descriptors the caller keeps and descriptors
+         * larger than the pair's records (bounded by ob1's pipeline depth)
+         * always pack into a private buffer. */
+        if (ring && !keep && !too_big && !(flags & MCA_BTL_DES_FLAGS_PRIORITY)) {
             mca_btl_ivcom_frag_return(f);
             return NULL;
         }
         if (!mca_btl_ivcom_frag_heap(f, reserve + max)) {
             mca_btl_ivcom_frag_return(f);
+            count_parked(ep);
             return NULL;
         }
     }
@@ -300,6 +332,7 @@ int mca_btl_ivcom_send(struct mca_btl_base_module_t *btl, struct mca_btl_base_en
         } else {
             /* Ring full (or ordered behind others): progress sends it. */
             f->base.des_flags |= MCA_BTL_DES_SEND_ALWAYS_CALLBACK;
+            ep->queued++;
             opal_list_append(&ep->pending, &f->base.super.super);
             mca_btl_ivcom_pending_changed(ep);
             out = OPAL_SUCCESS;
@@ -356,8 +389,9 @@ static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
     return true;
 }
 
-/* What sendi returns for ivcom_link_try_send2's answer `rc` (called
- * without the lock; the convertor stays where it is, as sendi_pack says). */
+/* What sendi returns for ivcom_link_try_send2's answer `rc` when it is
+ * not 0 (no room: busy_with_descriptor); called without the lock; the
+ * convertor stays where it is, as sendi_pack says. */
 static inline int sendi_sent(mca_btl_base_endpoint_t *ep, int rc)
 {
     if (OPAL_LIKELY(1 == rc)) {
@@ -386,18 +420,40 @@ static int sendi_self(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv
     return OPAL_SUCCESS;
 }
 
-/* A sendi that cannot send now and hands ob1 a descriptor to send
- * instead (a private buffer, sent as a run of records when larger than
- * them, queued on the pending list while there is no room): without one
- * ob1 only tries sendi again. Called without the endpoint's lock. */
-static int busy_with_descriptor(struct mca_btl_base_module_t *btl,
+/* A sendi that cannot send now hands ob1 a descriptor to send instead (a
+ * private buffer, sent as a run of records when larger than them, queued
+ * on the pending list while there is no room), whenever ob1 asks for one.
+ * Refused without one, ob1 would park the request and retry it later,
+ * after requests that started after it: their messages would reach the
+ * peer out of their sequence, and the peer's ob1 would have to hold them
+ * back. Open MPI 4.1's ob1 was seen to lose track of such held-back
+ * messages where the 16-bit sequence numbers wrap around (osu_bw over a
+ * 64 KiB queue hung in about one run in 20 to 120: every message had
+ * arrived, the receiver waited for one it held; docs/design.md, "Sends
+ * keep their order"). Queued here, every message starts in the order ob1
+ * numbered it. Called without the endpoint's lock. */
+static __attribute__((noinline)) int busy_with_descriptor(struct mca_btl_base_module_t *btl,
                                 struct mca_btl_base_endpoint_t *ep, uint8_t order, size_t total,
                                 uint32_t flags, mca_btl_base_descriptor_t **descriptor)
 {
+    (void) btl;
+    (void) order;
     if (NULL != descriptor) {
-        *descriptor = mca_btl_ivcom_alloc(btl, ep, order, total, flags);
+        *descriptor = alloc_frag(ep, total, flags);
     }
     return OPAL_ERR_RESOURCE_BUSY;
+}
+
+/* What sendi returns, `rc`, counted when it hands the send back to ob1 to
+ * retry later: busy, though ob1 asked for a descriptor, and none given
+ * (memory ran out). */
+static inline int sendi_counted(mca_btl_base_endpoint_t *ep, int rc,
+                                mca_btl_base_descriptor_t **descriptor)
+{
+    if (OPAL_UNLIKELY(OPAL_ERR_RESOURCE_BUSY == rc && NULL != descriptor && NULL == *descriptor)) {
+        count_parked(ep);
+    }
+    return rc;
 }
 
 /* sendi in general: any endpoint, link and payload, with or without
@@ -430,8 +486,9 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
         return busy_with_descriptor(btl, ep, order, total, flags, descriptor);
     }
     if (NULL != ep->reserved || !opal_list_is_empty(&ep->pending)) {
+        /* Behind them, in order. */
         UNLOCK(ep);
-        return OPAL_ERR_RESOURCE_BUSY;
+        return busy_with_descriptor(btl, ep, order, total, flags, descriptor);
     }
     /* A contiguous payload, or none (ob1's small messages): header and
      * payload copied straight from the caller into the ring record (on TCP,
@@ -440,13 +497,17 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
     if (NULL != src || 0 == payload_size) {
         rc = ivcom_link_try_send2(ep->link, tag, header, header_size, src, payload_size);
         UNLOCK(ep);
+        if (0 == rc) {
+            return busy_with_descriptor(btl, ep, order, total, flags, descriptor);
+        }
         return sendi_sent(ep, rc);
     }
     if (ep->ring) {
         rc = ivcom_link_reserve(ep->link, total, &dst);
         if (1 != rc) {
             UNLOCK(ep);
-            return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
+            return rc < 0 ? report(ep, rc, OPAL_ERROR)
+                          : busy_with_descriptor(btl, ep, order, total, flags, descriptor);
         }
         if (!sendi_pack(dst, header, header_size, conv, payload_size, &total)) {
             ivcom_link_cancel(ep->link);
@@ -494,6 +555,7 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
         f->sent = 0;
         f->segment.seg_len = total;
         f->base.des_flags = MCA_BTL_DES_FLAGS_BTL_OWNERSHIP;
+        ep->queued++;
         opal_list_append(&ep->pending, &f->base.super.super);
         mca_btl_ivcom_pending_changed(ep);
         UNLOCK(ep);
@@ -522,9 +584,16 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
             if (NULL != descriptor) {
                 *descriptor = NULL;
             }
+            if (OPAL_UNLIKELY(0 == rc)) {
+                rc = busy_with_descriptor(btl, ep, order, header_size + payload_size, flags,
+                                          descriptor);
+                return sendi_counted(ep, rc, descriptor);
+            }
             return sendi_sent(ep, rc);
         }
     }
-    return sendi_general(btl, ep, conv, header, header_size, payload_size, order, flags, tag,
+    return sendi_counted(ep,
+                         sendi_general(btl, ep, conv, header, header_size, payload_size, order,
+                                       flags, tag, descriptor),
                          descriptor);
 }

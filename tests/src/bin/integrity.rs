@@ -8,7 +8,9 @@
 //! MPI_THREAD_MULTIPLE; `--pingpong LEN COUNT` replaces the suite with
 //! COUNT round trips of LEN-byte messages between ranks 0 and 1 (a
 //! receiver that keeps up: the piece-size test), each message a new
-//! pattern checked byte for byte on arrival.
+//! pattern checked byte for byte on arrival; `--stream LEN COUNT` replaces
+//! it with COUNT messages of LEN bytes from rank 0 to rank 1 in windows of
+//! 64, as osu_bw sends them, each checked byte for byte.
 
 use mpi::datatype::PartitionMut;
 use mpi::point_to_point as p2p;
@@ -122,6 +124,19 @@ fn main() {
         .skip_while(|a| a != "--stop-file")
         .nth(1)
         .map(Into::into);
+    // --stream LEN COUNT: rank 0 streams COUNT messages of LEN bytes to
+    // rank 1 in windows of 64 (osu_bw's pattern), every byte checked.
+    let stream_args: Vec<usize> = std::env::args()
+        .skip_while(|a| a != "--stream")
+        .skip(1)
+        .take(2)
+        .map(|v| v.parse().expect("--stream LEN COUNT"))
+        .collect();
+    if let [len, count] = stream_args[..] {
+        stream(&world, &mut c, len, count as u64);
+        report(&world, &c, n);
+        return;
+    }
     let pingpong: Vec<usize> = std::env::args()
         .skip_while(|a| a != "--pingpong")
         .skip(1)
@@ -148,6 +163,13 @@ fn main() {
     if rank == 0 && seconds > 0 {
         println!("INTEGRITY ROUNDS {rounds}");
     }
+    report(&world, &c, n);
+}
+
+/// Sums every rank's checks and errors; rank 0 prints the verdict
+/// (`INTEGRITY PASS ranks=N checks=M`); a failed job aborts.
+fn report(world: &mpi::topology::SimpleCommunicator, c: &Checker, n: i32) {
+    let rank = world.rank();
     world.barrier();
 
     let mut errors = 0u64;
@@ -171,6 +193,53 @@ fn main() {
     }
     if errors != 0 {
         world.abort(3);
+    }
+}
+
+/// `count` messages of `len` bytes from rank 0 to rank 1 in windows of 64
+/// non-blocking sends and receives, each window acknowledged (osu_bw's
+/// pattern: a sender that outruns its receiver), every byte of every
+/// message checked (other ranks wait).
+fn stream(world: &mpi::topology::SimpleCommunicator, c: &mut Checker, len: usize, count: u64) {
+    const WINDOW: u64 = 64;
+    let rank = world.rank();
+    if rank > 1 {
+        return;
+    }
+    let peer = world.process_at_rank(1 - rank);
+    let mut ack = [0u8; 4];
+    let mut seq = 0;
+    while seq < count {
+        let n = WINDOW.min(count - seq);
+        if rank == 0 {
+            let msgs: Vec<Vec<u8>> = (seq..seq + n).map(|s| pattern(0, 1, s, len)).collect();
+            mpi::request::scope(|scope| {
+                let reqs: Vec<_> = msgs
+                    .iter()
+                    .map(|m| peer.immediate_send(scope, &m[..]))
+                    .collect();
+                for r in reqs {
+                    r.wait();
+                }
+            });
+            peer.receive_into(&mut ack[..]);
+        } else {
+            let mut bufs = vec![vec![0u8; len]; n as usize];
+            mpi::request::scope(|scope| {
+                let reqs: Vec<_> = bufs
+                    .iter_mut()
+                    .map(|b| peer.immediate_receive_into(scope, &mut b[..]))
+                    .collect();
+                for r in reqs {
+                    r.wait();
+                }
+            });
+            for (i, b) in bufs.iter().enumerate() {
+                c.bytes("stream", b, &pattern(0, 1, seq + i as u64, len));
+            }
+            peer.send(&ack[..]);
+        }
+        seq += n;
     }
 }
 
