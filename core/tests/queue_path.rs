@@ -657,3 +657,84 @@ fn a_peer_that_dies_mid_record_breaks_its_domains_queue_by_name() {
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     drop(n0);
 }
+
+#[test]
+fn a_blocking_receive_sleeps_while_another_link_of_its_queue_polls() {
+    // Node 0 receives from nodes 1 and 2 through its one queue for this
+    // domain. Its link from node 1 takes each message with a blocking
+    // `recv`, which sleeps on the queue's doorbell without the queue's
+    // lock once it has waited a while (node 1 sends in bursts with pauses
+    // longer than that); meanwhile, on another thread, its link from node
+    // 2 polls without blocking, takes whatever the queue holds and sets
+    // node 1's records aside. Every message of both streams arrives, in
+    // order, every byte checked; node 1 rang the sleeping receiver.
+    let d = dir("sleeppoll");
+    let nodes = nodes(&d, 3, 16 << 10);
+    let mut links = mesh(&nodes);
+    const BURSTS: usize = 150;
+    const BURST: usize = 20;
+    const N2: usize = 6_000;
+    let (mut from1, mut to0_1) = ends(&mut links, 0, 1);
+    let (mut from2, to0_2) = ends(&mut links, 0, 2);
+    assert_eq!(from1.path(), PathKind::Queue, "{}", from1.reason());
+    let bursty = std::thread::spawn(move || {
+        let mut sum = 0xcbf2_9ce4_8422_2325u64;
+        for b in 0..BURSTS {
+            for k in b * BURST..(b + 1) * BURST {
+                let (tag, m) = message(1, k);
+                sum = fnv(sum, &m);
+                to0_1.send(tag, &m).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (sum, to0_1)
+    });
+    let steady = stream(to0_2, 2, N2);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let poller = std::thread::spawn(move || {
+        let mut got = 0;
+        let mut sum = 0xcbf2_9ce4_8422_2325u64;
+        while got < N2 {
+            assert!(
+                Instant::now() < deadline,
+                "the polling link stalled at {got}"
+            );
+            from2
+                .poll(8, &mut |tag, p| {
+                    let mut m = vec![0u8; p.len()];
+                    p.read_at(0, &mut m);
+                    let (t2, want) = message(2, got);
+                    assert_eq!((tag, &m), (t2, &want), "node 2's message {got}");
+                    sum = fnv(sum, &m);
+                    got += 1;
+                })
+                .unwrap();
+        }
+        (sum, from2)
+    });
+    let mut sum = 0xcbf2_9ce4_8422_2325u64;
+    let mut m = Vec::new();
+    for k in 0..BURSTS * BURST {
+        let tag = from1
+            .recv(&mut m, Some(deadline))
+            .unwrap_or_else(|e| panic!("node 1's message {k}: {e}"));
+        let (t2, want) = message(1, k);
+        assert_eq!((tag, &m), (t2, &want), "node 1's message {k}");
+        sum = fnv(sum, &m);
+    }
+    let (sent1, to0_1) = bursty.join().unwrap();
+    assert_eq!(sum, sent1, "node 1's checksum");
+    let (sum2, _from2) = poller.join().unwrap();
+    let to0_2 = steady.join().unwrap();
+    let mut sent2 = 0xcbf2_9ce4_8422_2325u64;
+    for k in 0..N2 {
+        sent2 = fnv(sent2, &message(2, k).1);
+    }
+    assert_eq!(sum2, sent2, "node 2's checksum");
+    assert!(
+        to0_1.stats().tx_doorbells > 0,
+        "the receive never slept: {:?}",
+        to0_1.stats()
+    );
+    drop(to0_2);
+}
