@@ -126,28 +126,17 @@ fn main() {
         .map(Into::into);
     // --stream LEN COUNT: rank 0 streams COUNT messages of LEN bytes to
     // rank 1 in windows of 64 (osu_bw's pattern), every byte checked.
-    let stream_args: Vec<usize> = std::env::args()
-        .skip_while(|a| a != "--stream")
-        .skip(1)
-        .take(2)
-        .map(|v| v.parse().expect("--stream LEN COUNT"))
-        .collect();
-    if let [len, count] = stream_args[..] {
-        stream(&world, &mut c, len, count as u64);
+    if let Some((len, count)) = len_count("--stream") {
+        stream(&world, &mut c, len, count);
         report(&world, &c, n);
         return;
     }
-    let pingpong: Vec<usize> = std::env::args()
-        .skip_while(|a| a != "--pingpong")
-        .skip(1)
-        .take(2)
-        .map(|v| v.parse().expect("--pingpong LEN COUNT"))
-        .collect();
+    let pingpong = len_count("--pingpong");
     let t0 = std::time::Instant::now();
     let mut rounds = 0u64;
     loop {
-        if let [len, count] = pingpong[..] {
-            ping_pong(&world, &mut c, len, count as u64);
+        if let Some((len, count)) = pingpong {
+            ping_pong(&world, &mut c, len, count);
         } else {
             suite(&world, &mut c);
         }
@@ -164,6 +153,21 @@ fn main() {
         println!("INTEGRITY ROUNDS {rounds}");
     }
     report(&world, &c, n);
+}
+
+/// The two numbers after `flag` on the command line (`FLAG LEN COUNT`),
+/// if it is there.
+fn len_count(flag: &str) -> Option<(usize, u64)> {
+    let v: Vec<u64> = std::env::args()
+        .skip_while(|a| a != flag)
+        .skip(1)
+        .take(2)
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{flag} LEN COUNT")))
+        .collect();
+    match v[..] {
+        [len, count] => Some((len as usize, count)),
+        _ => None,
+    }
 }
 
 /// Sums every rank's checks and errors; rank 0 prints the verdict
