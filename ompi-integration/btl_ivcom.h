@@ -120,6 +120,8 @@ typedef struct mca_btl_ivcom_component_t {
     unsigned long shm_limit;
     unsigned long ring_budget;
     unsigned long queue_size;
+    int crowded_queues;     /* 1: Xen pairs a crowded grant pool holds no
+                             * rings for take receive queues; 0: TCP */
     unsigned long piece_size;
     char *if_include;
     char *if_exclude;

@@ -205,6 +205,14 @@ static int ivcom_register(void)
               "a pair whose fair share of gntalloc's page pool holds no rings takes queues "
               "that fit the pool even when this is 0",
               &c->queue_size, 0);
+    reg_int("crowded_queues",
+            "Xen: 1 (the default): a pair whose fair share of gntalloc's page pool (1,024 "
+            "pages a domain by default, shared by the rings of all its ranks) holds no rings "
+            "with records of btl_ivcom_min_record takes receive queues that fit the pool (one "
+            "per process and peer domain, shared by that domain's ranks: with 8 domUs of 8 "
+            "ranks, queues of 64 KiB); 0: such a pair uses TCP. No effect when "
+            "btl_ivcom_queue_size is set, nor under the host backend",
+            &c->crowded_queues, 1);
     reg_ulong("piece_size",
               "Bytes of the pieces a large message is cut into while the receiver keeps up "
               "(less than btl_ivcom_max_send_size of this pair's sent data not yet taken): "
@@ -431,6 +439,10 @@ static bool check_params(ivcom_config *cfg)
         snprintf(buf, sizeof(buf), "%d", c->tcp);
         return bad("btl_ivcom_tcp", buf, "expected 0 or 1");
     }
+    if (0 != c->crowded_queues && 1 != c->crowded_queues) {
+        snprintf(buf, sizeof(buf), "%d", c->crowded_queues);
+        return bad("btl_ivcom_crowded_queues", buf, "expected 0 or 1");
+    }
     if (c->peer_timeout != 0.0 && (c->peer_timeout < 1.0 || c->peer_timeout > 86400.0)) {
         snprintf(buf, sizeof(buf), "%g", c->peer_timeout);
         return bad("btl_ivcom_peer_timeout", buf, "must be 0 (never) or 1 to 86400 seconds");
@@ -487,6 +499,7 @@ static mca_btl_base_module_t **ivcom_init(int *num_btls, bool enable_progress_th
     cfg.share_limit = c->shm_limit;
     cfg.ring_budget = c->ring_budget;
     cfg.queue_size = c->queue_size;
+    cfg.crowded_tcp = 0 == c->crowded_queues;
 
     rc = ivcom_node_new(&cfg, &c->node);
     if (IVCOM_OK != rc) {

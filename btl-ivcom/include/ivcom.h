@@ -273,9 +273,15 @@ typedef struct {
    * all that domain's processes, and co-resident pairs talk through
    * those queues instead of a pair of rings each. (On Xen, pairs whose
    * fair share of gntalloc's pool holds no rings take queues whatever
-   * this says.)
+   * this says, unless `crowded_tcp` is set.)
    */
   size_t queue_size;
+  /**
+   * 1: on Xen, pairs whose fair share of gntalloc's pool holds no rings
+   * stay on TCP instead of taking receive queues that fit the pool (0,
+   * the default).
+   */
+  uint8_t crowded_tcp;
 } ivcom_config;
 
 /**

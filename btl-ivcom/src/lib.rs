@@ -186,8 +186,12 @@ pub struct ivcom_config {
     /// all that domain's processes, and co-resident pairs talk through
     /// those queues instead of a pair of rings each. (On Xen, pairs whose
     /// fair share of gntalloc's pool holds no rings take queues whatever
-    /// this says.)
+    /// this says, unless `crowded_tcp` is set.)
     pub queue_size: usize,
+    /// 1: on Xen, pairs whose fair share of gntalloc's pool holds no rings
+    /// stay on TCP instead of taking receive queues that fit the pool (0,
+    /// the default).
+    pub crowded_tcp: u8,
 }
 
 /// Counters of a link.
@@ -336,6 +340,7 @@ pub unsafe extern "C" fn ivcom_config_default(cfg: *mut ivcom_config) {
             peer_timeout_ms: 0,
             ring_budget: 0,
             queue_size: 0,
+            crowded_tcp: 0,
         })
     };
 }
@@ -439,6 +444,7 @@ unsafe fn to_config(c: &ivcom_config) -> Result<Config, Error> {
     if c.queue_size != 0 {
         cfg.queue_size = Some(c.queue_size);
     }
+    cfg.crowded_queues = c.crowded_tcp == 0;
     match c.peer_timeout_ms {
         0 => {}
         u32::MAX => cfg.peer_timeout = None,

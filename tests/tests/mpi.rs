@@ -348,6 +348,7 @@ fn bad_mca_values_are_rejected_by_name() {
         ("btl_ivcom_min_record", "512"),
         ("btl_ivcom_min_record", "-1"),
         ("btl_ivcom_tcp", "2"),
+        ("btl_ivcom_crowded_queues", "2"),
     ] {
         refused_naming(&[(param, value)], param);
     }
@@ -465,6 +466,7 @@ fn ompi_info_lists_the_component_and_its_parameters() {
         "btl_ivcom_piece_size",
         "btl_ivcom_min_record",
         "btl_ivcom_queue_size",
+        "btl_ivcom_crowded_queues",
     ] {
         assert!(r.stdout.contains(p), "{p} missing:\n{}", r.stdout);
     }

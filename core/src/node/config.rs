@@ -59,6 +59,12 @@ pub struct Config {
     /// record floor: such pairs take queues that fit the pool
     /// (docs/design.md, "A crowded pool").
     pub queue_size: Option<usize>,
+    /// Xen: whether pairs whose fair share of gntalloc's pool holds no
+    /// rings at the record floor take receive queues that fit the pool
+    /// (`true`, the default; docs/design.md, "A crowded pool") or stay on
+    /// TCP (`false`). No effect where `queue_size` is set, nor on other
+    /// backends.
+    pub crowded_queues: bool,
     /// Interfaces or subnets to publish an address from.
     pub if_include: Vec<IfSpec>,
     /// Interfaces or subnets never to publish.
@@ -120,6 +126,7 @@ impl Default for Config {
             share_limit: None,
             ring_budget: None,
             queue_size: None,
+            crowded_queues: true,
             if_include: Vec::new(),
             if_exclude: Vec::new(),
             listen: None,
@@ -151,6 +158,7 @@ impl std::fmt::Debug for Config {
             .field("max_record", &self.max_record)
             .field("min_record", &self.min_record)
             .field("queue_size", &self.queue_size)
+            .field("crowded_queues", &self.crowded_queues)
             .field("listen", &self.listen)
             .field("name", &self.name)
             .field("psk", &self.psk.as_ref().map(|_| "(set)"))

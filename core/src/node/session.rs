@@ -283,7 +283,8 @@ impl Inner {
         // rings otherwise.
         let queue = match self.cfg.queue_geometry()? {
             Some(q) => Some((q, None)),
-            None => crowded.map(|(q, why)| (q, Some(why))),
+            None if self.cfg.crowded_queues => crowded.map(|(q, why)| (q, Some(why))),
+            None => None,
         };
         if let (Some((qgeo, why)), true) = (queue, hv.shares_domains()) {
             return self.negotiate_queue(w, &peer, &*hv, qgeo, why);
