@@ -10,7 +10,8 @@
 //!          --echo N (round trips first, of 1 to min(4096, max-size) bytes)  --seed S  --backend auto|host|xen|none
 //!          --host-dir DIR  --ring-size BYTES  --listen-ip IP  --port N
 //!          --queue-size BYTES (the queue path)  --min-record BYTES (the
-//!          record floor rings shrink to)
+//!          record floor rings shrink to)  --no-crowded-queues (Xen: a
+//!          pool too crowded for rings leaves the pair on TCP)
 //!          --expect-path ring|queue|tcp  --verbose  --tag-limit N (tags >= N break the link)
 //!          --timeout SECS (default 600)  --peer-timeout SECS (0: never)
 //!          --duration SECS (A: stream this long, then stop; with --count 0)
@@ -109,6 +110,7 @@ fn parse() -> Opts {
             "--ring-size" => o.cfg.ring_size = num(v()) as usize,
             "--queue-size" => o.cfg.queue_size = Some(num(v()) as usize),
             "--min-record" => o.cfg.min_record = Some(num(v()) as usize),
+            "--no-crowded-queues" => o.cfg.crowded_queues = false,
             "--port" => o.cfg.port = num(v()) as u16,
             "--listen-ip" => o.cfg.listen = Some(v().parse().unwrap_or_else(|_| die("bad ip"))),
             "--timeout" => o.timeout = Duration::from_secs(num(v())),
