@@ -210,7 +210,8 @@ static int ivcom_register(void)
             "pages a domain by default, shared by the rings of all its ranks) holds no rings "
             "with records of btl_ivcom_min_record takes receive queues that fit the pool (one "
             "per process and peer domain, shared by that domain's ranks: with 8 domUs of 8 "
-            "ranks, queues of 64 KiB); 0: such a pair uses TCP. No effect when "
+            "ranks, queues of 64 KiB); 0: rings while the pool holds them (first come, first "
+            "served), then TCP. No effect when "
             "btl_ivcom_queue_size is set, nor under the host backend",
             &c->crowded_queues, 1);
     reg_ulong("piece_size",

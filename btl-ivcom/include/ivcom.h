@@ -278,8 +278,8 @@ typedef struct {
   size_t queue_size;
   /**
    * 1: on Xen, pairs whose fair share of gntalloc's pool holds no rings
-   * stay on TCP instead of taking receive queues that fit the pool (0,
-   * the default).
+   * offer rings while the pool holds them, then use TCP, instead of
+   * taking receive queues that fit the pool (0, the default).
    */
   uint8_t crowded_tcp;
 } ivcom_config;

@@ -189,8 +189,8 @@ pub struct ivcom_config {
     /// this says, unless `crowded_tcp` is set.)
     pub queue_size: usize,
     /// 1: on Xen, pairs whose fair share of gntalloc's pool holds no rings
-    /// stay on TCP instead of taking receive queues that fit the pool (0,
-    /// the default).
+    /// offer rings while the pool holds them, then use TCP, instead of
+    /// taking receive queues that fit the pool (0, the default).
     pub crowded_tcp: u8,
 }
 

@@ -11,7 +11,8 @@
 //!          --host-dir DIR  --ring-size BYTES  --listen-ip IP  --port N
 //!          --queue-size BYTES (the queue path)  --min-record BYTES (the
 //!          record floor rings shrink to)  --no-crowded-queues (Xen: a
-//!          pool too crowded for rings leaves the pair on TCP)
+//!          pool too crowded for rings gives rings while it holds
+//!          them, then TCP)
 //!          --expect-path ring|queue|tcp  --verbose  --tag-limit N (tags >= N break the link)
 //!          --timeout SECS (default 600)  --peer-timeout SECS (0: never)
 //!          --duration SECS (A: stream this long, then stop; with --count 0)

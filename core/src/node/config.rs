@@ -61,9 +61,9 @@ pub struct Config {
     pub queue_size: Option<usize>,
     /// Xen: whether pairs whose fair share of gntalloc's pool holds no
     /// rings at the record floor take receive queues that fit the pool
-    /// (`true`, the default; docs/design.md, "A crowded pool") or stay on
-    /// TCP (`false`). No effect where `queue_size` is set, nor on other
-    /// backends.
+    /// (`true`, the default; docs/design.md, "A crowded pool"), or offer
+    /// rings while the pool holds them and then use TCP (`false`). No
+    /// effect where `queue_size` is set, nor on other backends.
     pub crowded_queues: bool,
     /// Interfaces or subnets to publish an address from.
     pub if_include: Vec<IfSpec>,
