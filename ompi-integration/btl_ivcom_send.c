@@ -389,17 +389,6 @@ static bool sendi_pack(uint8_t *dst, const void *header, size_t header_size,
     return true;
 }
 
-/* What sendi returns for ivcom_link_try_send2's answer `rc` when it is
- * not 0 (no room: busy_with_descriptor); called without the lock; the
- * convertor stays where it is, as sendi_pack says. */
-static inline int sendi_sent(mca_btl_base_endpoint_t *ep, int rc)
-{
-    if (OPAL_LIKELY(1 == rc)) {
-        return OPAL_SUCCESS;
-    }
-    return rc < 0 ? report(ep, rc, OPAL_ERROR) : OPAL_ERR_RESOURCE_BUSY;
-}
-
 /* sendi to this process: header and payload gathered into a private
  * buffer and delivered at once. */
 static int sendi_self(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv, void *header,
@@ -442,6 +431,22 @@ static __attribute__((noinline)) int busy_with_descriptor(struct mca_btl_base_mo
         *descriptor = alloc_frag(ep, total, flags);
     }
     return OPAL_ERR_RESOURCE_BUSY;
+}
+
+/* What sendi returns for a link's answer `rc` to a message of `total`
+ * bytes (ivcom_link_try_send2, ivcom_link_reserve, ivcom_link_can_send):
+ * 1, sent (or room for it); negative, the link failed (reported); 0, no
+ * room: busy, with a descriptor for ob1 (busy_with_descriptor). Called
+ * without the lock; the convertor stays where it is, as sendi_pack says. */
+static inline int sendi_sent(struct mca_btl_base_module_t *btl, mca_btl_base_endpoint_t *ep,
+                             int rc, uint8_t order, size_t total, uint32_t flags,
+                             mca_btl_base_descriptor_t **descriptor)
+{
+    if (OPAL_LIKELY(1 == rc)) {
+        return OPAL_SUCCESS;
+    }
+    return rc < 0 ? report(ep, rc, OPAL_ERROR)
+                  : busy_with_descriptor(btl, ep, order, total, flags, descriptor);
 }
 
 /* What sendi returns, `rc`, counted when it hands the send back to ob1 to
@@ -497,17 +502,13 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
     if (NULL != src || 0 == payload_size) {
         rc = ivcom_link_try_send2(ep->link, tag, header, header_size, src, payload_size);
         UNLOCK(ep);
-        if (0 == rc) {
-            return busy_with_descriptor(btl, ep, order, total, flags, descriptor);
-        }
-        return sendi_sent(ep, rc);
+        return sendi_sent(btl, ep, rc, order, total, flags, descriptor);
     }
     if (ep->ring) {
         rc = ivcom_link_reserve(ep->link, total, &dst);
         if (1 != rc) {
             UNLOCK(ep);
-            return rc < 0 ? report(ep, rc, OPAL_ERROR)
-                          : busy_with_descriptor(btl, ep, order, total, flags, descriptor);
+            return sendi_sent(btl, ep, rc, order, total, flags, descriptor);
         }
         if (!sendi_pack(dst, header, header_size, conv, payload_size, &total)) {
             ivcom_link_cancel(ep->link);
@@ -530,8 +531,7 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
     rc = ivcom_link_can_send(ep->link, total);
     if (1 != rc) {
         UNLOCK(ep);
-        return rc < 0 ? report(ep, rc, OPAL_ERROR)
-                      : busy_with_descriptor(btl, ep, order, total, flags, descriptor);
+        return sendi_sent(btl, ep, rc, order, total, flags, descriptor);
     }
     mca_btl_ivcom_frag_t *f = mca_btl_ivcom_frag_get(ep);
     if (NULL == f || !mca_btl_ivcom_frag_heap(f, total)) {
@@ -584,12 +584,11 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
             if (NULL != descriptor) {
                 *descriptor = NULL;
             }
-            if (OPAL_UNLIKELY(0 == rc)) {
-                rc = busy_with_descriptor(btl, ep, order, header_size + payload_size, flags,
-                                          descriptor);
-                return sendi_counted(ep, rc, descriptor);
+            if (OPAL_LIKELY(1 == rc)) {
+                return OPAL_SUCCESS;
             }
-            return sendi_sent(ep, rc);
+            rc = sendi_sent(btl, ep, rc, order, header_size + payload_size, flags, descriptor);
+            return sendi_counted(ep, rc, descriptor);
         }
     }
     return sendi_counted(ep,
