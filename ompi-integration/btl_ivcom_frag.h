@@ -60,14 +60,16 @@ static inline bool mca_btl_ivcom_caller_keeps(uint32_t flags)
     return !(flags & MCA_BTL_DES_FLAGS_BTL_OWNERSHIP);
 }
 
-/* Places the frag's payload in ring space when it can be sent in order;
- * called with the endpoint's lock held, its link opened. */
+/* Places the frag's payload in ring or queue space when it can be sent in
+ * order; called with the endpoint's lock held, its link opened. (A queue
+ * reservation holds the peer's queue until it is committed or cancelled:
+ * ob1 sends or frees a descriptor right after packing it.) */
 static inline bool mca_btl_ivcom_frag_ring(mca_btl_base_endpoint_t *ep, mca_btl_ivcom_frag_t *f,
                                            size_t size)
 {
     uint8_t *p = NULL;
     if (NULL == ep->link || NULL != ep->reserved || !opal_list_is_empty(&ep->pending)
-        || !ep->ring || size > ep->max_send) {
+        || !(ep->ring || ep->queue) || size > ep->max_send) {
         return false;
     }
     if (1 != ivcom_link_reserve(ep->link, size, &p)) {

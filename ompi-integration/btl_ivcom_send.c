@@ -2,10 +2,11 @@
  * btl/ivcom: send paths, fastest first:
  *   sendi        header + payload packed straight into a ring record;
  *   alloc/prepare_src
- *                the descriptor's payload *is* ring space when the link is a
- *                ring and has no other reservation outstanding (zero copy:
- *                one copy in, one copy out); otherwise a private buffer,
- *                copied into the ring or socket by send;
+ *                the descriptor's payload *is* ring (or receive queue)
+ *                space when the link is a ring or a queue and has no other
+ *                reservation outstanding (zero copy: one copy in, one copy
+ *                out); otherwise a private buffer, copied into the ring,
+ *                queue or socket by send;
  *   send         commits the reservation, or copies the private buffer; if
  *                the ring is full the descriptor waits in the endpoint's
  *                pending list and progress sends it (completion callback).
@@ -164,7 +165,9 @@ int mca_btl_ivcom_free(struct mca_btl_base_module_t *btl, mca_btl_base_descripto
  * go as one piece arrives after about one copy and a piece instead of two
  * copies in a row. A receiver that falls behind (a stream) gets whole
  * pieces, which cost less each. ob1 sends the rest of the message in
- * further pieces. Called with the endpoint's lock held. */
+ * further pieces. Rings only: on a queue (records of half the queue at
+ * most) it was tried and not kept (docs/PERFORMANCE.md, "Queues written
+ * in place"). Called with the endpoint's lock held. */
 static size_t cut_piece(mca_btl_base_endpoint_t *ep, size_t reserve, size_t max, size_t limit,
                         int *failed)
 {
@@ -238,7 +241,7 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
             placed = mca_btl_ivcom_frag_ring(ep, f, reserve + max);
         }
     }
-    ring = ep->ring;
+    ring = ep->ring || ep->queue;
     UNLOCK(ep);
     (void) report(ep, failed, 0);
     if (reserve >= limit) {
@@ -246,14 +249,14 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
         return NULL;
     }
     if (!placed) {
-        /* On a ring link with no room now, decline a further piece of a
-         * message: ob1 keeps the request pending and retries from its
-         * progress, instead of this BTL packing into a private buffer that
-         * waits in a queue (an extra copy and unbounded memory while a
-         * fast sender outruns the receiver). The first piece of a message
-         * (ob1 flags it MCA_BTL_DES_FLAGS_PRIORITY: its rendezvous header
-         * carries the message's sequence number) is never declined: ob1
-         * would start it after messages that came after it
+        /* On a ring or queue link with no room now, decline a further
+         * piece of a message: ob1 keeps the request pending and retries
+         * from its progress, instead of this BTL packing into a private
+         * buffer that waits in a queue (an extra copy and unbounded memory
+         * while a fast sender outruns the receiver). The first piece of a
+         * message (ob1 flags it MCA_BTL_DES_FLAGS_PRIORITY: its rendezvous
+         * header carries the message's sequence number) is never declined:
+         * ob1 would start it after messages that came after it
          * (busy_with_descriptor says why that is avoided). TCP links, the
          * self endpoint, descriptors the caller keeps and descriptors
          * larger than the pair's records (bounded by ob1's pipeline depth)
@@ -504,7 +507,7 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
         UNLOCK(ep);
         return sendi_sent(btl, ep, rc, order, total, flags, descriptor);
     }
-    if (ep->ring) {
+    if (ep->ring || ep->queue) {
         rc = ivcom_link_reserve(ep->link, total, &dst);
         if (1 != rc) {
             UNLOCK(ep);
@@ -523,11 +526,9 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
         UNLOCK(ep);
         return report(ep, failed, out);
     }
-    /* TCP or a queue, a payload to pack: gather into a scratch frag; the
-     * link takes it if it has room now: asked first, so that data is
-     * packed only when it will be sent. Without room, a descriptor for
-     * ob1 (a queue whose other producers keep it busy could refuse every
-     * try of sendi). */
+    /* TCP, a payload to pack: gather into a scratch frag; the link takes
+     * it if it has room now: asked first, so that data is packed only when
+     * it will be sent. Without room, a descriptor for ob1. */
     rc = ivcom_link_can_send(ep->link, total);
     if (1 != rc) {
         UNLOCK(ep);
@@ -547,10 +548,10 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
     ivcom_iov v = {.base = f->heap, .len = total};
     rc = ivcom_link_try_send(ep->link, tag, &v, 1);
     if (0 == rc) {
-        /* Room was checked above, under the same lock, but a queue's other
-         * producers (ranks of the peer's domain) may have taken it since:
-         * the frag waits at the end of the pending list, this BTL's to
-         * send and free (no callback: the send is complete for ob1). */
+        /* Room was checked above, under the same lock; should the link
+         * refuse all the same, the frag waits at the end of the pending
+         * list, this BTL's to send and free (no callback: the send is
+         * complete for ob1). */
         f->tag = tag;
         f->sent = 0;
         f->segment.seg_len = total;

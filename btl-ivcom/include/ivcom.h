@@ -653,9 +653,11 @@ int ivcom_link_backlog(ivcom_link *link, uint64_t *out);
 int ivcom_link_send(ivcom_link *link, uint8_t tag, const uint8_t *data, size_t len, uint32_t timeout_ms);
 
 /**
- * Reserves ring space for a message of `len` bytes to be written in place.
- * Returns 1 and sets `*ptr`, or 0 when the ring is full or the link is on
- * TCP. At most one reservation per link is outstanding.
+ * Reserves ring or queue space for a message of `len` bytes to be written
+ * in place. Returns 1 and sets `*ptr`, or 0 when the ring or queue is full
+ * or the link is on TCP. At most one reservation per link is outstanding;
+ * on a queue the peer takes nothing reserved after it (its domain's other
+ * processes' records too) until it is committed or cancelled: do so soon.
  *
  * # Safety
  * `link` valid; `ptr` writable.
@@ -671,7 +673,8 @@ int ivcom_link_reserve(ivcom_link *link, size_t len, uint8_t **ptr);
 int ivcom_link_commit(ivcom_link *link, size_t len, uint8_t tag);
 
 /**
- * Drops the outstanding reservation.
+ * Drops the outstanding reservation (on a queue: gives its space back as
+ * a record the peer passes).
  *
  * # Safety
  * `link` valid.

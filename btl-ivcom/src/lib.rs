@@ -1151,9 +1151,11 @@ pub unsafe extern "C" fn ivcom_link_send(
     })
 }
 
-/// Reserves ring space for a message of `len` bytes to be written in place.
-/// Returns 1 and sets `*ptr`, or 0 when the ring is full or the link is on
-/// TCP. At most one reservation per link is outstanding.
+/// Reserves ring or queue space for a message of `len` bytes to be written
+/// in place. Returns 1 and sets `*ptr`, or 0 when the ring or queue is full
+/// or the link is on TCP. At most one reservation per link is outstanding;
+/// on a queue the peer takes nothing reserved after it (its domain's other
+/// processes' records too) until it is committed or cancelled: do so soon.
 ///
 /// # Safety
 /// `link` valid; `ptr` writable.
@@ -1192,7 +1194,8 @@ pub unsafe extern "C" fn ivcom_link_commit(link: *mut ivcom_link, len: usize, ta
     })
 }
 
-/// Drops the outstanding reservation.
+/// Drops the outstanding reservation (on a queue: gives its space back as
+/// a record the peer passes).
 ///
 /// # Safety
 /// `link` valid.

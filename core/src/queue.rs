@@ -54,7 +54,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 /// `"IVCQ"` little-endian.
 pub const MAGIC: u32 = 0x5143_5649;
 /// Wire-format version of receive queues.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Size of the control page that precedes the data area.
 pub const CTRL_BYTES: usize = 4096;
 /// Records start on cells of this many bytes: a small message's record
@@ -350,6 +350,11 @@ pub struct Reservation {
     payload: *mut u8,
 }
 
+// SAFETY: the reserved space is this producer's alone until it is
+// committed or cancelled; the reservation moves with the producer that
+// holds the mapping.
+unsafe impl Send for Reservation {}
+
 impl Reservation {
     /// The payload bytes to fill (exactly the length reserved).
     pub fn payload(&self) -> *mut u8 {
@@ -536,9 +541,53 @@ impl Producer {
     /// if so the caller rings the consumer's doorbell once.
     #[inline]
     pub fn commit(&mut self, res: Reservation, kind: u8, tag: u8) -> bool {
+        let len = res.len;
+        self.commit_len(res, len, kind, tag)
+    }
+
+    /// [`Producer::commit`] of the reservation's first `len` bytes (at most
+    /// what was reserved): cells reserved past the record are given back
+    /// as a [`kind::SKIP`] record, stored before the record's header is
+    /// published (a consumer that reads the header sees it).
+    #[inline]
+    pub fn commit_len(&mut self, res: Reservation, len: usize, kind: u8, tag: u8) -> bool {
         debug_assert!(kind::valid(kind));
-        let h = record::encode(res.len as u32, kind, tag) | (self.slot as u64) << 48;
-        let header = self.v.cell(res.off);
+        assert!(
+            len <= res.len,
+            "commit of {len} bytes exceeds the reservation of {}",
+            res.len
+        );
+        let used = Geometry::record_bytes(len) as u64;
+        let rest = Geometry::record_bytes(res.len) as u64 - used;
+        if rest != 0 {
+            // Relaxed: the record's header, stored below with release, is
+            // what the consumer reads (acquire) before it looks here.
+            let h = self.skip_header(rest);
+            self.v.cell(res.off + used).store(h, Ordering::Relaxed);
+        }
+        let h = record::encode(len as u32, kind, tag) | (self.slot as u64) << 48;
+        self.publish(res.off, h)
+    }
+
+    /// Gives a reservation back unused: publishes it whole as a
+    /// [`kind::SKIP`] record, which the consumer passes (a producer cannot
+    /// take back space that others may have reserved after it). Returns
+    /// whether the consumer must be rung, as [`Producer::commit`].
+    pub fn cancel(&mut self, res: Reservation) -> bool {
+        let h = self.skip_header(Geometry::record_bytes(res.len) as u64);
+        self.publish(res.off, h)
+    }
+
+    /// The header of a [`kind::SKIP`] record of `bytes` bytes (a multiple
+    /// of the cell), this producer's slot in it.
+    fn skip_header(&self, bytes: u64) -> u64 {
+        record::encode((bytes - 8) as u32, kind::SKIP, 0) | (self.slot as u64) << 48
+    }
+
+    /// Stores the header word `h` at `off`, publishing what precedes it.
+    #[inline]
+    fn publish(&mut self, off: u64, h: u64) -> bool {
+        let header = self.v.cell(off);
         if self.peer_polls {
             // Nobody to ring: the header's release store publishes it.
             header.store(h, Ordering::Release);
@@ -781,7 +830,8 @@ impl Consumer {
     /// The next record, if one is published: `Ok(None)` while the cell at
     /// the consumer's index reads zero, and while the consumer has taken a
     /// whole data area since it last handed space back (nothing can follow
-    /// until it does: [`Consumer::flush`]). Padding is passed here. The
+    /// until it does: [`Consumer::flush`]). Padding and skipped space
+    /// ([`kind::SKIP`]) are passed here. The
     /// record stays the consumer's until [`Consumer::release`]; peeking
     /// again before that returns it again.
     ///
@@ -792,7 +842,8 @@ impl Consumer {
     pub fn peek(&mut self) -> Result<Option<Record>> {
         let mut at = self.idx;
         let r = self.record_at(&mut at);
-        // Padding passed stays passed (it is released with the record).
+        // Padding and skips passed stay passed (released with the record,
+        // or by the next flush when none follows).
         self.idx = at;
         let r = r?;
         if let Some(r) = &r {
@@ -821,8 +872,8 @@ impl Consumer {
         Ok(Some(r))
     }
 
-    /// The record at the free-running index `*at`, the padding before it
-    /// passed (`*at` moves past it), bounded as [`Consumer::peek`] says.
+    /// The record at the free-running index `*at`, the padding and skips
+    /// before it passed (`*at` moves past it), bounded as [`Consumer::peek`] says.
     fn record_at(&mut self, at: &mut u64) -> Result<Option<Record>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
@@ -849,6 +900,17 @@ impl Consumer {
                     return Err(self.poison(Violation::BadPadding));
                 }
                 *at += size - off;
+                continue;
+            }
+            if k == kind::SKIP {
+                // Space a producer gave back: a record's cells at most,
+                // within the data area and the bound of every record.
+                let bytes = Geometry::record_bytes(len) as u64;
+                let most = Geometry::record_bytes(self.v.geo.max_record) as u64;
+                if bytes > most || off + bytes > size || *at + bytes > limit {
+                    return Err(self.poison(Violation::BadLength));
+                }
+                *at += bytes;
                 continue;
             }
             if !kind::valid(k) {

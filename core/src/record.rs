@@ -21,10 +21,17 @@ pub mod kind {
     pub const MORE: u8 = 3;
     /// Control record (handshake messages, close).
     pub const CTRL: u8 = 4;
+    /// Space a producer of a receive queue reserved and gave back unused
+    /// (a send that was cancelled, or the tail of one that came out
+    /// shorter than reserved): passed by the consumer, never surfaces.
+    /// Queues only (docs/queue-format.md); a ring or a stream that carries
+    /// it is broken (`BadType`).
+    pub const SKIP: u8 = 0x7e;
     /// Padding to the end of a ring's data area; never surfaces.
     pub const PAD: u8 = 0x7f;
 
-    /// Kinds that may surface from a ring or a stream (not padding).
+    /// Kinds that may surface from a ring or a stream (not padding, not
+    /// a queue's skipped space).
     #[inline]
     pub fn valid(k: u8) -> bool {
         matches!(k, MSG | FIRST | MORE | CTRL)
@@ -116,6 +123,7 @@ mod tests {
         );
         assert!(parse(encode(11, kind::MSG, 1), 10).is_err());
         assert!(parse(encode(1, kind::PAD, 1), 10).is_err());
+        assert!(parse(encode(1, kind::SKIP, 1), 10).is_err());
         assert!(parse(encode(1, 0, 1), 10).is_err());
         assert!(parse(encode(1, kind::MSG, 1) | 1 << 63, 10).is_err());
     }

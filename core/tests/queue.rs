@@ -136,7 +136,21 @@ const PER_SLOT: u64 = 25_000;
 /// messages, sleeping on its futex word while the queue is full, and
 /// leaves its checksum in the test's page. Allocates nothing (it is a
 /// fork of a threaded process). Exit code: 0, or where it failed.
-fn producer_child(fd: i32, len: usize, geo: Geometry, slot: usize, die_after: Option<u64>) -> ! {
+/// What a forked producer does besides sending its records.
+#[derive(Clone, Copy, PartialEq)]
+enum Producing {
+    /// Reserves, fills and commits each record.
+    Plainly,
+    /// Dies after reserving record `n`, never publishing it.
+    DiesAt(u64),
+    /// Gives space back as a sender writing in place does: before every
+    /// third record it reserves a record and cancels it, and every third
+    /// record it reserves larger than it turns out (`commit_len`), so the
+    /// queue carries skipped space between records of every slot.
+    GivesBack,
+}
+
+fn producer_child(fd: i32, len: usize, geo: Geometry, slot: usize, how: Producing) -> ! {
     // SAFETY: the memfd is `len` bytes; the child never unmaps it.
     let base = unsafe { map(fd, len) };
     // SAFETY: the region is mapped for the child's lifetime.
@@ -149,8 +163,26 @@ fn producer_child(fd: i32, len: usize, geo: Geometry, slot: usize, die_after: Op
     let mut sum = 0xcbf2_9ce4_8422_2325u64;
     for seq in 0..PER_SLOT {
         let n = length(slot, seq, geo.max_record).max(8);
+        let giving = how == Producing::GivesBack;
+        // The length reserved: more than the record now and then.
+        let cap = if giving && seq % 3 == 2 {
+            (n + 40 * (1 + seq as usize % 7)).min(geo.max_record)
+        } else {
+            n
+        };
+        let mut cancel = giving && seq % 3 == 1;
         let res = loop {
-            match p.reserve(n) {
+            match p.reserve(cap) {
+                Ok(Some(r)) if cancel => {
+                    // Garbage where the record would have been: the
+                    // consumer must pass it unread.
+                    // SAFETY: the reservation holds `cap` bytes.
+                    unsafe { std::ptr::write_bytes(r.payload(), 0xa5, cap) };
+                    if p.cancel(r) {
+                        futex_wake(p.bell());
+                    }
+                    cancel = false;
+                }
                 Ok(Some(r)) => break r,
                 Ok(None) => {
                     // SAFETY: a futex word of the test's page.
@@ -168,7 +200,7 @@ fn producer_child(fd: i32, len: usize, geo: Geometry, slot: usize, die_after: Op
                 Err(_) => unsafe { libc::_exit(11) },
             }
         };
-        if die_after == Some(seq) {
+        if how == Producing::DiesAt(seq) {
             // Reserved, never published: the rank dies in between.
             unsafe { libc::_exit(0) }
         }
@@ -182,7 +214,11 @@ fn producer_child(fd: i32, len: usize, geo: Geometry, slot: usize, die_after: Op
                 sum = fnv(sum, b);
             }
         }
-        if p.commit(res, kind::MSG, slot as u8) {
+        if cap > n {
+            // SAFETY: the reservation holds `cap` bytes.
+            unsafe { std::ptr::write_bytes(at.add(n), 0x5a, cap - n) };
+        }
+        if p.commit_len(res, n, kind::MSG, slot as u8) {
             futex_wake(p.bell());
         }
     }
@@ -190,7 +226,7 @@ fn producer_child(fd: i32, len: usize, geo: Geometry, slot: usize, die_after: Op
     unsafe { libc::_exit(0) }
 }
 
-fn fork_producer(s: &Shm, geo: Geometry, slot: usize, die_after: Option<u64>) -> i32 {
+fn fork_producer(s: &Shm, geo: Geometry, slot: usize, how: Producing) -> i32 {
     // SAFETY: the child runs only `producer_child`, which allocates nothing
     // and ends in `_exit`.
     let pid = unsafe { libc::fork() };
@@ -200,7 +236,7 @@ fn fork_producer(s: &Shm, geo: Geometry, slot: usize, die_after: Option<u64>) ->
         // forked it.
         // SAFETY: plain syscall.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-        producer_child(s.fd, s.len, geo, slot, die_after);
+        producer_child(s.fd, s.len, geo, slot, how);
     }
     pid
 }
@@ -225,15 +261,30 @@ fn reap(pid: i32) -> i32 {
 
 #[test]
 fn four_producer_processes_move_100k_messages_every_byte_checked_in_order_per_slot() {
-    // A small queue (16 KiB) for 100,000 records: 1,000+ laps, producers
-    // that run out of room and sleep, a consumer that sleeps when empty.
+    move_100k(Producing::Plainly);
+}
+
+#[test]
+fn producers_that_cancel_and_shorten_reservations_lose_nothing_and_the_consumer_passes_the_rest() {
+    // A third of the records follow a cancelled reservation (its space
+    // filled with 0xa5, published as skipped space), a third leave the
+    // tail of a larger reservation (filled with 0x5a) skipped: every
+    // record must arrive whole, in order, nothing of the skipped space
+    // surfacing, and a consumer asleep at a reservation that is cancelled
+    // must be rung.
+    move_100k(Producing::GivesBack);
+}
+
+/// Four producer processes send 25,000 records each through a 16 KiB
+/// queue (1,000+ laps, producers that run out of room and sleep, a
+/// consumer that sleeps when empty), behaving as `how` says; the
+/// consumer checks every byte, each slot's order and checksum.
+fn move_100k(how: Producing) {
     let geo = Geometry::new(16 << 10, 2000, SLOTS).unwrap();
     let s = Shm::new(geo);
     // SAFETY: `s` outlives the consumer.
     let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
-    let pids: Vec<i32> = (0..SLOTS)
-        .map(|k| fork_producer(&s, geo, k, None))
-        .collect();
+    let pids: Vec<i32> = (0..SLOTS).map(|k| fork_producer(&s, geo, k, how)).collect();
     let mut next = [0u64; SLOTS];
     let mut sums = [0xcbf2_9ce4_8422_2325u64; SLOTS];
     let (mut taken, mut bytes, mut sleeps, mut late) = (0u64, 0u64, 0u64, 0u64);
@@ -313,7 +364,7 @@ fn a_producer_that_dies_holding_a_reservation_blocks_the_queue_and_nothing_passe
     let s = Shm::new(geo);
     // SAFETY: `s` outlives the consumer.
     let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
-    let dead = fork_producer(&s, geo, 0, Some(3));
+    let dead = fork_producer(&s, geo, 0, Producing::DiesAt(3));
     assert_eq!(reap(dead), 0);
     // A live producer of the same domain writes behind the dead one's hole.
     // SAFETY: as above.
@@ -343,6 +394,48 @@ fn a_producer_that_dies_holding_a_reservation_blocks_the_queue_and_nothing_passe
     assert!(matches!(c.peek(), Err(Error::Broken(Violation::BadIndex))));
 }
 
+#[test]
+fn a_consumer_asleep_at_a_reservation_that_is_cancelled_is_rung_and_passes_it() {
+    let geo = Geometry::new(4096, 1000, 2).unwrap();
+    let s = Shm::new(geo);
+    // SAFETY: `s` outlives both.
+    let mut c = unsafe { Consumer::new(s.base, geo) }.unwrap();
+    let mut p = unsafe { Producer::attach(s.base, geo, 1) }.unwrap();
+    p.learn_peer();
+    let res = p.reserve(600).unwrap().unwrap();
+    // SAFETY: the reservation holds 600 bytes.
+    unsafe { std::ptr::write_bytes(res.payload(), 0xff, 600) };
+    assert!(c.peek().unwrap().is_none(), "nothing published yet");
+    assert!(c.blocked());
+    assert!(c.prepare_sleep(), "the consumer sleeps at the reservation");
+    assert!(p.cancel(res), "the producer that cancels must ring");
+    c.finish_sleep();
+    assert!(!c.blocked());
+    // Nothing surfaces; the skipped space is passed and handed back.
+    assert!(c.peek().unwrap().is_none());
+    assert_eq!(c.index(), Geometry::record_bytes(600) as u64);
+    c.flush();
+    // A record after it, and one committed shorter than reserved with one
+    // after that: both arrive whole.
+    assert!(p
+        .push(kind::MSG, 7, &[b"after the skip"])
+        .unwrap()
+        .is_some());
+    let res = p.reserve(900).unwrap().unwrap();
+    // SAFETY: as above.
+    unsafe { std::ptr::copy_nonoverlapping(b"short".as_ptr(), res.payload(), 5) };
+    p.commit_len(res, 5, kind::MSG, 8);
+    assert!(p.push(kind::MSG, 9, &[b"last"]).unwrap().is_some());
+    for (tag, want) in [(7u8, &b"after the skip"[..]), (8, b"short"), (9, b"last")] {
+        let r = c.peek().unwrap().unwrap();
+        // SAFETY: in the region.
+        let got = unsafe { std::slice::from_raw_parts(r.ptr, r.len) };
+        assert_eq!((r.slot, r.tag, got), (1, tag, want));
+        c.release(&r);
+    }
+    assert!(c.peek().unwrap().is_none());
+}
+
 fn forged(geo: Geometry, at: usize, word: u64) -> Error {
     let s = Shm::new(geo);
     // SAFETY: `s` outlives the consumer.
@@ -366,7 +459,7 @@ fn forged(geo: Geometry, at: usize, word: u64) -> Error {
 fn a_consumer_breaks_on_forged_records_with_a_named_violation() {
     let geo = Geometry::new(4096, 1000, 2).unwrap();
     let slot = |s: u64| s << 48;
-    let cases: [(usize, u64, Violation); 7] = [
+    let cases: [(usize, u64, Violation); 9] = [
         (
             64,
             record::encode(8, kind::MSG, 0) | slot(2),
@@ -386,6 +479,18 @@ fn a_consumer_breaks_on_forged_records_with_a_named_violation() {
             Violation::BadLength,
         ),
         (64, record::encode(100, kind::PAD, 0), Violation::BadPadding),
+        // Skipped space of more cells than the largest record's, or past
+        // the end of the data area.
+        (
+            64,
+            record::encode(1016, kind::SKIP, 0),
+            Violation::BadLength,
+        ),
+        (
+            4096 - 128,
+            record::encode(200, kind::SKIP, 0),
+            Violation::BadLength,
+        ),
         (
             0,
             record::encode(4096 - 8, kind::PAD, 0),

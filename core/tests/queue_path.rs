@@ -738,3 +738,118 @@ fn a_blocking_receive_sleeps_while_another_link_of_its_queue_polls() {
     );
     drop(to0_2);
 }
+
+#[test]
+fn messages_written_in_place_in_a_queue_arrive_and_space_given_back_never_surfaces() {
+    // Node 1 writes its messages in place in node 0's queue (reserve,
+    // fill, commit), reserving more than a message needs now and then and
+    // giving every fifth reservation back unsent (its space filled with
+    // garbage first); node 2 sends through the same queue meanwhile. Node
+    // 0 gets every message of both, in order, every byte checked, and
+    // nothing of the space given back. Last, node 1's link is dropped
+    // holding a reservation: node 2's next message still arrives (the
+    // reservation was given back, not left to hold the queue).
+    let d = dir("reserve");
+    let nodes = nodes(&d, 3, 16 << 10);
+    let mut links = mesh(&nodes);
+    const N: usize = 4_000;
+    let (mut from1, mut to0_1) = ends(&mut links, 0, 1);
+    let (mut from2, to0_2) = ends(&mut links, 0, 2);
+    assert_eq!(to0_1.path(), PathKind::Queue, "{}", to0_1.reason());
+    let max = to0_1.max_inline();
+    let fit = move |k: usize| {
+        let (tag, mut m) = message(1, k);
+        m.truncate(max);
+        (tag, m)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let writer = std::thread::spawn(move || {
+        let (mut cancelled, mut waits) = (0, 0u64);
+        for k in 0..N {
+            let (tag, m) = fit(k);
+            let cap = (m.len() + 16 * (k % 9)).min(max);
+            let mut give_back = k % 5 == 0;
+            let dst = loop {
+                assert!(Instant::now() < deadline, "no room for message {k}");
+                match to0_1.reserve(cap).unwrap() {
+                    Some(p) if give_back => {
+                        // SAFETY: the reservation holds `cap` bytes.
+                        unsafe { std::ptr::write_bytes(p, 0xee, cap) };
+                        to0_1.cancel();
+                        give_back = false;
+                        cancelled += 1;
+                    }
+                    Some(p) => break p,
+                    None => {
+                        waits += 1;
+                        std::thread::yield_now();
+                    }
+                }
+            };
+            // SAFETY: the reservation holds `cap` >= len bytes.
+            unsafe {
+                std::ptr::write_bytes(dst, 0xdd, cap);
+                std::ptr::copy_nonoverlapping(m.as_ptr(), dst, m.len());
+            }
+            to0_1.commit(m.len(), tag).unwrap();
+        }
+        (to0_1, cancelled, waits)
+    });
+    let steady = stream(to0_2, 2, N);
+    let (mut k1, mut k2) = (0, 0);
+    while k1 < N || k2 < N {
+        assert!(Instant::now() < deadline, "stalled at {k1} and {k2}");
+        from1
+            .poll(64, &mut |t, p| {
+                let mut got = vec![0u8; p.len()];
+                p.read_at(0, &mut got);
+                assert_eq!((t, got), fit(k1), "node 1's message {k1}");
+                k1 += 1;
+            })
+            .unwrap();
+        from2
+            .poll(64, &mut |t, p| {
+                let mut got = vec![0u8; p.len()];
+                p.read_at(0, &mut got);
+                assert_eq!((t, got), message(2, k2), "node 2's message {k2}");
+                k2 += 1;
+            })
+            .unwrap();
+    }
+    let (mut to0_1, cancelled, waits) = writer.join().unwrap();
+    let mut to0_2 = steady.join().unwrap();
+    assert_eq!(cancelled, N.div_ceil(5));
+    eprintln!("{cancelled} reservations given back; {waits} tries found the queue full");
+    assert!(to0_1.reserve(100).unwrap().is_some());
+    drop(to0_1);
+    to0_2.send(9, b"after the dropped reservation").unwrap();
+    let mut last = None;
+    while last.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the queue is held at the dropped reservation"
+        );
+        from2
+            .poll(1, &mut |t, p| {
+                let mut got = vec![0u8; p.len()];
+                p.read_at(0, &mut got);
+                last = Some((t, got));
+            })
+            .unwrap();
+    }
+    assert_eq!(
+        last.unwrap(),
+        (9, b"after the dropped reservation".to_vec())
+    );
+    // Node 1's link closed: its peer reads that, not a lost peer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match from1.poll(1, &mut |_, _| panic!("nothing more from node 1")) {
+            Err(Error::AtPeer(_, e)) if matches!(*e, Error::Closed) => break,
+            r => {
+                r.unwrap();
+            }
+        }
+        assert!(Instant::now() < deadline, "node 1's close never seen");
+    }
+}

@@ -358,7 +358,10 @@ pub fn tcp_header(data: &[u8]) {
 /// byte, then operands): `0 s l` push from slot `s % 3` a record of
 /// `4 * l` bytes; `1` consumer peek and release one; `2 s l` reserve in
 /// slot `s % 3` without committing (at most one open reservation a slot);
-/// `3 s` commit slot `s`'s open reservation; `4 o0 o1 w0..w7` store the
+/// `3 s h` end slot `s`'s open reservation as `h % 3` says: commit it
+/// whole, commit its first `len * (h / 3) / 85` bytes (the rest published
+/// as skipped space), or give it back unsent (skipped space, never handed
+/// out); `4 o0 o1 w0..w7` store the
 /// word `w` at the 8-aligned offset `o` of the region; `5` the consumer
 /// prepares to sleep and finishes. Checks: no panic, no access outside the
 /// region (ASan), every record handed out inside the data area with a
@@ -380,8 +383,9 @@ pub fn queue(data: &[u8]) {
         .map(|s| unsafe { Producer::attach(base, geo, s) }.unwrap())
         .collect();
     let mut open: Vec<Option<(Reservation, u32)>> = (0..SLOTS).map(|_| None).collect();
-    // The model: records in reservation order, (slot, seq, len, committed).
-    let mut model: VecDeque<(usize, u32, usize, bool)> = VecDeque::new();
+    // The model: records in reservation order, (slot, seq, len, committed
+    // or cancelled, cancelled: published as skipped space, never seen).
+    let mut model: VecDeque<(usize, u32, usize, bool, bool)> = VecDeque::new();
     let mut seq = 0u32;
     let mut forged = false;
     let mut broken = false;
@@ -416,10 +420,10 @@ pub fn queue(data: &[u8]) {
                         assert!(a >= data_start && a + len <= data_end);
                         if op == 0 {
                             ps[s].commit(r, kind::MSG, s as u8);
-                            model.push_back((s, seq, len, true));
+                            model.push_back((s, seq, len, true, false));
                         } else {
                             open[s] = Some((r, seq));
-                            model.push_back((s, seq, len, false));
+                            model.push_back((s, seq, len, false, false));
                         }
                         seq += 1;
                     }
@@ -428,15 +432,28 @@ pub fn queue(data: &[u8]) {
                 }
             }
             3 => {
+                // Commit an open reservation whole, commit its first part
+                // (the rest skipped), or give it back unsent.
                 let s = arg(1) as usize % SLOTS;
-                i += 2;
+                let how = arg(2);
+                i += 3;
                 if let Some((r, q)) = open[s].take() {
-                    ps[s].commit(r, kind::MSG, s as u8);
-                    for m in model.iter_mut() {
-                        if m.1 == q {
-                            m.3 = true;
+                    let m = model.iter_mut().find(|m| m.1 == q).unwrap();
+                    match how % 3 {
+                        0 => {
+                            ps[s].commit(r, kind::MSG, s as u8);
+                        }
+                        1 => {
+                            let len = m.2 * usize::from(how / 3) / 85;
+                            ps[s].commit_len(r, len, kind::MSG, s as u8);
+                            m.2 = len;
+                        }
+                        _ => {
+                            ps[s].cancel(r);
+                            m.4 = true;
                         }
                     }
+                    m.3 = true;
                 }
             }
             4 => {
@@ -472,7 +489,11 @@ pub fn queue(data: &[u8]) {
                         assert!(r.len <= geo.max_record && r.slot < SLOTS);
                         assert!(record::kind::valid(r.kind));
                         if !forged {
-                            let (s, q, len, done) =
+                            // Space given back was passed.
+                            while model.front().is_some_and(|m| m.4) {
+                                model.pop_front();
+                            }
+                            let (s, q, len, done, _) =
                                 model.pop_front().expect("a record nobody wrote");
                             assert!(done, "a record handed out before its commit");
                             assert_eq!((r.slot, r.len, r.tag as usize), (s, len, s));
@@ -492,6 +513,9 @@ pub fn queue(data: &[u8]) {
                     }
                     Ok(None) => {
                         if !forged && !broken {
+                            while model.front().is_some_and(|m| m.4) {
+                                model.pop_front();
+                            }
                             assert!(
                                 model.front().is_none_or(|m| !m.3),
                                 "a committed record not seen"

@@ -408,14 +408,16 @@ impl Link {
         r.map_err(|e| self.ctx(e))
     }
 
-    /// Reserves ring space for a message of `len` bytes (at most
+    /// Reserves ring or queue space for a message of `len` bytes (at most
     /// [`Link::max_inline`]) to be written in place. `Ok(None)` when the ring
-    /// is full or the link is on TCP.
+    /// or queue is full or the link is on TCP. On a queue, commit or cancel
+    /// soon: the peer's consumer waits at the reservation.
     #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.reserve(len),
-            Imp::Tcp(_) | Imp::Queue(_) => Ok(None),
+            Imp::Queue(q) => q.reserve(len),
+            Imp::Tcp(_) => Ok(None),
         };
         r.map_err(|e| self.ctx(e))
     }
@@ -425,16 +427,19 @@ impl Link {
     pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
         let r = match &mut self.imp {
             Imp::Ring(c) => c.commit(len, tag),
-            Imp::Tcp(_) | Imp::Queue(_) => Err(Error::Invalid("commit without reservation".into())),
+            Imp::Queue(q) => q.commit(len, tag),
+            Imp::Tcp(_) => Err(Error::Invalid("commit without reservation".into())),
         };
         r.map_err(|e| self.ctx(e))
     }
 
-    /// Drops a reservation.
+    /// Drops a reservation (on a queue: publishes its space as skipped).
     #[inline]
     pub fn cancel(&mut self) {
-        if let Imp::Ring(c) = &mut self.imp {
-            c.cancel()
+        match &mut self.imp {
+            Imp::Ring(c) => c.cancel(),
+            Imp::Queue(q) => q.cancel(),
+            Imp::Tcp(_) => {}
         }
     }
 

@@ -29,7 +29,7 @@ use crate::error::{Error, Result, Violation};
 use crate::frame::Stats;
 use crate::hypervisor::{self, BellGroup, BellWords, Doorbell, Hypervisor, Region};
 use crate::payload::Payload;
-use crate::queue::{self, Consumer, Geometry, Producer, Wake};
+use crate::queue::{self, Consumer, Geometry, Producer, Reservation, Wake};
 use crate::queue_path::{QueueRx, QueueTx};
 use crate::record::kind;
 use crate::ring::Batch;
@@ -597,6 +597,10 @@ pub(super) struct QueueLink {
     held_buf: Vec<u8>,
     /// The last `peek_msgs` found nothing to take in place.
     heads_tried: bool,
+    /// Space reserved in the peer's queue for a message written in place
+    /// ([`QueueLink::reserve`]), until it is committed or cancelled: the
+    /// queue's consumer waits at it, so it is never left behind.
+    reserved: Option<Reservation>,
     stats: Stats,
     /// The peer said on the control connection that it closed.
     peer_closed: bool,
@@ -698,6 +702,7 @@ impl QueueLink {
             held: Held::None,
             held_buf: Vec::new(),
             heads_tried: false,
+            reserved: None,
             stats: Stats::default(),
             peer_closed: false,
             closed: false,
@@ -777,6 +782,50 @@ impl QueueLink {
         self.stats.tx_msgs += 1;
         self.stats.tx_bytes += (head.len() + body.len()) as u64;
         true
+    }
+
+    /// Reserves a record of `len` bytes (at most a record) in the peer's
+    /// queue for a message written in place: its payload, or `Ok(None)`
+    /// when the queue is full for now. A reservation still held is given
+    /// back first ([`QueueLink::cancel`]). Commit or cancel it soon: the
+    /// peer takes no record reserved after it (its domain's other
+    /// processes' included) until then.
+    #[inline]
+    pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
+        self.cancel();
+        if len > self.max_record {
+            return Err(Error::TooLarge {
+                len,
+                max: self.max_record,
+            });
+        }
+        Ok(self.tx.producer().reserve(len)?.map(|res| {
+            let p = res.payload();
+            self.reserved = Some(res);
+            p
+        }))
+    }
+
+    /// Sends the reserved message, its first `len` bytes.
+    #[inline]
+    pub fn commit(&mut self, len: usize, tag: u8) -> Result<()> {
+        let Some(res) = self.reserved.take() else {
+            return Err(Error::Invalid("commit without reservation".into()));
+        };
+        let ring = self.tx.producer().commit_len(res, len, kind::MSG, tag);
+        self.sent(true, ring, len)
+    }
+
+    /// Gives the reservation back unused, if one is held: the peer's
+    /// consumer passes its space. A doorbell that fails here is left for
+    /// the link's next call to find (a consumer's sleeps are bounded).
+    pub fn cancel(&mut self) {
+        if let Some(res) = self.reserved.take() {
+            if self.tx.producer().cancel(res) {
+                self.stats.tx_doorbells += 1;
+                let _ = self.tx_bell.notify();
+            }
+        }
     }
 
     /// Whether a message of `len` bytes (at most a record) finds room now;
@@ -972,6 +1021,8 @@ impl QueueLink {
 
 impl Drop for QueueLink {
     fn drop(&mut self) {
+        // A reservation left would hold the peer's queue at it.
+        self.cancel();
         // A message held in place would hold the queue's other links back.
         self.release_msg();
         self.hub.leave(self.slot);
