@@ -1032,6 +1032,20 @@ impl Consumer {
         )
     }
 
+    /// Whether anything is published at the consumer's index (a record,
+    /// padding, skipped space: a hint, as [`Watch::published_at`]).
+    pub fn more_waiting(&self) -> bool {
+        self.v
+            .cell(self.idx % self.v.size())
+            .load(Ordering::Relaxed)
+            != 0
+    }
+
+    /// The size of the data area.
+    pub fn data_size(&self) -> u64 {
+        self.v.size()
+    }
+
     /// Whether a producer reserved space at the consumer's index and has
     /// not published its record yet (the reservation word, a hint that the
     /// producers write, is past the index while the cell reads zero). A

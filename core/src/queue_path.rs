@@ -159,11 +159,16 @@ impl QueueRx {
     }
 
     /// Releases the records [`QueueRx::take_own`] handed out; hands the
-    /// space back once [`BATCH_BYTES`] wait (a poll that finds nothing
-    /// does before). Returns the producers to ring.
+    /// space back once [`BATCH_BYTES`] wait and more records follow (a
+    /// stream, whose producers may wait for room), or a quarter of the
+    /// queue waits; otherwise (nothing after them: a ping-pong, whose
+    /// answer this process is about to send) the next look at the idle
+    /// queue does, off the answer's path (clearing a large record's space
+    /// waits for every line of it). Returns the producers to ring.
     pub fn release_taken(&mut self) -> Wake {
         self.c.release_last_quiet();
-        if self.c.unpublished() >= BATCH_BYTES {
+        let due = self.c.unpublished();
+        if due >= BATCH_BYTES && (due >= self.c.data_size() / 4 || self.c.more_waiting()) {
             self.c.flush()
         } else {
             Wake::default()

@@ -853,3 +853,72 @@ fn messages_written_in_place_in_a_queue_arrive_and_space_given_back_never_surfac
         assert!(Instant::now() < deadline, "node 1's close never seen");
     }
 }
+
+#[test]
+fn a_large_record_taken_alone_is_handed_back_at_the_idle_look_and_in_a_stream_at_once() {
+    // A 32 KiB queue of 5,000-byte messages (5,008 bytes a record: six fit).
+    // A record of a batch's size or more is handed back at once when more
+    // records follow it (a stream: the producers want the room), but when
+    // nothing follows (a ping-pong, whose answer goes out next) only at
+    // the idle look, up to a quarter of the queue.
+    let d = dir("large");
+    let built = nodes(&d, 2, 32 << 10);
+    let mut links = mesh(&built);
+    let (mut from1, mut l1) = ends(&mut links, 0, 1);
+    let msg = |k: u8| [k; 5000];
+    let mut batch = Batch::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut take_one = |from: &mut Link, k: u8| {
+        loop {
+            assert!(Instant::now() < deadline, "message {k} not taken");
+            if from.peek_msgs(&mut batch, 16) > 0 {
+                break;
+            }
+        }
+        assert_eq!(
+            batch.records().len(),
+            1,
+            "one record of 5,000 bytes a batch"
+        );
+        let r = batch.records()[0];
+        // SAFETY: valid until release_msg.
+        assert_eq!(
+            unsafe { std::slice::from_raw_parts(r.ptr, r.len) },
+            &msg(k)[..]
+        );
+        from.release_msg().unwrap();
+    };
+    // Room the queue has for more: how many messages go before it is full.
+    let mut next = 0u8;
+    let mut fill = |l: &mut Link| {
+        let mut sent = 0;
+        while l.try_send(1, &[&msg(next)]).unwrap() {
+            next += 1;
+            sent += 1;
+            assert!(sent < 10);
+        }
+        sent
+    };
+    assert_eq!(fill(&mut l1), 6);
+    // A record with another after it: handed back as it is released.
+    take_one(&mut from1, 0);
+    assert_eq!(
+        fill(&mut l1),
+        1,
+        "a record released in a stream was not handed back"
+    );
+    for k in 1..6 {
+        take_one(&mut from1, k);
+    }
+    // The last one, with nothing after it: not handed back yet, so the
+    // queue takes five more, not six.
+    take_one(&mut from1, 6);
+    assert_eq!(
+        fill(&mut l1),
+        5,
+        "the lone record's space was handed back at once"
+    );
+    for k in 7..12 {
+        take_one(&mut from1, k);
+    }
+}
