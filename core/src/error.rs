@@ -34,7 +34,7 @@ impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
             Violation::BadMagic => "bad ring magic",
-            Violation::BadVersion => "unsupported ring version",
+            Violation::BadVersion => "unsupported ring or queue version",
             Violation::BadGeometry => "ring geometry changed",
             Violation::BadIndex => "peer index out of range",
             Violation::BadLength => "record length out of range",
