@@ -831,9 +831,9 @@ impl Consumer {
     /// the consumer's index reads zero, and while the consumer has taken a
     /// whole data area since it last handed space back (nothing can follow
     /// until it does: [`Consumer::flush`]). Padding and skipped space
-    /// ([`kind::SKIP`]) are passed here. The
-    /// record stays the consumer's until [`Consumer::release`]; peeking
-    /// again before that returns it again.
+    /// ([`kind::SKIP`]) are passed here. The record stays the consumer's
+    /// until [`Consumer::release`]; peeking again before that returns it
+    /// again.
     ///
     /// No honest record or padding ends past the last published index plus
     /// the data area (producers reserve against that index): one that does
@@ -873,7 +873,8 @@ impl Consumer {
     }
 
     /// The record at the free-running index `*at`, the padding and skips
-    /// before it passed (`*at` moves past it), bounded as [`Consumer::peek`] says.
+    /// before it passed (`*at` moves past it), bounded as
+    /// [`Consumer::peek`] says.
     fn record_at(&mut self, at: &mut u64) -> Result<Option<Record>> {
         if let Some(v) = self.broken {
             return Err(Error::Broken(v));
