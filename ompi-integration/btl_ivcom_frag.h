@@ -60,6 +60,13 @@ static inline bool mca_btl_ivcom_caller_keeps(uint32_t flags)
     return !(flags & MCA_BTL_DES_FLAGS_BTL_OWNERSHIP);
 }
 
+/* Whether the endpoint's link takes messages written in place
+ * (ivcom_link_reserve): a ring or a receive queue, not TCP. */
+static inline bool mca_btl_ivcom_in_place(const mca_btl_base_endpoint_t *ep)
+{
+    return ep->ring || ep->queue;
+}
+
 /* Places the frag's payload in ring or queue space when it can be sent in
  * order; called with the endpoint's lock held, its link opened. (A queue
  * reservation holds the peer's queue until it is committed or cancelled:
@@ -69,7 +76,7 @@ static inline bool mca_btl_ivcom_frag_ring(mca_btl_base_endpoint_t *ep, mca_btl_
 {
     uint8_t *p = NULL;
     if (NULL == ep->link || NULL != ep->reserved || !opal_list_is_empty(&ep->pending)
-        || !(ep->ring || ep->queue) || size > ep->max_send) {
+        || !mca_btl_ivcom_in_place(ep) || size > ep->max_send) {
         return false;
     }
     if (1 != ivcom_link_reserve(ep->link, size, &p)) {

@@ -196,7 +196,7 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
     uint32_t iov_count = 1;
     size_t max = *size;
     size_t limit = MODULE->btl_max_send_size;
-    bool keep, ready, placed = false, ring = false, too_big = false;
+    bool keep, ready, placed = false, in_place = false, too_big = false;
     int failed = 0;
     (void) btl;
     (void) order;
@@ -241,7 +241,7 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
             placed = mca_btl_ivcom_frag_ring(ep, f, reserve + max);
         }
     }
-    ring = ep->ring || ep->queue;
+    in_place = mca_btl_ivcom_in_place(ep);
     UNLOCK(ep);
     (void) report(ep, failed, 0);
     if (reserve >= limit) {
@@ -261,7 +261,7 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
          * self endpoint, descriptors the caller keeps and descriptors
          * larger than the pair's records (bounded by ob1's pipeline depth)
          * always pack into a private buffer. */
-        if (ring && !keep && !too_big && !(flags & MCA_BTL_DES_FLAGS_PRIORITY)) {
+        if (in_place && !keep && !too_big && !(flags & MCA_BTL_DES_FLAGS_PRIORITY)) {
             mca_btl_ivcom_frag_return(f);
             return NULL;
         }
@@ -507,7 +507,7 @@ sendi_general(struct mca_btl_base_module_t *btl, struct mca_btl_base_endpoint_t 
         UNLOCK(ep);
         return sendi_sent(btl, ep, rc, order, total, flags, descriptor);
     }
-    if (ep->ring || ep->queue) {
+    if (mca_btl_ivcom_in_place(ep)) {
         rc = ivcom_link_reserve(ep->link, total, &dst);
         if (1 != rc) {
             UNLOCK(ep);

@@ -1036,10 +1036,7 @@ impl Consumer {
     /// Whether anything is published at the consumer's index (a record,
     /// padding, skipped space: a hint, as [`Watch::published_at`]).
     pub fn more_waiting(&self) -> bool {
-        self.v
-            .cell(self.idx % self.v.size())
-            .load(Ordering::Relaxed)
-            != 0
+        self.watch().published_at(self.idx)
     }
 
     /// The size of the data area.

@@ -793,12 +793,7 @@ impl QueueLink {
     #[inline]
     pub fn reserve(&mut self, len: usize) -> Result<Option<*mut u8>> {
         self.cancel();
-        if len > self.max_record {
-            return Err(Error::TooLarge {
-                len,
-                max: self.max_record,
-            });
-        }
+        // (a length above a record: the producer's `TooLarge`)
         Ok(self.tx.producer().reserve(len)?.map(|res| {
             let p = res.payload();
             self.reserved = Some(res);
