@@ -126,36 +126,16 @@ impl QueueRx {
         &mut self,
         slot: usize,
         max: usize,
-        mut put: impl FnMut(usize, &Record),
+        put: impl FnMut(usize, &Record),
     ) -> Result<usize> {
         if max == 0 || !matches!(self.slots.get(slot), Some(Some(s)) if !s.broken && !s.re.active())
         {
             return Ok(0);
         }
-        let limit = self.tag_limit;
-        let mine = |r: &Record| r.slot == slot && r.kind == kind::MSG && u16::from(r.tag) < limit;
-        let r_bytes = match self.c.peek()? {
-            Some(r) if mine(&r) => {
-                put(0, &r);
-                r.bytes()
-            }
-            _ => return Ok(0),
-        };
         // Up to BATCH_BYTES of records (the first whatever its size):
         // their space goes back only with the whole run, and producers
         // waiting for it would wait for every message of a long one.
-        let (mut n, mut bytes) = (1, r_bytes);
-        while n < max && bytes < BATCH_BYTES {
-            match self.c.peek_next(mine) {
-                Ok(Some(r)) => {
-                    put(n, &r);
-                    bytes += r.bytes();
-                }
-                _ => break,
-            }
-            n += 1;
-        }
-        Ok(n)
+        self.c.peek_run(slot, self.tag_limit, max, BATCH_BYTES, put)
     }
 
     /// Releases the records [`QueueRx::take_own`] handed out; hands the

@@ -564,12 +564,16 @@ impl Drop for QueueRegion {
 /// script: three admitted slots send messages of up to five records each
 /// (fragments of the three interleaved), raw records of any kind from an
 /// admitted slot (a hostile rank of the domain), a record from a slot that
-/// was never admitted, words forged anywhere in the region, and polls.
+/// was never admitted, words forged anywhere in the region, polls, and
+/// runs of one slot's whole messages taken in place (`take_own`, as a
+/// queue link hands them up).
 /// Checks: no panic, no out-of-bounds access; each slot that sent only
 /// honest messages gets exactly them, in order, whatever the others did
 /// (until the queue itself breaks); a broken slot delivers nothing more; a
 /// broken queue stays broken; nothing larger than the limit is delivered,
-/// nor any tag at the tag limit (255: a raw record may carry it).
+/// nor any tag at the tag limit (255: a raw record may carry it); a record
+/// taken in place is a whole message of the slot asked for, no larger than
+/// a record, and lies inside the data area.
 pub fn queue_messages(data: &[u8]) {
     use ivcom_core::queue::{Consumer, Geometry, Producer};
     use ivcom_core::queue_path::{QueueRx, QueueTx};
@@ -598,7 +602,7 @@ pub fn queue_messages(data: &[u8]) {
     let mut seq = 0u32;
     let mut i = 0;
     while i < data.len() {
-        let op = data[i] % 5;
+        let op = data[i] % 6;
         let arg = |k: usize| data.get(i + k).copied().unwrap_or(0) as usize;
         let (a1, a2, a3) = (arg(1), arg(2), arg(3));
         i += 4;
@@ -670,6 +674,46 @@ pub fn queue_messages(data: &[u8]) {
                         assert!(forged, "an honest queue broke: {e}");
                         queue_broken = true;
                     }
+                }
+            }
+            5 => {
+                let s = a1 % 3;
+                let max = a2 % 16 + 1;
+                let broken = rx.slot_broken(s);
+                let mut got: Vec<(u8, Vec<u8>)> = Vec::new();
+                let n = match rx.take_own(s, max, |i, r| {
+                    assert_eq!(i, got.len());
+                    assert_eq!((r.slot, r.kind), (s, kind::MSG));
+                    assert!(r.len <= 500 && r.tag < 255);
+                    let (lo, hi) = (base as usize + 4096, base as usize + geo.region_bytes());
+                    assert!(r.ptr as usize >= lo && r.ptr as usize + r.len <= hi);
+                    // SAFETY: inside the data area (checked above).
+                    got.push((
+                        r.tag,
+                        unsafe { std::slice::from_raw_parts(r.ptr, r.len) }.to_vec(),
+                    ));
+                }) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        assert!(forged, "an honest queue broke: {e}");
+                        queue_broken = true;
+                        0
+                    }
+                };
+                assert_eq!(n, got.len());
+                assert!(n <= max);
+                if n > 0 {
+                    assert!(
+                        !queue_broken && !broken,
+                        "a broken queue or slot handed records up"
+                    );
+                    for (t, m) in got {
+                        if !hostile[s] && !forged {
+                            let want = model[s].pop_front().expect("a message nobody sent");
+                            assert_eq!((t as usize, m), (s, want), "slot {s}, in place");
+                        }
+                    }
+                    rx.release_taken();
                 }
             }
             3 => {
