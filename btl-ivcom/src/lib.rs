@@ -1523,10 +1523,10 @@ pub unsafe extern "C" fn ivcom_link_take(
 pub unsafe extern "C" fn ivcom_link_done(link: *mut ivcom_link) -> c_int {
     // SAFETY: valid handle, no other receive call (contract).
     let l = &mut unsafe { &mut *link }.link;
-    if let Err(e) = l.release_msg().and_then(|()| l.flush_rx()) {
-        return fail(e);
+    match l.done_batch() {
+        Ok(more) => c_int::from(more),
+        Err(e) => fail(e),
     }
-    c_int::from(!l.looks_idle())
 }
 
 /// What the link's own idle polls do now and then: reports a ring the

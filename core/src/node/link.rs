@@ -546,6 +546,24 @@ impl Link {
         r.map_err(|e| self.ctx(e))
     }
 
+    /// Ends a batch that [`Link::peek_msgs`] took: [`Link::release_msg`]
+    /// and [`Link::flush_rx`], then whether more seems to wait (not
+    /// [`Link::looks_idle`]), in one step.
+    #[inline]
+    pub fn done_batch(&mut self) -> Result<bool> {
+        match &mut self.imp {
+            Imp::Queue(q) => {
+                q.release_msg();
+                Ok(!q.looks_idle())
+            }
+            _ => {
+                self.release_msg()?;
+                self.flush_rx()?;
+                Ok(!self.looks_idle())
+            }
+        }
+    }
+
     /// Hands the space of all released messages back to the sender.
     pub fn flush_rx(&mut self) -> Result<()> {
         let r = match &mut self.imp {
