@@ -1445,43 +1445,30 @@ mod tests {
 
     #[test]
     fn a_run_stops_before_a_record_out_of_bounds_which_the_next_peek_breaks_the_queue_at() {
+        // Three records of slot 1, the third's header forged: a length past
+        // the largest record, padding that does not run to the end,
+        // skipped space longer than any record, a header naming no slot of
+        // the queue. A run ends before it; the next `peek` breaks the
+        // queue by name, and runs after that fail too.
         let geo = Geometry::new(4096, 100, 2).unwrap();
-        let reg = Region::new(geo);
-        let mut p = unsafe { Producer::attach(reg.p, geo, 1) }.unwrap();
-        let mut c = unsafe { Consumer::new(reg.p, geo) }.unwrap();
-        for _ in 0..3 {
-            p.push(kind::MSG, 5, &[b"whole"]).unwrap().unwrap();
-        }
-        // The third record's header forged: a length past the largest
-        // record.
         let third = 2 * Geometry::record_bytes(5) as u64;
-        let h = c.v.cell(third).load(Ordering::Relaxed);
-        c.v.cell(third)
-            .store(h & !0xffff_ffff | 101, Ordering::Relaxed);
-        let mut got = 0;
-        assert_eq!(
-            c.peek_run(1, 256, 16, BATCH_BYTES, |_, _| got += 1)
-                .unwrap(),
-            2
-        );
-        assert_eq!(got, 2);
-        c.release_last_quiet();
-        assert_eq!(
-            c.peek_run(1, 256, 16, BATCH_BYTES, |_, _| panic!("taken"))
-                .unwrap(),
-            0
-        );
-        assert!(matches!(c.peek(), Err(Error::Broken(Violation::BadLength))));
-        assert!(c
-            .peek_run(1, 256, 16, BATCH_BYTES, |_, _| panic!("taken"))
-            .is_err());
-        // Padding that does not run to the end, and skipped space past the
-        // end of the data area, stop a run before them, as a header that
-        // names no slot of the queue does.
-        for forged in [
-            record::encode(8, kind::PAD, 0),
-            record::encode(4000, kind::SKIP, 0),
-            record::encode(5, kind::MSG, 5) | 2 << 48,
+        for (forged, why) in [
+            (
+                record::encode(101, kind::MSG, 5) | 1 << 48,
+                Violation::BadLength,
+            ),
+            (
+                record::encode(8, kind::PAD, 0) | 1 << 48,
+                Violation::BadPadding,
+            ),
+            (
+                record::encode(4000, kind::SKIP, 0) | 1 << 48,
+                Violation::BadLength,
+            ),
+            (
+                record::encode(5, kind::MSG, 5) | 2 << 48,
+                Violation::BadSender,
+            ),
         ] {
             let reg = Region::new(geo);
             let mut p = unsafe { Producer::attach(reg.p, geo, 1) }.unwrap();
@@ -1489,22 +1476,24 @@ mod tests {
             for _ in 0..3 {
                 p.push(kind::MSG, 5, &[b"whole"]).unwrap().unwrap();
             }
-            c.v.cell(third).store(forged | 1 << 48, Ordering::Relaxed);
-            if forged >> 48 == 2 {
-                c.v.cell(third).store(forged, Ordering::Relaxed);
-            }
+            c.v.cell(third).store(forged, Ordering::Relaxed);
+            let mut got = 0;
             assert_eq!(
-                c.peek_run(1, 256, 16, BATCH_BYTES, |_, _| {}).unwrap(),
-                2,
-                "{forged:#x}"
+                c.peek_run(1, 256, 16, BATCH_BYTES, |_, _| got += 1)
+                    .unwrap(),
+                2
             );
+            assert_eq!(got, 2, "{why:?}");
             c.release_last_quiet();
-            assert_eq!(
-                c.peek_run(1, 256, 16, BATCH_BYTES, |_, _| {}).unwrap(),
-                0,
-                "{forged:#x}"
+            let none = c.peek_run(1, 256, 16, BATCH_BYTES, |_, _| panic!("taken"));
+            assert_eq!(none.unwrap(), 0, "{why:?}");
+            assert!(
+                matches!(c.peek(), Err(Error::Broken(v)) if v == why),
+                "{why:?}"
             );
-            assert!(c.peek().is_err(), "{forged:#x}");
+            assert!(c
+                .peek_run(1, 256, 16, BATCH_BYTES, |_, _| panic!("taken"))
+                .is_err());
         }
     }
 
