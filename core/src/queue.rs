@@ -282,6 +282,51 @@ impl View {
         }
     }
 
+    /// The bytes a consumer passes at padding or skipped space
+    /// ([`kind::SKIP`]) of `len` at the free-running index `at` (offset
+    /// `off`), bounded as every consumer bounds them: padding runs exactly
+    /// to the end of the data area and never from offset 0 (it would lead
+    /// the consumer around a whole lap); skipped space takes a record's
+    /// cells at most, within the data area; either ends by `limit`, the
+    /// producers' bound. `Ok(None)`: kind `k` is neither.
+    #[inline(always)]
+    fn passed(
+        &self,
+        k: u8,
+        len: usize,
+        off: u64,
+        at: u64,
+        limit: u64,
+    ) -> std::result::Result<Option<u64>, Violation> {
+        let size = self.size();
+        if k == kind::PAD {
+            if off == 0 || len as u64 != size - off - 8 || at + (size - off) > limit {
+                return Err(Violation::BadPadding);
+            }
+            return Ok(Some(size - off));
+        }
+        if k == kind::SKIP {
+            let bytes = Geometry::record_bytes(len) as u64;
+            let most = Geometry::record_bytes(self.geo.max_record) as u64;
+            if bytes > most || off + bytes > size || at + bytes > limit {
+                return Err(Violation::BadLength);
+            }
+            return Ok(Some(bytes));
+        }
+        Ok(None)
+    }
+
+    /// The bytes a record of `len` payload bytes at the free-running index
+    /// `at` (offset `off`) takes, when it is no larger than the largest
+    /// record and lies within the data area and `limit`, the producers'
+    /// bound; `None` otherwise (`BadLength`).
+    #[inline(always)]
+    fn record_span(&self, len: usize, off: u64, at: u64, limit: u64) -> Option<u64> {
+        let bytes = Geometry::record_bytes(len) as u64;
+        (len <= self.geo.max_record && off + bytes <= self.size() && at + bytes <= limit)
+            .then_some(bytes)
+    }
+
     /// Slot `s`'s word and bit in the bit set at `off` (producers
     /// waiting, producers that poll).
     #[inline(always)]
@@ -762,10 +807,7 @@ impl Watch {
     /// the cell size) holds a header.
     #[inline]
     pub fn published_at(&self, index: u64) -> bool {
-        self.v
-            .cell(index & (self.v.size() - 1))
-            .load(Ordering::Acquire)
-            != 0
+        self.v.cell(self.v.offset(index)).load(Ordering::Acquire) != 0
     }
 }
 
@@ -867,7 +909,10 @@ impl Consumer {
     /// `Ok(None)`, nothing changed, when there is none or `accept` refuses
     /// it: the next [`Consumer::peek`] after the release returns it. For a
     /// caller that hands several records up in place at once. Call only
-    /// while `peek` has a record held.
+    /// while `peek` has a record held. Since [`Consumer::peek_run`] took
+    /// over that caller's work, only the tests call it: it is the
+    /// reference that `peek_run` is checked against.
+    #[cfg(test)]
     pub fn peek_next(&mut self, accept: impl FnOnce(&Record) -> bool) -> Result<Option<Record>> {
         debug_assert!(self.held > 0, "peek_next without a record held");
         let mut at = self.idx + self.held;
@@ -886,13 +931,14 @@ impl Consumer {
     /// and skipped space among them passed: up to `max` records, and past
     /// the first only while the run holds less than `max_bytes`. Each goes
     /// to `put` (its place in the run, from 0, and the record), and all of
-    /// them are held as [`Consumer::peek`] and [`Consumer::peek_next`]
-    /// hold them: one [`Consumer::release_last_quiet`] releases the run.
+    /// them are held as [`Consumer::peek`] holds a record: one
+    /// [`Consumer::release_last_quiet`] releases the run.
     /// Returns how many; 0, with nothing changed, when the first record is
     /// none of those, is not there yet, or is not bounded as `peek` says
     /// (the next `peek` finds it, and breaks the queue for a bad one).
     ///
-    /// What `peek` and `peek_next` would do for such a run, in one loop:
+    /// What `peek` and then a look at each next record would do for such
+    /// a run (the tests' `peek_next`), in one loop:
     /// each header read once, the checks of a message record only, the
     /// bound on the run computed once. The fast way for a consumer that
     /// hands its records up in place (a queue link's messages, 16 at a
@@ -912,9 +958,7 @@ impl Consumer {
         }
         debug_assert_eq!(self.held, 0, "peek_run with a record held");
         let v = self.v;
-        let size = v.size();
-        let limit = self.published + size;
-        let max_record = v.geo.max_record;
+        let limit = self.published + v.size();
         // The header's kind, tag and slot (bits 32 to 63) of a record
         // this run takes, the tag aside.
         let want = (u64::from(kind::MSG) | (slot as u64) << 16) as u32;
@@ -924,30 +968,19 @@ impl Consumer {
             let h = v.cell(off).load(Ordering::Acquire);
             let (len, k, tag, _) = record::decode(h);
             if (h >> 32) as u32 & 0xffff_00ff != want || u16::from(tag) >= tag_limit {
-                // Padding or skipped space, checked as `record_at` checks
+                // Padding or skipped space, bounded as `record_at` bounds
                 // it, is passed; anything else ends the run.
-                if (k == kind::PAD || k == kind::SKIP) && (h >> 48) < v.geo.slots as u64 {
-                    let pass = if k == kind::PAD {
-                        size - off
-                    } else {
-                        Geometry::record_bytes(len) as u64
-                    };
-                    let fits = if k == kind::PAD {
-                        off != 0 && len as u64 == size - off - 8
-                    } else {
-                        len <= max_record && off + pass <= size
-                    };
-                    if fits && at + pass <= limit {
+                if (h >> 48) < v.geo.slots as u64 {
+                    if let Ok(Some(pass)) = v.passed(k, len, off, at, limit) {
                         at += pass;
                         continue;
                     }
                 }
                 break;
             }
-            let b = Geometry::record_bytes(len) as u64;
-            if len > max_record || off + b > size || at + b > limit {
+            let Some(b) = v.record_span(len, off, at, limit) else {
                 break;
-            }
+            };
             put(
                 n,
                 &Record {
@@ -994,33 +1027,20 @@ impl Consumer {
             if slot as usize >= self.v.geo.slots {
                 return Err(self.poison(Violation::BadSender));
             }
-            if k == kind::PAD {
-                // Padding runs exactly to the end, and never from offset 0
-                // (it would lead the consumer around a whole lap).
-                if off == 0 || len as u64 != size - off - 8 || *at + (size - off) > limit {
-                    return Err(self.poison(Violation::BadPadding));
+            match self.v.passed(k, len, off, *at, limit) {
+                Ok(Some(pass)) => {
+                    *at += pass;
+                    continue;
                 }
-                *at += size - off;
-                continue;
-            }
-            if k == kind::SKIP {
-                // Space a producer gave back: a record's cells at most,
-                // within the data area and the bound of every record.
-                let bytes = Geometry::record_bytes(len) as u64;
-                let most = Geometry::record_bytes(self.v.geo.max_record) as u64;
-                if bytes > most || off + bytes > size || *at + bytes > limit {
-                    return Err(self.poison(Violation::BadLength));
-                }
-                *at += bytes;
-                continue;
+                Ok(None) => {}
+                Err(v) => return Err(self.poison(v)),
             }
             if !kind::valid(k) {
                 return Err(self.poison(Violation::BadType));
             }
-            let bytes = Geometry::record_bytes(len) as u64;
-            if len > self.v.geo.max_record || off + bytes > size || *at + bytes > limit {
+            let Some(bytes) = self.v.record_span(len, off, *at, limit) else {
                 return Err(self.poison(Violation::BadLength));
-            }
+            };
             return Ok(Some(Record {
                 slot: slot as usize,
                 kind: k,
@@ -1045,7 +1065,7 @@ impl Consumer {
         let size = self.v.size();
         let mut at = self.published;
         while at < self.idx {
-            let off = at & (size - 1);
+            let off = self.v.offset(at);
             let n = (self.idx - at).min(size - off);
             // SAFETY: `off + n` <= size; the bytes were taken by this
             // consumer (records `peek` bounded, padding to the end) and are
@@ -1076,8 +1096,8 @@ impl Consumer {
         self.held = 0;
     }
 
-    /// Releases the record the last [`Consumer::peek`] returned (and those
-    /// [`Consumer::peek_next`] held after it), as
+    /// Releases the record the last [`Consumer::peek`] returned, or the
+    /// run [`Consumer::peek_run`] took, as
     /// [`Consumer::release_quiet`] does, for a caller that kept no copy of
     /// them (the lengths they were validated with, never read again).
     pub fn release_last_quiet(&mut self) {
