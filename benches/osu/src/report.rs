@@ -63,6 +63,20 @@ pub fn path_lines(stderr: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A path line's reason without the queue slots it names ("; slot 3 of
+/// ours, 5 of theirs"), which differ from pair to pair: the report counts
+/// the pairs that took each kind of path for each reason.
+pub fn reason_without_slots(reason: &str) -> String {
+    let mut out = reason.to_string();
+    while let Some(at) = out.find("; slot ") {
+        let end = out[at + 2..]
+            .find([';', ')'])
+            .map_or(out.len(), |e| at + 2 + e);
+        out.replace_range(at..end, "");
+    }
+    out
+}
+
 /// Median of a non-empty slice.
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
@@ -924,6 +938,21 @@ mod tests {
                 ("ring".to_string(), "ring: co-resident".to_string()),
                 ("tcp".to_string(), "another host".to_string())
             ]
+        );
+        assert_eq!(
+            reason_without_slots(
+                "queue: co-resident (xen:domain 3; queues of 128 KiB; slot 2 of ours, 4 of theirs; \
+                 pool over 16 queues)"
+            ),
+            "queue: co-resident (xen:domain 3; queues of 128 KiB; pool over 16 queues)"
+        );
+        assert_eq!(
+            reason_without_slots("queue: co-resident (host:x; slot 0 of ours, 1 of theirs)"),
+            "queue: co-resident (host:x)"
+        );
+        assert_eq!(
+            reason_without_slots("ring: co-resident"),
+            "ring: co-resident"
         );
         assert_eq!(
             stats_sum(

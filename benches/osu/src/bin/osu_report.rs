@@ -37,8 +37,8 @@ fn main() {
                 continue;
             }
             let t = std::fs::read_to_string(e.path()).unwrap_or_default();
-            for p in path_lines(&t) {
-                *paths.entry(p).or_default() += 1;
+            for (p, why) in path_lines(&t) {
+                *paths.entry((p, reason_without_slots(&why))).or_default() += 1;
             }
             if n.starts_with("osu_bw__ivcom__") {
                 bells += stats_sum(&t, "tx_doorbells") + stats_sum(&t, "rx_doorbells");
