@@ -156,7 +156,7 @@ int mca_btl_ivcom_complete(opal_list_t *done)
  * sender that holds it makes this check wait for the next one (4,096
  * quiet polls on): a poller never waits for a sender. Without threads
  * the lock is a branch. */
-static void idle_check(mca_btl_base_endpoint_t *ep)
+static __attribute__((noinline)) void idle_check(mca_btl_base_endpoint_t *ep)
 {
     int rc = IVCOM_OK;
     if (0 != OPAL_THREAD_TRYLOCK(&ep->lock)) {
@@ -225,13 +225,13 @@ static int link_deliver(mca_btl_base_endpoint_t *ep)
     }
 }
 
-/* One endpoint without threads: up to 16 messages (on a ring, from its
- * receiving side alone when it can: rx_deliver; on a queue link, its own
- * in batches: link_deliver; else the link delivers them itself, one call
- * across the C ABI). Returns the messages delivered
- * and the waiting sends that went: both are progress (with
- * mpi_yield_when_idle, a call that reports none gives the core away). */
-static int poll_single(mca_btl_base_endpoint_t *ep)
+/* One endpoint without threads, past its common case (poll_single):
+ * sends that wait for ring space go first, then a ring link's receiving
+ * side alone unless poll_single just found it needs more (`rx_tried`);
+ * a queue link's own messages in batches (link_deliver); else the link
+ * delivers them itself, one call across the C ABI. Out of line, so that
+ * progress, which inlines poll_single, keeps a small frame. */
+static __attribute__((noinline)) int poll_single_rest(mca_btl_base_endpoint_t *ep, bool rx_tried)
 {
     int rc, sent = 0;
     if (!opal_list_is_empty(&ep->pending)) {
@@ -245,10 +245,11 @@ static int poll_single(mca_btl_base_endpoint_t *ep)
             mca_btl_ivcom_endpoint_failed(ep, failed);
             return sent;
         }
+        rx_tried = false;
     }
     /* A ring link's receiving side first: the common case in the fewest
      * steps (rx_deliver); the whole link for anything else. */
-    if (NULL != ep->rx) {
+    if (NULL != ep->rx && !rx_tried) {
         rc = rx_deliver(ep, ep->rx);
         if (rc >= 0) {
             return rc + sent;
@@ -272,6 +273,30 @@ static int poll_single(mca_btl_base_endpoint_t *ep)
         return sent;
     }
     return rc + sent;
+}
+
+/* One endpoint without threads: up to 16 messages. The common case, a
+ * ring link with no send waiting for space, in the fewest steps: its
+ * receiving side alone (rx_deliver); an idle check it asks for here too;
+ * anything else in poll_single_rest (sends that wait, a queue link, what
+ * the receiving side leaves for the whole link). Returns the messages
+ * delivered and the waiting sends that went: both are progress (with
+ * mpi_yield_when_idle, a call that reports none gives the core away). */
+static inline int poll_single(mca_btl_base_endpoint_t *ep)
+{
+    const ivcom_rx *rx = ep->rx;
+    if (OPAL_LIKELY(NULL != rx && opal_list_is_empty(&ep->pending))) {
+        int rc = rx_deliver(ep, rx);
+        if (OPAL_LIKELY(rc >= 0)) {
+            return rc;
+        }
+        if (IVCOM_RX_CHECK == rc) {
+            idle_check(ep);
+            return 0;
+        }
+        return poll_single_rest(ep, true);
+    }
+    return poll_single_rest(ep, false);
 }
 
 /* ivcom_link_poll's callback with threads: the endpoint's lock is dropped
@@ -428,38 +453,70 @@ static int peers_at_work(const mca_btl_ivcom_eps_t *eps)
     return n;
 }
 
-int mca_btl_ivcom_progress(void)
+/* Links that peers opened: checked every 16th call of a thread (an FFI
+ * call and an atomic load), and on every call while we have no link at
+ * all. */
+static inline void adopt_due(progress_state_t *ps)
+{
+    if ((0 == (++ps->calls & 15) || 0 == C->neps_linked) && ivcom_node_pending(C->node) > 0) {
+        mca_btl_ivcom_adopt_incoming();
+    }
+}
+
+/* Progress with threads (MPI_THREAD_MULTIPLE): each endpoint claimed for
+ * receiving (poll_threaded), the state this thread's own. Out of line:
+ * the single-threaded path below stays small. */
+static __attribute__((noinline)) int progress_threaded(void)
 {
     int count = 0;
     mca_btl_ivcom_eps_t *eps;
-    progress_state_t *ps = opal_using_threads() ? &progress_tls : &progress_st;
+    progress_state_t *ps = &progress_tls;
     if (ps->in_progress || NULL == C->node) {
         return 0;
     }
     ps->in_progress = true;
-    /* Links that peers opened: checked every 16th call (an FFI call and an
-     * atomic load), and on every call while we have no link at all. */
-    if ((0 == (++ps->calls & 15) || 0 == C->neps_linked)
-        && ivcom_node_pending(C->node) > 0) {
-        mca_btl_ivcom_adopt_incoming();
-    }
+    adopt_due(ps);
     eps = C->eps;
     opal_atomic_rmb();
     for (int i = 0; NULL != eps && i < eps->n; i++) {
-        mca_btl_base_endpoint_t *ep = eps->ep[i];
-        if (!opal_using_threads()) {
-            if (!mca_btl_ivcom_link_open(ep)) {
-                continue;
-            }
-            count += poll_single(ep);
-        } else {
-            count += poll_threaded(ep);
-        }
-    }
-    if (0 == count && opal_progress_yield_when_idle && !opal_using_threads()
-        && few_ranks_per_core(eps)) {
-        count = peers_at_work(eps);
+        count += poll_threaded(eps->ep[i]);
     }
     ps->in_progress = false;
+    return count;
+}
+
+/* A single-threaded call that found nothing, with mpi_yield_when_idle on:
+ * whether to keep the core (peers_at_work). Out of line, as above. */
+static __attribute__((noinline)) int idle_progress(const mca_btl_ivcom_eps_t *eps)
+{
+    return few_ranks_per_core(eps) ? peers_at_work(eps) : 0;
+}
+
+int mca_btl_ivcom_progress(void)
+{
+    int count = 0;
+    mca_btl_ivcom_eps_t *eps;
+    if (opal_using_threads()) {
+        return progress_threaded();
+    }
+    if (progress_st.in_progress || NULL == C->node) {
+        return 0;
+    }
+    progress_st.in_progress = true;
+    adopt_due(&progress_st);
+    eps = C->eps;
+    opal_atomic_rmb();
+    if (NULL != eps) {
+        for (int i = 0; i < eps->n; i++) {
+            mca_btl_base_endpoint_t *ep = eps->ep[i];
+            if (OPAL_LIKELY(mca_btl_ivcom_link_open(ep))) {
+                count += poll_single(ep);
+            }
+        }
+    }
+    if (0 == count && opal_progress_yield_when_idle) {
+        count = idle_progress(eps);
+    }
+    progress_st.in_progress = false;
     return count;
 }
