@@ -227,7 +227,8 @@ static int link_deliver(mca_btl_base_endpoint_t *ep)
 
 /* One endpoint without threads, past its common case (poll_single):
  * sends that wait for ring space go first, then a ring link's receiving
- * side alone unless poll_single just found it needs more (`rx_tried`);
+ * side alone unless poll_single just found it needs more (`rx_tried`:
+ * then no send waits, since rx_deliver handed nothing up);
  * a queue link's own messages in batches (link_deliver); else the link
  * delivers them itself, one call across the C ABI. Out of line, so that
  * progress, which inlines poll_single, keeps a small frame. */
@@ -245,7 +246,6 @@ static __attribute__((noinline)) int poll_single_rest(mca_btl_base_endpoint_t *e
             mca_btl_ivcom_endpoint_failed(ep, failed);
             return sent;
         }
-        rx_tried = false;
     }
     /* A ring link's receiving side first: the common case in the fewest
      * steps (rx_deliver); the whole link for anything else. */
