@@ -54,12 +54,15 @@ mca_btl_ivcom_impl(const char *built_for)
     return &mca_btl_ivcom_component.super;
 }
 
-/* The default ring: 4 MiB per direction (records of btl_max_send_size,
- * 64 KiB, set in ivcom_register). Under the ring budget a ring touches at
- * most its share of it, except the one ring of a process with a single
- * co-resident peer that streams large messages, which may use all of it
- * (docs/design.md). */
-#define IVCOM_DEFAULT_RING (4UL << 20)
+/* The default ring: 512 KiB per direction (records of btl_max_send_size,
+ * 64 KiB, set in ivcom_register), half of the 1 MiB L2 cache of a core of
+ * this project's machines: a stream through it stays in the two cores'
+ * own caches. 4 MiB rings streamed faster in some rounds and below 0.9 of
+ * vader's rate in 14 of 24 (down to 0.14), where the shared cache they run
+ * through was contended; 512 KiB rings in 1 of 24 (docs/PERFORMANCE.md,
+ * "Rings that fit the private caches"). Under the ring budget a ring
+ * touches at most its share of it (docs/design.md). */
+#define IVCOM_DEFAULT_RING (512UL << 10)
 /* The smallest btl_ivcom_min_record: any record of the smallest ring (4
  * KiB of data holds records of up to 2,040 bytes) qualifies. */
 #define IVCOM_MIN_RECORD 1024

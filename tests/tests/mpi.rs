@@ -403,13 +403,17 @@ fn a_small_ring_budget_keeps_every_ring_within_its_share() {
 /// for a second and more, and once it falls silent for a few seconds
 /// with both ranks in MPI (tests/c/ivcom-giveback.c: every byte of the
 /// streams and every value of the ping-pongs checked; the sender's
-/// resident ring memory read from /proc/self/smaps).
+/// resident ring memory read from /proc/self/smaps). The rings are 4 MiB
+/// (the default is 512 KiB, within the 1.75 MiB budget): a user's larger
+/// rings are the ones a stream grows past the budget.
 #[test]
 fn a_ring_grown_by_a_stream_gives_its_pages_back_in_a_real_job() {
     require_component();
     let prog = mpicc_program("ivcom-giveback");
     let mut c = mpirun(2, "ivcom,self");
-    c.args(["--mca", "btl_ivcom_verbose", "1"]).arg(&prog);
+    c.args(["--mca", "btl_ivcom_verbose", "1"])
+        .args(["--mca", "btl_ivcom_ring_size", "4194304"])
+        .arg(&prog);
     let r = run(&mut c, LIMIT);
     assert!(r.ok(), "{}", r.text());
     assert_paths(&r, 2, |_, _| "ring");
@@ -682,7 +686,7 @@ fn rings_shrink_to_fit_the_share_limit() {
     // 1 MiB rings: the pair gets those instead of TCP, and says so.
     rings_fit_a_share_limit(
         "shrink",
-        &[],
+        &["--mca", "btl_ivcom_ring_size", "4194304"],
         "3145728",
         "rings of 1024 KiB, records of 64 KiB",
     );
