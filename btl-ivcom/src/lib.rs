@@ -1493,20 +1493,12 @@ pub unsafe extern "C" fn ivcom_link_take(
     if max == 0 || !l.worth_polling() {
         return 0;
     }
-    let mut batch = Batch::new();
-    let n = l.peek_msgs(&mut batch, max.min(IVCOM_RX_BATCH));
+    let n = l.peek_msgs_with(max.min(IVCOM_RX_BATCH), |i, data, len, tag| {
+        // SAFETY: i < n <= max, and `out` has room for `max` (contract).
+        unsafe { out.add(i).write(ivcom_msg { data, len, tag }) }
+    });
     if n == 0 {
         return IVCOM_RX_FULL;
-    }
-    for (i, m) in batch.records().iter().enumerate() {
-        // SAFETY: i < n <= max, and `out` has room for `max` (contract).
-        unsafe {
-            out.add(i).write(ivcom_msg {
-                data: m.ptr,
-                len: m.len,
-                tag: m.tag,
-            })
-        };
     }
     n as c_int
 }

@@ -603,7 +603,7 @@ impl Producer {
     /// what was reserved): cells reserved past the record are given back
     /// as a [`kind::SKIP`] record, stored before the record's header is
     /// published (a consumer that reads the header sees it).
-    #[inline]
+    #[inline(always)]
     pub fn commit_len(&mut self, res: Reservation, len: usize, kind: u8, tag: u8) -> bool {
         debug_assert!(kind::valid(kind));
         assert!(
@@ -944,7 +944,7 @@ impl Consumer {
     /// hands its records up in place (a queue link's messages, 16 at a
     /// time: half the instructions a record of the two calls). Call with
     /// nothing held.
-    #[inline]
+    #[inline(always)]
     pub fn peek_run(
         &mut self,
         slot: usize,
@@ -969,8 +969,9 @@ impl Consumer {
             let (len, k, tag, _) = record::decode(h);
             if (h >> 32) as u32 & 0xffff_00ff != want || u16::from(tag) >= tag_limit {
                 // Padding or skipped space, bounded as `record_at` bounds
-                // it, is passed; anything else ends the run.
-                if (h >> 48) < v.geo.slots as u64 {
+                // it, is passed; anything else ends the run, nothing
+                // published (a zero header: the end of most runs) first.
+                if h != 0 && (h >> 48) < v.geo.slots as u64 {
                     if let Ok(Some(pass)) = v.passed(k, len, off, at, limit) {
                         at += pass;
                         continue;

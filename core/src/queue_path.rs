@@ -122,6 +122,7 @@ impl QueueRx {
     /// is none ([`QueueRx::poll`] takes those, and hands space back); a
     /// record past the first that breaks the queue ends the run, and the
     /// next poll reports it.
+    #[inline(always)]
     pub fn take_own(
         &mut self,
         slot: usize,
@@ -145,6 +146,7 @@ impl QueueRx {
     /// answer this process is about to send) the next look at the idle
     /// queue does, off the answer's path (clearing a large record's space
     /// waits for every line of it). Returns the producers to ring.
+    #[inline]
     pub fn release_taken(&mut self) -> Wake {
         self.c.release_last_quiet();
         let due = self.c.unpublished();

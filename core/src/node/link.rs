@@ -515,6 +515,32 @@ impl Link {
         }
     }
 
+    /// [`Link::peek_msgs`] handing each message to `put` (its place in the
+    /// run, from 0, its pointer, length and tag) in place of a [`Batch`],
+    /// for a caller with an array of its own (the C ABI's): the queue
+    /// path's run goes straight there, a ring's through a batch.
+    ///
+    /// [`Batch`]: crate::ring::Batch
+    #[inline]
+    pub fn peek_msgs_with(
+        &mut self,
+        max: usize,
+        mut put: impl FnMut(usize, *const u8, usize, u8),
+    ) -> usize {
+        match &mut self.imp {
+            Imp::Queue(q) => q.peek_msgs_with(max, |i, r| put(i, r.ptr, r.len, r.tag)),
+            Imp::Ring(c) => {
+                let mut batch = crate::ring::Batch::new();
+                let n = c.peek_msgs(&mut batch, max);
+                for (i, m) in batch.records().iter().enumerate() {
+                    put(i, m.ptr, m.len, m.tag);
+                }
+                n
+            }
+            Imp::Tcp(_) => 0,
+        }
+    }
+
     /// True when nothing waits on the ring or for this link in its receive
     /// queue, and nothing is held: a poller that just released a batch
     /// stops there instead of looking again the full way (false on TCP).

@@ -573,28 +573,45 @@ impl Hub {
     /// Returns how many; 0 in any other case, errors included: [`Hub::poll`]
     /// deals with those.
     fn take_heads(&self, slot: usize, out: &mut Batch, max: usize, stats: &mut Stats) -> usize {
+        out.clear();
+        self.take_heads_with(slot, max.min(Batch::CAP), stats, |_, r| {
+            out.push(crate::ring::Record {
+                ptr: r.ptr,
+                len: r.len,
+                kind: r.kind,
+                tag: r.tag,
+            })
+        })
+    }
+
+    /// [`Hub::take_heads`] handing each record to `put` (its place in the
+    /// run, from 0, and the record), for a caller with an array of its
+    /// own: up to `max` (at most a [`Batch`]'s).
+    #[inline(always)]
+    fn take_heads_with(
+        &self,
+        slot: usize,
+        max: usize,
+        stats: &mut Stats,
+        mut put: impl FnMut(usize, &queue::Record),
+    ) -> usize {
         let Some(mut g) = self.rx.try_lock() else {
             return 0;
         };
         if g.taken || g.broken.is_some() || !g.stash[slot].is_empty() {
             return 0;
         }
-        out.clear();
         let mut bytes = 0;
         let n =
-            g.rx.take_own(slot, max.min(Batch::CAP), |_, r| {
+            g.rx.take_own(slot, max.min(Batch::CAP), |i, r| {
                 bytes += r.len as u64;
-                out.push(crate::ring::Record {
-                    ptr: r.ptr,
-                    len: r.len,
-                    kind: r.kind,
-                    tag: r.tag,
-                });
+                put(i, r);
             })
             .unwrap_or(0);
         if n > 0 {
             g.taken = true;
-            self.note_rest(&g);
+            // (what `note_rest` notes while a run is taken)
+            self.rest.store(BUSY, Ordering::Release);
             stats.rx_msgs += n as u64;
             stats.rx_bytes += bytes;
         }
@@ -602,6 +619,7 @@ impl Hub {
     }
 
     /// Releases the records [`Hub::take_heads`] handed out.
+    #[inline]
     fn release_head(&self) {
         let mut g = self.rx();
         debug_assert!(g.taken);
@@ -1074,10 +1092,27 @@ impl QueueLink {
     /// [`QueueLink::peek_msg`] (nothing there, another link's record, a
     /// message in fragments, an error), or one is held.
     pub fn peek_msgs(&mut self, out: &mut Batch, max: usize) -> usize {
+        out.clear();
+        self.peek_msgs_with(max, |_, r| {
+            out.push(crate::ring::Record {
+                ptr: r.ptr,
+                len: r.len,
+                kind: r.kind,
+                tag: r.tag,
+            })
+        })
+    }
+
+    /// [`QueueLink::peek_msgs`] handing each message to `put` (its place
+    /// in the run, from 0, and the record) in place of a [`Batch`].
+    #[inline(always)]
+    pub fn peek_msgs_with(&mut self, max: usize, put: impl FnMut(usize, &queue::Record)) -> usize {
         if !matches!(self.held, Held::None) {
             return 0;
         }
-        let n = self.hub.take_heads(self.slot, out, max, &mut self.stats);
+        let n = self
+            .hub
+            .take_heads_with(self.slot, max, &mut self.stats, put);
         if n > 0 {
             self.held = Held::Batch;
         }
@@ -1085,6 +1120,9 @@ impl QueueLink {
         n
     }
 
+    /// Releases what [`QueueLink::peek_msg`] or [`QueueLink::peek_msgs`]
+    /// took (the queue's other links may take theirs again).
+    #[inline]
     pub fn release_msg(&mut self) {
         if let Held::InPlace(..) | Held::Batch = std::mem::replace(&mut self.held, Held::None) {
             self.hub.release_head();
