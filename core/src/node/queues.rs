@@ -575,12 +575,7 @@ impl Hub {
     fn take_heads(&self, slot: usize, out: &mut Batch, max: usize, stats: &mut Stats) -> usize {
         out.clear();
         self.take_heads_with(slot, max.min(Batch::CAP), stats, |_, r| {
-            out.push(crate::ring::Record {
-                ptr: r.ptr,
-                len: r.len,
-                kind: r.kind,
-                tag: r.tag,
-            })
+            out.push(in_place(r))
         })
     }
 
@@ -685,6 +680,17 @@ impl Hub {
         // A doorbell that fails leaves the time-limited sleep.
         let _ = bell.wait(token, timeout);
         self.rx().rx.consumer().finish_sleep();
+    }
+}
+
+/// A queue's record as a batch holds a message taken in place.
+#[inline(always)]
+fn in_place(r: &queue::Record) -> crate::ring::Record {
+    crate::ring::Record {
+        ptr: r.ptr,
+        len: r.len,
+        kind: r.kind,
+        tag: r.tag,
     }
 }
 
@@ -1093,14 +1099,7 @@ impl QueueLink {
     /// message in fragments, an error), or one is held.
     pub fn peek_msgs(&mut self, out: &mut Batch, max: usize) -> usize {
         out.clear();
-        self.peek_msgs_with(max, |_, r| {
-            out.push(crate::ring::Record {
-                ptr: r.ptr,
-                len: r.len,
-                kind: r.kind,
-                tag: r.tag,
-            })
-        })
+        self.peek_msgs_with(max, |_, r| out.push(in_place(r)))
     }
 
     /// [`QueueLink::peek_msgs`] handing each message to `put` (its place
