@@ -193,8 +193,8 @@ static int ivcom_register(void)
               "the rings, at least 24 KiB, at most the ring), and large messages are cut into "
               "pieces that fit twice in it, so with many co-resident peers each ring touches "
               "few of its pages however much is in flight. A process with one co-resident "
-              "peer uses its ring whole once it sends records of btl_ivcom_max_send_size (a "
-              "stream of large messages)",
+              "peer and a ring larger than the budget uses it whole once it sends records of "
+              "btl_ivcom_max_send_size (a stream of large messages)",
               &c->ring_budget, 7UL << 18);
     reg_ulong("queue_size",
               "Data bytes of each receive queue; 0 (the default): no queue path, each pair "
