@@ -824,6 +824,13 @@ impl Channel {
         self.rxs().peek_msgs(out, max)
     }
 
+    /// [`Channel::peek_msgs`], each message handed to `put` (its index in
+    /// the run and the record) in place of a [`Batch`].
+    #[inline]
+    pub fn peek_msgs_with(&mut self, max: usize, put: impl FnMut(usize, Record)) -> usize {
+        self.rxs().peek_msgs_with(max, put)
+    }
+
     /// Releases the message returned by `peek_msg`. Its space goes back to
     /// the sender at once when an eighth of the ring, or [`RELEASE_STEP`]
     /// if less, is released but not handed back yet (so a streaming sender

@@ -517,8 +517,7 @@ impl Link {
 
     /// [`Link::peek_msgs`] handing each message to `put` (its place in the
     /// run, from 0, its pointer, length and tag) in place of a [`Batch`],
-    /// for a caller with an array of its own (the C ABI's): the queue
-    /// path's run goes straight there, a ring's through a batch.
+    /// for a caller with an array of its own (the C ABI's).
     ///
     /// [`Batch`]: crate::ring::Batch
     #[inline]
@@ -528,15 +527,8 @@ impl Link {
         mut put: impl FnMut(usize, *const u8, usize, u8),
     ) -> usize {
         match &mut self.imp {
+            Imp::Ring(c) => c.peek_msgs_with(max, |i, r| put(i, r.ptr, r.len, r.tag)),
             Imp::Queue(q) => q.peek_msgs_with(max, |i, r| put(i, r.ptr, r.len, r.tag)),
-            Imp::Ring(c) => {
-                let mut batch = crate::ring::Batch::new();
-                let n = c.peek_msgs(&mut batch, max);
-                for (i, m) in batch.records().iter().enumerate() {
-                    put(i, m.ptr, m.len, m.tag);
-                }
-                n
-            }
             Imp::Tcp(_) => 0,
         }
     }

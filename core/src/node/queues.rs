@@ -412,15 +412,16 @@ impl Hub {
 
     /// Notes whether the queue is at rest now ([`Hub::rest`]); under the
     /// lock, after anything that changes it.
+    #[inline]
     fn note_rest(&self, g: &Rx) {
         let at_rest = !g.taken && g.broken.is_none() && !g.death && g.aside == 0;
-        let at = match g.rx.at_rest() {
-            Some(idx) if at_rest && g.rx.unpublished() > 0 => {
+        let at = match at_rest.then(|| g.rx.at_rest()).flatten() {
+            Some(idx) if g.rx.unpublished() > 0 => {
                 self.looked.store(false, Ordering::Relaxed);
                 idx | CLEAR_DUE
             }
-            Some(idx) if at_rest => idx,
-            _ => BUSY,
+            Some(idx) => idx,
+            None => BUSY,
         };
         self.rest.store(at, Ordering::Release);
     }
@@ -568,22 +569,13 @@ impl Hub {
 
     /// The queue's next records while they are whole messages of `slot`
     /// and nothing of `slot`'s waits aside: up to `max` (at most a
-    /// [`Batch`]) into `out`, in place in the shared pages, held (the
-    /// queue's other links take nothing) until [`Hub::release_head`].
-    /// Returns how many; 0 in any other case, errors included: [`Hub::poll`]
-    /// deals with those.
-    fn take_heads(&self, slot: usize, out: &mut Batch, max: usize, stats: &mut Stats) -> usize {
-        out.clear();
-        self.take_heads_with(slot, max.min(Batch::CAP), stats, |_, r| {
-            out.push(in_place(r))
-        })
-    }
-
-    /// [`Hub::take_heads`] handing each record to `put` (its place in the
-    /// run, from 0, and the record), for a caller with an array of its
-    /// own: up to `max` (at most a [`Batch`]'s).
+    /// [`Batch`]'s), each handed to `put` (its place in the run, from 0,
+    /// and the record), in place in the shared pages, held (the queue's
+    /// other links take nothing) until [`Hub::release_head`]. Returns how
+    /// many; 0 in any other case, errors included: [`Hub::poll`] deals
+    /// with those.
     #[inline(always)]
-    fn take_heads_with(
+    fn take_heads(
         &self,
         slot: usize,
         max: usize,
@@ -605,8 +597,7 @@ impl Hub {
             .unwrap_or(0);
         if n > 0 {
             g.taken = true;
-            // (what `note_rest` notes while a run is taken)
-            self.rest.store(BUSY, Ordering::Release);
+            self.note_rest(&g);
             stats.rx_msgs += n as u64;
             stats.rx_bytes += bytes;
         }
@@ -1058,11 +1049,13 @@ impl QueueLink {
         }
         // (not again right after a `peek_msgs` that took nothing: the poll
         // below takes whatever came since, copied)
-        let mut one = Batch::new();
-        if !std::mem::take(&mut self.heads_tried)
-            && self.hub.take_heads(self.slot, &mut one, 1, &mut self.stats) == 1
-        {
-            let m = one.records()[0];
+        let mut one = None;
+        if !std::mem::take(&mut self.heads_tried) {
+            self.hub.take_heads(self.slot, 1, &mut self.stats, |_, r| {
+                one = Some(in_place(r))
+            });
+        }
+        if let Some(m) = one {
             self.held = Held::InPlace(m.tag, m.ptr as usize, m.len);
             return Ok(Some((m.tag, m.ptr, m.len)));
         }
@@ -1109,9 +1102,7 @@ impl QueueLink {
         if !matches!(self.held, Held::None) {
             return 0;
         }
-        let n = self
-            .hub
-            .take_heads_with(self.slot, max, &mut self.stats, put);
+        let n = self.hub.take_heads(self.slot, max, &mut self.stats, put);
         if n > 0 {
             self.held = Held::Batch;
         }
