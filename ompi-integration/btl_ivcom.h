@@ -82,6 +82,9 @@ struct mca_btl_base_endpoint_t {
                              * later, without a descriptor (ob1 then starts
                              * them after later ones): only when memory runs
                              * out (btl_ivcom_send.c, "Order") */
+    uint64_t pieces_nt;     /* large pieces copied around the caches
+                             * (btl_ivcom_nt_copy; relaxed atomic: a piece
+                             * is copied without the lock) */
     struct mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
     opal_list_t pending;    /* frags waiting for ring space, in order */
     /* What a link's messages go up in (deliver, btl_ivcom_recv.c): the
@@ -123,6 +126,7 @@ typedef struct mca_btl_ivcom_component_t {
     int crowded_queues;     /* 1: Xen pairs a crowded grant pool holds no
                              * rings for take receive queues; 0: TCP */
     unsigned long piece_size;
+    int nt_copy;            /* 1: large pieces around the caches */
     char *if_include;
     char *if_exclude;
     int verbose;

@@ -28,6 +28,10 @@
 #include "opal_config.h"
 
 #include <string.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#include <x86intrin.h>
+#endif
 
 #include "opal/datatype/opal_convertor.h"
 
@@ -186,6 +190,80 @@ static size_t cut_piece(mca_btl_base_endpoint_t *ep, size_t reserve, size_t max,
     return 1 == rc && backlog < limit ? piece - reserve : max;
 }
 
+/* Copies around the caches (btl_ivcom_nt_copy 1).
+ *
+ * A large piece of a message goes into ring (or queue) lines that the
+ * receiver claimed when it released them (ring.rs, Consumer::release):
+ * they are modified in the receiver's cache. Where the two CPUs share a
+ * cache, a copy through the caches is the fastest there is: the lines
+ * move within the shared cache, and the receiver reads them from there.
+ * Where they do not (another core complex of an AMD EPYC, another
+ * socket), each line crosses between the complexes twice, once to this
+ * CPU for its copy and once back for the receiver's, and a stream in
+ * both directions shares those crossings. A copy around the caches
+ * (non-temporal stores of whole lines) sends each line once, to memory,
+ * where the receiver reads it. Between two pinned ranks on an AMD EPYC
+ * at 1 MiB (docs/PERFORMANCE.md, "Copies around the caches"): far apart,
+ * osu_bibw 1.35x, osu_bw 1.2x as fast, osu_latency 0.73x the time; in one
+ * core complex half as fast and 1.7x the time. Nothing tells a process
+ * where its peer's CPU is (a VM's CPUs may move, and this process's own
+ * timing of its copies did not tell the placements apart reliably:
+ * tried, not kept), so the user chooses: off by default.
+ * Pieces of at least IVCOM_NT_MIN bytes of contiguous data, copied into
+ * the link's own memory; others are packed as before. */
+#define IVCOM_NT_MIN 4096
+
+#if defined(__x86_64__)
+/* Copies n bytes to dst with non-temporal stores of whole 64-byte lines
+ * (the ends that do not fill a line with plain stores), then fences them:
+ * the record's header, published after this, is ordered after the data. */
+static void copy_around_caches(uint8_t *dst, const uint8_t *src, size_t n)
+{
+    size_t head = (64 - ((uintptr_t) dst & 63)) & 63;
+    if (head > n) {
+        head = n;
+    }
+    memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    n -= head;
+    for (; n >= 64; n -= 64, dst += 64, src += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *) src);
+        __m128i b = _mm_loadu_si128((const __m128i *) (src + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *) (src + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *) (src + 48));
+        _mm_stream_si128((__m128i *) dst, a);
+        _mm_stream_si128((__m128i *) (dst + 16), b);
+        _mm_stream_si128((__m128i *) (dst + 32), c);
+        _mm_stream_si128((__m128i *) (dst + 48), d);
+    }
+    memcpy(dst, src, n);
+    _mm_sfence();
+}
+
+/* Packs up to `len` bytes of contiguous data (no more than the convertor
+ * has left, as opal_convertor_pack would) into the link's memory at dst,
+ * around the caches; returns how many. */
+static size_t copy_piece_around(mca_btl_base_endpoint_t *ep, struct opal_convertor_t *conv,
+                                uint8_t *dst, size_t len)
+{
+    void *src = NULL;
+    size_t pos;
+    if (len > conv->local_size - conv->bConverted) {
+        len = conv->local_size - conv->bConverted;
+    }
+    if (0 == len) {
+        return 0;
+    }
+    pos = conv->bConverted + len;
+    opal_convertor_get_current_pointer(conv, &src);
+    copy_around_caches(dst, (const uint8_t *) src, len);
+    opal_convertor_set_position(conv, &pos);
+    __atomic_add_fetch(&ep->pieces_nt, 1, __ATOMIC_RELAXED);
+    return len;
+}
+#endif
+
 mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_t *btl,
                                                      struct mca_btl_base_endpoint_t *ep,
                                                      struct opal_convertor_t *conv, uint8_t order,
@@ -275,7 +353,13 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
      * other thread touches either, so this runs without the lock. */
     iov.iov_base = (uint8_t *) f->segment.seg_addr.pval + reserve;
     iov.iov_len = max;
-    if (opal_convertor_pack(conv, &iov, &iov_count, &max) < 0) {
+#if defined(__x86_64__)
+    if (placed && max >= IVCOM_NT_MIN && 0 != mca_btl_ivcom_component.nt_copy
+        && !opal_convertor_need_buffers(conv)) {
+        max = copy_piece_around(ep, conv, (uint8_t *) iov.iov_base, max);
+    } else
+#endif
+        if (opal_convertor_pack(conv, &iov, &iov_count, &max) < 0) {
         mca_btl_ivcom_free(btl, &f->base);
         return NULL;
     }

@@ -280,6 +280,30 @@ fn a_receiver_that_keeps_up_gets_large_messages_in_pieces() {
     assert_eq!(small, small_cut);
 }
 
+/// `btl_ivcom_nt_copy 1`: the large pieces of a message go into the
+/// rings with non-temporal stores (whole lines; the ends of a piece that
+/// do not fill one with plain stores), every byte checked: the suite's
+/// messages of every length between 4 ranks, and a stream of 1 MiB
+/// messages, whose pieces are counted. By default no piece goes that way.
+#[test]
+fn large_pieces_copied_around_the_caches_arrive_intact() {
+    let nt = ["--mca", "btl_ivcom_nt_copy", "1"];
+    let r = integrity(4, &nt);
+    assert_passed_on(&r, 4, "ring");
+    assert!(stats_sum(&r.stderr, "pieces_nt") > 0, "{}", r.text());
+    let messages = 300;
+    let stream = ["--stream", "1048576", "300"];
+    let s = integrity_with(2, &nt, &stream);
+    assert_passed_on(&s, 2, "ring");
+    // ob1 sends the first 8 KiB of each, the rest in pieces of at most
+    // btl_ivcom_max_send_size (64 KiB): at least 15 a message
+    let pieces = stats_sum(&s.stderr, "pieces_nt");
+    assert!(pieces >= 15 * messages, "{pieces} pieces\n{}", s.text());
+    let d = integrity_with(2, &[], &stream);
+    assert_passed_on(&d, 2, "ring");
+    assert_eq!(stats_sum(&d.stderr, "pieces_nt"), 0, "{}", d.text());
+}
+
 #[test]
 fn an_8_kib_message_goes_eagerly_by_default() {
     // ob1 takes the size of its largest header off the eager limit (56
@@ -349,6 +373,7 @@ fn bad_mca_values_are_rejected_by_name() {
         ("btl_ivcom_min_record", "-1"),
         ("btl_ivcom_tcp", "2"),
         ("btl_ivcom_crowded_queues", "2"),
+        ("btl_ivcom_nt_copy", "2"),
     ] {
         refused_naming(&[(param, value)], param);
     }
@@ -471,6 +496,7 @@ fn ompi_info_lists_the_component_and_its_parameters() {
         "btl_ivcom_min_record",
         "btl_ivcom_queue_size",
         "btl_ivcom_crowded_queues",
+        "btl_ivcom_nt_copy",
     ] {
         assert!(r.stdout.contains(p), "{p} missing:\n{}", r.stdout);
     }
