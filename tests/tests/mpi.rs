@@ -283,14 +283,21 @@ fn a_receiver_that_keeps_up_gets_large_messages_in_pieces() {
 /// `btl_ivcom_nt_copy 1`: the large pieces of a message go into the
 /// rings with non-temporal stores (whole lines; the ends of a piece that
 /// do not fill one with plain stores), every byte checked: the suite's
-/// messages of every length between 4 ranks, and a stream of 1 MiB
-/// messages, whose pieces are counted. By default no piece goes that way.
+/// messages of every length between 4 ranks on rings and on receive
+/// queues, and a stream of 1 MiB messages, whose pieces are counted. By
+/// default no piece goes that way.
 #[test]
 fn large_pieces_copied_around_the_caches_arrive_intact() {
     let nt = ["--mca", "btl_ivcom_nt_copy", "1"];
     let r = integrity(4, &nt);
     assert_passed_on(&r, 4, "ring");
     assert!(stats_sum(&r.stderr, "pieces_nt") > 0, "{}", r.text());
+    // into receive queues (written in place) too
+    let mut queue = nt.to_vec();
+    queue.extend(["--mca", "btl_ivcom_queue_size", "65536"]);
+    let q = integrity(4, &queue);
+    assert_passed_on(&q, 4, "queue");
+    assert!(stats_sum(&q.stderr, "pieces_nt") > 0, "{}", q.text());
     let messages = 300;
     let stream = ["--stream", "1048576", "300"];
     let s = integrity_with(2, &nt, &stream);
