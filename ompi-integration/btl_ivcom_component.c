@@ -230,7 +230,8 @@ static int ivcom_register(void)
             "stores); 0 (the default): through them. For peers whose CPUs share no cache with "
             "this one (another core complex of an AMD EPYC, another socket): there a line "
             "copied through the caches crosses twice, around them once (measured on an AMD "
-            "EPYC at 1 MiB: osu_bibw 1.35x, osu_bw 1.2x as fast, osu_latency 0.73x the time). "
+            "EPYC at 1 MiB in four rounds: osu_latency 0.73-0.86x the time; osu_bibw 1.02-1.36x "
+            "and osu_bw 0.82-1.20x as fast). "
             "Within one core complex it halves the rate. x86-64 only",
             &c->nt_copy, 0);
     reg_string("if_include",

@@ -203,9 +203,11 @@ static size_t cut_piece(mca_btl_base_endpoint_t *ep, size_t reserve, size_t max,
  * both directions shares those crossings. A copy around the caches
  * (non-temporal stores of whole lines) sends each line once, to memory,
  * where the receiver reads it. Between two pinned ranks on an AMD EPYC
- * at 1 MiB (docs/PERFORMANCE.md, "Copies around the caches"): far apart,
- * osu_bibw 1.35x, osu_bw 1.2x as fast, osu_latency 0.73x the time; in one
- * core complex half as fast and 1.7x the time. Nothing tells a process
+ * at 1 MiB, far apart, in four rounds (docs/PERFORMANCE.md, "Copies
+ * around the caches"): osu_latency 0.73-0.86x the time in all four;
+ * osu_bibw 1.35x and osu_bw 1.2x as fast in two, 1.02-1.12x and
+ * 0.82-0.89x in the other two (a noisier host). In one core complex
+ * about half as fast and 1.7-1.9x the time. Nothing tells a process
  * where its peer's CPU is (a VM's CPUs may move, and this process's own
  * timing of its copies did not tell the placements apart reliably:
  * tried, not kept), so the user chooses: off by default.
