@@ -30,7 +30,6 @@
 #include <string.h>
 #if defined(__x86_64__)
 #include <emmintrin.h>
-#include <x86intrin.h>
 #endif
 
 #include "opal/datatype/opal_convertor.h"
