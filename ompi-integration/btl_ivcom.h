@@ -85,6 +85,16 @@ struct mca_btl_base_endpoint_t {
     uint64_t pieces_nt;     /* large pieces copied around the caches
                              * (btl_ivcom_nt_copy; relaxed atomic: a piece
                              * is copied without the lock) */
+    /* btl_ivcom_nt_copy 2: where the peer's CPU is, as the probes read it
+     * (btl_ivcom_send.c, "Where the peer's CPU is"). Relaxed atomics: a
+     * piece is copied without the lock, and with threads two may probe at
+     * once (a window a probe short or long decides as well). */
+    uint32_t nt_probes;     /* probes in the current window */
+    uint32_t nt_pieces;     /* pieces that could have gone around */
+    uint32_t nt_slow;       /* probes of the window that read far */
+    int32_t nt_far;         /* 1: the last window read the peer's CPU far */
+    uint64_t nt_windows_far;
+    uint64_t nt_windows_near;
     struct mca_btl_ivcom_frag_t *reserved; /* frag holding the ring reservation */
     opal_list_t pending;    /* frags waiting for ring space, in order */
     /* What a link's messages go up in (deliver, btl_ivcom_recv.c): the
@@ -126,7 +136,14 @@ typedef struct mca_btl_ivcom_component_t {
     int crowded_queues;     /* 1: Xen pairs a crowded grant pool holds no
                              * rings for take receive queues; 0: TCP */
     unsigned long piece_size;
-    int nt_copy;            /* 1: large pieces around the caches */
+    int nt_copy;            /* 1: large pieces around the caches; 2: when
+                             * the probes read the peer's CPU far */
+    int nt_far_ns;          /* a probe's time from which a CPU is far */
+    uint64_t nt_tsc0;       /* TSC and monotonic clock at open: calibrate */
+    uint64_t nt_ns0;        /* (the probes count from 1 ms after open) */
+    uint64_t nt_far_ticks;  /* nt_far_ns in TSC ticks (0: not yet known) */
+    uint64_t nt_noise_ticks; /* a probe this slow says nothing (2 us) */
+    uint32_t nt_base_ticks; /* a probe's own cost (a line in L1) */
     char *if_include;
     char *if_exclude;
     int verbose;

@@ -8,7 +8,11 @@
 #include <stdarg.h>
 #include <limits.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <x86intrin.h>
+#endif
 
 #include "opal/mca/btl/base/base.h"
 #include "opal/mca/installdirs/installdirs.h"
@@ -225,15 +229,22 @@ static int ivcom_register(void)
               "0, or btl_ivcom_max_send_size or more: never cut",
               &c->piece_size, 16UL << 10);
     reg_int("nt_copy",
-            "1: this process copies the large pieces of a message (4 KiB or more of "
-            "contiguous data) into a ring or receive queue around the caches (non-temporal "
-            "stores); 0 (the default): through them. For peers whose CPUs share no cache with "
-            "this one (another core complex of an AMD EPYC, another socket): there a line "
-            "copied through the caches crosses twice, around them once (measured on an AMD "
-            "EPYC at 1 MiB in four rounds: osu_latency 0.73-0.86x the time; osu_bibw 1.02-1.36x "
-            "and osu_bw 0.82-1.20x as fast). "
-            "Within one core complex it halves the rate. x86-64 only",
-            &c->nt_copy, 0);
+            "How this process copies the large pieces of a message (4 KiB or more of "
+            "contiguous data) into a ring or receive queue. 2 (the default): through the "
+            "caches while the peer's CPU shares a cache with this one, around them "
+            "(non-temporal stores) while it does not, as timed reads of the lines the peer "
+            "last held tell (btl_ivcom_nt_far_ns); 0: always through; 1: always around. "
+            "Far apart (another core complex of an AMD EPYC, another socket) a line copied "
+            "through the caches crosses twice, around them once; within one core complex a "
+            "copy around them halves the rate. x86-64 only (elsewhere: through)",
+            &c->nt_copy, 2);
+    reg_int("nt_far_ns",
+            "With btl_ivcom_nt_copy 2: the time, in nanoseconds beyond a read from this "
+            "CPU's own first-level cache, from which a read of a line the peer last held "
+            "counts as far (the peer's CPU shares no cache with this one). 8 reads a window, "
+            "one every 8 large pieces; a window where most read far sends the next pieces "
+            "around the caches. 1 to 1000",
+            &c->nt_far_ns, 100);
     reg_string("if_include",
                "Comma-separated interfaces or IPv4 subnets (CIDR) whose address this process "
                "publishes for TCP and the ring handshake (like btl_tcp_if_include)",
@@ -302,6 +313,19 @@ static int ivcom_open(void)
     c->warned_degraded = false;
     c->job_admitted = false;
     c->error_cb = NULL;
+    c->nt_far_ticks = 0;
+    c->nt_noise_ticks = 0;
+    c->nt_base_ticks = 0;
+    c->nt_ns0 = 0;
+    c->nt_tsc0 = 0;
+#if defined(__x86_64__)
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        c->nt_ns0 = (uint64_t) ts.tv_sec * 1000000000ull + (uint64_t) ts.tv_nsec;
+        c->nt_tsc0 = __rdtsc();
+    }
+#endif
     OBJ_CONSTRUCT(&c->frags, opal_free_list_t);
     OBJ_CONSTRUCT(&c->lock, opal_mutex_t);
     return OPAL_SUCCESS;
@@ -457,9 +481,13 @@ static bool check_params(ivcom_config *cfg)
         snprintf(buf, sizeof(buf), "%d", c->crowded_queues);
         return bad("btl_ivcom_crowded_queues", buf, "expected 0 or 1");
     }
-    if (0 != c->nt_copy && 1 != c->nt_copy) {
+    if (c->nt_copy < 0 || c->nt_copy > 2) {
         snprintf(buf, sizeof(buf), "%d", c->nt_copy);
-        return bad("btl_ivcom_nt_copy", buf, "expected 0 or 1");
+        return bad("btl_ivcom_nt_copy", buf, "expected 0, 1 or 2");
+    }
+    if (c->nt_far_ns < 1 || c->nt_far_ns > 1000) {
+        snprintf(buf, sizeof(buf), "%d", c->nt_far_ns);
+        return bad("btl_ivcom_nt_far_ns", buf, "must be 1 to 1000 nanoseconds");
     }
     if (c->peer_timeout != 0.0 && (c->peer_timeout < 1.0 || c->peer_timeout > 86400.0)) {
         snprintf(buf, sizeof(buf), "%g", c->peer_timeout);

@@ -47,6 +47,12 @@ static void ep_construct(mca_btl_base_endpoint_t *ep)
     ep->queued = 0;
     ep->parked = 0;
     ep->pieces_nt = 0;
+    ep->nt_probes = 0;
+    ep->nt_pieces = 0;
+    ep->nt_slow = 0;
+    ep->nt_far = 0;
+    ep->nt_windows_far = 0;
+    ep->nt_windows_near = 0;
     ep->reserved = NULL;
     OBJ_CONSTRUCT(&ep->pending, opal_list_t);
     ep->recv_head_used = 0;
@@ -104,11 +110,14 @@ static void print_stats(mca_btl_base_endpoint_t *ep)
                 "[ivcom] stats rank=%u peer=%u path=%s tx_msgs=%" PRIu64 " tx_bytes=%" PRIu64
                 " tx_doorbells=%" PRIu64 " rx_msgs=%" PRIu64 " rx_bytes=%" PRIu64
                 " rx_doorbells=%" PRIu64 " tx_reach=%" PRIu64 " kept_core=%" PRIu64
-                " queued=%" PRIu64 " parked=%" PRIu64 " pieces_nt=%" PRIu64,
+                " queued=%" PRIu64 " parked=%" PRIu64 " pieces_nt=%" PRIu64
+                " windows_far=%" PRIu64 " windows_near=%" PRIu64,
                 my_rank(), peer_rank(ep), path_name(ep->link), s.tx_msgs,
                 s.tx_bytes, s.tx_doorbells, s.rx_msgs, s.rx_bytes, s.rx_doorbells, s.tx_reach,
                 ep->kept_core, ep->queued, ep->parked,
-                __atomic_load_n(&ep->pieces_nt, __ATOMIC_RELAXED));
+                __atomic_load_n(&ep->pieces_nt, __ATOMIC_RELAXED),
+                __atomic_load_n(&ep->nt_windows_far, __ATOMIC_RELAXED),
+                __atomic_load_n(&ep->nt_windows_near, __ATOMIC_RELAXED));
 }
 
 /* Gives `ep` its link; called with the endpoint's lock held. */

@@ -28,8 +28,10 @@
 #include "opal_config.h"
 
 #include <string.h>
+#include <time.h>
 #if defined(__x86_64__)
 #include <emmintrin.h>
+#include <x86intrin.h>
 #endif
 
 #include "opal/datatype/opal_convertor.h"
@@ -189,7 +191,7 @@ static size_t cut_piece(mca_btl_base_endpoint_t *ep, size_t reserve, size_t max,
     return 1 == rc && backlog < limit ? piece - reserve : max;
 }
 
-/* Copies around the caches (btl_ivcom_nt_copy 1).
+/* Copies around the caches (btl_ivcom_nt_copy).
  *
  * A large piece of a message goes into ring (or queue) lines that the
  * receiver claimed when it released them (ring.rs, Consumer::release):
@@ -202,14 +204,12 @@ static size_t cut_piece(mca_btl_base_endpoint_t *ep, size_t reserve, size_t max,
  * both directions shares those crossings. A copy around the caches
  * (non-temporal stores of whole lines) sends each line once, to memory,
  * where the receiver reads it. Between two pinned ranks on an AMD EPYC
- * at 1 MiB, far apart, in four rounds (docs/PERFORMANCE.md, "Copies
- * around the caches"): osu_latency 0.73-0.86x the time in all four;
- * osu_bibw 1.35x and osu_bw 1.2x as fast in two, 1.02-1.12x and
- * 0.82-0.89x in the other two (a noisier host). In one core complex
- * about half as fast and 1.7-1.9x the time. Nothing tells a process
- * where its peer's CPU is (a VM's CPUs may move, and this process's own
- * timing of its copies did not tell the placements apart reliably:
- * tried, not kept), so the user chooses: off by default.
+ * at 1 MiB, far apart (docs/PERFORMANCE.md, "Copies around the caches"):
+ * osu_latency 0.73-0.86x the time in four rounds; osu_bibw 1.35x and
+ * osu_bw 1.2x as fast in two, 1.02-1.12x and 0.82-0.89x in the other two
+ * (a noisier host). In one core complex about half as fast and 1.7-1.9x
+ * the time. So by default (2) each peer's pieces go the way the probes
+ * below find its CPU; 1 always around, 0 always through.
  * Pieces of at least IVCOM_NT_MIN bytes of contiguous data, copied into
  * the link's own memory; others are packed as before. */
 #define IVCOM_NT_MIN 4096
@@ -240,6 +240,137 @@ static void copy_around_caches(uint8_t *dst, const uint8_t *src, size_t n)
     }
     memcpy(dst, src, n);
     _mm_sfence();
+}
+
+/* Where the peer's CPU is (btl_ivcom_nt_copy 2).
+ *
+ * The lines a large piece goes into were claimed by the receiver when it
+ * released them: they are modified in its CPU's cache (or in the shared
+ * cache of its core complex, which took them from it). So the time this
+ * CPU takes to read one of them says how far that cache is. Measured
+ * here (AMD EPYC, TSC at 2.59 GHz, a read from this CPU's own first-level
+ * cache 20 ns with the timing around it): 5-55 ns more within one core
+ * complex, 80-180 ns more from another. Before copying one large piece in
+ * IVCOM_NT_EVERY, the sender reads the last whole line of its
+ * destination (the first lines may have been fetched already by the
+ * hardware's prefetcher, running on from the piece before) and times the
+ * read with the TSC. A window of IVCOM_NT_WINDOW such probes decides by
+ * majority: where most read at least btl_ivcom_nt_far_ns more than a
+ * first-level hit, the next pieces go around the caches, else through
+ * them, until the next window. A majority, not the fastest probe: a
+ * line that met the receiver's claim in flight, or one a short lap left
+ * in this cache, reads near whatever the placement. Probes slower than 2
+ * us (a page fault on a ring's first lap, an interrupt, a preemption)
+ * count for nothing; so do those before the TSC is calibrated against
+ * the monotonic clock, 1 ms after the component opened. The probe
+ * measures the placement, not the copy, so either kind of copy leaves
+ * it the same thing to read: the two earlier rules, which timed the
+ * copies themselves, could not tell a copy around the caches near (its
+ * cost left to the receiver) from one far. Where the TSC is trapped (some
+ * hypervisors' guests) every probe takes microseconds and counts for
+ * nothing: the pieces go through the caches, as with 0. */
+#define IVCOM_NT_WINDOW 8
+#define IVCOM_NT_EVERY 8
+#define IVCOM_NT_NOISE_NS 2000.0
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t) ts.tv_sec * 1000000000ull + (uint64_t) ts.tv_nsec;
+}
+
+/* Times one read of the line at `line` (TSC ticks). */
+static inline uint32_t probe_line(const uint8_t *line)
+{
+    unsigned aux;
+    uint64_t t0, t1;
+    _mm_lfence();
+    t0 = __rdtsc();
+    _mm_lfence();
+    (void) *(const volatile uint64_t *) line;
+    t1 = __rdtscp(&aux);
+    _mm_lfence();
+    return t1 - t0 > UINT32_MAX ? UINT32_MAX : (uint32_t) (t1 - t0);
+}
+
+/* The far threshold in TSC ticks, calibrated once 1 ms has passed since
+ * the component opened (and with it the noise bound); 0 until then (the
+ * pieces then go through the caches). */
+static uint64_t far_ticks(void)
+{
+    mca_btl_ivcom_component_t *c = &mca_btl_ivcom_component;
+    uint64_t t = __atomic_load_n(&c->nt_far_ticks, __ATOMIC_ACQUIRE);
+    uint64_t ns, tsc;
+    double per_ns;
+    if (OPAL_LIKELY(0 != t)) {
+        return t;
+    }
+    ns = now_ns();
+    tsc = __rdtsc();
+    if (ns - c->nt_ns0 < 1000000ull || tsc <= c->nt_tsc0) {
+        return 0;
+    }
+    per_ns = (double) (tsc - c->nt_tsc0) / (double) (ns - c->nt_ns0);
+    t = (uint64_t) ((double) c->nt_far_ns * per_ns);
+    __atomic_store_n(&c->nt_noise_ticks, (uint64_t) (IVCOM_NT_NOISE_NS * per_ns),
+                     __ATOMIC_RELAXED);
+    {
+        /* The probe's own cost: the fastest of 16 reads of a line in this
+         * CPU's first-level cache. */
+        uint64_t here = 0;
+        uint32_t base = UINT32_MAX;
+        for (int i = 0; i < 16; i++) {
+            uint32_t b = probe_line((const uint8_t *) &here);
+            if (b < base) {
+                base = b;
+            }
+        }
+        __atomic_store_n(&c->nt_base_ticks, base, __ATOMIC_RELAXED);
+    }
+    if (0 == t) {
+        t = 1;
+    }
+    __atomic_store_n(&c->nt_far_ticks, t, __ATOMIC_RELEASE);
+    return t;
+}
+
+/* Probes the destination of one piece in IVCOM_NT_EVERY (at dst, n bytes,
+ * at least IVCOM_NT_MIN) and returns whether the peer's CPU reads far. */
+static bool peer_far(mca_btl_base_endpoint_t *ep, const uint8_t *dst, size_t n)
+{
+    const uint8_t *line;
+    uint32_t t, probes, slow;
+    uint64_t far;
+    if (0 != (__atomic_add_fetch(&ep->nt_pieces, 1, __ATOMIC_RELAXED) & (IVCOM_NT_EVERY - 1))) {
+        return 0 != __atomic_load_n(&ep->nt_far, __ATOMIC_RELAXED);
+    }
+    line = (const uint8_t *) ((((uintptr_t) dst + n) & ~(uintptr_t) 63) - 64);
+    t = probe_line(line);
+    probes = __atomic_load_n(&ep->nt_probes, __ATOMIC_RELAXED) + 1;
+    slow = __atomic_load_n(&ep->nt_slow, __ATOMIC_RELAXED);
+    far = far_ticks();
+    if (0 == far
+        || t >= __atomic_load_n(&mca_btl_ivcom_component.nt_noise_ticks, __ATOMIC_RELAXED)) {
+        /* Not calibrated yet; or a page fault, an interrupt, a preemption:
+         * no CPU is that far. */
+        return 0 != __atomic_load_n(&ep->nt_far, __ATOMIC_RELAXED);
+    }
+    if (t >= far + __atomic_load_n(&mca_btl_ivcom_component.nt_base_ticks, __ATOMIC_RELAXED)) {
+        slow++;
+    }
+    if (probes < IVCOM_NT_WINDOW) {
+        __atomic_store_n(&ep->nt_slow, slow, __ATOMIC_RELAXED);
+        __atomic_store_n(&ep->nt_probes, probes, __ATOMIC_RELAXED);
+    } else {
+        int32_t verdict = 2 * slow > probes;
+        __atomic_store_n(&ep->nt_far, verdict, __ATOMIC_RELAXED);
+        __atomic_add_fetch(verdict ? &ep->nt_windows_far : &ep->nt_windows_near, 1,
+                           __ATOMIC_RELAXED);
+        __atomic_store_n(&ep->nt_slow, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&ep->nt_probes, 0, __ATOMIC_RELAXED);
+    }
+    return 0 != __atomic_load_n(&ep->nt_far, __ATOMIC_RELAXED);
 }
 
 /* Packs up to `len` bytes of contiguous data (no more than the convertor
@@ -356,7 +487,8 @@ mca_btl_base_descriptor_t *mca_btl_ivcom_prepare_src(struct mca_btl_base_module_
     iov.iov_len = max;
 #if defined(__x86_64__)
     if (placed && max >= IVCOM_NT_MIN && 0 != mca_btl_ivcom_component.nt_copy
-        && !opal_convertor_need_buffers(conv)) {
+        && !opal_convertor_need_buffers(conv)
+        && (1 == mca_btl_ivcom_component.nt_copy || peer_far(ep, (uint8_t *) iov.iov_base, max))) {
         max = copy_piece_around(ep, conv, (uint8_t *) iov.iov_base, max);
     } else
 #endif

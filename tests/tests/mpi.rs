@@ -284,8 +284,8 @@ fn a_receiver_that_keeps_up_gets_large_messages_in_pieces() {
 /// rings with non-temporal stores (whole lines; the ends of a piece that
 /// do not fill one with plain stores), every byte checked: the suite's
 /// messages of every length between 4 ranks on rings and on receive
-/// queues, and a stream of 1 MiB messages, whose pieces are counted. By
-/// default no piece goes that way.
+/// queues, and a stream of 1 MiB messages, whose pieces are counted. With
+/// `btl_ivcom_nt_copy 0` no piece goes that way.
 #[test]
 fn large_pieces_copied_around_the_caches_arrive_intact() {
     let nt = ["--mca", "btl_ivcom_nt_copy", "1"];
@@ -306,9 +306,49 @@ fn large_pieces_copied_around_the_caches_arrive_intact() {
     // btl_ivcom_max_send_size (64 KiB): at least 15 a message
     let pieces = stats_sum(&s.stderr, "pieces_nt");
     assert!(pieces >= 15 * messages, "{pieces} pieces\n{}", s.text());
-    let d = integrity_with(2, &[], &stream);
+    let d = integrity_with(2, &["--mca", "btl_ivcom_nt_copy", "0"], &stream);
     assert_passed_on(&d, 2, "ring");
     assert_eq!(stats_sum(&d.stderr, "pieces_nt"), 0, "{}", d.text());
+    assert_eq!(stats_sum(&d.stderr, "windows_far"), 0, "{}", d.text());
+}
+
+/// `btl_ivcom_nt_copy 2` (the default) follows its probes: with the far
+/// threshold at 1 ns every timed read of a line the receiver held reads
+/// far, so after the first windows the pieces go around the caches, in
+/// windows counted as far; every byte checked, on rings and on receive
+/// queues. (Which way a real placement reads is the host's doing: the
+/// suite cannot choose it, so it sets the threshold.)
+#[test]
+fn the_copy_follows_where_the_probes_find_the_peer() {
+    let far = [
+        "--mca",
+        "btl_ivcom_nt_copy",
+        "2",
+        "--mca",
+        "btl_ivcom_nt_far_ns",
+        "1",
+    ];
+    let messages = 300;
+    let stream = ["--stream", "1048576", "300"];
+    let s = integrity_with(2, &far, &stream);
+    assert_passed_on(&s, 2, "ring");
+    // one probe every 8 pieces, 8 probes a window: a window every 64
+    // pieces, of which there are at least 15 a message (4,500); the probes
+    // start 20 ms after the component opened (the clock's calibration)
+    let pieces = stats_sum(&s.stderr, "pieces_nt");
+    let windows = stats_sum(&s.stderr, "windows_far");
+    assert!(
+        pieces >= 5 * messages && windows >= 20,
+        "{pieces} pieces, {windows} far windows\n{}",
+        s.text()
+    );
+    let mut queue = far.to_vec();
+    queue.extend(["--mca", "btl_ivcom_queue_size", "65536"]);
+    let q = integrity_with(2, &queue, &stream);
+    assert_passed_on(&q, 2, "queue");
+    assert!(stats_sum(&q.stderr, "pieces_nt") > 0, "{}", q.text());
+    let r = integrity(4, &far);
+    assert_passed_on(&r, 4, "ring");
 }
 
 #[test]
@@ -380,7 +420,8 @@ fn bad_mca_values_are_rejected_by_name() {
         ("btl_ivcom_min_record", "-1"),
         ("btl_ivcom_tcp", "2"),
         ("btl_ivcom_crowded_queues", "2"),
-        ("btl_ivcom_nt_copy", "2"),
+        ("btl_ivcom_nt_copy", "3"),
+        ("btl_ivcom_nt_far_ns", "0"),
     ] {
         refused_naming(&[(param, value)], param);
     }
@@ -504,6 +545,7 @@ fn ompi_info_lists_the_component_and_its_parameters() {
         "btl_ivcom_queue_size",
         "btl_ivcom_crowded_queues",
         "btl_ivcom_nt_copy",
+        "btl_ivcom_nt_far_ns",
     ] {
         assert!(r.stdout.contains(p), "{p} missing:\n{}", r.stdout);
     }
