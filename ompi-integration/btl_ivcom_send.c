@@ -252,14 +252,14 @@ static void copy_around_caches(uint8_t *dst, const uint8_t *src, size_t n)
  * cache 20 ns with the timing around it): 5-55 ns more within one core
  * complex, 80-180 ns more from another. Before copying one large piece in
  * IVCOM_NT_EVERY, the sender reads the last whole line of its
- * destination (the first lines may have been fetched already by the
- * hardware's prefetcher, running on from the piece before) and times the
- * read with the TSC. A window of IVCOM_NT_WINDOW such probes decides by
- * majority: where most read at least btl_ivcom_nt_far_ns more than a
- * first-level hit, the next pieces go around the caches, else through
- * them, until the next window. A majority, not the fastest probe: a
- * line that met the receiver's claim in flight, or one a short lap left
- * in this cache, reads near whatever the placement. Probes slower than 2
+ * destination (reads of the first line came out near in most far runs:
+ * the hardware's prefetcher, running on from the piece before, had most
+ * likely fetched it already) and times the read with the TSC. A window
+ * of IVCOM_NT_WINDOW such probes decides by majority: where most read at
+ * least btl_ivcom_nt_far_ns more than a first-level hit, the next pieces
+ * go around the caches, else through them, until the next window. A
+ * majority, not the fastest probe: 1-3 % of the reads of far runs still
+ * come out near, and one in a window would decide. Probes slower than 2
  * us (a page fault on a ring's first lap, an interrupt, a preemption)
  * count for nothing; so do those before the TSC is calibrated against
  * the monotonic clock, 1 ms after the component opened. The probe
