@@ -228,6 +228,9 @@ int mca_btl_ivcom_sendi(struct mca_btl_base_module_t *btl, struct mca_btl_base_e
                         struct opal_convertor_t *conv, void *header, size_t header_size,
                         size_t payload_size, uint8_t order, uint32_t flags,
                         mca_btl_base_tag_t tag, mca_btl_base_descriptor_t **descriptor);
+/* Starts the clock that btl_ivcom_nt_copy 2 calibrates its probes by
+ * (btl_ivcom_send.c); called when the component opens. */
+void mca_btl_ivcom_nt_open(void);
 void mca_btl_ivcom_drain_pending(mca_btl_base_endpoint_t *ep, opal_list_t *done, int *failed);
 
 /* Records the length of `ep->pending` after a change (lock held): the

@@ -8,11 +8,7 @@
 #include <stdarg.h>
 #include <limits.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
-#if defined(__x86_64__)
-#include <x86intrin.h>
-#endif
 
 #include "opal/mca/btl/base/base.h"
 #include "opal/mca/installdirs/installdirs.h"
@@ -313,19 +309,7 @@ static int ivcom_open(void)
     c->warned_degraded = false;
     c->job_admitted = false;
     c->error_cb = NULL;
-    c->nt_far_ticks = 0;
-    c->nt_noise_ticks = 0;
-    c->nt_base_ticks = 0;
-    c->nt_ns0 = 0;
-    c->nt_tsc0 = 0;
-#if defined(__x86_64__)
-    {
-        struct timespec ts;
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        c->nt_ns0 = (uint64_t) ts.tv_sec * 1000000000ull + (uint64_t) ts.tv_nsec;
-        c->nt_tsc0 = __rdtsc();
-    }
-#endif
+    mca_btl_ivcom_nt_open();
     OBJ_CONSTRUCT(&c->frags, opal_free_list_t);
     OBJ_CONSTRUCT(&c->lock, opal_mutex_t);
     return OPAL_SUCCESS;

@@ -280,6 +280,16 @@ static inline uint64_t now_ns(void)
     return (uint64_t) ts.tv_sec * 1000000000ull + (uint64_t) ts.tv_nsec;
 }
 
+void mca_btl_ivcom_nt_open(void)
+{
+    mca_btl_ivcom_component_t *c = &mca_btl_ivcom_component;
+    c->nt_far_ticks = 0;
+    c->nt_noise_ticks = 0;
+    c->nt_base_ticks = 0;
+    c->nt_ns0 = now_ns();
+    c->nt_tsc0 = __rdtsc();
+}
+
 /* Times one read of the line at `line` (TSC ticks). */
 static inline uint32_t probe_line(const uint8_t *line)
 {
@@ -345,17 +355,19 @@ static bool peer_far(mca_btl_base_endpoint_t *ep, const uint8_t *dst, size_t n)
     if (0 != (__atomic_add_fetch(&ep->nt_pieces, 1, __ATOMIC_RELAXED) & (IVCOM_NT_EVERY - 1))) {
         return 0 != __atomic_load_n(&ep->nt_far, __ATOMIC_RELAXED);
     }
-    line = (const uint8_t *) ((((uintptr_t) dst + n) & ~(uintptr_t) 63) - 64);
-    t = probe_line(line);
-    probes = __atomic_load_n(&ep->nt_probes, __ATOMIC_RELAXED) + 1;
-    slow = __atomic_load_n(&ep->nt_slow, __ATOMIC_RELAXED);
     far = far_ticks();
-    if (0 == far
-        || t >= __atomic_load_n(&mca_btl_ivcom_component.nt_noise_ticks, __ATOMIC_RELAXED)) {
-        /* Not calibrated yet; or a page fault, an interrupt, a preemption:
-         * no CPU is that far. */
+    if (0 == far) {
+        /* not calibrated yet: no probe can be read */
         return 0 != __atomic_load_n(&ep->nt_far, __ATOMIC_RELAXED);
     }
+    line = (const uint8_t *) ((((uintptr_t) dst + n) & ~(uintptr_t) 63) - 64);
+    t = probe_line(line);
+    if (t >= __atomic_load_n(&mca_btl_ivcom_component.nt_noise_ticks, __ATOMIC_RELAXED)) {
+        /* a page fault, an interrupt, a preemption: no CPU is that far */
+        return 0 != __atomic_load_n(&ep->nt_far, __ATOMIC_RELAXED);
+    }
+    probes = __atomic_load_n(&ep->nt_probes, __ATOMIC_RELAXED) + 1;
+    slow = __atomic_load_n(&ep->nt_slow, __ATOMIC_RELAXED);
     if (t >= far + __atomic_load_n(&mca_btl_ivcom_component.nt_base_ticks, __ATOMIC_RELAXED)) {
         slow++;
     }
@@ -393,6 +405,11 @@ static size_t copy_piece_around(mca_btl_base_endpoint_t *ep, struct opal_convert
     opal_convertor_set_position(conv, &pos);
     __atomic_add_fetch(&ep->pieces_nt, 1, __ATOMIC_RELAXED);
     return len;
+}
+#else
+void mca_btl_ivcom_nt_open(void)
+{
+    /* pieces always go through the caches: nothing to calibrate */
 }
 #endif
 

@@ -334,7 +334,7 @@ fn the_copy_follows_where_the_probes_find_the_peer() {
     assert_passed_on(&s, 2, "ring");
     // one probe every 8 pieces, 8 probes a window: a window every 64
     // pieces, of which there are at least 15 a message (4,500); the probes
-    // start 20 ms after the component opened (the clock's calibration)
+    // start 1 ms after the component opened (the clock's calibration)
     let pieces = stats_sum(&s.stderr, "pieces_nt");
     let windows = stats_sum(&s.stderr, "windows_far");
     assert!(
